@@ -1,0 +1,30 @@
+"""mechunlearn: mechanistic checks and inference-time skill unlearning for TransformerLens models.
+
+Example:
+    >>> import mechunlearn as mu
+    >>> model = mu.load_model()                       # offline default: SmolLM2-135M-Instruct
+    >>> forget = mu.load_skill("gsm8k", n=200)
+    >>> stats = mu.collect(model, forget, site="pre")  # streaming per-neuron statistics
+"""
+
+__version__ = "0.1.0"
+
+from .collect import KeyVectors, NeuronStats, collect, collect_keys  # noqa: E402
+from .data import Example, Skill, SkillNotFoundError, load_skill  # noqa: E402
+from .models import DEFAULT_MODEL, ModelNotFoundError, load_model  # noqa: E402
+from .sites import hook_name  # noqa: E402
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Example",
+    "KeyVectors",
+    "ModelNotFoundError",
+    "NeuronStats",
+    "Skill",
+    "SkillNotFoundError",
+    "collect",
+    "collect_keys",
+    "hook_name",
+    "load_model",
+    "load_skill",
+]

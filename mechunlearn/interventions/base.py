@@ -1,0 +1,257 @@
+"""The contract every intervention follows (scikit-learn's estimator conventions).
+
+* The constructor only stores (and validates) hyperparameters.
+* ``fit(...)`` learns the fitted state, whose attribute names end in ``_``, and returns ``self``.
+* Using an unfitted intervention raises :class:`NotFittedError`.
+* ``hooks(model=None)`` returns TransformerLens forward hooks ``[(hook_name, fn), ...]`` with
+  plain ``fn(activation, hook) -> activation``, for ``model.run_with_hooks(tokens,
+  fwd_hooks=iv.hooks())`` or ``with model.hooks(fwd_hooks=iv.hooks()): model.generate(...)``.
+* ``save(path)`` / ``cls.load(path)`` round-trip the hyperparameters and the fitted state through
+  one safetensors file (:mod:`mechunlearn.io`).
+
+Hooks follow three rules, so that they cost little on a GPU and work in any batch:
+
+1. They never read a tensor's value on the host (no ``.item()``, ``bool(tensor)``,
+   ``nonzero``): everything they compute stays on the activation's device.
+2. Fitted tensors are moved to the activation's device (and dtype) on first use and cached per
+   ``(device, dtype)`` (:meth:`Intervention._on`); ``fit``/``load`` clear the cache.
+3. They bind their layer in a closure and never parse ``hook.name`` (a TransformerBridge hook
+   reports the name of its alias target, e.g. ``blocks.1.mlp.gate.hook_out`` for
+   ``blocks.1.mlp.hook_pre``). The only check inside a hook is on the activation's *shape*
+   (host-side metadata, no synchronisation): a last dimension other than the fitted ``d_mlp``
+   raises a ValueError.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..collect import check_same_model
+from ..io import load_tensors, save_tensors
+from ..sites import n_layers
+
+Hook = tuple[str, Callable[[Tensor, Any], Tensor]]
+
+
+class NotFittedError(ValueError, AttributeError):
+    """An intervention was used before ``fit(...)`` (or ``load(...)``).
+
+    Subclasses both ValueError and AttributeError, as scikit-learn's does.
+    """
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it lies in (0, 1], else raise a ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}.")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}.") from None
+    if not 0.0 < out <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1] (a fraction of all neurons), got {value!r}.")
+    return out
+
+
+def check_positive(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is finite and > 0, else raise a ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}.") from None
+    if not (out > 0.0 and out < float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return out
+
+
+class Intervention:
+    """Base class: hyperparameters, fitted state, hooks, model checks, save/load.
+
+    Subclasses implement :meth:`fit`, :meth:`_make_hooks` (the hooks of a fitted object),
+    :meth:`_state` / :meth:`_set_state` (the fitted state as tensors plus JSON-able info), and
+    list in ``_fitted_attrs`` the attributes that ``fit`` sets.
+
+    Fitted state common to all interventions:
+
+    Attributes:
+        layers_: the model layers the intervention hooks into.
+        d_mlp_: neurons per layer of the model it was fitted on.
+        meta_: the model's name and shape (from the statistics it was fitted on), for
+            :meth:`check_model`.
+    """
+
+    _fitted_attrs: ClassVar[tuple[str, ...]] = ("layers_", "d_mlp_", "meta_")
+
+    # ------------------------------------------------------------------ hyperparameters
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [
+            p.name
+            for p in sig.parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor's arguments, as stored (scikit-learn's ``get_params``)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        text = f"{type(self).__name__}({params})"
+        if self.is_fitted:
+            summary = self._fitted_summary()
+            text += f"  # fitted: {summary}" if summary else "  # fitted"
+        return text
+
+    def _fitted_summary(self) -> str:
+        return f"layers {self.layers_}"
+
+    # ------------------------------------------------------------------------ fitted state
+    @property
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` (or :meth:`load`) has run."""
+        return all(hasattr(self, name) for name in self._fitted_attrs)
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            name = type(self).__name__
+            raise NotFittedError(
+                f"This {name} is not fitted yet: call fit(...) first, or {name}.load(path)."
+            )
+
+    def _clear_cache(self) -> None:
+        self._cache: dict[tuple, Any] = {}
+
+    def _on(self, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+        """The hook-side tensors (:meth:`_hook_tensors`) on ``device``, cached per device/dtype.
+
+        The first call per device copies them (host to device); later calls are a dict lookup.
+        """
+        cache = self.__dict__.setdefault("_cache", {})
+        key = (str(device), dtype)
+        hit = cache.get(key)
+        if hit is None:
+            hit = _move(self._hook_tensors(), device, dtype)
+            cache[key] = hit
+        return hit
+
+    def _hook_tensors(self) -> Any:
+        """Fitted tensors the hooks read (a nested list/tuple/dict of tensors)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------ model checks
+    def check_model(self, model) -> None:
+        """Raise a ValueError if ``model`` does not match the model this was fitted on.
+
+        A different number of layers or ``d_mlp`` raises; a different model name with the same
+        shape only warns (a fine-tuned copy is a fair use).
+        """
+        self._check_fitted()
+        check_same_model(self.meta_, model, f"This {type(self).__name__}'s fitted statistics")
+        total = n_layers(model)
+        if self.layers_ and max(self.layers_) >= total:
+            raise ValueError(
+                f"This {type(self).__name__} hooks layers {self.layers_}, but the model has "
+                f"only {total} layers."
+            )
+        width = getattr(model.cfg, "d_mlp", None)
+        if width is not None and int(width) != self.d_mlp_:
+            raise ValueError(
+                f"This {type(self).__name__} was fitted with d_mlp={self.d_mlp_}, but the model "
+                f"has d_mlp={int(width)}: fit it again on this model."
+            )
+
+    def _check_width(self, activation: Tensor, name: str) -> None:
+        """Shape check inside a hook (metadata only: no host-device synchronisation)."""
+        if activation.shape[-1] != self.d_mlp_:
+            raise ValueError(
+                f"{type(self).__name__} hook at {name} got an activation of width "
+                f"{activation.shape[-1]}, but was fitted with d_mlp={self.d_mlp_}: "
+                "it was fitted on a different model."
+            )
+
+    # ------------------------------------------------------------------------------ hooks
+    def hooks(self, model=None) -> list[Hook]:
+        """Forward hooks ``[(hook_name, fn), ...]`` that apply this intervention.
+
+        Args:
+            model: if given, checked against the model this was fitted on
+                (:meth:`check_model`); the hooks themselves check the activation's width.
+
+        Example:
+            >>> logits = model.run_with_hooks(tokens, fwd_hooks=iv.hooks(model))
+            >>> with model.hooks(fwd_hooks=iv.hooks()):
+            ...     text = model.generate("Question: ...", max_new_tokens=20, do_sample=False)
+        """
+        self._check_fitted()
+        if model is not None:
+            self.check_model(model)
+        return self._make_hooks()
+
+    def _make_hooks(self) -> list[Hook]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------- save / load
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Fitted state as (tensors, JSON-able info)."""
+        raise NotImplementedError
+
+    def _set_state(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        """Write hyperparameters and fitted state to a safetensors file; returns its path.
+
+        Example:
+            >>> path = iv.save("na_gsm8k")          # -> na_gsm8k.safetensors
+            >>> same = type(iv).load(path)
+        """
+        self._check_fitted()
+        tensors, info = self._state()
+        info = {
+            "kind": type(self).__name__,
+            "params": self.get_params(),
+            "layers": list(self.layers_),
+            "d_mlp": int(self.d_mlp_),
+            "meta": dict(self.meta_),
+            **info,
+        }
+        return save_tensors(path, tensors, info)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu"):
+        """Read an object written by :meth:`save` (tensors placed on ``device``)."""
+        tensors, info = load_tensors(path, cls.__name__, device)
+        obj = cls(**info["params"])
+        obj.layers_ = [int(x) for x in info["layers"]]
+        obj.d_mlp_ = int(info["d_mlp"])
+        obj.meta_ = dict(info["meta"])
+        obj._set_state(tensors, info)
+        obj._clear_cache()
+        return obj
+
+
+def _move(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    if isinstance(obj, Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device=device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_move(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 activations, else float32 (densities never in half precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

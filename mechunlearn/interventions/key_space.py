@@ -1,0 +1,796 @@
+"""Key Space Detection (KSD): abstain on queries whose key vectors fall in the forget skill's region.
+
+Li, Sun & Weng, "Effective Skill Unlearning through Intervention and Abstention" (NAACL 2025),
+as stated in METHODS.md section 2:
+
+1. Take the key vector (``blocks.{l}.mlp.hook_post``) at the **last prompt token** of each
+   forget query (:func:`mechunlearn.collect_keys`); per layer fit ``mu`` and ``sigma`` (sample
+   std) per dimension (:func:`mechunlearn.analysis.hypercube.fit_cube`, whose documented sigma
+   floor keeps constant dimensions from dividing by zero).
+2. The cube is ``mu +- alpha * sigma``, with ``alpha = h * k_min`` (``k_min``: the smallest cube
+   holding every fit vector, :func:`~mechunlearn.analysis.hypercube.k_min`) or an absolute
+   ``alpha``.
+3. A query is inside a layer's cube when every dimension satisfies ``|x - mu| <= alpha * sigma``,
+   i.e. when its *margin* ``max_i |x_i - mu_i| / sigma_i / alpha`` is ``<= 1``.
+4. Detected queries get a fixed refusal instead of an answer.
+
+Beyond the paper:
+
+* **Layers and rules.** The authors check only the last layer (``layers=-1``, the default). Any
+  set of layers can be combined with ``rule="any"`` (detected when inside at one layer or
+  more), ``"all"``, or an int ``k`` (inside at ``k`` layers or more).
+* **Automatic alpha.** ``fit(keys_f, keys_r, fpr=0.05)`` splits F into a fit part and a
+  held-out part, and R into a calibration part and a test part. The region is fitted on the
+  F fit part. ``alpha_max`` is the largest per-layer alpha that keeps the rule-level
+  false-positive rate on the R calibration part ``<= fpr``: layers share one rank, each
+  layer's alpha sitting just below its ``j``-th smallest R distance, with the largest ``j``
+  that meets the cap (equal per-layer false-positive rates). Detection of held-out F only
+  grows with alpha, so ``alpha_max`` maximises it under the cap; but so does every
+  ``t * alpha_max`` with ``t`` in ``[t_min, 1]`` (``t_min``: where the last detected held-out
+  forget query enters). We take the middle, ``t = (t_min + 1) / 2``: the best held-out
+  detection under the cap, with a margin on both sides. The held-out rates (detection of held-out
+  F, false positives on the R calibration and test parts) are in ``calibration_``.
+* **A region that is not a box.** :class:`EllipsoidDetector` uses the Mahalanobis distance
+  under a Ledoit-Wolf shrinkage covariance, with the same interface (one base class,
+  :class:`KeyRegionDetector`).
+
+Abstention in generation (:meth:`KeyRegionDetector.generate`): one prompt-only forward with the
+detection hooks (stopping after the last detection layer), then greedy generation of the kept
+prompts only, left-padded in one batch; detected prompts cost no generation step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ..analysis.hypercube import Cube, check_finite, fit_cube, normalized_distance
+from ..collect import KeyVectors, _check_compatible
+from ..sites import (
+    hook_name,
+    iter_batches,
+    model_device,
+    n_layers,
+    pad_batch,
+    tokenize_examples,
+)
+from .base import Hook, Intervention, check_positive
+
+REFUSAL = "Sorry, your query is not valid"
+"""The authors' refusal text."""
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass
+class Detection:
+    """Per-query detection results.
+
+    Attributes:
+        detected: ``[n]`` whether each query is detected under the rule.
+        fired: ``[n, layers]`` whether it is inside each layer's region (``margin <= 1``).
+        margin: ``[n, layers]`` distance / alpha per layer: for the cube,
+            ``max_i |x_i - mu_i| / sigma_i / alpha``; inside when ``<= 1``.
+        score: ``[n]`` the rule-relevant margin: the ``k``-th smallest margin over layers
+            (``k = 1`` for ``"any"``, all layers for ``"all"``); ``detected == (score <= 1)``.
+            NaN margins count as outside (``inf``).
+        layers: the model layers, in column order.
+        rule: the rule.
+    """
+
+    detected: Bool[Tensor, " n"]
+    fired: Bool[Tensor, "n layer"]
+    margin: Float[Tensor, "n layer"]
+    score: Float[Tensor, " n"]
+    layers: list[int]
+    rule: str | int
+
+    def __len__(self) -> int:
+        return int(self.detected.shape[0])
+
+    @property
+    def rate(self) -> float:
+        """Fraction of queries detected."""
+        return float(self.detected.float().mean()) if len(self) else math.nan
+
+    def to(self, device: torch.device | str) -> Detection:
+        """A copy on ``device``."""
+        return Detection(
+            self.detected.to(device),
+            self.fired.to(device),
+            self.margin.to(device),
+            self.score.to(device),
+            list(self.layers),
+            self.rule,
+        )
+
+    def to_frame(self):
+        """One row per query: detected, score, fired layers, and each layer's margin."""
+        import pandas as pd
+
+        d = self.to("cpu")
+        frame = pd.DataFrame(
+            {
+                "detected": d.detected.numpy(),
+                "score": d.score.double().numpy(),
+                "fired_layers": [
+                    [self.layers[j] for j in torch.nonzero(row).flatten().tolist()] for row in d.fired
+                ],
+            }
+        )
+        for j, layer in enumerate(self.layers):
+            frame[f"margin_L{layer}"] = d.margin[:, j].double().numpy()
+        return frame
+
+    def __repr__(self) -> str:
+        return f"Detection(n={len(self)}, detected={int(self.detected.sum())}, rule={self.rule!r})"
+
+
+class DetectionRecord:
+    """Margins written by a detector's hooks during the latest forward; tensors stay on device.
+
+    Each forward overwrites the layer's entry. Reading :attr:`detected` (etc.) combines the
+    layers by the detector's rule without leaving the device; only printing or ``bool()``
+    synchronises.
+
+    Example:
+        >>> model.run_with_hooks(tokens, fwd_hooks=ksd.hooks())
+        >>> ksd.record.detected      # [batch] bool, on the model's device
+    """
+
+    def __init__(self, detector: KeyRegionDetector):
+        self.detector = detector
+        self.margins: dict[int, Tensor] = {}
+
+    def reset(self) -> None:
+        """Forget what was recorded."""
+        self.margins.clear()
+
+    @property
+    def margin(self) -> Float[Tensor, "batch layer"]:
+        """``[batch, layers]`` margins of the latest forward."""
+        missing = [layer for layer in self.detector.layers_ if layer not in self.margins]
+        if missing:
+            raise RuntimeError(
+                f"No margins recorded at layers {missing}: run a forward pass with these hooks "
+                "first (one that reaches those layers)."
+            )
+        return torch.stack([self.margins[layer] for layer in self.detector.layers_], -1)
+
+    @property
+    def detected(self) -> Bool[Tensor, " batch"]:
+        """Whether each sequence is detected under the rule."""
+        return self.detector._combine(self.margin)[0]
+
+    def detection(self) -> Detection:
+        """All of it as a :class:`Detection` (still on the device)."""
+        return self.detector._detection(self.margin)
+
+
+# ------------------------------------------------------------------------------ base class
+class KeyRegionDetector(Intervention):
+    """Shared machinery of key-space detectors: fit, alpha, rules, hooks, detect, generate.
+
+    A subclass defines the region: :meth:`_fit_region` (per-layer tensors from fit vectors),
+    :meth:`_distance` (``[m, layers, d] -> [m, layers]``, in units where ``k_min`` is the
+    largest fit distance) and :meth:`_distance_row` (one layer, ``[b, d] -> [b]``).
+
+    Args:
+        h: alpha as a multiple of ``k_min`` (authors: 2 for GSM8K, 1.4 for MBPP). When neither
+            ``h`` nor ``alpha`` is given, ``fit(keys_f)`` uses ``h = 2`` and
+            ``fit(keys_f, keys_r)`` chooses alpha automatically.
+        alpha: an absolute alpha (the same for every layer).
+        layers: model layers to check (negative counts from the last collected layer);
+            ``None`` for every layer of the key vectors. Default ``-1``, the authors' choice.
+        rule: ``"any"``, ``"all"`` or an int ``k`` (detected when inside at ``>= k`` layers).
+
+    Attributes:
+        layers_, d_mlp_, meta_: as for every intervention.
+        region_: per-layer region tensors (leading dimension: layers).
+        k_min_: ``[layers]`` largest fit distance per layer.
+        alpha_: ``[layers]`` the alpha used per layer.
+        h_: ``[layers]`` ``alpha_ / k_min_`` (the effective h).
+        calibration_: held-out rates when alpha was chosen automatically, else None.
+    """
+
+    _fitted_attrs = Intervention._fitted_attrs + ("region_", "alpha_", "k_min_")
+    _default_h: ClassVar[float] = 2.0
+
+    def __init__(
+        self,
+        h: float | None = None,
+        alpha: float | None = None,
+        layers: int | Sequence[int] | None = -1,
+        rule: str | int = "any",
+    ):
+        if h is not None and alpha is not None:
+            raise ValueError("Give h (alpha = h * k_min) or an absolute alpha, not both.")
+        if h is not None:
+            check_positive("h", h)
+        if alpha is not None:
+            check_positive("alpha", alpha)
+        _check_rule(rule)
+        if layers is not None and not isinstance(layers, int):
+            layers = [int(x) for x in layers]
+            if not layers:
+                raise ValueError("layers is empty: pass None for every layer.")
+        self.h = h
+        self.alpha = alpha
+        self.layers = layers
+        self.rule = rule
+
+    # --------------------------------------------------------------------- region (abstract)
+    def _fit_region(self, x: Float[Tensor, "n layer d"]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _distance(self, x: Float[Tensor, "m layer d"], region: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def _distance_row(self, x: Float[Tensor, "b d"], region_row: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------------- fit
+    def fit(
+        self,
+        keys_f: KeyVectors,
+        keys_r: KeyVectors | None = None,
+        fpr: float = 0.05,
+        test_size: float | int = 0.5,
+        seed: int = 0,
+    ) -> KeyRegionDetector:
+        """Fit the forget skill's region; choose alpha from ``h``/``alpha`` or automatically.
+
+        Args:
+            keys_f: forget-skill key vectors (:func:`mechunlearn.collect_keys`).
+            keys_r: retain-skill key vectors; when given, alpha is chosen automatically (see
+                the module docstring) and ``h``/``alpha`` must not be set.
+            fpr: the cap on the rule-level false-positive rate on R, in (0, 1).
+            test_size: the held-out share of F and of R (fraction or count).
+            seed: seed of the two splits.
+
+        Returns:
+            self.
+        """
+        if not isinstance(keys_f, KeyVectors):
+            raise TypeError(
+                f"keys_f must be KeyVectors (from mu.collect_keys), got {type(keys_f).__name__}."
+            )
+        layers = self._resolve_layers(keys_f)
+        rule_k = _rule_k(self.rule, len(layers))
+        x_f = self._select(keys_f, layers)
+        check_finite(x_f, "The forget key vectors")
+        self.layers_ = layers
+        self.d_mlp_ = keys_f.d_mlp
+        self.meta_ = {
+            k: keys_f.meta[k] for k in ("model", "n_layers", "d_mlp", "d_model") if k in keys_f.meta
+        }
+        self.meta_["forget"] = keys_f.meta.get("skill")
+        self.calibration_ = None
+        if keys_r is None:
+            self.region_ = self._fit_region(x_f)
+            self.k_min_ = self._distance(x_f, self.region_).amax(0)
+            if self.alpha is not None:
+                self.alpha_ = torch.full_like(self.k_min_, float(self.alpha))
+            else:
+                h = self._default_h if self.h is None else float(self.h)
+                self.alpha_ = h * self.k_min_
+        else:
+            self._calibrate(keys_f, keys_r, layers, rule_k, fpr, test_size, seed)
+        self.h_ = self.alpha_ / self.k_min_
+        self._after_fit()
+        return self
+
+    def _calibrate(self, keys_f, keys_r, layers, rule_k, fpr, test_size, seed) -> None:
+        if not isinstance(keys_r, KeyVectors):
+            raise TypeError(f"keys_r must be KeyVectors, got {type(keys_r).__name__}.")
+        if self.h is not None or self.alpha is not None:
+            raise ValueError(
+                "fit(keys_f, keys_r) chooses alpha automatically: construct the detector "
+                "without h or alpha, or call fit(keys_f) alone."
+            )
+        if not 0.0 < float(fpr) < 1.0:
+            raise ValueError(f"fpr must lie in (0, 1), got {fpr!r}.")
+        _check_compatible(keys_f.meta, keys_r.meta, ("n_layers", "d_mlp"), "KeyVectors")
+        if keys_r.d_mlp != keys_f.d_mlp:
+            raise ValueError(f"keys_r has d_mlp={keys_r.d_mlp}, keys_f {keys_f.d_mlp}.")
+        fit_f, held_f = keys_f.split(test_size, seed)
+        cal_r, test_r = keys_r.split(test_size, seed)
+        if len(fit_f) < 2:
+            raise ValueError("The fit part of keys_f needs at least 2 vectors: lower test_size.")
+        x_fit = self._select(fit_f, layers)
+        self.region_ = self._fit_region(x_fit)
+        self.k_min_ = self._distance(x_fit, self.region_).amax(0)
+        dev = self.k_min_.device
+        d_held = self._distance(self._select(held_f, layers).to(dev), self.region_)
+        d_cal = self._distance(self._select(cal_r, layers).to(dev), self.region_)
+        d_test = self._distance(self._select(test_r, layers).to(dev), self.region_)
+        d_cal = torch.nan_to_num(d_cal, nan=torch.inf)
+        ranked = d_cal.sort(0).values  # [m, layers], ascending
+        m = ranked.shape[0]
+
+        def alphas(j: int) -> Tensor:
+            # just below the j-th smallest margin: exactly j calibration points inside
+            return torch.nextafter(ranked[j], torch.zeros_like(ranked[j]))
+
+        def rate(d: Tensor, alpha: Tensor) -> float:
+            return float(_detect(d / alpha, rule_k).float().mean())
+
+        best = 0
+        for j in range(m):  # m is small (hundreds); the rate is monotone in j
+            if rate(d_cal, alphas(j)) <= fpr:
+                best = j
+            else:
+                break
+        alpha_max = alphas(best).clamp(min=0)
+        # Held-out forget query i is detected at alpha = t * alpha_max iff t >= s_i, its
+        # rule-relevant margin at alpha_max. Every t in [t_min, 1] gives the best detection
+        # (t_min: the largest s_i <= 1); take the middle of that interval, away from both the
+        # retain queries (t = 1) and the last detected forget query (t = t_min).
+        s_held = torch.nan_to_num(d_held / alpha_max, nan=torch.inf)
+        s_held = s_held.sort(-1).values[:, rule_k - 1]
+        inside = s_held[s_held <= 1]
+        t_min = float(inside.max()) if inside.numel() else 1.0
+        self.alpha_ = alpha_max * (0.5 * (t_min + 1.0))
+        per_layer = {}
+        for col, layer in enumerate(layers):
+            a = self.alpha_[col]
+            per_layer[int(layer)] = {
+                "detect_f": float((d_held[:, col] <= a).float().mean()),
+                "fpr_r_cal": float((d_cal[:, col] <= a).float().mean()),
+                "fpr_r_test": float((d_test[:, col] <= a).float().mean()),
+            }
+        self.calibration_ = {
+            "fpr": float(fpr),
+            "rank": int(best),
+            "alpha_max": alpha_max.tolist(),
+            "t_min": t_min,
+            "n_fit_f": len(fit_f),
+            "n_heldout_f": len(held_f),
+            "n_cal_r": len(cal_r),
+            "n_test_r": len(test_r),
+            "retain": keys_r.meta.get("skill"),
+            "detect_f": rate(d_held, self.alpha_),
+            "fpr_r_cal": rate(d_cal, self.alpha_),
+            "fpr_r_test": rate(d_test, self.alpha_),
+            "per_layer": per_layer,
+        }
+
+    def _resolve_layers(self, keys: KeyVectors) -> list[int]:
+        if self.layers is None:
+            return list(keys.layers)
+        wanted = [self.layers] if isinstance(self.layers, int) else list(self.layers)
+        out = [keys.layers[keys.layer_index(int(layer))] for layer in wanted]
+        if len(set(out)) != len(out):
+            raise ValueError(f"layers {wanted} repeat a layer (as {out}).")
+        return out
+
+    @staticmethod
+    def _select(keys: KeyVectors, layers: Sequence[int]) -> Float[Tensor, "n layer d"]:
+        cols = torch.as_tensor([keys.layer_index(layer) for layer in layers])
+        return keys.values.index_select(1, cols.to(keys.values.device)).to(torch.float64)
+
+    def _after_fit(self) -> None:
+        self._clear_cache()
+        self.record = DetectionRecord(self)
+
+    # ------------------------------------------------------------------------- decisions
+    def _combine(self, margin: Tensor) -> tuple[Tensor, Tensor]:
+        k = _rule_k(self.rule, len(self.layers_))
+        margin = torch.nan_to_num(margin, nan=torch.inf)
+        score = margin.sort(-1).values[..., k - 1]
+        return score <= 1, score
+
+    def _detection(self, margin: Tensor) -> Detection:
+        detected, score = self._combine(margin)
+        fired = torch.nan_to_num(margin, nan=torch.inf) <= 1
+        return Detection(detected, fired, margin, score, list(self.layers_), self.rule)
+
+    def detect_keys(self, keys: KeyVectors) -> Detection:
+        """Detection of already-collected key vectors (no model run).
+
+        Example:
+            >>> ksd.detect_keys(mu.collect_keys(model, mbpp)).rate   # false-positive rate
+        """
+        self._check_fitted()
+        if keys.d_mlp != self.d_mlp_:
+            raise ValueError(f"These key vectors have d_mlp={keys.d_mlp}, not {self.d_mlp_}.")
+        x = self._select(keys, self.layers_).to(self.alpha_.device)
+        return self._detection(self._distance(x, self.region_) / self.alpha_)
+
+    # ------------------------------------------------------------------------------ hooks
+    def hooks(
+        self,
+        model=None,
+        positions: Int[Tensor, " batch"] | None = None,
+        record: DetectionRecord | None = None,
+    ) -> list[Hook]:
+        """Hooks that record each sequence's margins, leaving activations untouched.
+
+        Args:
+            model: if given, checked against the fitted model.
+            positions: ``[batch]`` index of each row's last prompt token (right padding);
+                default: the last position (unpadded or left-padded prompts, and every step
+                of generation).
+            record: where to write; default a fresh :class:`DetectionRecord`, also stored as
+                ``self.record``.
+
+        Example:
+            >>> model.run_with_hooks(tokens, fwd_hooks=ksd.hooks(), stop_at_layer=L + 1)
+            >>> ksd.record.detected     # on the device until read
+        """
+        self._check_fitted()
+        if model is not None:
+            self.check_model(model)
+        if record is None:
+            record = self.record = DetectionRecord(self)
+        return [
+            (hook_name("key", layer), self._hook(row, layer, positions, record))
+            for row, layer in enumerate(self.layers_)
+        ]
+
+    def _hook_tensors(self) -> dict[str, Any]:
+        rows = [{k: v[row] for k, v in self.region_.items()} for row in range(len(self.layers_))]
+        return {"alpha": self.alpha_, "rows": rows}
+
+    def _hook(self, row: int, layer: int, positions: Tensor | None, record: DetectionRecord):
+        name = hook_name("key", layer)
+
+        def hook(activation: Float[Tensor, "batch pos d_mlp"], hook=None) -> Tensor:
+            self._check_width(activation, name)
+            if activation.ndim != 3:
+                raise ValueError(
+                    f"{type(self).__name__} hook at {name} expects [batch, pos, d_mlp], got "
+                    f"shape {tuple(activation.shape)}."
+                )
+            device = activation.device
+            t = self._on(device, _region_dtype(device))
+            if positions is None:
+                x = activation[:, -1]
+            else:
+                rows = torch.arange(activation.shape[0], device=device)
+                x = activation[rows, positions.to(device)]
+            dist = self._distance_row(x.to(t["alpha"].dtype), t["rows"][row])
+            record.margins[layer] = dist / t["alpha"][row]
+            return activation
+
+        return hook
+
+    # ----------------------------------------------------------------------------- detect
+    def detect(
+        self,
+        model,
+        prompts,
+        batch_size: int = 16,
+        max_length: int | None = None,
+    ) -> Detection:
+        """Detect prompts: one prompt-only forward per batch, read at the last prompt token.
+
+        Tokenised as :func:`mechunlearn.collect_keys` does (``[BOS] + prompt``), right-padded,
+        and stopped after the last detection layer.
+
+        Args:
+            model: the model the detector was fitted on.
+            prompts: a Skill (its prompts), a list of strings, or one string.
+            batch_size: prompts per forward.
+            max_length: the longest prompt allowed (default: the model's context).
+
+        Returns:
+            A :class:`Detection` on the CPU, in the prompts' order.
+
+        Example:
+            >>> det = ksd.detect(model, mu.load_skill("mbpp", n=50))
+            >>> det.rate, det.to_frame().head()
+        """
+        self.check_model(model)
+        prompts = _prompt_list(prompts)
+        margin = torch.empty((len(prompts), len(self.layers_)), dtype=torch.float64)
+        stop = max(self.layers_) + 1
+        stop_at = stop if stop < n_layers(model) else None
+        with torch.inference_mode():
+            for batch in iter_batches(
+                model, prompts, None, batch_size=batch_size, max_length=max_length
+            ):
+                record = DetectionRecord(self)
+                hooks = self.hooks(positions=batch.last_prompt, record=record)
+                model.run_with_hooks(
+                    batch.tokens,
+                    fwd_hooks=hooks,
+                    attention_mask=batch.attention_mask,
+                    stop_at_layer=stop_at,
+                )
+                margin[batch.example_index.cpu()] = record.margin.double().cpu()
+        return self._detection(margin)
+
+    # --------------------------------------------------------------------------- generate
+    def generate(
+        self,
+        model,
+        prompts,
+        max_new_tokens: int = 64,
+        refusal: str = REFUSAL,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        return_detection: bool = False,
+        **generate_kwargs: Any,
+    ) -> list[str] | tuple[list[str], Detection]:
+        """Answer the prompts, abstaining on detected ones.
+
+        Detects every prompt (:meth:`detect`), then generates only for the kept prompts with
+        ``model.generate`` (greedy unless ``generate_kwargs`` say otherwise), left-padded with
+        an attention mask, from the same tokens as detection (``[BOS] + prompt``). Detected
+        prompts get ``refusal`` and cost no generation step.
+
+        Args:
+            model: the model.
+            prompts: a Skill (its prompts), a list of strings, or one string.
+            max_new_tokens: generation length.
+            refusal: the text returned for detected prompts (the authors' by default).
+            batch_size: prompts per detection forward and per generation call (default: all).
+            max_length: the longest prompt allowed.
+            return_detection: also return the :class:`Detection`.
+            **generate_kwargs: passed to ``model.generate`` (e.g. ``do_sample=True``).
+
+        Returns:
+            The continuation of each prompt (without the prompt, cut at the first EOS), or the
+            refusal; with ``return_detection``, ``(texts, detection)``.
+
+        Example:
+            >>> ksd.generate(model, ["Q: 2+3?", "def add(a, b):"], max_new_tokens=32)
+            ['Sorry, your query is not valid', '\\n    return a + b']
+        """
+        prompts = _prompt_list(prompts)
+        n = len(prompts)
+        bs = batch_size or max(n, 1)
+        detection = self.detect(model, prompts, batch_size=bs, max_length=max_length)
+        keep = torch.nonzero(~detection.detected).flatten().tolist()
+        texts = [refusal] * n
+        if keep:
+            items = tokenize_examples(model, [prompts[i] for i in keep], [""] * len(keep), max_length)
+            kwargs = {"do_sample": False, "verbose": False, **generate_kwargs}
+            for start in range(0, len(keep), bs):
+                chunk = list(range(start, min(start + bs, len(keep))))
+                outs = _generate(model, [items[i][0] for i in chunk], max_new_tokens, kwargs)
+                for i, out in zip(chunk, outs, strict=True):
+                    texts[keep[i]] = out
+        return (texts, detection) if return_detection else texts
+
+    # --------------------------------------------------------------------------- reports
+    def _fitted_summary(self) -> str:
+        alpha = ", ".join(f"{a:.3g}" for a in self.alpha_.tolist())
+        return f"layers {self.layers_}, alpha [{alpha}], rule {self.rule!r}"
+
+    # ------------------------------------------------------------------------- save / load
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {f"region.{k}": v for k, v in self.region_.items()}
+        tensors.update(alpha=self.alpha_, k_min=self.k_min_)
+        return tensors, {"calibration": self.calibration_}
+
+    def _set_state(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        self.region_ = {k[7:]: v for k, v in tensors.items() if k.startswith("region.")}
+        self.alpha_, self.k_min_ = tensors["alpha"], tensors["k_min"]
+        self.h_ = self.alpha_ / self.k_min_
+        self.calibration_ = info.get("calibration")
+        self._after_fit()
+
+
+# ------------------------------------------------------------------------------ the cube
+class KeySpaceDetector(KeyRegionDetector):
+    """The paper's detector: an axis-aligned cube ``mu +- alpha * sigma`` per layer.
+
+    The cube primitives (sigma floor, ``k_min``, the margin) are those of
+    :mod:`mechunlearn.analysis.hypercube`, so analyses and the detector agree exactly.
+    See :class:`KeyRegionDetector` for the arguments, attributes and methods.
+
+    Where we deviate from the authors' code: any set of layers with a rule (they check only the
+    last layer), a sigma floor instead of a division by zero, and an optional automatic alpha.
+
+    Example:
+        >>> keys_f = mu.collect_keys(model, mu.load_skill("gsm8k", n=200))
+        >>> ksd = KeySpaceDetector(h=2.0).fit(keys_f)
+        >>> ksd.generate(model, ["Natalia sold clips to 48 of her friends...", "def f(x):"])
+    """
+
+    def _fit_region(self, x: Float[Tensor, "n layer d"]) -> dict[str, Tensor]:
+        cube = fit_cube(x)
+        return {"mu": cube.mu, "sigma": cube.sigma, "floor": cube.floor, "n_floored": cube.n_floored}
+
+    @staticmethod
+    def _cube(region: dict[str, Tensor]) -> Cube:
+        return Cube(region["mu"], region["sigma"], region["floor"], region["n_floored"], 0)
+
+    def _distance(self, x: Float[Tensor, "m layer d"], region: dict[str, Tensor]) -> Tensor:
+        return normalized_distance(x, self._cube(region))
+
+    def _distance_row(self, x: Float[Tensor, "b d"], region_row: dict[str, Tensor]) -> Tensor:
+        return normalized_distance(x, self._cube(region_row))
+
+    @property
+    def cube_(self) -> Cube:
+        """The fitted cubes as a :class:`~mechunlearn.analysis.hypercube.Cube` (per layer)."""
+        self._check_fitted()
+        return self._cube(self.region_)
+
+
+# ------------------------------------------------------------------------------ the ellipsoid
+def ledoit_wolf_shrinkage(x: Float[Tensor, "*batch n d"]) -> Float[Tensor, " *batch"]:
+    """Ledoit-Wolf shrinkage intensity of the covariance of ``x`` (rows are samples).
+
+    The estimator of Ledoit & Wolf (2004) as scikit-learn computes it
+    (``sklearn.covariance.ledoit_wolf_shrinkage`` with ``assume_centered=False``): the
+    shrunk covariance is ``(1 - s) * S + s * tr(S)/d * I`` with ``S`` the empirical covariance
+    (divided by ``n``). Computed from ``n x n`` Gram matrices, in float64.
+    """
+    x = x.to(torch.float64)
+    n, d = x.shape[-2], x.shape[-1]
+    xc = x - x.mean(-2, keepdim=True)
+    sq_norms = xc.square().sum(-1)  # [*, n]
+    mu = sq_norms.sum(-1) / (n * d)  # tr(S) / d
+    gram = xc @ xc.transpose(-1, -2)
+    delta_ = gram.square().sum((-1, -2)) / n**2  # ||S||_F^2
+    beta_ = sq_norms.square().sum(-1)
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = delta_ / d - mu.square()  # ||S - mu I||_F^2 / d
+    beta = torch.minimum(beta, delta)
+    return torch.where(beta > 0, beta / delta.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+
+
+class EllipsoidDetector(KeyRegionDetector):
+    """A detector whose region is an ellipsoid: Mahalanobis distance under a shrunk covariance.
+
+    Per layer, ``Sigma = (1 - s) * S + s * (tr S / d) * I`` (``S`` the empirical covariance of
+    the fit keys, ``s`` the Ledoit-Wolf intensity or a fixed ``shrinkage``), and the distance
+    of ``x`` is ``sqrt((x - mu)^T Sigma^-1 (x - mu))``. alpha is chosen as for the cube
+    (``h * k_min`` with ``k_min`` the largest fit distance, an absolute ``alpha``, or
+    automatically). ``Sigma^-1`` is applied through the eigenvectors of ``S`` (at most
+    ``n - 1`` of them) with the Woodbury identity, so a hook costs a ``[b, d] x [d, n]``
+    product, and nothing of size ``d x d`` is stored when ``n < d``. The isotropic part
+    ``s * tr S / d`` is floored at ``1e-6 * tr S / d`` (``shrinkage=0`` with ``n <= d``
+    would be singular).
+
+    Args:
+        shrinkage: None for Ledoit-Wolf, or a fixed intensity in [0, 1].
+        h, alpha, layers, rule: as for :class:`KeyRegionDetector`.
+
+    Example:
+        >>> ell = EllipsoidDetector(h=1.5, layers=[-3, -2, -1], rule=2).fit(keys_f)
+        >>> ell.detect(model, mu.load_skill("mbpp", n=50)).rate
+    """
+
+    REL_FLOOR: ClassVar[float] = 1e-6
+
+    def __init__(
+        self,
+        h: float | None = None,
+        alpha: float | None = None,
+        layers: int | Sequence[int] | None = -1,
+        rule: str | int = "any",
+        shrinkage: float | None = None,
+    ):
+        super().__init__(h=h, alpha=alpha, layers=layers, rule=rule)
+        if shrinkage is not None and not 0.0 <= float(shrinkage) <= 1.0:
+            raise ValueError(f"shrinkage must be None (Ledoit-Wolf) or in [0, 1], got {shrinkage}.")
+        self.shrinkage = shrinkage
+
+    def _fit_region(self, x: Float[Tensor, "n layer d"]) -> dict[str, Tensor]:
+        x = x.transpose(0, 1).to(torch.float64)  # [layer, n, d]
+        n, d = x.shape[1], x.shape[2]
+        if n < 2:
+            raise ValueError("EllipsoidDetector needs at least 2 fit vectors.")
+        mu = x.mean(1)
+        xc = x - mu.unsqueeze(1)
+        if self.shrinkage is None:
+            s = ledoit_wolf_shrinkage(x)
+        else:
+            s = torch.full((x.shape[0],), float(self.shrinkage), dtype=torch.float64)
+        s = s.to(x.device)
+        trace_d = xc.square().sum((1, 2)) / (n * d)
+        iso = torch.maximum(s * trace_d, self.REL_FLOOR * trace_d).clamp(min=1e-30)
+        if n <= d:  # eigenvectors of S from the n x n Gram matrix
+            lam, v = torch.linalg.eigh(xc @ xc.transpose(1, 2) / n)  # [L, n], [L, n, n]
+            keep = lam > lam.amax(-1, keepdim=True) * 1e-10
+            lam = torch.where(keep, lam, 0.0)
+            u = (xc.transpose(1, 2) @ v) / (n * lam).clamp(min=1e-300).sqrt().unsqueeze(1)
+            u = u * keep.unsqueeze(1)
+        else:
+            lam, u = torch.linalg.eigh(xc.transpose(1, 2) @ xc / n)  # [L, d], [L, d, d]
+            lam = lam.clamp(min=0)
+        scaled = (1 - s).unsqueeze(-1) * lam
+        coef = scaled / (iso.unsqueeze(-1) + scaled)
+        return {"mu": mu, "u": u, "coef": coef, "iso": iso, "shrinkage": s}
+
+    @staticmethod
+    def _mahalanobis(v: Tensor, u: Tensor, coef: Tensor, iso: Tensor) -> Tensor:
+        # v: [..., d]; u: [d, r] (or broadcast); Sigma^-1 = (I - U diag(coef) U^T) / iso
+        proj = (v.unsqueeze(-2) @ u).squeeze(-2)  # [..., r]
+        sq = (v.square().sum(-1) - (coef * proj.square()).sum(-1)) / iso
+        return sq.clamp(min=0).sqrt()
+
+    def _distance(self, x: Float[Tensor, "m layer d"], region: dict[str, Tensor]) -> Tensor:
+        x = x.to(region["mu"].device, region["mu"].dtype)
+        v = x - region["mu"]  # [m, L, d]
+        return self._mahalanobis(v, region["u"], region["coef"], region["iso"])
+
+    def _distance_row(self, x: Float[Tensor, "b d"], region_row: dict[str, Tensor]) -> Tensor:
+        v = x - region_row["mu"]
+        return self._mahalanobis(v, region_row["u"], region_row["coef"], region_row["iso"])
+
+
+# ------------------------------------------------------------------------------ helpers
+def _check_rule(rule: Any) -> None:
+    if isinstance(rule, str):
+        if rule not in ("any", "all"):
+            raise ValueError(f"rule must be 'any', 'all' or an int k >= 1, got {rule!r}.")
+    elif isinstance(rule, bool) or not isinstance(rule, int) or rule < 1:
+        raise ValueError(f"rule must be 'any', 'all' or an int k >= 1, got {rule!r}.")
+
+
+def _rule_k(rule: str | int, n: int) -> int:
+    if rule == "any":
+        return 1
+    if rule == "all":
+        return n
+    if rule > n:
+        raise ValueError(f"rule={rule} asks for {rule} layers, but the detector checks {n}.")
+    return int(rule)
+
+
+def _detect(margin: Tensor, k: int) -> Tensor:
+    margin = torch.nan_to_num(margin, nan=torch.inf)
+    return margin.sort(-1).values[..., k - 1] <= 1
+
+
+def _region_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _prompt_list(prompts) -> list[str]:
+    from ..data import Skill
+
+    if isinstance(prompts, Skill):
+        return list(prompts.prompts)
+    if isinstance(prompts, str):
+        return [prompts]
+    out = [str(p) for p in prompts]
+    if not out:
+        raise ValueError("No prompts given.")
+    return out
+
+
+def _generate(model, token_lists: list[list[int]], max_new_tokens: int, kwargs) -> list[str]:
+    """Generate continuations of already-tokenised prompts, left-padded in one batch."""
+    batch = pad_batch(model, [(ids, len(ids)) for ids in token_lists], range(len(token_lists)), "left")
+    tokens = batch.tokens.to(model_device(model))
+    mask = batch.attention_mask.to(tokens.device)
+    params = inspect.signature(model.generate).parameters
+    kwargs = {**kwargs, "max_new_tokens": max_new_tokens, "return_type": "tokens"}
+    if "attention_mask" in params:
+        out = model.generate(tokens, attention_mask=mask, **kwargs)
+        new = [row[tokens.shape[1] :] for row in out]
+    else:  # a model whose generate takes no mask: one prompt at a time, unpadded
+        new = []
+        for ids in token_lists:
+            single = torch.tensor([ids], device=tokens.device)
+            new.append(model.generate(single, **kwargs)[0, len(ids) :])
+    return [_decode(model, row, kwargs) for row in new]
+
+
+def _decode(model, ids: Tensor, kwargs: dict[str, Any]) -> str:
+    """Decode generated ids, cut at the first stop token when generation stops at EOS."""
+    tok = model.tokenizer
+    ids = ids.tolist()
+    if kwargs.get("stop_at_eos", True):
+        stops = kwargs.get("eos_token_id")
+        if stops is None:
+            stops = getattr(model.cfg, "eos_token_id", None) or tok.eos_token_id
+        stops = {stops} if isinstance(stops, int) else set(stops or [])
+        for i, t in enumerate(ids):
+            if t in stops:
+                ids = ids[:i]
+                break
+    return tok.decode(ids)

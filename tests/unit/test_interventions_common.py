@@ -1,0 +1,177 @@
+"""The contract every intervention follows: validation, NotFittedError, model checks, hook hygiene,
+save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechunlearn import Skill, collect, collect_keys
+from mechunlearn.interventions import (
+    EllipsoidDetector,
+    KeySpaceDetector,
+    NeuronAdjust,
+    NotFittedError,
+    SelectivePruning,
+    collect_importance,
+)
+from tests.conftest import make_tiny_llama
+
+F = Skill.from_texts(
+    "f", [f"Q: {i}+{i + 1}?" for i in range(8)], [f" {2 * i + 1}" for i in range(8)]
+)
+R = Skill.from_texts(
+    "r", [f"def f{i}(x):" for i in range(8)], [f"\n  return x*{i}" for i in range(8)]
+)
+KINDS = ["na", "sp", "ksd", "ellipsoid"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_llama):
+    model = tiny_llama
+    pre = [collect(model, s, site="pre", quiet=True) for s in (F, R)]
+    keys_f = collect_keys(model, F, quiet=True)
+    imp = [collect_importance(model, s) for s in (F, R)]
+    return {
+        "na": NeuronAdjust(ratio=0.05, seed=7).fit(*pre),
+        "sp": SelectivePruning(ratio=0.05).fit(*imp),
+        "ksd": KeySpaceDetector(h=1.5, layers=None, rule=2).fit(keys_f),
+        "ellipsoid": EllipsoidDetector(h=1.5, layers=[0, 2]).fit(keys_f),
+    }
+
+
+@pytest.fixture(scope="module")
+def other_model(char_tokenizer, device):
+    """Same layer count, different d_mlp."""
+    return make_tiny_llama(char_tokenizer, device, d_mlp=40)
+
+
+def _tokens(model):
+    return model.to_tokens(["Q: 3+4?", "def g(y):"])
+
+
+def _outputs(iv, model, tokens):
+    """What an intervention does to a forward: logits, and detection margins for detectors."""
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=iv.hooks(model))
+    margin = iv.record.margin if hasattr(iv, "record") else None
+    return logits, margin
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: NeuronAdjust(),
+        lambda: SelectivePruning(),
+        lambda: KeySpaceDetector(),
+        lambda: EllipsoidDetector(),
+    ],
+)
+def test_unfitted_raises(make, tiny_llama):
+    iv = make()
+    assert not iv.is_fitted
+    with pytest.raises(NotFittedError, match="not fitted"):
+        iv.hooks()
+    with pytest.raises(NotFittedError):
+        iv.save("/tmp/never")
+    with pytest.raises(NotFittedError):
+        iv.check_model(tiny_llama)
+    assert "fitted" not in repr(iv)
+
+
+@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.5, "x", None, True])
+def test_bad_ratio(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        NeuronAdjust(ratio=ratio)
+    with pytest.raises(ValueError, match="ratio"):
+        SelectivePruning(ratio=ratio)
+
+
+@pytest.mark.parametrize("cls", [KeySpaceDetector, EllipsoidDetector])
+def test_bad_detector_params(cls):
+    for kw in ({"h": 0}, {"h": -1.0}, {"alpha": 0}, {"alpha": float("inf")}, {"h": "big"}):
+        with pytest.raises(ValueError, match="h|alpha"):
+            cls(**kw)
+    with pytest.raises(ValueError, match="not both"):
+        cls(h=1.0, alpha=2.0)
+    for rule in ("some", 0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="rule"):
+            cls(rule=rule)
+    with pytest.raises(ValueError, match="layers"):
+        cls(layers=[])
+
+
+def test_other_bad_params():
+    with pytest.raises(ValueError, match="mode"):
+        NeuronAdjust(mode="mirror")
+    with pytest.raises(ValueError, match="seed"):
+        NeuronAdjust(seed=-1)
+    with pytest.raises(ValueError, match="step"):
+        SelectivePruning(step=0)
+    with pytest.raises(ValueError, match="eps"):
+        SelectivePruning(eps=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_repr_and_params(fitted, kind):
+    iv = fitted[kind]
+    text = repr(iv)
+    assert text.startswith(type(iv).__name__ + "(") and "# fitted" in text
+    assert type(iv)(**iv.get_params()).get_params() == iv.get_params()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_mismatch_raises(fitted, kind, other_model):
+    iv = fitted[kind]
+    with pytest.raises(ValueError, match="d_mlp"):
+        iv.hooks(other_model)
+    # without the model, the hook itself checks the activation's width
+    tokens = _tokens(other_model)
+    with pytest.raises(ValueError, match="d_mlp=48"):
+        other_model.run_with_hooks(tokens, fwd_hooks=iv.hooks())
+    assert all(not hp.fwd_hooks for hp in other_model.hook_dict.values())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hooks_never_stay_attached(fitted, kind, tiny_llama):
+    model = tiny_llama
+    iv = fitted[kind]
+    hooks = iv.hooks(model)
+    assert hooks and all(isinstance(name, str) and callable(fn) for name, fn in hooks)
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.hooks(fwd_hooks=hooks):
+            assert any(model.hook_dict[name].fwd_hooks for name, _ in hooks)
+            raise RuntimeError("boom")
+    for name, _ in hooks:
+        assert not model.hook_dict[name].fwd_hooks
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(fitted, kind, tiny_llama, tmp_path, device):
+    model = tiny_llama
+    iv = fitted[kind]
+    path = iv.save(tmp_path / kind)
+    assert path.suffix == ".safetensors"
+    back = type(iv).load(path, device=device)
+    assert back.get_params() == iv.get_params()
+    assert back.layers_ == iv.layers_ and back.d_mlp_ == iv.d_mlp_
+    tokens = _tokens(model)
+    logits_a, margin_a = _outputs(iv, model, tokens)
+    logits_b, margin_b = _outputs(back, model, tokens)
+    assert torch.equal(logits_a, logits_b)
+    if margin_a is not None:
+        assert torch.equal(margin_a, margin_b)
+    with pytest.raises(ValueError, match="holds"):
+        (NeuronAdjust if kind != "na" else SelectivePruning).load(path)
+
+
+def test_batched_matches_single_for_deterministic_hooks(fitted, tiny_llama):
+    # hooks work in batches: one prompt alone gives the same logits as in an unpadded batch
+    model = tiny_llama
+    tokens = model.to_tokens(["Q: 3+4?", "Q: 5+6?"])
+    for kind in ("sp", "ksd"):
+        hooks = fitted[kind].hooks(model)
+        with torch.no_grad():
+            both = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            one = model.run_with_hooks(tokens[1:], fwd_hooks=hooks)
+        torch.testing.assert_close(both[1:], one, rtol=1e-5, atol=1e-5)

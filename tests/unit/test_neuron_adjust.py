@@ -1,0 +1,241 @@
+"""NeuronAdjust against brute-force per-element references, on synthetic stats and tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from mechunlearn import NeuronStats, Skill, collect
+from mechunlearn.analysis.separation import separation_scores, top_neurons
+from mechunlearn.interventions import NeuronAdjust, layer_seed, sweep_ratio
+from mechunlearn.sites import hook_name
+
+F = Skill.from_texts(
+    "f", [f"Q: {i}+{i + 1}?" for i in range(10)], [f" {2 * i + 1}" for i in range(10)]
+)
+R = Skill.from_texts(
+    "r", [f"def f{i}(x):" for i in range(10)], [f"\n  return x*{i}" for i in range(10)]
+)
+
+
+def make_stats(mean, std, count=100, site="pre", device="cpu") -> NeuronStats:
+    """NeuronStats with given per-neuron mean and std (``count`` may be a tensor)."""
+    mean = torch.as_tensor(mean, dtype=torch.float64)
+    layers, width = mean.shape
+    meta = {"model": "toy", "n_layers": layers, "d_mlp": width, "d_model": 8}
+    stats = NeuronStats.empty(site, "all", list(range(layers)), width, 0, device, meta)
+    count = torch.as_tensor(count, dtype=torch.long).expand(layers, width)
+    stats.count[:] = count
+    stats.mean[:] = mean
+    std = torch.as_tensor(std, dtype=torch.float64).expand(layers, width)
+    stats.m2[:] = std.square() * (count - 1).clamp(min=0)
+    return stats
+
+
+def brute_force(x: torch.Tensor, na: NeuronAdjust, row: int, seed: int) -> torch.Tensor:
+    """NA on one layer's activation, element by element, with the hook's generator draws."""
+    idx = torch.nonzero(na.selected_[row]).flatten().tolist()
+    layer = na.layers_[row]
+    gen = torch.Generator(device=x.device).manual_seed(layer_seed(seed, layer))
+    shape = (*x.shape[:-1], len(idx))
+    u = torch.rand(shape, generator=gen, device=x.device, dtype=x.dtype).reshape(-1, len(idx))
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat.clone()
+    for t in range(flat.shape[0]):
+        for j, n in enumerate(idx):
+            xv = float(flat[t, n])
+            mf, sf = float(na.mu_f_[row, n]), float(na.sigma_f_[row, n])
+            mr, sr = float(na.mu_r_[row, n]), float(na.sigma_r_[row, n])
+            pf = math.exp(-0.5 * ((xv - mf) / sf) ** 2) / (sf * math.sqrt(2 * math.pi))
+            pr = math.exp(-0.5 * ((xv - mr) / sr) ** 2) / (sr * math.sqrt(2 * math.pi))
+            if pf >= pr and float(u[t, j]) < pf / (pf + pr):
+                sign = -1.0 if na.mode == "reflect" else 1.0
+                out[t, n] = mr + sign * (xv - mf) * sr / sf
+    return out.reshape(x.shape)
+
+
+@pytest.fixture()
+def toy(device):
+    gen = torch.Generator().manual_seed(1)
+    mean_f = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    mean_r = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    std_f = 0.5 + torch.rand(2, 8, generator=gen, dtype=torch.float64)
+    std_r = 0.5 + torch.rand(2, 8, generator=gen, dtype=torch.float64)
+    return make_stats(mean_f, std_f, device=device), make_stats(mean_r, std_r, device=device)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "map"])
+def test_hook_matches_brute_force(toy, device, mode):
+    stats_f, stats_r = toy
+    na = NeuronAdjust(ratio=0.5, mode=mode, seed=3).fit(stats_f, stats_r)
+    hooks = dict(na.hooks())
+    gen = torch.Generator(device=device).manual_seed(0)
+    for row, layer in enumerate(na.layers_):
+        # values around both skills' means, so both branches (p_F >= p_R or not) occur
+        x = 2 * torch.randn(3, 7, 8, generator=gen, device=device, dtype=torch.float64)
+        out = hooks[hook_name("pre", layer)](x, None)
+        ref = brute_force(x, na, row, seed=3)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        changed = (out != x).any((0, 1))
+        assert not changed[~na.selected_[row]].any()  # only selected neurons change
+        assert changed.any()
+
+
+def test_equal_gaussians_reflect_with_probability_half(device):
+    # mu_F = mu_R and sigma_F = sigma_R: p_F >= p_R everywhere, probability 1/2,
+    # x' = 2 mu - x (reflect) or x (map).
+    mean = torch.full((1, 4), 0.3, dtype=torch.float64)
+    std = torch.full((1, 4), 0.7, dtype=torch.float64)
+    stats = make_stats(mean, std, device=device)
+    na = NeuronAdjust(ratio=1.0, seed=5).fit(stats, make_stats(mean, std, device=device))
+    ((name, fn),) = na.hooks()
+    x = torch.randn(4, 50, 4, device=device, dtype=torch.float64)
+    out = fn(x, None)
+    gen = torch.Generator(device=device).manual_seed(layer_seed(5, 0))
+    u = torch.rand(x.shape, generator=gen, device=device, dtype=torch.float64)
+    expected = torch.where(u < 0.5, 2 * 0.3 - x, x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_replacement_probability(device):
+    # mu_F=1, mu_R=0, sigma=1: at x=1.5, log p_F - log p_R = 1, probability sigmoid(1).
+    stats_f = make_stats([[1.0]], [[1.0]], device=device)
+    stats_r = make_stats([[0.0]], [[1.0]], device=device)
+    for mode, value in (("reflect", -0.5), ("map", 0.5)):
+        na = NeuronAdjust(ratio=1.0, mode=mode).fit(stats_f, stats_r)
+        ((_, fn),) = na.hooks()
+        x = torch.full((400, 500, 1), 1.5, device=device)
+        out = fn(x, None)
+        replaced = out != 1.5
+        assert torch.allclose(out[replaced], torch.tensor(value, device=device))
+        p = 1 / (1 + math.exp(-1.0))
+        n = x.numel()
+        assert abs(float(replaced.float().mean()) - p) < 5 * math.sqrt(p * (1 - p) / n)
+        # where p_F < p_R nothing changes
+        low = torch.full((100, 1), -1.0, device=device)
+        assert torch.equal(fn(low, None), low)
+
+
+def test_reproducible_given_seed_and_seeds_differ(toy, device):
+    stats_f, stats_r = toy
+    x = torch.randn(2, 9, 8, device=device)
+    a = NeuronAdjust(ratio=0.5, seed=0).fit(stats_f, stats_r)
+    b = NeuronAdjust(ratio=0.5, seed=1).fit(stats_f, stats_r)
+    name, fn = a.hooks()[0]
+    out1, out2 = fn(x, None), fn(x, None)  # one hooks list: the stream continues
+    assert not torch.equal(out1, out2)
+    assert torch.equal(a.hooks()[0][1](x, None), out1)  # fresh hooks: re-seeded
+    assert not torch.equal(dict(b.hooks())[name](x, None), out1)
+
+
+def test_degenerate_neurons_never_selected_and_no_nan(device):
+    mean_f = torch.tensor([[5.0, 4.0, 1.0, 0.5, 0.2, 0.1]])
+    std_f = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0, 1.0]])  # neuron 0: constant on F
+    count_f = torch.tensor([[100, 1, 100, 100, 100, 100]])  # neuron 1: undefined std
+    std_r = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0, 1.0]])  # neuron 2: constant on R
+    stats_f = make_stats(mean_f, std_f, count=count_f, device=device)
+    stats_r = make_stats(torch.zeros(1, 6), std_r, device=device)
+    na = NeuronAdjust(ratio=0.5).fit(stats_f, stats_r)
+    assert na.selected_.tolist() == [[False, False, False, True, True, True]]
+    assert torch.isinf(na.scores_[0, :3]).all()
+    ((_, fn),) = na.hooks()
+    x = torch.randn(3, 5, 6, device=device) * 3
+    assert torch.isfinite(fn(x, None)).all()
+    bad = make_stats(mean_f[:, :3], std_f[:, :3] * 0, device=device)
+    with pytest.raises(ValueError, match="No neuron can be selected"):
+        NeuronAdjust(ratio=1.0).fit(bad, make_stats(torch.zeros(1, 3), [[1.0]], device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_activations(toy, device, dtype):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("float16 arithmetic on the CPU is not needed")
+    na = NeuronAdjust(ratio=0.5).fit(*toy)
+    _, fn = na.hooks()[0]
+    x = torch.randn(2, 4, 8, device=device).to(dtype)
+    out = fn(x, None)
+    assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_selection_uses_separation_top_fraction(toy):
+    stats_f, stats_r = toy
+    na = NeuronAdjust(ratio=0.25).fit(stats_f, stats_r)
+    scores = separation_scores(stats_f, stats_r, "mean_diff")
+    torch.testing.assert_close(na.scores_.double(), scores.double())
+    expected = top_neurons(scores, 0.25)
+    if expected.dtype != torch.bool:  # indices form
+        mask = torch.zeros_like(na.selected_)
+        mask.view(-1)[torch.as_tensor(expected).flatten()] = True
+        expected = mask
+    assert torch.equal(na.selected_.cpu(), expected.cpu())
+    assert na.n_selected_ == na.selected_.sum(1).tolist()
+    frame = na.selected_neurons()
+    assert len(frame) == int(na.selected_.sum()) and (frame["score"].diff().dropna() <= 0).all()
+
+
+def test_fit_checks_inputs(toy):
+    stats_f, stats_r = toy
+    with pytest.raises(TypeError, match="NeuronStats"):
+        NeuronAdjust().fit(stats_f, "r")
+    key = make_stats(stats_r.mean, stats_r.std, site="key")
+    with pytest.raises(ValueError, match="same site"):
+        NeuronAdjust().fit(stats_f, key)
+    with pytest.raises(ValueError, match="same layers"):
+        NeuronAdjust().fit(stats_f, stats_r.select_layers([0]))
+
+
+@pytest.fixture(scope="module")
+def model_stats(tiny_llama):
+    return (
+        collect(tiny_llama, F, site="pre", quiet=True),
+        collect(tiny_llama, R, site="pre", quiet=True),
+    )
+
+
+def test_on_model_only_selected_neurons_change(tiny_llama, model_stats):
+    model = tiny_llama
+    na = NeuronAdjust(ratio=0.05).fit(*model_stats)
+    tokens = model.to_tokens(["Q: 3+4?", "def g(y):"])
+    for row, layer in enumerate(na.layers_):
+        if not na.n_selected_[row]:
+            continue
+        name = hook_name("pre", layer)
+        seen = {}
+
+        def keep(tag):
+            def hook(act, hook):
+                seen[tag] = act.detach().clone()
+
+            return hook
+
+        model.run_with_hooks(tokens, fwd_hooks=[(name, keep("clean"))])
+        own = [h for h in na.hooks(model) if h[0] == name]  # this layer only
+        model.run_with_hooks(tokens, fwd_hooks=own + [(name, keep("na"))])
+        changed = (seen["clean"] != seen["na"]).any(0).any(0)
+        assert not changed[~na.selected_[row].to(changed.device)].any()
+        assert changed.any()
+    base = model(tokens)
+    with torch.no_grad():
+        a = model.run_with_hooks(tokens, fwd_hooks=na.hooks())
+        b = model.run_with_hooks(tokens, fwd_hooks=na.hooks())
+    assert torch.equal(a, b) and not torch.equal(a, base)
+
+
+def test_hooks_in_generation(tiny_llama, model_stats):
+    model = tiny_llama
+    na = NeuronAdjust(ratio=0.05).fit(*model_stats)
+    tokens = model.to_tokens("Q: 3+4?")
+    with model.hooks(fwd_hooks=na.hooks(model)):
+        out = model.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False)
+    assert out.shape == (1, tokens.shape[1] + 4)
+    assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def test_sweep_ratio(toy):
+    table = sweep_ratio(*toy, [0.1, 0.25, 0.5], lambda na: {"n": sum(na.n_selected_)}, mode="map")
+    assert isinstance(table, pd.DataFrame)
+    assert table["ratio"].tolist() == [0.1, 0.25, 0.5]
+    assert (table["n"] == table["n_selected"]).all() and table["n"].is_monotonic_increasing

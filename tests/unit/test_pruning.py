@@ -1,0 +1,119 @@
+"""SelectivePruning: hook and weight edit agree, top-fraction selection, iterative progress."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mechunlearn import Skill, collect
+from mechunlearn.interventions import Importance, SelectivePruning, collect_importance
+from mechunlearn.sites import hook_name, tokenize_examples
+
+F = Skill.from_texts(
+    "f", [f"Q: {i}+{i + 1}?" for i in range(8)], [f" {2 * i + 1}" for i in range(8)]
+)
+R = Skill.from_texts(
+    "r", [f"def f{i}(x):" for i in range(8)], [f"\n  return x*{i}" for i in range(8)]
+)
+
+
+def toy_importance(values, skill="toy") -> Importance:
+    values = torch.as_tensor(values, dtype=torch.float64)
+    layers, width = values.shape
+    meta = {"model": "toy", "n_layers": layers, "d_mlp": width, "d_model": 8, "skill": skill}
+    return Importance(values, list(range(layers)), 100, meta)
+
+
+def test_top_fraction_of_score():
+    gen = torch.Generator().manual_seed(0)
+    imp_f = toy_importance(torch.rand(3, 20, generator=gen, dtype=torch.float64))
+    imp_r = toy_importance(torch.rand(3, 20, generator=gen, dtype=torch.float64))
+    sp = SelectivePruning(ratio=0.1, eps=1e-3).fit(imp_f, imp_r)
+    score = imp_f.values / (imp_r.values + 1e-3)
+    top = torch.topk(score.flatten(), 6).indices
+    expected = torch.zeros(60, dtype=torch.bool)
+    expected[top] = True
+    assert torch.equal(sp.selected_.cpu().flatten(), expected)
+    assert sum(sp.n_selected_) == 6
+    torch.testing.assert_close(sp.scores_.double(), score.float().double())
+
+
+def test_collect_importance_matches_brute_force(tiny_llama):
+    model = tiny_llama
+    imp = collect_importance(model, F, batch_size=3)
+    total = np.zeros((model.cfg.n_layers, model.cfg.d_mlp))
+    count = 0
+    for ids, _ in tokenize_examples(model, F.prompts, F.answers):
+        store = {}
+
+        def keep(layer):
+            def hook(act, hook):
+                store[layer] = act[0, 1:].detach().double().abs().cpu().numpy()  # BOS excluded
+
+            return hook
+
+        tokens = torch.tensor([ids], device=next(model.parameters()).device)
+        hooks = [(hook_name("key", l), keep(l)) for l in range(model.cfg.n_layers)]
+        model.run_with_hooks(tokens, fwd_hooks=hooks)
+        total += np.stack([store[l].sum(0) for l in range(model.cfg.n_layers)])
+        count += len(ids) - 1
+    assert imp.n_tokens == count
+    np.testing.assert_allclose(imp.values.cpu().numpy(), total / count, rtol=1e-5, atol=1e-9)
+
+
+def test_hook_equals_weight_zeroing(tiny_model):
+    model = tiny_model
+    sp = SelectivePruning(ratio=0.1).fit(model=model, forget=F, retain=R)
+    tokens = model.to_tokens(["Q: 3+4?", "def g(y):"])
+    with torch.no_grad():
+        base = model(tokens)
+        hooked = model.run_with_hooks(tokens, fwd_hooks=sp.hooks(model))
+        with sp.apply_to_weights(model) as edit:
+            assert edit.active
+            edited = model(tokens)
+        restored = model(tokens)
+    assert not edit.active
+    assert not torch.equal(hooked, base)
+    torch.testing.assert_close(edited, hooked, rtol=1e-6, atol=1e-6)
+    assert torch.equal(restored, base)
+    edit = sp.apply_to_weights(model)  # undo by hand, twice is harmless
+    for layer, idx in sp._index.items():
+        assert not model.blocks[layer].mlp.W_out[idx.to(tokens.device)].any()
+    edit.undo()
+    edit.undo()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), base)
+
+
+def test_iterative_makes_progress(tiny_llama):
+    model = tiny_llama
+    total = model.cfg.n_layers * model.cfg.d_mlp  # 144
+    sp = SelectivePruning(ratio=0.1, iterative=True, step=0.04).fit(model=model, forget=F, retain=R)
+    target = round(0.1 * total)
+    assert int(sp.selected_.sum()) == target
+    steps = math.ceil(target / round(0.04 * total))
+    assert len(sp.history_) == steps
+    fractions = [h["pruned_fraction"] for h in sp.history_]
+    assert fractions[0] == 0 and all(b > a for a, b in zip(fractions, fractions[1:]))
+    # importances are recollected on the pruned model: pruned neurons read zero
+    imp = collect_importance(model, F, fwd_hooks=sp.hooks(model))
+    assert (imp.values[sp.selected_] == 0).all()
+    assert (imp.values[~sp.selected_] > 0).all()
+    one_shot = SelectivePruning(ratio=0.1).fit(model=model, forget=F, retain=R)
+    assert int(one_shot.selected_.sum()) == target
+
+
+def test_fit_checks_inputs(tiny_llama):
+    imp = toy_importance(torch.rand(2, 5))
+    stats = collect(tiny_llama, F, site="key", quiet=True)
+    with pytest.raises(TypeError, match="collect_importance"):
+        SelectivePruning().fit(stats, stats)
+    with pytest.raises(ValueError, match="iterative"):
+        SelectivePruning(iterative=True).fit(imp, imp)
+    with pytest.raises(ValueError, match="both"):
+        SelectivePruning().fit(imp)
+    with pytest.raises(ValueError, match="model"):
+        SelectivePruning().fit(model=tiny_llama, forget=F)
