@@ -9,13 +9,33 @@ Example:
 
 __version__ = "0.1.0"
 
+from . import analysis, plots  # noqa: E402
 from .collect import KeyVectors, NeuronStats, collect, collect_keys  # noqa: E402
 from .data import Example, Skill, SkillNotFoundError, load_skill  # noqa: E402
+from .evaluation import evaluate, relative_table  # noqa: E402
+from .interventions import (  # noqa: E402
+    EllipsoidDetector,
+    KeySpaceDetector,
+    NeuronAdjust,
+    NotFittedError,
+    SelectivePruning,
+    collect_importance,
+)
 from .models import DEFAULT_MODEL, ModelNotFoundError, load_model  # noqa: E402
 from .sites import hook_name  # noqa: E402
 
 __all__ = [
     "DEFAULT_MODEL",
+    "EllipsoidDetector",
+    "KeySpaceDetector",
+    "NeuronAdjust",
+    "NotFittedError",
+    "SelectivePruning",
+    "analysis",
+    "collect_importance",
+    "evaluate",
+    "plots",
+    "relative_table",
     "Example",
     "KeyVectors",
     "ModelNotFoundError",

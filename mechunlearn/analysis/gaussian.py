@@ -62,6 +62,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -116,7 +117,7 @@ def layer_samples(stats: NeuronStats, row: int, rows: Tensor) -> np.ndarray:
     """
     x = stats.samples[row].index_select(0, rows.to(stats.samples.device))
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return np.ascontiguousarray(x.detach().to("cpu", dtype).numpy().T)
+    return x.detach().to("cpu", dtype).t().contiguous().numpy()  # torch transposes in blocks
 
 
 def _sorted_groups(block: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -126,7 +127,7 @@ def _sorted_groups(block: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]
     n]`` with every value finite. Usually there is a single group (no non-finite values).
     """
     finite = np.isfinite(block)
-    n_valid = finite.sum(1)
+    n_valid = np.count_nonzero(finite, axis=1)
     n = block.shape[1]
     if n_valid.min(initial=n) == n:
         yield np.arange(block.shape[0]), np.sort(block, axis=1)
@@ -136,6 +137,20 @@ def _sorted_groups(block: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]
     for u in np.unique(n_valid):
         rows = np.flatnonzero(n_valid == u)
         yield rows, x[rows, : int(u)]
+
+
+def run_layers(job, n_layers: int, workers: int | None = None) -> None:
+    """Call ``job(row)`` for every layer row, on up to ``workers`` threads (default: torch's
+    intra-op thread count). NumPy's sort and array loops release the GIL, so layers run in
+    parallel; each job writes disjoint outputs, so the result does not depend on the order."""
+    workers = torch.get_num_threads() if workers is None else int(workers)
+    workers = max(1, min(workers, n_layers))
+    if workers == 1:
+        for row in range(n_layers):
+            job(row)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(job, range(n_layers)))
 
 
 # ---------------------------------------------------------------------- vectorised statistics
@@ -252,7 +267,7 @@ def ks_pvalue(d: np.ndarray, n: np.ndarray) -> np.ndarray:
         p[sel] = 2.0 * (1.0 - d[sel]) ** n[sel]
         done |= sel
         smirnov = ok & ~done & (t > 1.0) & ((d >= 0.5) | ((n > 140) & (nx2 >= 2.2)))
-        p[smirnov] = 2.0 * special.smirnov(n[smirnov], d[smirnov])
+        p[smirnov] = 2.0 * smirnov_sf(n[smirnov], d[smirnov])
         done |= smirnov
         zero = ok & ~done & (n > 140) & (nx2 >= 370.0)
         p[zero] = 0.0
@@ -264,6 +279,33 @@ def ks_pvalue(d: np.ndarray, n: np.ndarray) -> np.ndarray:
         if rest.any():
             p[rest] = sps.kstwo.sf(d[rest], n[rest])
     return np.clip(p, 0.0, 1.0)
+
+
+def smirnov_sf(n: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """One-sided Kolmogorov-Smirnov tail ``P(D_n^+ >= d)`` (``scipy.special.smirnov``), vectorised.
+
+    The exact Birnbaum-Tingey sum ``d * sum_j C(n, j) (1 - d - j/n)^(n-j) (d + j/n)^(j-1)``
+    (all terms positive) in log space, as array operations per distinct ``n``; equals scipy's
+    to about 1e-12 relative and is an order of magnitude faster for large ``n``.
+    """
+    n = np.asarray(n).astype(np.int64)
+    d = np.asarray(d, dtype=np.float64)
+    out = np.empty(d.shape)
+    for nv in np.unique(n):
+        sel = np.flatnonzero(n == nv)
+        j = np.arange(nv + 1, dtype=np.float64)
+        log_c = special.gammaln(nv + 1.0) - special.gammaln(j + 1) - special.gammaln(nv - j + 1)
+        step = max(1, (1 << 16) // (int(nv) + 1))
+        for s in range(0, sel.size, step):
+            idx = sel[s : s + step]
+            dd = d[idx][:, None]
+            p = dd + j / nv
+            with np.errstate(all="ignore"):
+                t = (j - 1) * np.log(p) + (nv - j) * np.log1p(-p) + log_c
+                t[~(p < 1)] = -np.inf  # j beyond n(1 - d): no term
+                top = t.max(axis=1)
+                out[idx] = dd[:, 0] * np.exp(top) * np.exp(t - top[:, None]).sum(axis=1)
+    return out
 
 
 def _pelz_good_sf(n: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -369,7 +411,7 @@ def adjust_pvalues(p: np.ndarray, method: str) -> np.ndarray:
     if method == "holm":
         adj = np.maximum.accumulate((m - np.arange(m)) * ranked)
     else:  # bh
-        adj = np.minimum.accumulate((m / np.arange(m, 0, -1) * ranked[::-1]))[::-1]
+        adj = np.minimum.accumulate(m / np.arange(m, 0, -1) * ranked[::-1])[::-1]
     res = np.empty(m)
     res[order] = np.minimum(1.0, adj)
     out[idx] = res
@@ -377,7 +419,11 @@ def adjust_pvalues(p: np.ndarray, method: str) -> np.ndarray:
 
 
 def _normality_kernel(xs: np.ndarray, shapiro: bool) -> dict[str, np.ndarray]:
-    """All per-row statistics of ``xs`` (``[rows, n]``, each row sorted, finite, n >= 3)."""
+    """All per-row statistics of ``xs`` (``[rows, n]``, each row sorted, finite, n >= 3).
+
+    Row dot products use ``einsum`` rather than BLAS: a multithreaded BLAS matrix-vector product
+    is slow on a busy machine, and these are memory-bound anyway.
+    """
     b, n = xs.shape
     x = xs.astype(np.float64)  # a copy, centred then standardised in place
     mean = x.mean(axis=1)
@@ -393,28 +439,26 @@ def _normality_kernel(xs: np.ndarray, shapiro: bool) -> dict[str, np.ndarray]:
         g2 = m4 / m2**2 - 3.0
         out = {"skew": g1, "kurtosis": g2, "constant": constant}
         if shapiro:
-            out["shapiro_w"] = np.minimum(1.0, (x @ shapiro_coefficients(n)) ** 2 / (n * m2))
+            num = np.einsum("ij,j->i", x, shapiro_coefficients(n))
+            out["shapiro_w"] = np.minimum(1.0, num**2 / (n * m2))
         sd = np.sqrt(m2 * (n / (n - 1.0)))
-        x /= sd[:, None]  # z
-        pos = x > 0
-        np.abs(x, out=x)
-        np.negative(x, out=x)  # -|z|
-        q = special.ndtr(x)  # the smaller tail, accurate far out
-        i_n = np.arange(1, n + 1) / n
-        cdf = np.where(pos, 1.0 - q, q)
-        cdf -= i_n
-        ks = np.maximum(-cdf.min(axis=1), cdf.max(axis=1) + 1.0 / n)
-        del cdf
-        lq = np.log(q)
-        far = x < -20.0
-        if far.any():
-            lq[far] = special.log_ndtr(x[far])
-        l1q = np.log1p(-q)
+        x /= sd[:, None]  # z, as scipy: (x - mean) / std(ddof=1)
+        cdf = special.ndtr(x)
         i = np.arange(1, n + 1, dtype=np.float64)
-        w_cdf, w_sf = 2 * i - 1, 2 * (n - i) + 1
-        log_cdf = np.where(pos, l1q, lq)
-        log_sf = np.where(pos, lq, l1q)
-        ad = -n - (log_cdf @ w_cdf + log_sf @ w_sf) / n
+        e = cdf - i / n
+        ks = np.maximum(-e.min(axis=1), e.max(axis=1) + 1.0 / n)
+        log_cdf = np.log(cdf, out=e)
+        log_sf = np.log1p(-cdf, out=cdf)
+        # log(1 - cdf) loses precision (and is -inf past z = 8.3) in the upper tail, log(cdf)
+        # underflows far in the lower tail: recompute those few values as scipy does.
+        for log_p, far, sign in ((log_sf, x > 5.0, -1.0), (log_cdf, x < -20.0, 1.0)):
+            if far.any():
+                log_p[far] = special.log_ndtr(sign * x[far])
+        w_cdf = 2.0 * i - 1.0
+        ad = (
+            -n
+            - (np.einsum("ij,j->i", log_cdf, w_cdf) + np.einsum("ij,j->i", log_sf, w_cdf[::-1])) / n
+        )
     out["ks_stat"], out["ad_stat"] = ks, ad
     return out
 
@@ -426,7 +470,7 @@ def _shapiro_kernel(xs: np.ndarray) -> np.ndarray:
     x -= x.mean(axis=1)[:, None]
     ss = np.einsum("ij,ij->i", x, x)
     with np.errstate(all="ignore"):
-        return np.minimum(1.0, (x @ shapiro_coefficients(n)) ** 2 / ss)
+        return np.minimum(1.0, np.einsum("ij,j->i", x, shapiro_coefficients(n)) ** 2 / ss)
 
 
 # ----------------------------------------------------------------------------------- result
@@ -511,6 +555,31 @@ class GaussianFit:
             raise ValueError("This GaussianFit keeps no statistics (stats=None).")
         return neuron_samples(self.stats, layer, neuron)
 
+    def qq(self, layer: int, neuron: int) -> tuple[np.ndarray, np.ndarray]:
+        """Normal Q-Q points of one neuron: ``(theoretical, sample)``.
+
+        ``sample`` is the sorted finite reservoir standardised with its own mean and standard
+        deviation (``ddof=1``); ``theoretical`` the standard normal quantiles at Blom's plotting
+        positions ``(i - 3/8) / (n + 1/4)``. A Gaussian neuron lies on the diagonal.
+        """
+        x = np.sort(self.samples(layer, neuron))
+        n = x.size
+        if n < 2 or not np.std(x) > 0:
+            return np.full(n, np.nan), np.full(n, np.nan)
+        z = (x - x.mean()) / x.std(ddof=1)
+        theory = special.ndtri((np.arange(1, n + 1) - 0.375) / (n + 0.25))
+        return theory, z
+
+    def representative_neurons(self, n: int = 6, by: str = "ks_stat") -> list[tuple[int, int]]:
+        """``n`` tested neurons spread evenly over the range of ``by``, from the smallest value
+        (most Gaussian, for ``ks_stat``) to the largest: a fair sample for Q-Q plots."""
+        tested = self.table[self.table[by].notna()].sort_values(by, kind="stable")
+        if tested.empty or n <= 0:
+            return []
+        idx = np.unique(np.round(np.linspace(0, len(tested) - 1, min(n, len(tested)))).astype(int))
+        pick = tested.iloc[idx]
+        return [(int(a), int(b)) for a, b in zip(pick["layer"], pick["neuron"], strict=True)]
+
     def _row(self, layer: int, neuron: int) -> int:
         if layer not in self.layers:
             raise ValueError(f"Layer {layer} was not analysed; layers: {self.layers}.")
@@ -571,7 +640,8 @@ def gaussian_fit(
 
     Raises:
         TypeError: ``stats`` or ``other`` is not NeuronStats.
-        ValueError: bad settings, or ``other`` comes from another model, site or layers.
+        ValueError: bad settings, ``stats`` has no reservoir samples, or ``other`` comes from
+            another model, site or layers.
 
     Example:
         >>> fit = mu.analysis.gaussian_fit(mu.collect(model, gsm8k), alpha=0.01)
@@ -606,10 +676,14 @@ def gaussian_fit(
 
     rows = filled_rows(stats)
     n_filled = int(rows.numel())
+    if n_filled == 0:
+        raise ValueError(
+            "stats has no reservoir samples (collected with reservoir_size=0?): the normality "
+            "tests need them; collect again with reservoir_size > 0 (e.g. 1024)."
+        )
     separate_sw = n_filled > shapiro_max_n
-    for row in range(n_layers):
-        if n_filled == 0:
-            break
+
+    def first_pass(row: int) -> None:
         xt = layer_samples(stats, row, rows)
         step = max(1, BLOCK_ELEMENTS // n_filled)
         for start in range(0, d, step):
@@ -627,18 +701,13 @@ def gaussian_fit(
                         res[key][flat] = np.where(const, np.nan, out[key])
                 if not separate_sw:
                     n_sw[flat] = n
-                g1, g2 = res["skew"][flat], res["kurtosis"][flat]
-                res["jb_stat"][flat] = n / 6.0 * (g1**2 + g2**2 / 4.0)
-                if n >= 4:
-                    c1 = math.sqrt(n * (n - 1.0)) / (n - 2.0) * g1
-                    c2 = (n - 1.0) / ((n - 2.0) * (n - 3.0)) * ((n + 1.0) * g2 + 6.0)
-                    res["bimodality"][flat] = (c1**2 + 1.0) / (
-                        c2 + 3.0 * (n - 1.0) ** 2 / ((n - 2.0) * (n - 3.0))
-                    )
+
+    run_layers(first_pass, n_layers)
     if separate_sw:
         sw_rows = filled_rows(stats, shapiro_max_n)
         m = int(sw_rows.numel())
-        for row in range(n_layers):
+
+        def shapiro_pass(row: int) -> None:
             xt = layer_samples(stats, row, sw_rows)
             step = max(1, BLOCK_ELEMENTS // m)
             for start in range(0, d, step):
@@ -648,6 +717,17 @@ def gaussian_fit(
                     if xs.shape[1] >= min_samples:
                         w = _shapiro_kernel(xs)
                         res["shapiro_w"][flat] = np.where(constant[flat], np.nan, w)
+
+        run_layers(shapiro_pass, n_layers)
+
+    with np.errstate(all="ignore"):
+        nf = n_used.astype(np.float64)
+        g1, g2 = res["skew"], res["kurtosis"]
+        res["jb_stat"] = nf / 6.0 * (g1**2 + g2**2 / 4.0)
+        c1 = np.sqrt(nf * (nf - 1.0)) / (nf - 2.0) * g1
+        c2 = (nf - 1.0) / ((nf - 2.0) * (nf - 3.0)) * ((nf + 1.0) * g2 + 6.0)
+        bc = (c1**2 + 1.0) / (c2 + 3.0 * (nf - 1.0) ** 2 / ((nf - 2.0) * (nf - 3.0)))
+        res["bimodality"] = np.where(n_used >= 4, bc, np.nan)
 
     # p-values, vectorised over all neurons
     with np.errstate(all="ignore"):
@@ -772,34 +852,63 @@ class _Notes:
 
 
 def _rule_accuracy(stats_f: NeuronStats, stats_r: NeuronStats) -> dict[str, np.ndarray]:
-    """Share of each skill's reservoir values that ``p_F(x) >= p_R(x)`` assigns correctly."""
-    device = stats_f.mean.device
-    mu_f, sd_f = stats_f.mean.to(torch.float64), stats_f.std
-    mu_r = stats_r.mean.to(device, torch.float64)
-    sd_r = stats_r.std.to(device)
-    with torch.no_grad():
-        log_ratio = torch.log(sd_r / sd_f)
-        ok = (sd_f > 0) & (sd_r > 0) & torch.isfinite(log_ratio)
-        out = {}
-        for name, stats, want_f in (
-            ("rule_acc_forget", stats_f, True),
-            ("rule_acc_retain", stats_r, False),
-        ):
-            rows = filled_rows(stats)
-            hits = torch.zeros_like(mu_f)
-            count = torch.zeros_like(mu_f)
-            for row in range(mu_f.shape[0]):
-                x = stats.samples[row].index_select(0, rows.to(stats.samples.device))
-                x = x.to(device, torch.float64)
-                finite = torch.isfinite(x)
-                zf = (x - mu_f[row]) / sd_f[row]
-                zr = (x - mu_r[row]) / sd_r[row]
-                to_f = 0.5 * (zr.square() - zf.square()) + log_ratio[row] >= 0
-                correct = to_f if want_f else ~to_f
-                hits[row] = (correct & finite).sum(0).to(torch.float64)
-                count[row] = finite.sum(0).to(torch.float64)
-            acc = torch.where(ok & (count > 0), hits / count.clamp(min=1), torch.nan)
-            out[name] = acc.cpu().numpy().ravel()
+    """Share of each skill's reservoir values that ``p_F(x) >= p_R(x)`` assigns correctly.
+
+    ``log p_F(x) - log p_R(x) = ((x - mu_R)^2 / sigma_R^2 - (x - mu_F)^2 / sigma_F^2) / 2
+    + log(sigma_R / sigma_F)``, evaluated as a quadratic ``(a x + b) x + c`` in float64 per
+    block of neurons (ties, ``p_F = p_R``, go to F as in Neuron Adjust).
+    """
+
+    def host(t: Tensor) -> np.ndarray:
+        return t.detach().to("cpu", torch.float64).numpy()
+
+    n_layers, d = stats_f.mean.shape
+    mu_f, sd_f, mu_r, sd_r = (
+        host(t) for t in (stats_f.mean, stats_f.std, stats_r.mean, stats_r.std)
+    )
+    with np.errstate(all="ignore"):
+        # log p_F - log p_R = (a x + b) x + c
+        inv_f2, inv_r2 = 1.0 / sd_f**2, 1.0 / sd_r**2
+        qa = 0.5 * (inv_r2 - inv_f2)
+        qb = mu_f * inv_f2 - mu_r * inv_r2
+        qc = 0.5 * (mu_r**2 * inv_r2 - mu_f**2 * inv_f2) + np.log(sd_r / sd_f)
+    ok = (sd_f > 0) & (sd_r > 0) & np.isfinite(qa) & np.isfinite(qb) & np.isfinite(qc)
+    out = {}
+    for name, stats, want_f in (
+        ("rule_acc_forget", stats_f, True),
+        ("rule_acc_retain", stats_r, False),
+    ):
+        rows = filled_rows(stats)
+        n = int(rows.numel())
+        hits = np.zeros((n_layers, d))
+        count = np.zeros((n_layers, d))
+
+        def job(row: int, stats=stats, rows=rows, n=n, want_f=want_f, hits=hits, count=count):
+            x = layer_samples(stats, row, rows)
+            step = max(1, BLOCK_ELEMENTS // max(1, n))
+            for s in range(0, d, step):
+                e = min(d, s + step)
+                xb = x[s:e].astype(np.float64)
+                with np.errstate(all="ignore"):
+                    v = xb * qa[row, s:e, None]
+                    v += qb[row, s:e, None]
+                    v *= xb
+                    to_f = v >= -qc[row, s:e, None]  # NaN (a left-out value) compares False
+                finite = np.isfinite(xb)
+                n_finite = np.count_nonzero(finite, axis=1)
+                if n_finite.min(initial=n) < n:
+                    to_f = (to_f if want_f else ~to_f) & finite
+                    hits[row, s:e] = np.count_nonzero(to_f, axis=1)
+                else:
+                    hit_f = np.count_nonzero(to_f, axis=1)
+                    hits[row, s:e] = hit_f if want_f else n - hit_f
+                count[row, s:e] = n_finite
+
+        if n:
+            run_layers(job, n_layers)
+        with np.errstate(all="ignore"):
+            acc = np.where(ok & (count > 0), hits / count, np.nan)
+        out[name] = acc.ravel()
     out["rule_balanced_acc"] = 0.5 * (out["rule_acc_forget"] + out["rule_acc_retain"])
     return out
 

@@ -53,6 +53,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..collect import KeyVectors
+from ._checks import check_same_source
 
 REL_FLOOR = 1e-6
 """Default relative σ floor: a fraction of the layer's median σ."""
@@ -320,18 +321,6 @@ def prepare_keys(
             raise TypeError(
                 f"{what}: others[{name!r}] must be KeyVectors, got {type(kv).__name__}."
             )
-        for key in ("model", "n_layers", "d_mlp", "d_model"):
-            a, b = keys_f.meta.get(key), kv.meta.get(key)
-            if a is not None and b is not None and a != b:
-                raise ValueError(
-                    f"{what}: the forget keys come from {key}={a!r} but others[{name!r}] from "
-                    f"{key}={b!r}: collect every skill's keys on the same model."
-                )
-        if kv.d_mlp != keys_f.d_mlp:
-            raise ValueError(
-                f"{what}: the forget keys have d_mlp={keys_f.d_mlp} but others[{name!r}] has "
-                f"d_mlp={kv.d_mlp}: collect every skill's keys on the same model."
-            )
         missing = [layer for layer in layers if layer not in kv.layers]
         if missing:
             raise ValueError(
@@ -343,6 +332,7 @@ def prepare_keys(
                 f"{what} needs at least {min_other} examples of others[{name!r}], got {len(kv)}."
             )
         sel = select_layers(kv, layers).to(keys_f.values.device)
+        check_same_source(select_layers(keys_f, layers), sel, ("keys_f", f"others[{name!r}]"))
         check_finite(sel.values, f"The key vectors of others[{name!r}] at layers {layers}")
         out[str(name)] = sel
     check_finite(select_layers(keys_f, layers).values, f"The forget keys at layers {layers}")

@@ -1,4 +1,4 @@
-"""Key Space Detection (KSD): abstain on queries whose key vectors fall in the forget skill's region.
+"""Key Space Detection (KSD): abstain when a query's key vectors lie in the forget skill's region.
 
 Li, Sun & Weng, "Effective Skill Unlearning through Intervention and Abstention" (NAACL 2025),
 as stated in METHODS.md section 2:
@@ -120,7 +120,8 @@ class Detection:
                 "detected": d.detected.numpy(),
                 "score": d.score.double().numpy(),
                 "fired_layers": [
-                    [self.layers[j] for j in torch.nonzero(row).flatten().tolist()] for row in d.fired
+                    [self.layers[j] for j in torch.nonzero(row).flatten().tolist()]
+                    for row in d.fired
                 ],
             }
         )
@@ -551,7 +552,9 @@ class KeyRegionDetector(Intervention):
         keep = torch.nonzero(~detection.detected).flatten().tolist()
         texts = [refusal] * n
         if keep:
-            items = tokenize_examples(model, [prompts[i] for i in keep], [""] * len(keep), max_length)
+            items = tokenize_examples(
+                model, [prompts[i] for i in keep], [""] * len(keep), max_length
+            )
             kwargs = {"do_sample": False, "verbose": False, **generate_kwargs}
             for start in range(0, len(keep), bs):
                 chunk = list(range(start, min(start + bs, len(keep))))
@@ -598,7 +601,12 @@ class KeySpaceDetector(KeyRegionDetector):
 
     def _fit_region(self, x: Float[Tensor, "n layer d"]) -> dict[str, Tensor]:
         cube = fit_cube(x)
-        return {"mu": cube.mu, "sigma": cube.sigma, "floor": cube.floor, "n_floored": cube.n_floored}
+        return {
+            "mu": cube.mu,
+            "sigma": cube.sigma,
+            "floor": cube.floor,
+            "n_floored": cube.n_floored,
+        }
 
     @staticmethod
     def _cube(region: dict[str, Tensor]) -> Cube:
@@ -764,7 +772,9 @@ def _prompt_list(prompts) -> list[str]:
 
 def _generate(model, token_lists: list[list[int]], max_new_tokens: int, kwargs) -> list[str]:
     """Generate continuations of already-tokenised prompts, left-padded in one batch."""
-    batch = pad_batch(model, [(ids, len(ids)) for ids in token_lists], range(len(token_lists)), "left")
+    batch = pad_batch(
+        model, [(ids, len(ids)) for ids in token_lists], range(len(token_lists)), "left"
+    )
     tokens = batch.tokens.to(model_device(model))
     mask = batch.attention_mask.to(tokens.device)
     params = inspect.signature(model.generate).parameters

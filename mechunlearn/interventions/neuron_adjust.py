@@ -170,7 +170,9 @@ class NeuronAdjust(Intervention):
         self.layers_ = [int(x) for x in stats_f.layers]
         self.d_mlp_ = stats_f.d_mlp
         self.meta_ = {
-            k: stats_f.meta[k] for k in ("model", "n_layers", "d_mlp", "d_model") if k in stats_f.meta
+            k: stats_f.meta[k]
+            for k in ("model", "n_layers", "d_mlp", "d_model")
+            if k in stats_f.meta
         }
         self.meta_.update(forget=stats_f.meta.get("skill"), retain=stats_r.meta.get("skill"))
         self.scores_ = scores.float()

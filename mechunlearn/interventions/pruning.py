@@ -24,6 +24,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..collect import NeuronStats, _check_compatible, _model_meta, _skill_texts
+from ..io import load_tensors, save_tensors
 from ..sites import d_mlp, hook_name, iter_batches, model_device, n_layers, resolve_layers
 from .base import Hook, Intervention, check_fraction, check_positive
 
@@ -57,6 +59,19 @@ class Importance:
             f"Importance(skill={self.meta.get('skill')!r}, layers={len(self.layers)}, "
             f"d_mlp={self.values.shape[1]}, tokens={self.n_tokens})"
         )
+
+    def save(self, path: str | Path) -> Path:
+        """Write to a safetensors file with the metadata as JSON in its header."""
+        info = {"kind": "Importance", "layers": self.layers, "n_tokens": self.n_tokens,
+                "meta": self.meta}  # fmt: skip
+        return save_tensors(path, {"values": self.values}, info)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> Importance:
+        """Read importances written by :meth:`save`."""
+        tensors, info = load_tensors(path, "Importance", device)
+        return cls(tensors["values"], list(info["layers"]), int(info["n_tokens"]),
+                   dict(info["meta"]))  # fmt: skip
 
 
 def collect_importance(
@@ -280,7 +295,9 @@ class SelectivePruning(Intervention):
         layers = resolve_layers(model, layers)
         kw = dict(layers=layers, batch_size=batch_size, max_length=max_length)
         if not self.iterative:
-            return self.fit(collect_importance(model, forget, **kw), collect_importance(model, retain, **kw))
+            return self.fit(
+                collect_importance(model, forget, **kw), collect_importance(model, retain, **kw)
+            )
 
         total = len(layers) * d_mlp(model)
         target = max(1, round(self.ratio * total))
@@ -318,7 +335,9 @@ class SelectivePruning(Intervention):
         self.layers_ = [int(x) for x in importance.layers]
         self.d_mlp_ = int(importance.values.shape[1])
         self.meta_ = {
-            k: importance.meta[k] for k in ("model", "n_layers", "d_mlp", "d_model") if k in importance.meta
+            k: importance.meta[k]
+            for k in ("model", "n_layers", "d_mlp", "d_model")
+            if k in importance.meta
         }
 
     def _scores(self, imp_f: Importance, imp_r: Importance) -> Tensor:
@@ -327,7 +346,6 @@ class SelectivePruning(Intervention):
     @staticmethod
     def _top(scores: Tensor, ratio: float, allowed: Tensor) -> Tensor:
         from ..analysis.separation import top_neurons
-
         from .neuron_adjust import _as_mask
 
         scores = torch.where(allowed & ~torch.isnan(scores), scores, -torch.inf)

@@ -269,7 +269,7 @@ def test_errors():
         hypercube(kf.subset([0, 1, 2]), {"o": ko})
     with pytest.raises(ValueError, match="model"):
         hypercube(kf, {"o": keys(ko.values, model="other-model")})
-    with pytest.raises(ValueError, match="d_mlp"):
+    with pytest.raises(ValueError, match="neurons per layer"):
         hypercube(kf, {"o": KeyVectors(ko.values[..., :3], ko.layers, {})})
     bad = kf.values.clone()
     bad[3, 1, 2] = float("inf")

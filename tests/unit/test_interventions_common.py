@@ -133,6 +133,13 @@ def test_model_mismatch_raises(fitted, kind, other_model):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_fewer_layers_raises(fitted, kind, char_tokenizer, device):
+    shallow = make_tiny_llama(char_tokenizer, device, n_layers=2)
+    with pytest.raises(ValueError, match="n_layers"):
+        fitted[kind].hooks(shallow)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_hooks_never_stay_attached(fitted, kind, tiny_llama):
     model = tiny_llama
     iv = fitted[kind]

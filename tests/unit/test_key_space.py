@@ -31,15 +31,17 @@ def brute_keys(model, prompts, layers):
     for i, (ids, _) in enumerate(tokenize_examples(model, prompts, [""] * len(prompts))):
         store = {}
 
-        def keep(layer):
+        def keep(layer, store=store):
             def hook(act, hook):
                 store[layer] = act[0, -1].detach().double().cpu().numpy()
 
             return hook
 
         tokens = torch.tensor([ids], device=next(model.parameters()).device)
-        model.run_with_hooks(tokens, fwd_hooks=[(hook_name("key", l), keep(l)) for l in layers])
-        out[i] = np.stack([store[l] for l in layers])
+        model.run_with_hooks(
+            tokens, fwd_hooks=[(hook_name("key", layer), keep(layer)) for layer in layers]
+        )
+        out[i] = np.stack([store[layer] for layer in layers])
     return out
 
 

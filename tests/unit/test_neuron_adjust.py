@@ -205,7 +205,7 @@ def test_on_model_only_selected_neurons_change(tiny_llama, model_stats):
         name = hook_name("pre", layer)
         seen = {}
 
-        def keep(tag):
+        def keep(tag, seen=seen):
             def hook(act, hook):
                 seen[tag] = act.detach().clone()
 

@@ -49,16 +49,16 @@ def test_collect_importance_matches_brute_force(tiny_llama):
     for ids, _ in tokenize_examples(model, F.prompts, F.answers):
         store = {}
 
-        def keep(layer):
+        def keep(layer, store=store):
             def hook(act, hook):
                 store[layer] = act[0, 1:].detach().double().abs().cpu().numpy()  # BOS excluded
 
             return hook
 
         tokens = torch.tensor([ids], device=next(model.parameters()).device)
-        hooks = [(hook_name("key", l), keep(l)) for l in range(model.cfg.n_layers)]
+        hooks = [(hook_name("key", layer), keep(layer)) for layer in range(model.cfg.n_layers)]
         model.run_with_hooks(tokens, fwd_hooks=hooks)
-        total += np.stack([store[l].sum(0) for l in range(model.cfg.n_layers)])
+        total += np.stack([store[layer].sum(0) for layer in range(model.cfg.n_layers)])
         count += len(ids) - 1
     assert imp.n_tokens == count
     np.testing.assert_allclose(imp.values.cpu().numpy(), total / count, rtol=1e-5, atol=1e-9)
@@ -97,7 +97,7 @@ def test_iterative_makes_progress(tiny_llama):
     steps = math.ceil(target / round(0.04 * total))
     assert len(sp.history_) == steps
     fractions = [h["pruned_fraction"] for h in sp.history_]
-    assert fractions[0] == 0 and all(b > a for a, b in zip(fractions, fractions[1:]))
+    assert fractions[0] == 0 and all(b > a for a, b in zip(fractions, fractions[1:], strict=False))
     # importances are recollected on the pruned model: pruned neurons read zero
     imp = collect_importance(model, F, fwd_hooks=sp.hooks(model))
     assert (imp.values[sp.selected_] == 0).all()

@@ -1,0 +1,179 @@
+"""Benchmark: the cost of intervention hooks on the default model (SmolLM2-135M-Instruct).
+
+Fitted on real data (GSM8K as the forget skill, MBPP as the retain skill, ``--n-fit`` examples
+each), timed on other GSM8K + MBPP examples (prompt + answer, every token):
+
+* ``bare``: the batched forward pass, nothing attached;
+* ``identity``: one do-nothing hook at every layer's ``hook_pre`` (TransformerLens' own cost);
+* ``na``: NeuronAdjust, ratio 3 %, every layer (goal: ``na / bare <= 1.05``);
+* ``ksd``: KeySpaceDetector hooks at the last layer, the authors' setting
+  (goal: ``ksd / bare <= 1.02``);
+* ``ksd_all``: KeySpaceDetector hooks at every layer, rule "any";
+* generation: ``KeySpaceDetector.generate`` on a mixed batch (half GSM8K, half MBPP prompts)
+  vs bare greedy generation of the whole batch (same ``model.generate`` path, no detection).
+
+Runs are interleaved (A B C ... A B C ...) and the ratios are of median wall times measured in
+one run; results go to ``benchmarks/results/hooks.json``.
+
+Usage:
+    python benchmarks/bench_hooks.py [--device cuda] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import mechunlearn as mu
+from mechunlearn.interventions import KeySpaceDetector, NeuronAdjust
+from mechunlearn.interventions.key_space import _generate
+from mechunlearn.sites import hook_name, iter_batches, tokenize_examples
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=mu.models.default_device())
+    parser.add_argument("--n-fit", type=int, default=20, help="examples per skill to fit on")
+    parser.add_argument("--n-eval", type=int, default=32, help="examples per skill to time on")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--gen-prompts", type=int, default=8, help="prompts per skill")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--data-dir", default=os.environ.get("MECHUNLEARN_DATA", "/work/shared/data")
+    )
+    args = parser.parse_args()
+
+    torch.set_grad_enabled(False)
+    t0 = time.perf_counter()
+    model = mu.load_model(device=args.device, quiet=True)
+    print(f"model loaded in {time.perf_counter() - t0:.1f} s on {args.device}")
+    gsm = mu.load_skill("gsm8k", split="train", data_dir=args.data_dir, seed=0)
+    mbpp = mu.load_skill("mbpp", data_dir=args.data_dir, seed=0)
+    n, m = args.n_fit, args.n_eval
+    forget, retain = gsm[:n], mbpp[:n]
+    held = mu.Skill("gsm8k+mbpp", list(gsm[n : n + m]) + list(mbpp[n : n + m]), "benchmark")
+
+    stats_f = mu.collect(model, forget, site="pre", quiet=True)
+    stats_r = mu.collect(model, retain, site="pre", quiet=True)
+    keys_f = mu.collect_keys(model, forget, quiet=True)
+    na = NeuronAdjust(ratio=0.03).fit(stats_f, stats_r)
+    ksd = KeySpaceDetector(h=2.0).fit(keys_f)
+    ksd_all = KeySpaceDetector(h=2.0, layers=None, rule="any").fit(keys_f)
+    print(na)
+    print(ksd)
+
+    batches = list(iter_batches(model, held.prompts, held.answers, batch_size=args.batch_size))
+    n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    identity = [
+        (hook_name("pre", layer), lambda act, hook: act) for layer in range(model.cfg.n_layers)
+    ]
+
+    def forward(hooks_fn):
+        def run():
+            for b in batches:
+                model.run_with_hooks(
+                    b.tokens, fwd_hooks=hooks_fn(), attention_mask=b.attention_mask
+                )
+
+        return run
+
+    def ksd_run(detector):
+        def run():
+            for b in batches:
+                hooks = detector.hooks(positions=b.last_prompt)
+                model.run_with_hooks(b.tokens, fwd_hooks=hooks, attention_mask=b.attention_mask)
+                detector.record.detected  # noqa: B018 - combine on the device, unread
+
+        return run
+
+    approaches = {
+        "bare": forward(list),
+        "identity": forward(lambda: identity),
+        "na": forward(na.hooks),
+        "ksd": ksd_run(ksd),
+        "ksd_all": ksd_run(ksd_all),
+    }
+
+    # generation: a mixed batch, KSD vs bare greedy generation of the whole batch
+    k = args.gen_prompts
+    gen_prompts = [
+        p
+        for pair in zip(gsm.prompts[n : n + k], mbpp.prompts[n : n + k], strict=True)
+        for p in pair
+    ]
+    gen_ids = [ids for ids, _ in tokenize_examples(model, gen_prompts, [""] * len(gen_prompts))]
+    gen_kw = {"do_sample": False, "verbose": False}
+    detected = ksd.detect(model, gen_prompts).detected
+    approaches["generate_bare"] = lambda: _generate(model, gen_ids, args.max_new_tokens, gen_kw)
+    approaches["generate_ksd"] = lambda: ksd.generate(
+        model, gen_prompts, max_new_tokens=args.max_new_tokens
+    )
+
+    for fn in approaches.values():  # warm-up
+        fn()
+    times = {name: [] for name in approaches}
+    for rep in range(args.repeats):
+        for name, fn in approaches.items():  # interleaved
+            times[name].append(timed(fn, args.device))
+        line = "  ".join(f"{name} {times[name][-1]:.3f}" for name in approaches)
+        print(f"repeat {rep + 1}: {line}", flush=True)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    ratios = {
+        "na_over_bare": med["na"] / med["bare"],
+        "ksd_over_bare": med["ksd"] / med["bare"],
+        "ksd_all_over_bare": med["ksd_all"] / med["bare"],
+        "identity_over_bare": med["identity"] / med["bare"],
+        "na_over_identity": med["na"] / med["identity"],
+        "generate_ksd_over_bare": med["generate_ksd"] / med["generate_bare"],
+    }
+    result = {
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "model": mu.models.DEFAULT_MODEL,
+        "n_fit_per_skill": n,
+        "eval_examples": len(held),
+        "eval_tokens": n_tokens,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "na_selected": sum(na.n_selected_),
+        "generation": {
+            "prompts": len(gen_prompts),
+            "detected": int(detected.sum()),
+            "max_new_tokens": args.max_new_tokens,
+        },
+        "median_seconds": med,
+        "ratios": ratios,
+        "goals": {"na_over_bare": 1.05, "ksd_over_bare": 1.02},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "hooks.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    print(f"NA / bare forward:  {ratios['na_over_bare']:.3f} (goal <= 1.05)")
+    print(f"KSD / bare forward: {ratios['ksd_over_bare']:.3f} (goal <= 1.02)")
+    print(
+        f"KSD.generate / bare generation: {ratios['generate_ksd_over_bare']:.3f} "
+        f"({int(detected.sum())} of {len(gen_prompts)} prompts detected)"
+    )
+
+
+if __name__ == "__main__":
+    main()

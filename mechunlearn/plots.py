@@ -1,0 +1,469 @@
+"""Figures of the analyses: every function takes an analysis result and returns a Figure.
+
+Results are computed by :mod:`mechunlearn.analysis`; this module only draws them
+(matplotlib with seaborn's styling, applied per figure through :func:`style` so that the
+global matplotlib state is left alone). :func:`save_figure` writes a figure as PNG and SVG.
+
+Example:
+    >>> fit = mu.analysis.gaussian_fit(stats_f, other=stats_r)
+    >>> fig = mu.plots.plot_gaussian_summary(fit)
+    >>> mu.plots.save_figure(fig, "figures/gaussian_summary")  # .png and .svg
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:
+    from .analysis.gaussian import GaussianFit
+    from .analysis.separation import Separation
+
+#: Colours of the forget and retain skills in every figure.
+FORGET_COLOR = "#c0392b"
+RETAIN_COLOR = "#2e6da4"
+#: Display names of the normality tests.
+TEST_LABELS = {"ks": "Kolmogorov-Smirnov", "ad": "Anderson-Darling", "shapiro": "Shapiro-Wilk",
+               "jb": "Jarque-Bera"}  # fmt: skip
+
+
+def style() -> contextlib.AbstractContextManager:
+    """The package's figure style as a context manager (seaborn ``whitegrid``, notebook fonts).
+
+    Example:
+        >>> with style():
+        ...     fig, ax = plt.subplots()
+    """
+    rc: dict[str, Any] = {
+        **sns.axes_style("whitegrid"),
+        **sns.plotting_context("notebook", font_scale=0.85),
+        "axes.titlesize": "medium",
+        "legend.fontsize": "small",
+        "legend.frameon": False,
+        "figure.dpi": 100,
+    }
+    return plt.rc_context(rc)
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> list[Path]:
+    """Write ``fig`` as ``<path>.png`` and ``<path>.svg`` (folders created).
+
+    Args:
+        fig: the figure.
+        path: the file path without suffix (a ``.png``/``.svg``/``.pdf`` suffix is dropped).
+        dpi: resolution of the PNG.
+
+    Returns:
+        The two paths written.
+
+    Example:
+        >>> save_figure(fig, "figures/separation_by_layer")
+    """
+    base = Path(path)
+    if base.suffix.lower() in {".png", ".svg", ".pdf"}:
+        base = base.with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for ext in ("png", "svg"):
+        target = base.with_name(f"{base.name}.{ext}")
+        fig.savefig(target, dpi=dpi, bbox_inches="tight")
+        out.append(target)
+    return out
+
+
+def _grid(n: int, ncols: int, size: tuple[float, float] = (3.4, 2.8)):
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False
+    )
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        fig.delaxes(ax)
+    return fig, flat[:n]
+
+
+def _layer_axis(*axes) -> None:
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _skill_names(meta: dict[str, Any], f_key: str, r_key: str) -> tuple[str, str]:
+    return str(meta.get(f_key) or "forget"), str(meta.get(r_key) or "retain")
+
+
+# --- Gaussian-fit and separation figures ---
+def plot_gaussian_summary(fit: GaussianFit, tests: Sequence[str] | None = None) -> Figure:
+    """Per-layer summary of a :class:`~mechunlearn.analysis.gaussian.GaussianFit`.
+
+    Panels: (1) share of neurons that pass the decision rule and each test, with the share
+    expected for truly Gaussian neurons under the uncorrected rule, ``(1 - alpha)^len(rule)``
+    (approximate: the tests are not independent); (2) median ``|skew|`` and median excess
+    kurtosis; (3) with a retain skill, the mean and best balanced accuracy of the Gaussian
+    decision rule ``p_F >= p_R``.
+
+    Example:
+        >>> plot_gaussian_summary(mu.analysis.gaussian_fit(stats_f, other=stats_r))
+    """
+    by = fit.by_layer
+    layers = by.index.to_numpy()
+    tests = list(tests) if tests is not None else ["ks", "ad", "shapiro", "jb"]
+    with_rule = "mean_rule_balanced_acc" in by.columns
+    with style():
+        fig, axes = plt.subplots(1, 3 if with_rule else 2, figsize=(13 if with_rule else 9, 3.4))
+        ax = axes[0]
+        rule = "+".join(fit.rule)
+        ax.plot(layers, by["share_gaussian"], "o-", color="k", lw=2, label=f"rule ({rule})")
+        for t in tests:
+            ax.plot(layers, by[f"share_{t}_pass"], ".--", lw=1, label=TEST_LABELS.get(t, t))
+        if fit.correction == "none":
+            expected = (1 - fit.alpha) ** len(fit.rule)
+            ax.axhline(expected, color="grey", ls=":", lw=1, label="expected if Gaussian")
+        ax.set(xlabel="layer", ylabel="share of neurons passing", ylim=(-0.02, 1.02))
+        ax.set_title(f"normality tests, alpha={fit.alpha:g}, correction={fit.correction}")
+        ax.legend(loc="best")
+        ax = axes[1]
+        ax.plot(layers, by["median_abs_skew"], "o-", label="median |skew|")
+        ax.plot(layers, by["median_kurtosis"], "s-", label="median excess kurtosis")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xlabel="layer", ylabel="median", title="shape (0 for a normal)")
+        ax.legend(loc="best")
+        if with_rule:
+            ax = axes[2]
+            ax.plot(layers, by["mean_rule_balanced_acc"], "o-", label="mean over neurons")
+            ax.plot(layers, by["max_rule_balanced_acc"], "^-", label="best neuron")
+            ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
+            ax.set(xlabel="layer", ylabel="balanced accuracy", ylim=(0.45, 1.02))
+            ax.set_title("Gaussian rule p_F >= p_R")
+            ax.legend(loc="best")
+        _layer_axis(*axes)
+        skill = fit.meta.get("skill")
+        fig.suptitle(
+            f"Gaussian fit of {fit.meta.get('site')!r} values" + (f" on {skill}" if skill else "")
+        )
+        fig.tight_layout()
+    return fig
+
+
+def plot_qq(
+    fit: GaussianFit,
+    neurons: Sequence[tuple[int, int]] | None = None,
+    n: int = 6,
+    ncols: int = 3,
+) -> Figure:
+    """Normal Q-Q plots of chosen neurons (one panel each).
+
+    Args:
+        fit: a GaussianFit (it keeps the statistics, so the samples are at hand).
+        neurons: ``(layer, neuron)`` pairs; default ``fit.representative_neurons(n)``: from the
+            most to the least Gaussian by KS distance.
+        n: how many neurons when ``neurons`` is not given.
+        ncols: panels per row.
+
+    Example:
+        >>> plot_qq(fit, neurons=[(3, 17), (10, 512)])
+    """
+    neurons = list(neurons) if neurons is not None else fit.representative_neurons(n)
+    if not neurons:
+        raise ValueError("No neuron to plot (none was tested?).")
+    with style():
+        fig, axes = _grid(len(neurons), ncols)
+        for ax, (layer, neuron) in zip(axes, neurons, strict=True):
+            theory, sample = fit.qq(layer, neuron)
+            row = fit.neuron(layer, neuron)
+            ax.plot(theory, sample, ".", ms=3, alpha=0.6, color=FORGET_COLOR, label="sample")
+            finite = theory[np.isfinite(theory)]
+            lim = (finite.min(), finite.max()) if finite.size else (-3.0, 3.0)
+            ax.plot(lim, lim, "-", color="k", lw=1, label="normal")
+            ax.set_title(
+                f"layer {layer}, neuron {neuron}\nKS={row['ks_stat']:.3f} skew={row['skew']:.2f} "
+                f"kurt={row['kurtosis']:.2f}"
+            )
+            ax.set(xlabel="normal quantile", ylabel="standardised value")
+        axes[0].legend(loc="upper left")
+        fig.tight_layout()
+    return fig
+
+
+def plot_separation_histograms(
+    sep: Separation,
+    neurons: Sequence[tuple[int, int]] | None = None,
+    k: int = 6,
+    bins: int = 40,
+    ncols: int = 3,
+) -> Figure:
+    """Forget vs retain histograms of top-separating neurons with the fitted Gaussians overlaid
+    (the paper's Figure 3).
+
+    Args:
+        sep: a Separation (it keeps both skills' statistics for the samples).
+        neurons: ``(layer, neuron)`` pairs; default the global top ``k`` by ``sep.metric``.
+        k: how many top neurons when ``neurons`` is not given.
+        bins: histogram bins (shared by both skills in a panel).
+        ncols: panels per row.
+
+    Example:
+        >>> plot_separation_histograms(mu.analysis.separation(stats_f, stats_r), k=4)
+    """
+    if neurons is None:
+        top = sep.top(k=k)
+        neurons = [(int(a), int(b)) for a, b in zip(top["layer"], top["neuron"], strict=True)]
+    neurons = list(neurons)
+    if not neurons:
+        raise ValueError("No neuron to plot.")
+    name_f, name_r = _skill_names(sep.meta, "forget", "retain")
+    with style():
+        fig, axes = _grid(len(neurons), ncols)
+        for ax, (layer, neuron) in zip(axes, neurons, strict=True):
+            xf, xr = sep.samples(layer, neuron)
+            both = np.concatenate([xf, xr])
+            edges = np.histogram_bin_edges(both, bins=bins) if both.size else bins
+            for x, color, name in ((xf, FORGET_COLOR, name_f), (xr, RETAIN_COLOR, name_r)):
+                if x.size:
+                    ax.hist(x, bins=edges, density=True, alpha=0.35, color=color, label=name)
+            lo, hi = (both.min(), both.max()) if both.size else (-1.0, 1.0)
+            grid = np.linspace(lo, hi, 200)
+            pdf_f, pdf_r = sep.fitted_pdf(layer, neuron, grid)
+            ax.plot(grid, pdf_f, color=FORGET_COLOR, lw=1.5, label=f"N fit ({name_f})")
+            ax.plot(grid, pdf_r, color=RETAIN_COLOR, lw=1.5, label=f"N fit ({name_r})")
+            score = sep.neuron(layer, neuron)[sep.metric]
+            ax.set_title(f"layer {layer}, neuron {neuron}\n{sep.metric}={score:.3g}")
+            ax.set(xlabel=f"{sep.meta.get('site', '')} value".strip(), ylabel="density")
+        axes[0].legend(loc="best")
+        fig.tight_layout()
+    return fig
+
+
+def plot_separation_by_layer(
+    sep: Separation,
+    metric: str | None = None,
+    k: int | None = None,
+    ratio: float | None = 0.01,
+) -> Figure:
+    """Separation across layers: the distribution of a measure per layer, and where the global
+    top neurons sit.
+
+    Panels: (1) a box plot of ``metric`` (default ``sep.metric``) per layer with the median
+    line; (2) the number of global top neurons (top ``k``, else top ``ratio``) per layer, with
+    the effective number of layers and Gini coefficient in the title.
+
+    Example:
+        >>> plot_separation_by_layer(sep, ratio=0.03)
+    """
+    metric = metric or sep.metric
+    if k is not None:
+        ratio = None
+    summary = sep.layer_summary(metric)
+    counts = sep.layer_counts(k=k, ratio=ratio)
+    conc = sep.concentration(k=k, ratio=ratio)
+    layers = list(sep.layers)
+    groups = {layer: g[metric].dropna().to_numpy() for layer, g in sep.table.groupby("layer")}
+    data = [groups.get(layer, np.array([])) for layer in layers]
+    with style():
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.6))
+        ax1.boxplot(data, positions=layers, widths=0.6, showfliers=False, manage_ticks=False)
+        ax1.plot(layers, summary["median"], "-", color=FORGET_COLOR, lw=1.2, label="median")
+        ax1.set(xlabel="layer", ylabel=metric, title=f"{metric} per layer (no outliers drawn)")
+        ax1.legend(loc="best")
+        ax2.bar(layers, counts["n_top"].to_numpy(), color=FORGET_COLOR, alpha=0.8)
+        what = f"top {conc['n_top']}" + (f" ({ratio:.2%})" if ratio is not None else "")
+        ax2.set(xlabel="layer", ylabel="neurons in the global top")
+        ax2.set_title(
+            f"{what} by {sep.metric}: effective layers {conc['effective_layers']:.1f}, "
+            f"Gini {conc['gini']:.2f}"
+        )
+        _layer_axis(ax1, ax2)
+        fig.tight_layout()
+    return fig
+
+
+# --- hypercube and convexity figures ---
+if TYPE_CHECKING:
+    from .analysis.convexity import ConvexityResult
+    from .analysis.hypercube import HypercubeResult
+
+
+def _pick_layers(
+    all_layers: Sequence[int], layers: int | Sequence[int] | None, max_panels: int
+) -> list[int]:
+    """``layers`` if given, else up to ``max_panels`` evenly spaced ones (first and last kept)."""
+    if layers is not None:
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        missing = [layer for layer in layers if layer not in all_layers]
+        if missing:
+            raise ValueError(f"Layers {missing} are not in the result (it has {list(all_layers)}).")
+        return layers
+    if len(all_layers) <= max_panels:
+        return list(all_layers)
+    idx = np.unique(np.linspace(0, len(all_layers) - 1, max_panels).round().astype(int))
+    return [all_layers[i] for i in idx]
+
+
+def _other_colors(names: Sequence[str]) -> dict[str, Any]:
+    """A colour per other skill: RETAIN_COLOR first, then seaborn's palette without blue/red."""
+    deep = sns.color_palette("deep")
+    palette = [RETAIN_COLOR] + [c for i, c in enumerate(deep) if i not in (0, 3)]
+    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
+
+
+def plot_inclusion_curves(
+    result: HypercubeResult, layers: int | Sequence[int] | None = None, max_panels: int = 4
+) -> Figure:
+    """Inclusion rate inside ``μ_F ± α·σ_F`` vs α, one panel per layer (the paper's Figure 5).
+
+    Lines: the forget skill's fit queries (what the paper plots, dashed), its held-out queries,
+    and every other skill; a dotted vertical line marks ``k_min``.
+
+    Args:
+        result: a :class:`~mechunlearn.analysis.hypercube.HypercubeResult`.
+        layers: the layers to draw (default: up to ``max_panels`` evenly spaced).
+        max_panels: panels when ``layers`` is omitted.
+
+    Example:
+        >>> fig = plot_inclusion_curves(mu.analysis.hypercube(keys_f, {"mbpp": keys_m}))
+    """
+    layers = _pick_layers(result.layers, layers, max_panels)
+    colors = _other_colors(result.others)
+    kmin = result.per_layer.set_index("layer")["k_min"]
+    with style():
+        fig, axes = plt.subplots(
+            1, len(layers), figsize=(3.4 * len(layers), 3.2), sharey=True, squeeze=False
+        )
+        for ax, layer in zip(axes[0], layers, strict=True):
+            sub = result.curves[result.curves["layer"] == layer]
+            for (skill, role, part), g in sub.groupby(["skill", "role", "part"], sort=False):
+                forget = role == "forget"
+                ax.plot(
+                    g["alpha"].to_numpy(),
+                    g["inclusion"].to_numpy(),
+                    "--" if part == "fit" else "-",
+                    color=FORGET_COLOR if forget else colors[skill],
+                    label=f"{skill} ({part})" if forget else skill,
+                )
+            ax.axvline(float(kmin[layer]), color="grey", ls=":", lw=1, label="k_min")
+            ax.set(title=f"layer {layer}", xlabel="α (cube μ ± α·σ)", ylim=(-0.02, 1.02))
+        axes[0, 0].set_ylabel("inclusion rate")
+        axes[0, -1].legend(loc="lower right")
+        fig.suptitle(f"Queries inside the {result.forget!r} hypercube")
+        fig.tight_layout()
+    return fig
+
+
+def plot_hypercube_layers(result: HypercubeResult) -> Figure:
+    """Cube size, centre distance and separating α across layers (the paper's Figure 6 claim).
+
+    Panels: (1) normalised volume, the mean over dimensions of ``log(σ_F/σ_pool)`` (the cubes
+    "shrink" if it falls with depth); (2) distance between the forget centre and each other
+    skill's centre, RMS over dimensions in pooled-σ units ("separate" if it grows);
+    (3) ``k_min``, ``α_F`` (held-out forget coverage reaches the target) and each other skill's
+    ``α_other`` (its inclusion stays under the cap below it): separated where
+    ``α_F < α_other``. Panel titles give the Spearman correlation with the layer index.
+
+    Example:
+        >>> fig = plot_hypercube_layers(res)
+    """
+    trends = result.trends
+
+    def rho(metric, other=""):
+        row = trends[(trends["metric"] == metric) & (trends["other"] == other)]
+        return float(row["rho"].iloc[0]) if len(row) else float("nan")
+
+    pl, po = result.per_layer, result.per_other
+    colors = _other_colors(result.others)
+    with style():
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        ax = axes[0]
+        ax.plot(pl["layer"], pl["log_rel_side"], "o-", color=FORGET_COLOR, label=result.forget)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"cube size (Spearman ρ = {rho('log_rel_side'):+.2f})")
+        ax.set_ylabel("mean log(σ_F / σ_pooled)")
+        ax = axes[1]
+        for other, g in po.groupby("other", sort=False):
+            ax.plot(g["layer"], g["centre_rms_pooled"], "o-", color=colors[other], label=other)
+        rhos = ", ".join(f"{o}: {rho('centre_rms_pooled', o):+.2f}" for o in result.others)
+        ax.set_title(f"centre distance (ρ {rhos})")
+        ax.set_ylabel("RMS (μ_F − μ_other)/σ_pooled")
+        ax = axes[2]
+        ax.plot(pl["layer"], pl["k_min"], "k:", label="k_min (fit)")
+        ax.plot(
+            pl["layer"],
+            pl["alpha_f"],
+            "o-",
+            color=FORGET_COLOR,
+            label=f"α_F (held-out ≥ {result.target:.0%})",
+        )
+        for other, g in po.groupby("other", sort=False):
+            alpha = g["alpha_other"].replace(np.inf, np.nan)
+            ax.plot(
+                g["layer"],
+                alpha,
+                "s--",
+                color=colors[other],
+                label=f"α_other {other} (≤ {result.cap:.0%})",
+            )
+        ax.set_yscale("log")
+        ax.set(title="separating α", ylabel="α")
+        for ax in axes:
+            ax.set_xlabel("layer")
+            ax.legend(loc="best")
+        fig.tight_layout()
+    return fig
+
+
+def plot_convexity(result: ConvexityResult, sizing: str = "matched") -> Figure:
+    """Convexity summary across layers.
+
+    Panels: (1) share of segment points (and midpoints) between two forget keys whose nearest
+    neighbour is a forget key, beside the forget keys' own leave-one-out rate and chance;
+    (2) held-out balanced accuracy of a linear classifier, forget vs each other skill;
+    (3) false-positive rate (other skills inside, averaged over them) of one box vs unions of
+    k boxes, at ``sizing`` (``"matched"``: equal held-out forget recall; ``"h"``: each box at
+    ``h × k_min``).
+
+    Example:
+        >>> fig = plot_convexity(mu.analysis.convexity(keys_f, {"mbpp": keys_m}))
+    """
+    if sizing not in ("matched", "h"):
+        raise ValueError(f"sizing must be 'matched' or 'h', got {sizing!r}.")
+    pl = result.per_layer
+    colors = _other_colors(result.others)
+    boxes = result.boxes[result.boxes["sizing"] == sizing]
+    fp = boxes.groupby(["k", "layer"], sort=True)["false_positive_rate"].mean()
+    what = (
+        f"held-out recall ≥ {result.settings.get('target', 0.9):.0%}"
+        if sizing == "matched"
+        else f"h = {result.settings.get('h', 1.0)}"
+    )
+    with style():
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        ax = axes[0]
+        ax.plot(pl["layer"], pl["segment_forget_rate"], "o-", color=FORGET_COLOR,
+                label="segment points")  # fmt: skip
+        ax.plot(pl["layer"], pl["midpoint_forget_rate"], "s-", label="midpoints")
+        ax.plot(pl["layer"], pl["baseline_forget_rate"], "k--", label="forget keys (LOO)")
+        ax.plot(pl["layer"], pl["chance_rate"], ":", color="grey", label="chance")
+        ax.set(title="nearest neighbour is a forget key", ylabel="rate")
+        ax = axes[1]
+        for other, g in result.separability.groupby("other", sort=False):
+            ax.plot(g["layer"], g["balanced_accuracy"], "o-", color=colors[other], label=other)
+        ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
+        ax.set(title="linear separability (held-out)", ylabel="balanced accuracy")
+        ax = axes[2]
+        for k, g in fp.groupby(level="k"):
+            label = "k=1 (one box)" if k == 1 else f"k={k}"
+            ax.plot(g.index.get_level_values("layer"), g.to_numpy(), "o-", label=label)
+        ax.set(title=f"boxes: false positives ({what})", ylabel="other skills inside")
+        for ax in axes:
+            ax.set(xlabel="layer", ylim=(-0.02, 1.02))
+            ax.legend(loc="best")
+        fig.suptitle(f"Is the {result.forget!r} key region convex?")
+        fig.tight_layout()
+    return fig

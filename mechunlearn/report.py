@@ -1,0 +1,127 @@
+"""The report folder's ``index.html``: figures with captions, the relative-performance table,
+the settings and the timings, in one self-contained page (images are relative links)."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto;
+       max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { margin-top: 2.2rem; font-size: 1.25rem; }
+.sub { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: .92rem; }
+th, td { border-bottom: 1px solid #ddd; padding: .35rem .7rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+thead th { background: #f4f4f6; }
+td.good { background: #e3f4e6; } td.bad { background: #fbe4e4; }
+figure { margin: 1.5rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #444; font-size: .92rem; margin-top: .3rem; }
+code { background: #f4f4f6; padding: 0 .25rem; border-radius: 3px; }
+.grid { display: grid; grid-template-columns: max-content auto; gap: .2rem 1.2rem; }
+"""
+
+
+def _relative_html(table: pd.DataFrame) -> str:
+    methods = list(dict.fromkeys(table["method"]))
+    skills = list(dict.fromkeys(table["skill"]))
+    t = table.set_index(["skill", "method"])
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in methods)
+    rows = []
+    for skill in skills:
+        is_forget = "(forget)" in skill
+        cells = []
+        for m in methods:
+            rel = t.loc[(skill, m), "relative"]
+            score = t.loc[(skill, m), "score"]
+            abst = t.loc[(skill, m), "abstention_rate"]
+            cls = ""
+            if m != "base" and pd.notna(rel):
+                good = rel <= 0.5 if is_forget else rel >= 0.9
+                cls = " class='good'" if good else " class='bad'"
+            extra = f"<br><small>acc {score:.3f}" + (
+                f", abstains {abst:.0%}</small>" if abst else "</small>"
+            )
+            cells.append(f"<td{cls}>{rel:.2f}{extra}</td>")
+        rows.append(f"<tr><td>{html.escape(skill)}</td>{''.join(cells)}</tr>")
+    return (
+        f"<table><thead><tr><th>skill (held-out)</th>{head}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def write_report(
+    out: str | Path,
+    settings: dict[str, Any],
+    table: pd.DataFrame,
+    figures: Sequence[tuple[str, str]],
+    environment: dict[str, str] | None = None,
+) -> Path:
+    """Write ``out/index.html`` and return its path.
+
+    Args:
+        out: the report folder (figures are linked relative to it).
+        settings: the run's settings (model, skills, n, seed, ...).
+        table: :func:`mechunlearn.evaluate`'s DataFrame.
+        figures: ``(relative path, one-line caption)`` pairs.
+        environment: package versions and machine.
+    """
+    out = Path(out)
+    timings_path = out / "tables" / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    metric = str(table["metric"].iloc[0]) if len(table) else "teacher_forced"
+    metric_text = (
+        "teacher-forced top-1 accuracy on the reference answer tokens"
+        if metric == "teacher_forced"
+        else "the paper's generation protocols"
+    )
+    figs = "\n".join(
+        f"<figure><img src='{html.escape(src)}' alt='{html.escape(cap)}'>"
+        f"<figcaption>{html.escape(cap)}</figcaption></figure>"
+        for src, cap in figures
+    )
+
+    def grid(d: dict[str, Any]) -> str:
+        return "<div class='grid'>" + "".join(
+            f"<div>{html.escape(str(k))}</div><div><code>{html.escape(str(v))}</code></div>"
+            for k, v in d.items()
+        ) + "</div>"  # fmt: skip
+
+    total = sum(float(v) for v in timings.values())
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>mechunlearn report: forget {html.escape(str(settings.get("forget")))}</title>
+<style>{_CSS}</style></head><body>
+<h1>Skill unlearning report: forget <code>{html.escape(str(settings.get("forget")))}</code></h1>
+<p class="sub">{html.escape(str(settings.get("model")))} &middot; retain
+{html.escape(", ".join(settings.get("retain", [])))} &middot; general
+{html.escape(str(settings.get("general")))}</p>
+
+<h2>Relative performance (after / before)</h2>
+<p>Scored on held-out examples with {metric_text}; an abstention counts as wrong. Green meets
+the goal (forget &le; 0.5, others &ge; 0.9), red does not. NA = Neuron Adjust, KSD = Key Space
+Detection, SP = Selective Pruning (baseline).</p>
+{_relative_html(table)}
+
+<h2>Diagnostics</h2>
+{figs or "<p>No figures (run <code>mechunlearn analyze</code>).</p>"}
+
+<h2>Settings</h2>
+{grid(settings)}
+<h2>Timings ({total:.0f} s in all)</h2>
+{grid({k: f"{float(v):.1f} s" for k, v in timings.items()})}
+<h2>Environment</h2>
+{grid(environment or {})}
+<p class="sub">Tables: <code>tables/*.csv</code> and <code>*.json</code>; statistics:
+<code>stats/</code>; fitted interventions: <code>interventions/</code>.</p>
+</body></html>
+"""
+    path = out / "index.html"
+    path.write_text(page)
+    return path
