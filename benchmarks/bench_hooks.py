@@ -12,8 +12,10 @@ each), timed on other GSM8K + MBPP examples (prompt + answer, every token):
 * generation: ``KeySpaceDetector.generate`` on a mixed batch (half GSM8K, half MBPP prompts)
   vs bare greedy generation of the whole batch (same ``model.generate`` path, no detection).
 
-Runs are interleaved (A B C ... A B C ...) and the ratios are of median wall times measured in
-one run; results go to ``benchmarks/results/hooks.json``.
+Forward passes are interleaved batch by batch (A B C ... on every batch, the order rotating),
+generations run by run; the ratios are of median wall times (over repeats) measured in one
+run; results go to ``benchmarks/results/hooks.json``. On a shared CPU, ``--threads 1`` gives
+steadier numbers.
 
 Usage:
     python benchmarks/bench_hooks.py [--device cuda] [--repeats 7]
@@ -57,12 +59,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--gen-prompts", type=int, default=8, help="prompts per skill")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
         "--data-dir", default=os.environ.get("MECHUNLEARN_DATA", "/work/shared/data")
     )
     args = parser.parse_args()
 
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model = mu.load_model(device=args.device, quiet=True)
     print(f"model loaded in {time.perf_counter() - t0:.1f} s on {args.device}")
@@ -88,25 +93,24 @@ def main() -> None:
     ]
 
     def forward(hooks_fn):
-        def run():
-            for b in batches:
-                model.run_with_hooks(
-                    b.tokens, fwd_hooks=hooks_fn(), attention_mask=b.attention_mask
-                )
+        def run(b):
+            model.run_with_hooks(b.tokens, fwd_hooks=hooks_fn(), attention_mask=b.attention_mask)
 
         return run
 
     def ksd_run(detector):
-        def run():
-            for b in batches:
-                hooks = detector.hooks(positions=b.last_prompt)
-                model.run_with_hooks(b.tokens, fwd_hooks=hooks, attention_mask=b.attention_mask)
-                detector.record.detected  # noqa: B018 - combine on the device, unread
+        def run(b):
+            hooks = detector.hooks(positions=b.last_prompt)
+            model.run_with_hooks(b.tokens, fwd_hooks=hooks, attention_mask=b.attention_mask)
+            detector.record.detected  # noqa: B018 - combined on the device, not read
 
         return run
 
-    approaches = {
-        "bare": forward(list),
+    def bare(b):
+        model(b.tokens, attention_mask=b.attention_mask)
+
+    forwards = {
+        "bare": bare,
         "identity": forward(lambda: identity),
         "na": forward(na.hooks),
         "ksd": ksd_run(ksd),
@@ -115,26 +119,39 @@ def main() -> None:
 
     # generation: a mixed batch, KSD vs bare greedy generation of the whole batch
     k = args.gen_prompts
-    gen_prompts = [
-        p
-        for pair in zip(gsm.prompts[n : n + k], mbpp.prompts[n : n + k], strict=True)
-        for p in pair
-    ]
+    pairs = zip(gsm.prompts[n : n + k], mbpp.prompts[n : n + k], strict=True)
+    gen_prompts = [p for pair in pairs for p in pair]
     gen_ids = [ids for ids, _ in tokenize_examples(model, gen_prompts, [""] * len(gen_prompts))]
     gen_kw = {"do_sample": False, "verbose": False}
     detected = ksd.detect(model, gen_prompts).detected
-    approaches["generate_bare"] = lambda: _generate(model, gen_ids, args.max_new_tokens, gen_kw)
-    approaches["generate_ksd"] = lambda: ksd.generate(
-        model, gen_prompts, max_new_tokens=args.max_new_tokens
-    )
+    generations = {
+        "generate_bare": lambda: _generate(model, gen_ids, args.max_new_tokens, gen_kw),
+        "generate_ksd": lambda: ksd.generate(
+            model, gen_prompts, max_new_tokens=args.max_new_tokens
+        ),
+    }
 
-    for fn in approaches.values():  # warm-up
+    for fn in forwards.values():  # warm-up
+        fn(batches[0])
+    for fn in generations.values():
         fn()
-    times = {name: [] for name in approaches}
+    names = list(forwards) + list(generations)
+    times = {name: [] for name in names}
     for rep in range(args.repeats):
-        for name, fn in approaches.items():  # interleaved
-            times[name].append(timed(fn, args.device))
-        line = "  ".join(f"{name} {times[name][-1]:.3f}" for name in approaches)
+        # Forward passes are interleaved batch by batch (A B C ... on each batch, the order
+        # rotating), so that every approach sees the same load on a shared machine.
+        total = dict.fromkeys(forwards, 0.0)
+        for i, b in enumerate(batches):
+            order = list(forwards)
+            shift = (i + rep) % len(order)
+            for name in order[shift:] + order[:shift]:
+                total[name] += timed(lambda name=name, b=b: forwards[name](b), args.device)
+        for name, value in total.items():
+            times[name].append(value)
+        gen_order = list(generations) if rep % 2 == 0 else list(generations)[::-1]
+        for name in gen_order:
+            times[name].append(timed(generations[name], args.device))
+        line = "  ".join(f"{name} {times[name][-1]:.3f}" for name in names)
         print(f"repeat {rep + 1}: {line}", flush=True)
     med = {name: statistics.median(v) for name, v in times.items()}
     ratios = {
@@ -154,6 +171,7 @@ def main() -> None:
         "eval_tokens": n_tokens,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
         "na_selected": sum(na.n_selected_),
         "generation": {
             "prompts": len(gen_prompts),

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         help="overwrite an output folder that is not a mechunlearn report, or "
         "one made with other settings",
     )
-    common.add_argument("--quiet", action="store_true", help="no progress bars")  # fmt: skip
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
     parser = argparse.ArgumentParser(
         prog="mechunlearn",
         description="Check the assumptions behind training-free skill unlearning and compare "
@@ -115,8 +115,11 @@ class Run:
                 saved = json.loads(marker.read_text()).get("settings", {})
                 if saved != self.settings:
                     if not self.args.force:
-                        diff = {k: (saved.get(k), v) for k, v in self.settings.items()
-                                if saved.get(k) != v}  # fmt: skip
+                        diff = {
+                            k: (saved.get(k), v)
+                            for k, v in self.settings.items()
+                            if saved.get(k) != v
+                        }
                         raise CLIError(
                             f"{self.out} holds a report made with other settings {diff}: "
                             "choose another --out, or pass --force to start it over."
@@ -139,8 +142,12 @@ class Run:
             from .models import load_model
 
             with self.timer("load model"):
-                self._model = load_model(self.args.model, device=self.args.device,
-                                         dtype=self.args.dtype, quiet=self.args.quiet)  # fmt: skip
+                self._model = load_model(
+                    self.args.model,
+                    device=self.args.device,
+                    dtype=self.args.dtype,
+                    quiet=self.args.quiet,
+                )
         return self._model
 
     @property
@@ -154,8 +161,9 @@ class Run:
             self._skills = {}
             with self.timer("load skills"):
                 for role, name in roles.items():
-                    skill = load_skill(name, n=2 * self.args.n, seed=self.args.seed,
-                                       data_dir=self.args.data_dir)  # fmt: skip
+                    skill = load_skill(
+                        name, n=2 * self.args.n, seed=self.args.seed, data_dir=self.args.data_dir
+                    )
                     self._skills[role] = skill.split(0.5, seed=self.args.seed)
         return self._skills
 
@@ -207,8 +215,9 @@ def stage_collect(run: Run) -> dict[str, Any]:
                 stats[role] = NeuronStats.load(path)
             else:
                 with run.timer(f"collect pre {role}"):
-                    stats[role] = collect(run.model, probe, site="pre", batch_size=bs,
-                                          seed=run.args.seed, quiet=q)  # fmt: skip
+                    stats[role] = collect(
+                        run.model, probe, site="pre", batch_size=bs, seed=run.args.seed, quiet=q
+                    )
                 stats[role].save(path)
             path = run.path("stats", f"importance_{slug}.safetensors")
             if path.exists():
@@ -254,20 +263,29 @@ def stage_analyze(run: Run, probed: dict[str, Any]) -> dict[str, Any]:
     with run.timer("analyze gaussian"):
         fit = gaussian_fit(stats["forget"], other=stats[retain])
         fit.by_layer.to_csv(run.path("tables", "gaussian_by_layer.csv"))
-        save(plots.plot_gaussian_summary(fit), "gaussian_summary",
-             f"Share of {run.skill_name('forget')} neurons whose hook_pre values pass the "
-             "normality tests, by layer, and how often the Gaussian rule p_F >= p_R "
-             "picks the right skill.")  # fmt: skip
+        save(
+            plots.plot_gaussian_summary(fit),
+            "gaussian_summary",
+            f"Share of {run.skill_name('forget')} neurons whose hook_pre values pass the "
+            "normality tests, by layer, and how often the Gaussian rule p_F >= p_R "
+            "picks the right skill.",
+        )
     with run.timer("analyze separation"):
         sep = separation(stats["forget"], stats[retain], metric="cohens_d")
         sep.top(k=200).to_csv(run.path("tables", "separation_top200.csv"), index=False)
         sep.layer_summary().to_csv(run.path("tables", "separation_by_layer.csv"))
-        save(plots.plot_separation_histograms(sep, k=6), "separation_histograms",
-             "Forget vs retain hook_pre values of the most separated neurons (Cohen's d), "
-             "with the fitted Gaussians (the paper's Figure 3).")  # fmt: skip
-        save(plots.plot_separation_by_layer(sep, ratio=0.03), "separation_by_layer",
-             "Where the separating neurons are: the separation metric by layer, and how many "
-             "of the top 3 % neurons each layer holds.")  # fmt: skip
+        save(
+            plots.plot_separation_histograms(sep, k=6),
+            "separation_histograms",
+            "Forget vs retain hook_pre values of the most separated neurons (Cohen's d), "
+            "with the fitted Gaussians (the paper's Figure 3).",
+        )
+        save(
+            plots.plot_separation_by_layer(sep, ratio=0.03),
+            "separation_by_layer",
+            "Where the separating neurons are: the separation metric by layer, and how many "
+            "of the top 3 % neurons each layer holds.",
+        )
     with run.timer("analyze hypercube"):
         cube = hypercube(keys["forget"], others, seed=run.args.seed)
         cube.per_layer.to_csv(run.path("tables", "hypercube_by_layer.csv"))
@@ -275,19 +293,28 @@ def stage_analyze(run: Run, probed: dict[str, Any]) -> dict[str, Any]:
         cube.trends.to_csv(run.path("tables", "hypercube_trends.csv"))
         n = len(cube.layers)
         chosen = sorted({cube.layers[0], cube.layers[n // 2], cube.layers[-1]})
-        save(plots.plot_inclusion_curves(cube, layers=chosen), "hypercube_inclusion",
-             "Share of queries inside the forget skill's hypercube mu_F +- alpha*sigma_F as "
-             "alpha grows: fit queries, held-out forget queries, and other skills (Figure 5).")  # fmt: skip
-        save(plots.plot_hypercube_layers(cube), "hypercube_geometry",
-             "Normalised log-volume of the forget cube and distance between skill centres "
-             "(in sigma units) across layers (Figure 6).")  # fmt: skip
+        save(
+            plots.plot_inclusion_curves(cube, layers=chosen),
+            "hypercube_inclusion",
+            "Share of queries inside the forget skill's hypercube mu_F +- alpha*sigma_F as "
+            "alpha grows: fit queries, held-out forget queries, and other skills (Figure 5).",
+        )
+        save(
+            plots.plot_hypercube_layers(cube),
+            "hypercube_geometry",
+            "Normalised log-volume of the forget cube and distance between skill centres "
+            "(in sigma units) across layers (Figure 6).",
+        )
     with run.timer("analyze convexity"):
         conv = convexity(keys["forget"], others, seed=run.args.seed)
         conv.per_layer.to_csv(run.path("tables", "convexity_by_layer.csv"))
         conv.separability.to_csv(run.path("tables", "linear_separability.csv"), index=False)
-        save(plots.plot_convexity(conv), "convexity",
-             "Is the forget region convex? Segment points nearest a forget key, held-out "
-             "accuracy of a linear classifier, and false positives of one box vs k boxes.")  # fmt: skip
+        save(
+            plots.plot_convexity(conv),
+            "convexity",
+            "Is the forget region convex? Segment points nearest a forget key, held-out "
+            "accuracy of a linear classifier, and false positives of one box vs k boxes.",
+        )
     summary = {
         "share_gaussian": float(fit.share_gaussian),
         "hypercube": cube.summary(),
@@ -305,14 +332,26 @@ def stage_unlearn(run: Run, probed: dict[str, Any]) -> dict[str, Any]:
     retain = _first_retain(run)
     fitted = {}
     specs = {
-        "NA": (NeuronAdjust, lambda: NeuronAdjust(ratio=0.03, seed=run.args.seed)
-               .fit(stats["forget"], stats[retain])),
-        "KSD": (KeySpaceDetector, lambda: KeySpaceDetector(layers=-1)
-                .fit(keys["forget"], _concat([keys[r] for r in keys if r != "forget"]),
-                     fpr=0.05, seed=run.args.seed)),
-        "SP": (SelectivePruning, lambda: SelectivePruning(ratio=0.015)
-               .fit(imp["forget"], imp[retain])),
-    }  # fmt: skip
+        "NA": (
+            NeuronAdjust,
+            lambda: NeuronAdjust(ratio=0.03, seed=run.args.seed).fit(
+                stats["forget"], stats[retain]
+            ),
+        ),
+        "KSD": (
+            KeySpaceDetector,
+            lambda: KeySpaceDetector(layers=-1).fit(
+                keys["forget"],
+                _concat([keys[r] for r in keys if r != "forget"]),
+                fpr=0.05,
+                seed=run.args.seed,
+            ),
+        ),
+        "SP": (
+            SelectivePruning,
+            lambda: SelectivePruning(ratio=0.015).fit(imp["forget"], imp[retain]),
+        ),
+    }
     for name, (cls, make) in specs.items():
         path = run.path("interventions", f"{name}.safetensors")
         if path.exists():
@@ -340,8 +379,9 @@ def stage_evaluate(run: Run, fitted: dict[str, Any]) -> Any:
         label = "forget" if role == "forget" else ("general" if role == "general" else "retain")
         held[f"{held_out.name} ({label})"] = held_out
     with run.timer("evaluate"):
-        table = evaluate(run.model, held, fitted, batch_size=run.args.batch_size,
-                         quiet=run.args.quiet)  # fmt: skip
+        table = evaluate(
+            run.model, held, fitted, batch_size=run.args.batch_size, quiet=run.args.quiet
+        )
     table.to_csv(run.path("tables", "evaluation.csv"), index=False)
     table.to_json(run.path("tables", "evaluation.json"), orient="records", indent=2)
     rel = relative_table(table)
@@ -360,8 +400,13 @@ def _environment() -> dict[str, str]:
         tl = getattr(transformer_lens, "__version__", "?")
     except Exception:  # noqa: BLE001
         tl = "?"
-    return {"mechunlearn": __version__, "torch": torch.__version__, "transformer-lens": tl,
-            "python": platform.python_version(), "machine": platform.machine()}  # fmt: skip
+    return {
+        "mechunlearn": __version__,
+        "torch": torch.__version__,
+        "transformer-lens": tl,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -369,8 +414,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.n < 4:
-        print("mechunlearn: error: --n must be at least 4 (each skill is split in halves).",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "mechunlearn: error: --n must be at least 4 (each skill is split in halves).",
+            file=sys.stderr,
+        )
         return 2
     try:
         run = Run(args)
@@ -390,8 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             analysis = {"figures": json.loads((run.out / "tables" / "figures.json").read_text())}
         from .report import write_report
 
-        write_report(run.out, run.settings, table, (analysis or {}).get("figures", []),
-                     _environment())  # fmt: skip
+        write_report(
+            run.out, run.settings, table, (analysis or {}).get("figures", []), _environment()
+        )
         return _done(run, index=True)
     except CLIError as err:
         print(f"mechunlearn: error: {err}", file=sys.stderr)
@@ -399,11 +447,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LookupError, ValueError, FileNotFoundError) as err:
         first = str(err).strip().splitlines()
         msg = " ".join(line.strip() for line in first[:6])
-        print(f"mechunlearn: error: {type(err).__name__}: {msg}", file=sys.stderr)
+        print(f"mechunlearn: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mechunlearn: interrupted; run the same command again to resume from the saved "
-              "statistics.", file=sys.stderr)  # fmt: skip
+        print(
+            "mechunlearn: interrupted; run the same command again to resume from the saved "
+            "statistics.",
+            file=sys.stderr,
+        )
         return 130
 
 

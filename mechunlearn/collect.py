@@ -129,7 +129,9 @@ class NeuronStats:
     """Per-layer, per-neuron statistics of one hook site over one skill.
 
     Index ``[i, n]`` is neuron ``n`` of layer ``layers[i]``. Non-finite values (NaN, inf) are
-    counted in ``n_nonfinite`` and left out of every other statistic.
+    counted in ``n_nonfinite`` and left out of the moments, min and max; the reservoir keeps the
+    sampled tokens' values as they were (the analyses drop non-finite ones per neuron). The
+    reservoir is float32 whatever the model's dtype; the moments are float64.
 
     Attributes:
         site: ``"pre"`` or ``"key"``.
@@ -196,7 +198,9 @@ class NeuronStats:
             min=torch.full(shape, float("inf"), **f64),
             max=torch.full(shape, float("-inf"), **f64),
             n_nonfinite=torch.zeros(shape, dtype=torch.long, device=device),
-            samples=torch.zeros((len(layers), reservoir_size, d_mlp), device=device),
+            samples=torch.zeros(
+                (len(layers), reservoir_size, d_mlp), dtype=torch.float32, device=device
+            ),  # fmt: skip
             sample_keys=torch.full((reservoir_size,), float("inf"), **f64),
             meta=dict(meta or {}),
         )
@@ -261,6 +265,7 @@ class NeuronStats:
         for name, value in kw.items():
             if isinstance(value, Tensor):
                 kw[name] = value.to(device)
+        kw["layers"], kw["meta"] = list(self.layers), dict(self.meta)
         return NeuronStats(**kw)
 
     def __repr__(self) -> str:

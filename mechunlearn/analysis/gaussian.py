@@ -113,9 +113,13 @@ def filled_rows(stats: NeuronStats, max_rows: int | None = None) -> Tensor:
 def layer_samples(stats: NeuronStats, row: int, rows: Tensor) -> np.ndarray:
     """Reservoir values of layer row ``row`` as a host array ``[d_mlp, n]`` (one neuron a row).
 
+    ``rows``: ascending distinct reservoir rows (from :func:`filled_rows`).
+
     float64 samples stay float64; anything else becomes float32 (exact for float32, bf16, f16).
     """
-    x = stats.samples[row].index_select(0, rows.to(stats.samples.device))
+    x = stats.samples[row]
+    if rows.numel() != x.shape[0]:  # rows are ascending and distinct: all rows, or a subset
+        x = x.index_select(0, rows.to(x.device))
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.detach().to("cpu", dtype).t().contiguous().numpy()  # torch transposes in blocks
 
@@ -451,9 +455,13 @@ def _normality_kernel(xs: np.ndarray, shapiro: bool) -> dict[str, np.ndarray]:
         log_sf = np.log1p(-cdf, out=cdf)
         # log(1 - cdf) loses precision (and is -inf past z = 8.3) in the upper tail, log(cdf)
         # underflows far in the lower tail: recompute those few values as scipy does.
-        for log_p, far, sign in ((log_sf, x > 5.0, -1.0), (log_cdf, x < -20.0, 1.0)):
-            if far.any():
-                log_p[far] = special.log_ndtr(sign * x[far])
+        # Rows are sorted: only if some row ends (starts) far out is there anything to fix.
+        if (x[:, -1] > 5.0).any():
+            far = np.nonzero(x > 5.0)
+            log_sf[far] = special.log_ndtr(-x[far])
+        if (x[:, 0] < -20.0).any():
+            far = np.nonzero(x < -20.0)
+            log_cdf[far] = special.log_ndtr(x[far])
         w_cdf = 2.0 * i - 1.0
         ad = (
             -n
@@ -796,7 +804,11 @@ def gaussian_fit(
         acc = _rule_accuracy(stats, other)
         for key, value in acc.items():
             table[key] = value
-        notes.add(np.isnan(acc["rule_balanced_acc"]), None, "decision rule undefined (sigma=0)")
+        std_r = other.std.detach().to("cpu", torch.float64).numpy().ravel()
+        sigma_ok = (std > 0) & (std_r > 0)
+        undefined = np.isnan(acc["rule_balanced_acc"])
+        notes.add(undefined & ~sigma_ok, None, "decision rule undefined (a sigma is 0 or NaN)")
+        notes.add(undefined & sigma_ok, None, "decision rule: no finite samples on a skill")
     table["note"] = notes.values()
 
     n_few, n_const = int(few.sum()), int(constant.sum())

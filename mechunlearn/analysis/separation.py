@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,8 +157,13 @@ def _sortable_keys(x: np.ndarray, finite: np.ndarray | None, out: np.ndarray, la
         out |= np.uint64(1) if finite is None else finite
 
 
-def _sorted_labels(xf: np.ndarray, xr: np.ndarray, ff, fr) -> tuple[np.ndarray, np.ndarray]:
-    """Merge-sort each row of F and R: ``(labels, same_as_next)``; ties put R (label 0) first."""
+def _merge_sorted(xf: np.ndarray, xr: np.ndarray, ff, fr) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Sort each row of F and R together.
+
+    Returns ``(labels, order_values, packed)``: ``labels`` (uint8, 1 = F) in sorted order, ties
+    with R (label 0) first; ``order_values`` the sorted uint64 keys with the label in the lowest
+    bit (``packed``) or, for float64 input, the sorted values.
+    """
     b, nf_cap = xf.shape
     n = nf_cap + xr.shape[1]
     if xf.dtype == np.float32 and xr.dtype == np.float32:
@@ -165,12 +171,14 @@ def _sorted_labels(xf: np.ndarray, xr: np.ndarray, ff, fr) -> tuple[np.ndarray, 
         _sortable_keys(xf, ff, key[:, :nf_cap], 1)
         _sortable_keys(xr, fr, key[:, nf_cap:], 0)
         key.sort(axis=1)
-        labels = (key & np.uint64(1)).astype(np.int32)
-        same = (key[:, :-1] ^ key[:, 1:]) < 2
-        return labels, same
+        if sys.byteorder == "little":  # the lowest byte of each key, read in one pass
+            labels = key.view(np.uint8)[:, ::8] & np.uint8(1)
+        else:
+            labels = (key & np.uint64(1)).astype(np.uint8)
+        return labels, key, True
     # float64 samples: a stable lexicographic sort (value, then label)
     vals = np.concatenate([xf, xr], axis=1).astype(np.float64)
-    lab = np.zeros((b, n), dtype=np.int32)
+    lab = np.zeros((b, n), dtype=np.uint8)
     lab[:, :nf_cap] = 1 if ff is None else ff
     if ff is not None or fr is not None:
         fin = np.concatenate(
@@ -179,9 +187,14 @@ def _sorted_labels(xf: np.ndarray, xr: np.ndarray, ff, fr) -> tuple[np.ndarray, 
         vals[~fin] = np.inf
     vals += 0.0
     order = np.lexsort((lab, vals), axis=-1)
-    labels = np.take_along_axis(lab, order, axis=1)
-    v = np.take_along_axis(vals, order, axis=1)
-    return labels, v[:, :-1] == v[:, 1:]
+    return np.take_along_axis(lab, order, axis=1), np.take_along_axis(vals, order, axis=1), False
+
+
+def _same_as_next(order_values: np.ndarray, packed: bool) -> np.ndarray:
+    """``[rows, n-1]``: whether each sorted value equals the next one."""
+    if packed:
+        return (order_values[:, :-1] ^ order_values[:, 1:]) < 2
+    return order_values[:, :-1] == order_values[:, 1:]
 
 
 def two_sample_ks_auroc(
@@ -214,34 +227,47 @@ def two_sample_ks_auroc(
     ff, fr = np.isfinite(xf), np.isfinite(xr)
     nf, nr = np.count_nonzero(ff, axis=1), np.count_nonzero(fr, axis=1)
     bad_f, bad_r = nf < nf_cap, nr < nr_cap
-    labels, same = _sorted_labels(xf, xr, ff if bad_f.any() else None, fr if bad_r.any() else None)
+    labels, ordered, packed = _merge_sorted(
+        xf, xr, ff if bad_f.any() else None, fr if bad_r.any() else None
+    )
     wide = np.int64 if n * n >= 2**31 else np.int32
-    c_f = np.cumsum(labels, axis=1, dtype=wide)
+    c_f = np.cumsum(labels, axis=1, dtype=wide)  # F values at or before each position
     pos1 = np.arange(1, n + 1, dtype=wide)
     # n_F n_R (F_F - F_R) after each position, as an integer
-    diff = c_f * (nf + nr).astype(wide)[:, None]
-    diff -= pos1 * nf.astype(wide)[:, None]
-    # Ties across skills (sorted R first) make intermediate positions overshoot; rows with
-    # such ties or with left-out values take the maximum over ends of tie groups only.
-    mixed = (labels[:, :-1] == 0) & (labels[:, 1:] == 1) & same
-    special = mixed.any(axis=1) | bad_f | bad_r
+    if b and (nf == nf[0]).all() and (nr == nr[0]).all():
+        diff = c_f * wide(nf[0] + nr[0])
+        diff -= pos1 * wide(nf[0])
+    else:
+        diff = c_f * (nf + nr).astype(wide)[:, None]
+        diff -= pos1 * nf.astype(wide)[:, None]
     d_int = np.maximum(diff.max(axis=1), -diff.min(axis=1)).astype(np.float64)
-    u = np.einsum("ij,j->i", labels.astype(np.float64), pos1.astype(np.float64))
-    u -= nf * (nf + 1) / 2.0
+    # rank sum of F = sum_p label_p (p + 1) = (n + 1) n_F - sum_p c_F[p]
+    u = (n + 1.0) * nf - c_f.sum(axis=1, dtype=np.int64) - nf * (nf + 1) / 2.0
+    # A tie group holding both skills (sorted R first) makes positions inside it overshoot
+    # and counts all its R below its F; such rows, and rows with left-out values, are redone
+    # over the ends of tie groups only.
+    if packed:
+        mixed_rows = ((ordered[:, :-1] ^ ordered[:, 1:]) == 1).any(axis=1)
+    else:
+        same = _same_as_next(ordered, packed)
+        mixed_rows = (same & (labels[:, :-1] == 0) & (labels[:, 1:] == 1)).any(axis=1)
+    special = mixed_rows | bad_f | bad_r
     if special.any():
         rows = np.flatnonzero(special)
+        same = _same_as_next(ordered[rows], packed)
         end = np.ones((rows.size, n), dtype=bool)
-        end[:, :-1] = ~same[rows]
+        end[:, :-1] = ~same
         end &= pos1[None, :] <= (nf + nr)[rows, None]
         dd = np.abs(diff[rows])
         dd[~end] = 0
         d_int[rows] = dd.max(axis=1)
-        mix = mixed[rows]
+        lab = labels[rows]
+        mix = same & (lab[:, :-1] == 0) & (lab[:, 1:] == 1)
         if mix.any():
             # Each mixed tie group holds n_R,g retain then n_F,g forget values; the rank sum
             # counted all of its R below its F: take half of those n_R,g n_F,g pairs back.
             gid = np.zeros((rows.size, n), dtype=np.int64)
-            gid[:, 1:] = np.cumsum(~same[rows], axis=1)
+            gid[:, 1:] = np.cumsum(~same, axis=1)
             gid += (np.arange(rows.size, dtype=np.int64) * (n + 1))[:, None]
             flat = gid.ravel()
             r_i, c_i = np.nonzero(mix)

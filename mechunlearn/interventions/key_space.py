@@ -53,14 +53,7 @@ from torch import Tensor
 
 from ..analysis.hypercube import Cube, check_finite, fit_cube, normalized_distance
 from ..collect import KeyVectors, _check_compatible
-from ..sites import (
-    hook_name,
-    iter_batches,
-    model_device,
-    n_layers,
-    pad_batch,
-    tokenize_examples,
-)
+from ..sites import hook_name, iter_batches, model_device, pad_batch, tokenize_examples
 from .base import Hook, Intervention, check_positive
 
 REFUSAL = "Sorry, your query is not valid"
@@ -316,8 +309,9 @@ class KeyRegionDetector(Intervention):
         m = ranked.shape[0]
 
         def alphas(j: int) -> Tensor:
-            # just below the j-th smallest margin: exactly j calibration points inside
-            return torch.nextafter(ranked[j], torch.zeros_like(ranked[j]))
+            # just below the j-th smallest distance (0-based): j calibration points inside per
+            # layer; the relative gap keeps distance / alpha clear of 1 after rounding
+            return ranked[j] * (1 - 1e-9)
 
         def rate(d: Tensor, alpha: Tensor) -> float:
             return float(_detect(d / alpha, rule_k).float().mean())
@@ -441,6 +435,7 @@ class KeyRegionDetector(Intervention):
 
     def _hook(self, row: int, layer: int, positions: Tensor | None, record: DetectionRecord):
         name = hook_name("key", layer)
+        moved: dict[str, Tensor] = {}
 
         def hook(activation: Float[Tensor, "batch pos d_mlp"], hook=None) -> Tensor:
             self._check_width(activation, name)
@@ -454,8 +449,11 @@ class KeyRegionDetector(Intervention):
             if positions is None:
                 x = activation[:, -1]
             else:
+                pos = moved.get(str(device))
+                if pos is None:  # once per device (a no-op when already there)
+                    pos = moved[str(device)] = positions.to(device)
                 rows = torch.arange(activation.shape[0], device=device)
-                x = activation[rows, positions.to(device)]
+                x = activation[rows, pos]
             dist = self._distance_row(x.to(t["alpha"].dtype), t["rows"][row])
             record.margins[layer] = dist / t["alpha"][row]
             return activation
@@ -472,8 +470,9 @@ class KeyRegionDetector(Intervention):
     ) -> Detection:
         """Detect prompts: one prompt-only forward per batch, read at the last prompt token.
 
-        Tokenised as :func:`mechunlearn.collect_keys` does (``[BOS] + prompt``), right-padded,
-        and stopped after the last detection layer.
+        Tokenised as :func:`mechunlearn.collect_keys` does (``[BOS] + prompt``), right-padded;
+        each forward is stopped (by an exception raised from a hook) as soon as the last
+        detection layer's key vector is read.
 
         Args:
             model: the model the detector was fitted on.
@@ -491,20 +490,23 @@ class KeyRegionDetector(Intervention):
         self.check_model(model)
         prompts = _prompt_list(prompts)
         margin = torch.empty((len(prompts), len(self.layers_)), dtype=torch.float64)
-        stop = max(self.layers_) + 1
-        stop_at = stop if stop < n_layers(model) else None
+        last = hook_name("key", max(self.layers_))
         with torch.inference_mode():
             for batch in iter_batches(
                 model, prompts, None, batch_size=batch_size, max_length=max_length
             ):
                 record = DetectionRecord(self)
                 hooks = self.hooks(positions=batch.last_prompt, record=record)
-                model.run_with_hooks(
-                    batch.tokens,
-                    fwd_hooks=hooks,
-                    attention_mask=batch.attention_mask,
-                    stop_at_layer=stop_at,
-                )
+                # Stop the forward right after the last detection layer's key vector: the
+                # rest of the model (that layer's W_out, later layers, the unembedding) is
+                # not needed. run_with_hooks removes the hooks on the way out.
+                hooks.append((last, _stop_forward))
+                try:
+                    model.run_with_hooks(
+                        batch.tokens, fwd_hooks=hooks, attention_mask=batch.attention_mask
+                    )
+                except _StopForward:
+                    pass
                 margin[batch.example_index.cpu()] = record.margin.double().cpu()
         return self._detection(margin)
 
@@ -532,7 +534,8 @@ class KeyRegionDetector(Intervention):
             prompts: a Skill (its prompts), a list of strings, or one string.
             max_new_tokens: generation length.
             refusal: the text returned for detected prompts (the authors' by default).
-            batch_size: prompts per detection forward and per generation call (default: all).
+            batch_size: prompts per detection forward and per generation call (default: 16
+                per detection forward, and every kept prompt in one generation call).
             max_length: the longest prompt allowed.
             return_detection: also return the :class:`Detection`.
             **generate_kwargs: passed to ``model.generate`` (e.g. ``do_sample=True``).
@@ -547,8 +550,8 @@ class KeyRegionDetector(Intervention):
         """
         prompts = _prompt_list(prompts)
         n = len(prompts)
-        bs = batch_size or max(n, 1)
-        detection = self.detect(model, prompts, batch_size=bs, max_length=max_length)
+        detection = self.detect(model, prompts, batch_size=batch_size or 16, max_length=max_length)
+        bs = batch_size or n
         keep = torch.nonzero(~detection.detected).flatten().tolist()
         texts = [refusal] * n
         if keep:
@@ -730,6 +733,14 @@ class EllipsoidDetector(KeyRegionDetector):
 
 
 # ------------------------------------------------------------------------------ helpers
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early (caught by :meth:`detect`)."""
+
+
+def _stop_forward(activation: Tensor, hook=None) -> Tensor:
+    raise _StopForward
+
+
 def _check_rule(rule: Any) -> None:
     if isinstance(rule, str):
         if rule not in ("any", "all"):

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
 from ..collect import NeuronStats, _check_compatible
@@ -87,7 +87,8 @@ class NeuronAdjust(Intervention):
         layers_: layers of the statistics (the hooks attach to those with a selected neuron).
         d_mlp_: neurons per layer.
         meta_: model name and shape.
-        scores_: ``[layers, d_mlp]`` separation scores (``-inf`` for degenerate neurons).
+        scores_: ``[layers, d_mlp]`` float64 separation scores (``-inf`` for degenerate
+            neurons).
         selected_: ``[layers, d_mlp]`` bool mask of the adjusted neurons.
         n_selected_: number of selected neurons per fitted layer.
         mu_f_, sigma_f_, mu_r_, sigma_r_: ``[layers, d_mlp]`` float64 Gaussian parameters
@@ -157,15 +158,14 @@ class NeuronAdjust(Intervention):
             )
         stats_r = stats_r.to(stats_f.mean.device)
         valid = _valid_neurons(stats_f) & _valid_neurons(stats_r)
-        scores = separation_scores(stats_f, stats_r, self.score).to(valid.device, torch.float64)
-        scores = torch.where(valid & ~torch.isnan(scores), scores, -torch.inf)
-        selected = _as_mask(top_neurons(scores, self.ratio), scores.shape).to(valid.device)
-        selected &= valid
-        if not bool(selected.any()):
+        if not bool(valid.any()):
             raise ValueError(
-                "No neuron can be selected: every candidate has an undefined or zero standard "
+                "No neuron can be selected: every neuron has an undefined or zero standard "
                 "deviation on one of the skills (collect more tokens)."
             )
+        scores = separation_scores(stats_f, stats_r, self.score).to(valid.device, torch.float64)
+        scores = torch.where(valid & ~torch.isnan(scores), scores, -torch.inf)
+        selected = top_neurons(scores, ratio=self.ratio).to(valid.device) & valid
         self.site_ = stats_f.site
         self.layers_ = [int(x) for x in stats_f.layers]
         self.d_mlp_ = stats_f.d_mlp
@@ -175,7 +175,7 @@ class NeuronAdjust(Intervention):
             if k in stats_f.meta
         }
         self.meta_.update(forget=stats_f.meta.get("skill"), retain=stats_r.meta.get("skill"))
-        self.scores_ = scores.float()
+        self.scores_ = scores
         self.selected_ = selected
         self.mu_f_, self.sigma_f_ = stats_f.mean.clone(), stats_f.std
         self.mu_r_, self.sigma_r_ = stats_r.mean.clone(), stats_r.std
@@ -293,27 +293,6 @@ def adjust(
     log_ratio = 0.5 * (zr.square() - zf.square()) + log_sr_sf
     replace = (log_ratio >= 0) & (u < torch.sigmoid(log_ratio))
     return torch.where(replace, mr + (x - mf) * slope, x)
-
-
-def _as_mask(selection: Any, shape: torch.Size) -> Bool[Tensor, "layer d_mlp"]:
-    """top_neurons' result as a bool mask (it may return a mask or (layer, neuron) indices)."""
-    if isinstance(selection, Tensor) and selection.dtype == torch.bool:
-        if selection.shape != shape:
-            raise ValueError(f"top_neurons gave a mask of shape {tuple(selection.shape)}.")
-        return selection
-    if isinstance(selection, tuple) and len(selection) == 2:
-        rows, cols = (torch.as_tensor(s) for s in selection)
-    else:
-        sel = torch.as_tensor(selection)
-        if sel.ndim == 2 and sel.shape[1] == 2:
-            rows, cols = sel[:, 0], sel[:, 1]
-        elif sel.ndim == 1:  # flat indices
-            rows, cols = sel // shape[1], sel % shape[1]
-        else:
-            raise TypeError(f"Cannot read top_neurons' result of type {type(selection)}.")
-    mask = torch.zeros(shape, dtype=torch.bool, device=rows.device)
-    mask[rows.long(), cols.long()] = True
-    return mask
 
 
 def sweep_ratio(

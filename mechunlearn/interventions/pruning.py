@@ -32,7 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .. import __version__
-from ..collect import NeuronStats, _check_compatible, _model_meta, _skill_texts
+from ..collect import NeuronStats, _check_compatible, _model_meta, _skill_texts, check_same_model
 from ..io import load_tensors, save_tensors
 from ..sites import d_mlp, hook_name, iter_batches, model_device, n_layers, resolve_layers
 from .base import Hook, Intervention, check_fraction, check_positive
@@ -60,18 +60,31 @@ class Importance:
             f"d_mlp={self.values.shape[1]}, tokens={self.n_tokens})"
         )
 
+    def to(self, device: torch.device | str) -> Importance:
+        """A copy on ``device``."""
+        return Importance(self.values.to(device), list(self.layers), self.n_tokens, dict(self.meta))
+
+    def check_model(self, model) -> None:
+        """Raise if ``model`` has a different shape from the one these importances came from."""
+        check_same_model(self.meta, model, "These importances")
+
     def save(self, path: str | Path) -> Path:
         """Write to a safetensors file with the metadata as JSON in its header."""
-        info = {"kind": "Importance", "layers": self.layers, "n_tokens": self.n_tokens,
-                "meta": self.meta}  # fmt: skip
+        info = {
+            "kind": "Importance",
+            "layers": self.layers,
+            "n_tokens": self.n_tokens,
+            "meta": self.meta,
+        }
         return save_tensors(path, {"values": self.values}, info)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> Importance:
         """Read importances written by :meth:`save`."""
         tensors, info = load_tensors(path, "Importance", device)
-        return cls(tensors["values"], list(info["layers"]), int(info["n_tokens"]),
-                   dict(info["meta"]))  # fmt: skip
+        return cls(
+            tensors["values"], list(info["layers"]), int(info["n_tokens"]), dict(info["meta"])
+        )
 
 
 def collect_importance(
@@ -282,8 +295,10 @@ class SelectivePruning(Intervention):
                 )
             self._start(importance_f)
             scores = self._scores(importance_f, importance_r)
-            self.selected_ = self._top(scores, self.ratio, ~torch.zeros_like(scores, dtype=bool))
-            self.scores_ = scores.float()
+            self.selected_ = self._top(
+                scores, torch.ones_like(scores, dtype=bool), ratio=self.ratio
+            )
+            self.scores_ = scores
             self.history_ = [self._history(importance_f, importance_r)]
             self._after_fit()
             return self
@@ -317,8 +332,8 @@ class SelectivePruning(Intervention):
             self.history_.append(self._history(imp_f, imp_r, pruned))
             scores = self._scores(imp_f, imp_r).masked_fill(pruned, -torch.inf)
             k = min(per_step, target - int(pruned.sum()))
-            new = self._top(scores, k / total, ~pruned)
-            self.scores_ = scores.float()
+            new = self._top(scores, ~pruned, k=k)
+            self.scores_ = scores
             if not bool(new.any()):
                 warnings.warn(
                     f"Iterative pruning stopped early at {int(pruned.sum())} of {target} "
@@ -344,12 +359,11 @@ class SelectivePruning(Intervention):
         return imp_f.values / (imp_r.values.to(imp_f.values.device) + self.eps)
 
     @staticmethod
-    def _top(scores: Tensor, ratio: float, allowed: Tensor) -> Tensor:
+    def _top(scores: Tensor, allowed: Tensor, ratio: float | None = None, k: int | None = None):
         from ..analysis.separation import top_neurons
-        from .neuron_adjust import _as_mask
 
         scores = torch.where(allowed & ~torch.isnan(scores), scores, -torch.inf)
-        return _as_mask(top_neurons(scores, ratio), scores.shape).to(scores.device) & allowed
+        return top_neurons(scores, ratio=ratio, k=k).to(scores.device) & allowed
 
     def _history(self, imp_f: Importance, imp_r: Importance, pruned: Tensor | None = None):
         done = 0 if pruned is None else int(pruned.sum())

@@ -64,6 +64,7 @@ def test_detect_matches_brute_force_inclusion(tiny_llama, keys):
     margin = (np.abs(x - mu) / sigma).max(-1) / alpha
     np.testing.assert_allclose(det.margin.numpy(), margin, rtol=1e-4)
     assert torch.equal(det.detected, det.score <= 1)
+    assert all(not hp.fwd_hooks for hp in tiny_llama.hook_dict.values())  # stopped cleanly
     frame = det.to_frame()
     assert list(frame.columns[:3]) == ["detected", "score", "fired_layers"]
     assert len(frame) == len(prompts)

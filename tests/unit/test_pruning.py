@@ -38,7 +38,7 @@ def test_top_fraction_of_score():
     expected[top] = True
     assert torch.equal(sp.selected_.cpu().flatten(), expected)
     assert sum(sp.n_selected_) == 6
-    torch.testing.assert_close(sp.scores_.double(), score.float().double())
+    torch.testing.assert_close(sp.scores_, score)
 
 
 def test_collect_importance_matches_brute_force(tiny_llama):
@@ -62,6 +62,14 @@ def test_collect_importance_matches_brute_force(tiny_llama):
         count += len(ids) - 1
     assert imp.n_tokens == count
     np.testing.assert_allclose(imp.values.cpu().numpy(), total / count, rtol=1e-5, atol=1e-9)
+
+
+def test_importance_save_load(tmp_path, tiny_llama):
+    imp = collect_importance(tiny_llama, F, layers=[0, 2])
+    back = Importance.load(imp.save(tmp_path / "imp"))
+    assert torch.equal(back.values, imp.values.cpu())
+    assert back.layers == [0, 2] and back.n_tokens == imp.n_tokens and back.meta == imp.meta
+    back.check_model(tiny_llama)
 
 
 def test_hook_equals_weight_zeroing(tiny_model):

@@ -1,0 +1,154 @@
+"""Unlearning results on the default model: NA, KSD and SP on held-out examples, with the
+trade-off over NA's ratio, KSD's alpha and SP's ratio.
+
+Tasks (each probes the first half of every skill and scores the other half):
+
+* ``gsm8k-vs-mbpp``: forget GSM8K, retain MBPP, general MMLU and English Wikipedia text
+  (XQuAD en contexts);
+* ``mbpp-vs-gsm8k``: the reverse;
+* ``xquad-de``: forget German reading comprehension (XQuAD de), retain the other six MLQA
+  languages, general MMLU.
+
+Usage:
+    MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py [--n 48] [--tasks ...]
+
+Writes ``results/unlearning/<task>/`` (the run's report folder, plus ``sweep.csv`` and
+``tradeoff.png``) and ``results/unlearning/summary.csv``; prints where they went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+import mechunlearn as mu
+from mechunlearn import cli
+from mechunlearn.plots import plot_tradeoff, save_figure
+
+TASKS = {
+    "gsm8k-vs-mbpp": dict(forget="gsm8k", retain=["mbpp"], general="mmlu", wiki=True),
+    "mbpp-vs-gsm8k": dict(forget="mbpp", retain=["gsm8k"], general="mmlu", wiki=True),
+    "xquad-de": dict(
+        forget="xquad:de",
+        retain=["xquad:en", "xquad:es", "xquad:hi", "xquad:zh", "xquad:vi", "xquad:ar"],
+        general="mmlu",
+        wiki=False,
+    ),
+}
+NA_RATIOS = (0.005, 0.015, 0.03, 0.1)
+KSD_H = (0.5, 1.0, 1.5, 2.0)
+KSD_FPR = (0.01, 0.05, 0.1)
+SP_RATIOS = (0.005, 0.015, 0.05)
+
+
+def wiki_skill(n: int, seed: int, data_dir: str | None) -> mu.Skill:
+    """English Wikipedia paragraphs (the XQuAD en contexts) as a language-modelling skill:
+    the first sentence is the prompt, the rest of the paragraph the answer."""
+    qa = mu.load_skill("xquad:en", data_dir=data_dir)
+    seen, examples = set(), []
+    for ex in qa:
+        context = ex.prompt.split("\nQuestion:")[0].removeprefix("Context: ")
+        if context in seen:
+            continue
+        seen.add(context)
+        head, _, rest = context.partition(". ")
+        if rest:
+            examples.append(mu.Example(head + ".", " " + rest))
+    return mu.Skill("wikipedia-en", examples, source="xquad en contexts").subsample(n, seed)
+
+
+def run_task(name: str, spec: dict, args) -> pd.DataFrame:
+    out = Path(args.out) / name
+    argv = [
+        "run",
+        "--forget",
+        spec["forget"],
+        "--retain",
+        *spec["retain"],
+        "--general",
+        spec["general"],
+        "--n",
+        str(args.n),
+        "--out",
+        str(out),
+        "--seed",
+        str(args.seed),
+        "--batch-size",
+        str(args.batch_size),
+    ]
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.quiet:
+        argv.append("--quiet")
+    code = cli.main(argv)
+    if code:
+        raise SystemExit(f"the run for {name} failed (exit {code})")
+
+    # The same probe statistics, re-used for every hyperparameter of the sweep.
+    parsed = cli._parser().parse_args(argv)
+    run = cli.Run(parsed)
+    probed = cli.stage_collect(run)
+    stats, keys, imp = probed["stats"], probed["keys"], probed["importance"]
+    retain = cli._first_retain(run)
+    keys_r = cli._concat([keys[role] for role in keys if role != "forget"])
+    ivs: dict[str, object] = {}
+    for r in NA_RATIOS:
+        ivs[f"NA ratio={r}"] = mu.NeuronAdjust(ratio=r, seed=args.seed).fit(
+            stats["forget"], stats[retain]
+        )
+    for h in KSD_H:
+        ivs[f"KSD h={h}"] = mu.KeySpaceDetector(h=h, layers=-1).fit(keys["forget"])
+    for fpr in KSD_FPR:
+        ivs[f"KSD auto fpr={fpr}"] = mu.KeySpaceDetector(layers=-1).fit(
+            keys["forget"], keys_r, fpr=fpr, seed=args.seed
+        )
+    ivs["Ellipsoid auto fpr=0.05"] = mu.EllipsoidDetector(layers=-1).fit(
+        keys["forget"], keys_r, fpr=0.05, seed=args.seed
+    )
+    for r in SP_RATIOS:
+        ivs[f"SP ratio={r}"] = mu.SelectivePruning(ratio=r).fit(imp["forget"], imp[retain])
+
+    held = {}
+    for role, (_, held_out) in run.skills.items():
+        label = "forget" if role == "forget" else ("general" if role == "general" else "retain")
+        held[f"{held_out.name} ({label})"] = held_out
+    if spec["wiki"]:
+        held["wikipedia-en (general)"] = wiki_skill(args.n, args.seed, args.data_dir)
+    table = mu.evaluate(run.model, held, ivs, batch_size=args.batch_size, quiet=args.quiet)
+    table.insert(0, "task", name)
+    table.to_csv(out / "sweep.csv", index=False)
+    fig = plot_tradeoff(table, title=f"{name}: forget vs keep (held-out, relative)")
+    save_figure(fig, out / "tradeoff")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--n", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
+    parser.add_argument("--out", default="results/unlearning")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    if not args.data_dir:
+        sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    tables = [run_task(name, TASKS[name], args) for name in args.tasks]
+    summary = pd.concat(tables, ignore_index=True)
+    path = Path(args.out) / "summary.csv"
+    summary.to_csv(path, index=False)
+    (Path(args.out) / "settings.json").write_text(json.dumps(vars(args), indent=2))
+    print(f"unlearning study: {path} and {Path(args.out)}/<task>/tradeoff.png")
+
+
+if __name__ == "__main__":
+    main()
