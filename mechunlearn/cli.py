@@ -332,13 +332,13 @@ def stage_unlearn(run: Run, probed: dict[str, Any]) -> dict[str, Any]:
     retain = _first_retain(run)
     fitted = {}
     specs = {
-        "NA": (
+        "NeuronAdjust": (
             NeuronAdjust,
             lambda: NeuronAdjust(ratio=0.03, seed=run.args.seed).fit(
                 stats["forget"], stats[retain]
             ),
         ),
-        "KSD": (
+        "KeySpaceDetection": (
             KeySpaceDetector,
             lambda: KeySpaceDetector(layers=-1).fit(
                 keys["forget"],
@@ -347,7 +347,7 @@ def stage_unlearn(run: Run, probed: dict[str, Any]) -> dict[str, Any]:
                 seed=run.args.seed,
             ),
         ),
-        "SP": (
+        "SelectivePruning": (
             SelectivePruning,
             lambda: SelectivePruning(ratio=0.015).fit(imp["forget"], imp[retain]),
         ),

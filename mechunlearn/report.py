@@ -109,8 +109,8 @@ def write_report(
 
 <h2>Relative performance (after / before)</h2>
 <p>Scored on held-out examples with {metric_text}; an abstention counts as wrong. Green meets
-the goal (forget &le; 0.5, others &ge; 0.9), red does not. NA = Neuron Adjust, KSD = Key Space
-Detection, SP = Selective Pruning (baseline).</p>
+the goal (forget &le; 0.5, others &ge; 0.9), red does not. Selective Pruning is the baseline; the
+methods' full names are kept in every table (a CSV reader would take "NA" for a missing value).</p>
 {_relative_html(table)}
 
 <h2>Diagnostics</h2>

@@ -194,8 +194,10 @@ class NeuronAdjust(Intervention):
                 continue
             mf, sf = self.mu_f_[row, idx], self.sigma_f_[row, idx]
             mr, sr = self.mu_r_[row, idx], self.sigma_r_[row, idx]
-            # rows: mu_F, 1/sigma_F, mu_R, 1/sigma_R, log(sigma_R/sigma_F), +-sigma_R/sigma_F
-            params = torch.stack([mf, 1 / sf, mr, 1 / sr, torch.log(sr / sf), sign * sr / sf])
+            slope = sign * sr / sf
+            params = torch.stack(
+                [-mf / sf, 1 / sf, -mr / sr, 1 / sr, torch.log(sr / sf), slope, mr - mf * slope]
+            )
             self._packed[layer] = (idx, params)
         self._clear_cache()
 
@@ -278,21 +280,25 @@ class NeuronAdjust(Intervention):
 
 
 def adjust(
-    x: Float[Tensor, "... k"], params: Float[Tensor, "6 k"], u: Float[Tensor, "... k"]
+    x: Float[Tensor, "... k"], params: Float[Tensor, "7 k"], u: Float[Tensor, "... k"]
 ) -> Float[Tensor, "... k"]:
     """NA's stochastic replacement of the selected values ``x`` given uniform draws ``u``.
 
-    ``params`` rows: ``mu_F, 1/sigma_F, mu_R, 1/sigma_R, log(sigma_R/sigma_F), +-sigma_R/sigma_F``
-    (minus for ``"reflect"``). ``x`` is replaced where ``log p_F >= log p_R`` and
-    ``u < p_F / (p_F + p_R) = sigmoid(log p_F - log p_R)``.
+    ``params`` rows (per selected neuron): ``-mu_F/sigma_F, 1/sigma_F, -mu_R/sigma_R,
+    1/sigma_R, log(sigma_R/sigma_F), s, mu_R - mu_F * s`` with the slope ``s = -+sigma_R/sigma_F``
+    (minus for ``"reflect"``). ``x`` is replaced by ``mu_R + (x - mu_F) * s`` where
+    ``log p_F - log p_R >= 0`` and ``u < p_F / (p_F + p_R) = sigmoid(log p_F - log p_R)``.
+    The log-density ratio is ``(z_R - z_F)(z_R + z_F)/2 + log(sigma_R/sigma_F)`` with the
+    standardised values ``z`` (no cancellation of large squares); written with ``addcmul`` so
+    that a hook launches few kernels.
     """
-    mf, inv_sf, mr, inv_sr, log_sr_sf, slope = params
-    zf = (x - mf) * inv_sf
-    zr = (x - mr) * inv_sr
+    a_f, inv_sf, a_r, inv_sr, log_sr_sf, slope, offset = params
+    zf = torch.addcmul(a_f, x, inv_sf)  # (x - mu_F) / sigma_F
+    zr = torch.addcmul(a_r, x, inv_sr)
     # log p_F - log p_R; the -log(sqrt(2 pi)) terms cancel.
-    log_ratio = 0.5 * (zr.square() - zf.square()) + log_sr_sf
+    log_ratio = torch.addcmul(log_sr_sf, zr - zf, zr + zf, value=0.5)
     replace = (log_ratio >= 0) & (u < torch.sigmoid(log_ratio))
-    return torch.where(replace, mr + (x - mf) * slope, x)
+    return torch.where(replace, torch.addcmul(offset, x, slope), x)
 
 
 def sweep_ratio(

@@ -48,7 +48,7 @@ def test_report_folder_has_tables_and_figures(report):
     ):
         assert (out / "figures" / f"{name}.png").stat().st_size > 5000
     table = pd.read_csv(out / "tables" / "evaluation.csv")
-    assert set(table["method"]) == {"base", "NA", "KSD", "SP"}
+    assert set(table["method"]) == {"base", "NeuronAdjust", "KeySpaceDetection", "SelectivePruning"}
     assert len(table) == 3 * 4  # forget, retain, general x methods
     assert (table.loc[table.method == "base", "relative"].dropna() == 1.0).all()
     records = json.loads((out / "tables" / "evaluation.json").read_text())
