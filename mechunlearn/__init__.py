@@ -14,18 +14,26 @@ from .collect import KeyVectors, NeuronStats, collect, collect_keys  # noqa: E40
 from .data import Example, Skill, SkillNotFoundError, load_skill  # noqa: E402
 from .evaluation import evaluate, relative_table  # noqa: E402
 from .interventions import (  # noqa: E402
+    REFUSAL,
+    Detection,
     EllipsoidDetector,
+    Importance,
     KeySpaceDetector,
     NeuronAdjust,
     NotFittedError,
     SelectivePruning,
     collect_importance,
+    sweep_ratio,
 )
 from .models import DEFAULT_MODEL, ModelNotFoundError, load_model  # noqa: E402
 from .sites import hook_name  # noqa: E402
 
 __all__ = [
     "DEFAULT_MODEL",
+    "REFUSAL",
+    "Detection",
+    "Importance",
+    "sweep_ratio",
     "EllipsoidDetector",
     "KeySpaceDetector",
     "NeuronAdjust",
