@@ -269,11 +269,15 @@ def iter_batches(
     max_length: int | None = None,
     padding_side: str = "right",
     sort_by_length: bool = True,
+    max_batch_tokens: int | None = 8192,
 ) -> Iterator[EncodedBatch]:
     """Yield padded batches of ``[BOS] + prompt + answer`` on the model's device.
 
     Examples are grouped by length (``sort_by_length``) so that little compute goes to padding;
-    each batch records which examples it holds in ``example_index``.
+    each batch records which examples it holds in ``example_index``. A batch holds at most
+    ``batch_size`` examples and, beyond its first, at most ``max_batch_tokens`` padded tokens,
+    so that one long text (MBPP has a 4,000-token one) does not make a batch whose attention
+    scores fill the memory.
 
     Example:
         >>> for batch in iter_batches(model, ["2 + 2 ="], [" 4"]):
@@ -281,6 +285,8 @@ def iter_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}.")
     if answers is None:
         answers = [""] * len(prompts)
     items = tokenize_examples(model, prompts, answers, max_length)
@@ -288,10 +294,19 @@ def iter_batches(
     if sort_by_length:
         order.sort(key=lambda i: -len(items[i][0]))
     device = model_device(model)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = pad_batch(model, [items[i] for i in chunk], chunk, padding_side)
-        yield batch.to(device)
+    chunk: list[int] = []
+    width = 0
+    for i in order:
+        new_width = max(width, len(items[i][0]))
+        too_many = len(chunk) >= batch_size
+        too_big = max_batch_tokens is not None and (len(chunk) + 1) * new_width > max_batch_tokens
+        if chunk and (too_many or too_big):
+            yield pad_batch(model, [items[j] for j in chunk], chunk, padding_side).to(device)
+            chunk, new_width = [], len(items[i][0])
+        chunk.append(i)
+        width = new_width
+    if chunk:
+        yield pad_batch(model, [items[j] for j in chunk], chunk, padding_side).to(device)
 
 
 def count_tokens(batches: Sequence[EncodedBatch], positions: str = "all") -> int:

@@ -1,4 +1,4 @@
-"""The notebooks in ``notebooks/``: each one runs from top to bottom, and none is stored with outputs.
+"""The notebooks in ``notebooks/``: each runs from top to bottom, and none is stored with outputs.
 
 ``test_notebook_runs`` (integration) executes every notebook with nbclient on the real default
 model. The kernel is the interpreter running pytest (a kernelspec named ``python3`` written to a
@@ -103,10 +103,10 @@ def test_notebook_runs(path, kernel_dirs, kernel_env):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
 
     nb = nbformat.read(path, as_version=4)
-    km = KernelManager(
+    km = AsyncKernelManager(
         kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs)
     )
     client = nbclient.NotebookClient(

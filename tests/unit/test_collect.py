@@ -258,3 +258,17 @@ def test_negative_layers_and_select(tiny_llama, skill):
     assert stats.layers == [0, 2]
     sub = stats.select_layers([2])
     assert torch.equal(sub.mean[0], stats.mean[1])
+
+
+def test_batches_respect_the_token_budget(tiny_llama):
+    from mechunlearn.sites import iter_batches
+
+    prompts = ["a" * 200] + ["b" * 10] * 9
+    batches = list(iter_batches(tiny_llama, prompts, batch_size=8, max_batch_tokens=100))
+    assert batches[0].tokens.shape[0] == 1  # the long text alone
+    assert all(b.tokens.numel() <= 100 or b.tokens.shape[0] == 1 for b in batches)
+    assert all(b.tokens.shape[0] <= 8 for b in batches)
+    seen = sorted(int(i) for b in batches for i in b.example_index)
+    assert seen == list(range(10))
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        next(iter_batches(tiny_llama, prompts, max_batch_tokens=0))
