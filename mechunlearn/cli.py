@@ -390,15 +390,15 @@ def stage_evaluate(run: Run, fitted: dict[str, Any]) -> Any:
 
 
 def _environment() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
     from . import __version__
 
     try:
-        import transformer_lens
-
-        tl = getattr(transformer_lens, "__version__", "?")
-    except Exception:  # noqa: BLE001
+        tl = version("transformer-lens")
+    except PackageNotFoundError:
         tl = "?"
     return {
         "mechunlearn": __version__,

