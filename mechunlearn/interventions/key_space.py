@@ -314,11 +314,13 @@ class KeyRegionDetector(Intervention):
             return ranked[j] * (1 - 1e-9)
 
         def rate(d: Tensor, alpha: Tensor) -> float:
-            return float(_detect(d / alpha, rule_k).float().mean())
+            return float(_detect(d / alpha, rule_k).double().mean())
 
+        # Compare counts, not float rates: 1/10 in float32 is 0.10000000149 > fpr=0.1.
+        allowed = math.floor(float(fpr) * m + 1e-9)
         best = 0
-        for j in range(m):  # m is small (hundreds); the rate is monotone in j
-            if rate(d_cal, alphas(j)) <= fpr:
+        for j in range(m):  # m is small (hundreds); the count is monotone in j
+            if int(_detect(d_cal / alphas(j), rule_k).sum()) <= allowed:
                 best = j
             else:
                 break
