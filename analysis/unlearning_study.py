@@ -115,10 +115,7 @@ def run_task(name: str, spec: dict, args) -> pd.DataFrame:
     for r in SP_RATIOS:
         ivs[f"SP ratio={r}"] = mu.SelectivePruning(ratio=r).fit(imp["forget"], imp[retain])
 
-    held = {}
-    for role, (_, held_out) in run.skills.items():
-        label = "forget" if role == "forget" else ("general" if role == "general" else "retain")
-        held[f"{held_out.name} ({label})"] = held_out
+    held = run.held_out()
     if spec["wiki"]:
         held["wikipedia-en (general)"] = wiki_skill(args.n, args.seed, args.data_dir)
     table = mu.evaluate(run.model, held, ivs, batch_size=args.batch_size, quiet=args.quiet)

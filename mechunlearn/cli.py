@@ -167,6 +167,14 @@ class Run:
                     self._skills[role] = skill.split(0.5, seed=self.args.seed)
         return self._skills
 
+    def held_out(self) -> dict[str, Any]:
+        """``{"<skill> (forget|retain|general)": held-out half}``, the skills to score."""
+        out = {}
+        for role, (_, held) in self.skills.items():
+            label = role if role in ("forget", "general") else "retain"
+            out[f"{held.name} ({label})"] = held
+        return out
+
     def skill_name(self, role: str) -> str:
         return self.skills[role][0].name
 
@@ -374,10 +382,7 @@ def stage_evaluate(run: Run, fitted: dict[str, Any]) -> Any:
     """Score the held-out halves with each intervention; relative-performance table."""
     from .evaluation import evaluate, relative_table
 
-    held = {}
-    for role, (_, held_out) in run.skills.items():
-        label = "forget" if role == "forget" else ("general" if role == "general" else "retain")
-        held[f"{held_out.name} ({label})"] = held_out
+    held = run.held_out()
     with run.timer("evaluate"):
         table = evaluate(
             run.model, held, fitted, batch_size=run.args.batch_size, quiet=run.args.quiet
