@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint setup
+.PHONY: run test test-tl3 lint setup
 
 $(PY): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -19,6 +19,13 @@ test: $(PY)
 	$(PY) -m ruff check mechunlearn tests benchmarks analysis
 	$(PY) -m ruff format --check mechunlearn tests benchmarks analysis
 	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tests (hook level, tiny models, legacy HookedTransformer included) against
+# transformer-lens 3.x, the range sae-lens resolves to, in a separate environment.
+TL3_VENV ?= .venv-tl3
+test-tl3:
+	VENV=$(TL3_VENV) TL_SPEC="transformer-lens>=3,<4" bash scripts/setup.sh
+	MECHUNLEARN_EXPECT_LEGACY=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(TL3_VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(PY)
 	$(PY) -m ruff check --fix mechunlearn tests benchmarks analysis

@@ -8,7 +8,8 @@ On the default model (SmolLM2-135M-Instruct) over >= 20,000 tokens of real GSM8K
   ``hook_pre`` activations concatenated, then mean and std.
 
 Speed is the ratio of median wall times measured in one run (runs interleaved). Peak memory is
-measured in a fresh subprocess per approach: peak RSS minus RSS after loading the model.
+measured in a fresh subprocess per approach (Linux): the peak RSS (VmHWM, reset after the model
+is loaded and warmed up) minus the RSS at that point.
 
 Usage:
     python benchmarks/bench_collect.py [--tokens 20000] [--repeats 3] [--device cpu]
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,16 +48,18 @@ def skill_for_tokens(model, tokens: int, data_dir: str | None):
     return mu.Skill("gsm8k+mbpp", examples, source="benchmark"), total
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    return float("nan")
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM), so loading the model does not mask the peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def run_bare(model, batches):
@@ -90,14 +92,15 @@ def child(args) -> None:
     skill, _ = skill_for_tokens(model, args.tokens, args.data_dir)
     batches = list(iter_batches(model, skill.prompts, skill.answers, batch_size=args.batch_size))
     run_bare(model, batches[:1])  # warm up allocations shared by all approaches
-    base = current_rss_mb()
+    reset_peak_rss()
+    base = _status_mb("VmRSS")
     if args.child == "bare":
         run_bare(model, batches)
     elif args.child == "collect":
         run_collect(model, skill, args.batch_size)
     else:
         run_naive(model, skill)
-    print(json.dumps({"peak_over_model_mb": peak_rss_mb() - base}))
+    print(json.dumps({"peak_over_model_mb": _status_mb("VmHWM") - base}))
 
 
 def main() -> None:

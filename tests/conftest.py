@@ -115,6 +115,58 @@ def make_tiny_gpt2(tokenizer, device="cpu", n_layers=2, seed=0):
     ).eval()
 
 
+def legacy_available() -> bool:
+    """Whether this TransformerLens still ships the legacy ``HookedTransformer`` (3.x does, 4.x
+    removed it). CI's transformer-lens 3.x job sets ``MECHUNLEARN_EXPECT_LEGACY=1`` so that its
+    absence fails instead of skipping."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        if os.environ.get("MECHUNLEARN_EXPECT_LEGACY") == "1":
+            raise
+        return False
+    return True
+
+
+LEGACY = legacy_available()
+
+
+def make_tiny_legacy_llama(tokenizer, device="cpu", n_layers=3, d_mlp=48, seed=0):
+    """A tiny random Llama-style legacy ``HookedTransformer`` (gated MLP, RMSNorm, rotary,
+    grouped-query attention) from a local config."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=d_mlp,
+        d_vocab=len(tokenizer),
+        n_ctx=256,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        final_rms=True,
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        seed=seed,
+        device=device,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_legacy(char_tokenizer, device):
+    return make_tiny_legacy_llama(char_tokenizer, device)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(char_tokenizer, device):
     return make_tiny_llama(char_tokenizer, device)
@@ -125,9 +177,18 @@ def tiny_gpt2(char_tokenizer, device):
     return make_tiny_gpt2(char_tokenizer, device)
 
 
-@pytest.fixture(params=["llama", "gpt2"])
-def tiny_model(request, tiny_llama, tiny_gpt2):
-    return tiny_llama if request.param == "llama" else tiny_gpt2
+@pytest.fixture(params=["llama", "gpt2"] + (["legacy"] if LEGACY else []))
+def tiny_model(request):
+    """Each kind of tiny model: bridges for Llama and GPT-2, and a legacy HookedTransformer
+    where this TransformerLens has one."""
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session", params=["bridge"] + (["legacy"] if LEGACY else []))
+def llama_like(request):
+    """The tiny Llama as a TransformerBridge, and as a legacy HookedTransformer where this
+    TransformerLens has one: for the hook-level tests that must hold on both."""
+    return request.getfixturevalue("tiny_llama" if request.param == "bridge" else "tiny_legacy")
 
 
 @pytest.fixture(scope="session")

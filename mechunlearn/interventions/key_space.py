@@ -795,12 +795,43 @@ def _generate(model, token_lists: list[list[int]], max_new_tokens: int, kwargs) 
     if "attention_mask" in params:
         out = model.generate(tokens, attention_mask=mask, **kwargs)
         new = [row[tokens.shape[1] :] for row in out]
-    else:  # a model whose generate takes no mask: one prompt at a time, unpadded
+    elif _infers_left_padding(model, tokens, mask):
+        # A legacy HookedTransformer takes no mask: it infers it from the pad tokens, on the
+        # side its tokenizer pads, which we set to "left" for the call.
+        tok = model.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            out = model.generate(tokens, **kwargs)
+        finally:
+            tok.padding_side = side
+        new = [row[tokens.shape[1] :] for row in out]
+    else:  # a generate that would misread the padding: one prompt at a time, unpadded
         new = []
         for ids in token_lists:
             single = torch.tensor([ids], device=tokens.device)
             new.append(model.generate(single, **kwargs)[0, len(ids) :])
     return [_decode(model, row, kwargs) for row in new]
+
+
+def _infers_left_padding(model, tokens: Tensor, mask: Tensor) -> bool:
+    """Whether a legacy ``HookedTransformer.generate`` would infer exactly ``mask`` from the
+    left-padded ``tokens`` (it rebuilds the mask from the tokenizer's pad id)."""
+    if "padding_side" not in inspect.signature(model.generate).parameters:
+        return False
+    try:
+        from transformer_lens.utilities import get_attention_mask
+    except ImportError:
+        return False
+    tok = model.tokenizer
+    if getattr(tok, "pad_token_id", None) is None:
+        return False
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+        inferred = get_attention_mask(tok, tokens, prepend_bos)
+    finally:
+        tok.padding_side = side
+    return torch.equal(inferred.to(mask.device).bool(), mask.bool())
 
 
 def _decode(model, ids: Tensor, kwargs: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from scipy import stats as sps
 from mechunlearn import KeyVectors, NeuronStats, Skill, collect, collect_keys
 from mechunlearn.collect import example_seeds, token_keys
 from mechunlearn.sites import hook_name, tokenize_examples
-from tests.conftest import make_tiny_gpt2, make_tiny_llama
+from tests.conftest import LEGACY, make_tiny_gpt2, make_tiny_legacy_llama, make_tiny_llama
 
 PROMPTS = [
     "Question: 2+3?\nAnswer:",
@@ -32,10 +32,10 @@ ANSWERS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2"] + (["legacy"] if LEGACY else []))
 def model64(request, char_tokenizer, device):
-    make = make_tiny_llama if request.param == "llama" else make_tiny_gpt2
-    model = make(char_tokenizer, device)
+    make = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2, "legacy": make_tiny_legacy_llama}
+    model = make[request.param](char_tokenizer, device)
     return model.to(torch.float64)
 
 

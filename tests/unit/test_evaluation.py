@@ -74,40 +74,40 @@ class _Abstain:
         return SimpleNamespace(detected=flags)
 
 
-def test_hooks_are_applied_and_relative_is_after_over_before(tiny_llama, skill):
-    table = evaluate(tiny_llama, [skill], {"zero": _Zero()}, quiet=True)
+def test_hooks_are_applied_and_relative_is_after_over_before(llama_like, skill):
+    table = evaluate(llama_like, [skill], {"zero": _Zero()}, quiet=True)
     assert list(table["method"]) == ["base", "zero"]
     base, zero = table.set_index("method").loc[["base", "zero"], "score"]
-    acc, _ = brute_force(tiny_llama, _Zero().hooks())
+    acc, _ = brute_force(llama_like, _Zero().hooks())
     assert zero == pytest.approx(acc, abs=1e-12)
     rel = table.set_index("method").loc["zero", "relative"]
     assert rel == pytest.approx(zero / base) if base else math.isnan(rel)
     assert relative_table(table).columns.tolist() == ["base", "zero"]
 
 
-def test_abstention_scores_zero(tiny_llama, skill):
-    full = teacher_forced(tiny_llama, skill)
-    part = teacher_forced(tiny_llama, skill, _Abstain({0, 2}))
+def test_abstention_scores_zero(llama_like, skill):
+    full = teacher_forced(llama_like, skill)
+    part = teacher_forced(llama_like, skill, _Abstain({0, 2}))
     assert part.abstained.tolist() == [True, False, True, False]
     expected = (full.correct[1] + full.correct[3]) / full.total.sum()
     assert part.score == pytest.approx(expected)
-    everything = teacher_forced(tiny_llama, skill, _Abstain({0, 1, 2, 3}))
+    everything = teacher_forced(llama_like, skill, _Abstain({0, 1, 2, 3}))
     assert everything.score == 0.0 and math.isnan(everything.mean_nll)
-    table = evaluate(tiny_llama, skill, {"ksd": _Abstain({0, 2})}, quiet=True)
+    table = evaluate(llama_like, skill, {"ksd": _Abstain({0, 2})}, quiet=True)
     assert table.set_index("method").loc["ksd", "abstention_rate"] == 0.5
 
 
-def test_bad_input(tiny_llama, skill):
+def test_bad_input(llama_like, skill):
     with pytest.raises(ValueError, match="Unknown metric"):
-        evaluate(tiny_llama, skill, metric="bleu", quiet=True)
+        evaluate(llama_like, skill, metric="bleu", quiet=True)
     with pytest.raises(ValueError, match="names the bare model"):
-        evaluate(tiny_llama, skill, {"base": _Zero()}, quiet=True)
+        evaluate(llama_like, skill, {"base": _Zero()}, quiet=True)
     with pytest.raises(ValueError, match="no answer tokens"):
-        teacher_forced(tiny_llama, Skill.from_texts("q", ["abc"]))
+        teacher_forced(llama_like, Skill.from_texts("q", ["abc"]))
     with pytest.raises(ValueError, match="No generation protocol"):
         protocol(skill)
     with pytest.raises(TypeError, match="Skill objects"):
-        evaluate(tiny_llama, ["text"], quiet=True)
+        evaluate(llama_like, ["text"], quiet=True)
 
 
 def test_gsm8k_answer_parsing():
@@ -124,11 +124,11 @@ def test_run_tests_pass_fail_timeout():
     assert not run_tests("while True:\n    pass\n", timeout=1.0)
 
 
-def test_greedy_generate_matches_single_prompt_generation(tiny_llama):
+def test_greedy_generate_matches_single_prompt_generation(llama_like):
     prompts = ["hello", "a much longer prompt here"]
-    batched = greedy_generate(tiny_llama, prompts, max_new_tokens=5, batch_size=2)
+    batched = greedy_generate(llama_like, prompts, max_new_tokens=5, batch_size=2)
     for prompt, text in zip(prompts, batched, strict=True):
-        alone = greedy_generate(tiny_llama, [prompt], max_new_tokens=5)[0]
+        alone = greedy_generate(llama_like, [prompt], max_new_tokens=5)[0]
         assert text == alone
     assert all(isinstance(t, str) for t in batched)
 

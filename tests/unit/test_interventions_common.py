@@ -27,8 +27,8 @@ KINDS = ["na", "sp", "ksd", "ellipsoid"]
 
 
 @pytest.fixture(scope="module")
-def fitted(tiny_llama):
-    model = tiny_llama
+def fitted(llama_like):
+    model = llama_like
     pre = [collect(model, s, site="pre", quiet=True) for s in (F, R)]
     keys_f = collect_keys(model, F, quiet=True)
     imp = [collect_importance(model, s) for s in (F, R)]
@@ -67,7 +67,7 @@ def _outputs(iv, model, tokens):
         lambda: EllipsoidDetector(),
     ],
 )
-def test_unfitted_raises(make, tiny_llama):
+def test_unfitted_raises(make, llama_like):
     iv = make()
     assert not iv.is_fitted
     with pytest.raises(NotFittedError, match="not fitted"):
@@ -75,7 +75,7 @@ def test_unfitted_raises(make, tiny_llama):
     with pytest.raises(NotFittedError):
         iv.save("/tmp/never")
     with pytest.raises(NotFittedError):
-        iv.check_model(tiny_llama)
+        iv.check_model(llama_like)
     assert "fitted" not in repr(iv)
 
 
@@ -140,8 +140,8 @@ def test_fewer_layers_raises(fitted, kind, char_tokenizer, device):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_hooks_never_stay_attached(fitted, kind, tiny_llama):
-    model = tiny_llama
+def test_hooks_never_stay_attached(fitted, kind, llama_like):
+    model = llama_like
     iv = fitted[kind]
     hooks = iv.hooks(model)
     assert hooks and all(isinstance(name, str) and callable(fn) for name, fn in hooks)
@@ -154,8 +154,8 @@ def test_hooks_never_stay_attached(fitted, kind, tiny_llama):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_save_load_round_trip(fitted, kind, tiny_llama, tmp_path, device):
-    model = tiny_llama
+def test_save_load_round_trip(fitted, kind, llama_like, tmp_path, device):
+    model = llama_like
     iv = fitted[kind]
     path = iv.save(tmp_path / kind)
     assert path.suffix == ".safetensors"
@@ -172,9 +172,9 @@ def test_save_load_round_trip(fitted, kind, tiny_llama, tmp_path, device):
         (NeuronAdjust if kind != "na" else SelectivePruning).load(path)
 
 
-def test_batched_matches_single_for_deterministic_hooks(fitted, tiny_llama):
+def test_batched_matches_single_for_deterministic_hooks(fitted, llama_like):
     # hooks work in batches: one prompt alone gives the same logits as in an unpadded batch
-    model = tiny_llama
+    model = llama_like
     tokens = model.to_tokens(["Q: 3+4?", "Q: 5+6?"])
     for kind in ("sp", "ksd"):
         hooks = fitted[kind].hooks(model)

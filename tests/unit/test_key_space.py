@@ -21,8 +21,8 @@ MIXED = ["Q: 3+4?", "def g(y):", "Q: 10+11?", "hello there", "x"]
 
 
 @pytest.fixture(scope="module")
-def keys(tiny_llama):
-    return collect_keys(tiny_llama, F, quiet=True), collect_keys(tiny_llama, R, quiet=True)
+def keys(llama_like):
+    return collect_keys(llama_like, F, quiet=True), collect_keys(llama_like, R, quiet=True)
 
 
 def brute_keys(model, prompts, layers):
@@ -45,7 +45,7 @@ def brute_keys(model, prompts, layers):
     return out
 
 
-def test_detect_matches_brute_force_inclusion(tiny_llama, keys):
+def test_detect_matches_brute_force_inclusion(llama_like, keys):
     keys_f, _ = keys
     ksd = KeySpaceDetector(h=1.3, layers=None, rule="all").fit(keys_f)
     fit = keys_f.values.double().cpu().numpy()  # [n, layer, d]
@@ -56,27 +56,27 @@ def test_detect_matches_brute_force_inclusion(tiny_llama, keys):
     np.testing.assert_allclose(ksd.k_min_.cpu().numpy(), k_min, rtol=1e-9)
     alpha = 1.3 * k_min
     prompts = F.prompts[:4] + MIXED
-    x = brute_keys(tiny_llama, prompts, ksd.layers_)
+    x = brute_keys(llama_like, prompts, ksd.layers_)
     inside = (np.abs(x - mu) <= alpha[:, None] * sigma).all(-1)  # [n, layer]
-    det = ksd.detect(tiny_llama, prompts, batch_size=3)
+    det = ksd.detect(llama_like, prompts, batch_size=3)
     assert det.fired.numpy().tolist() == inside.tolist()
     assert det.detected.numpy().tolist() == inside.all(-1).tolist()
     margin = (np.abs(x - mu) / sigma).max(-1) / alpha
     np.testing.assert_allclose(det.margin.numpy(), margin, rtol=1e-4)
     assert torch.equal(det.detected, det.score <= 1)
-    assert all(not hp.fwd_hooks for hp in tiny_llama.hook_dict.values())  # stopped cleanly
+    assert all(not hp.fwd_hooks for hp in llama_like.hook_dict.values())  # stopped cleanly
     frame = det.to_frame()
     assert list(frame.columns[:3]) == ["detected", "score", "fired_layers"]
     assert len(frame) == len(prompts)
 
 
 @pytest.mark.parametrize("cls", [KeySpaceDetector, EllipsoidDetector])
-def test_every_fit_vector_inside_at_h1(tiny_llama, keys, cls):
+def test_every_fit_vector_inside_at_h1(llama_like, keys, cls):
     keys_f, _ = keys
     det = cls(h=1.0, layers=None, rule="all").fit(keys_f)
     assert det.detect_keys(keys_f).detected.all()
     # the model path reads the same vectors (same batches as collect_keys)
-    assert det.detect(tiny_llama, F).detected.all()
+    assert det.detect(llama_like, F).detected.all()
     assert (det.detect_keys(keys_f).margin.amax(0) - 1).abs().max() < 1e-12
 
 
@@ -109,8 +109,8 @@ def _count_forwards(model):
     return calls, (hook_name("key", 0), hook)
 
 
-def test_generate_refuses_detected_and_matches_greedy(tiny_llama, keys):
-    model = tiny_llama
+def test_generate_refuses_detected_and_matches_greedy(llama_like, keys):
+    model = llama_like
     keys_f, _ = keys
     ksd = KeySpaceDetector(h=1.5, layers=None, rule="all").fit(keys_f)
     prompts = MIXED
@@ -142,8 +142,8 @@ def test_generate_refuses_detected_and_matches_greedy(tiny_llama, keys):
     assert len(calls) == 1
 
 
-def test_hooks_leave_logits_unchanged_and_record_on_device(tiny_llama, keys):
-    model = tiny_llama
+def test_hooks_leave_logits_unchanged_and_record_on_device(llama_like, keys):
+    model = llama_like
     ksd = KeySpaceDetector(h=1.5, layers=None, rule=2).fit(keys[0])
     ids = tokenize_examples(model, ["Q: 3+4?"], [""])[0][0]
     tokens = torch.tensor([ids], device=next(model.parameters()).device)
@@ -226,14 +226,39 @@ def test_ellipsoid_matches_dense_mahalanobis(n, d):
     )
 
 
-def test_ellipsoid_interface(tiny_llama, keys):
+def test_ellipsoid_interface(llama_like, keys):
     keys_f, keys_r = keys
     ell = EllipsoidDetector(h=1.2, layers=[-2, -1], rule="any").fit(keys_f)
-    det = ell.detect(tiny_llama, F.prompts[:3] + R.prompts[:3])
+    det = ell.detect(llama_like, F.prompts[:3] + R.prompts[:3])
     assert det.detected[:3].all()
-    texts = ell.generate(tiny_llama, F.prompts[:2] + ["x"], max_new_tokens=2)
+    texts = ell.generate(llama_like, F.prompts[:2] + ["x"], max_new_tokens=2)
     assert texts[:2] == [REFUSAL, REFUSAL]
     auto = EllipsoidDetector(layers=None).fit(keys_f, keys_r, fpr=0.2)
     assert auto.calibration_["fpr_r_cal"] <= 0.2
     with pytest.raises(ValueError, match="shrinkage"):
         EllipsoidDetector(shrinkage=1.5)
+
+
+class _GenerateWithoutMask:
+    """A model whose ``generate`` takes neither a mask nor a padding side."""
+
+    def __init__(self, model):
+        self._model = model
+        self.batch_sizes = []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate(self, input, max_new_tokens=10, **kwargs):
+        self.batch_sizes.append(input.shape[0])
+        return self._model.generate(input, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def test_generate_without_a_mask_falls_back_to_one_unpadded_prompt_at_a_time(llama_like, keys):
+    ksd = KeySpaceDetector(h=1.5, layers=None, rule="all").fit(keys[0])
+    batched = ksd.generate(llama_like, MIXED, max_new_tokens=6)
+    wrapped = _GenerateWithoutMask(llama_like)
+    alone = ksd.generate(wrapped, MIXED, max_new_tokens=6)
+    assert alone == batched
+    n_kept = len(MIXED) - int(ksd.detect(llama_like, MIXED).detected.sum())
+    assert wrapped.batch_sizes == [1] * n_kept

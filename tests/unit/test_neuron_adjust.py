@@ -183,15 +183,15 @@ def test_fit_checks_inputs(toy):
 
 
 @pytest.fixture(scope="module")
-def model_stats(tiny_llama):
+def model_stats(llama_like):
     return (
-        collect(tiny_llama, F, site="pre", quiet=True),
-        collect(tiny_llama, R, site="pre", quiet=True),
+        collect(llama_like, F, site="pre", quiet=True),
+        collect(llama_like, R, site="pre", quiet=True),
     )
 
 
-def test_on_model_only_selected_neurons_change(tiny_llama, model_stats):
-    model = tiny_llama
+def test_on_model_only_selected_neurons_change(llama_like, model_stats):
+    model = llama_like
     na = NeuronAdjust(ratio=0.05).fit(*model_stats)
     tokens = model.to_tokens(["Q: 3+4?", "def g(y):"])
     for row, layer in enumerate(na.layers_):
@@ -219,8 +219,8 @@ def test_on_model_only_selected_neurons_change(tiny_llama, model_stats):
     assert torch.equal(a, b) and not torch.equal(a, base)
 
 
-def test_hooks_in_generation(tiny_llama, model_stats):
-    model = tiny_llama
+def test_hooks_in_generation(llama_like, model_stats):
+    model = llama_like
     na = NeuronAdjust(ratio=0.05).fit(*model_stats)
     tokens = model.to_tokens("Q: 3+4?")
     with model.hooks(fwd_hooks=na.hooks(model)):

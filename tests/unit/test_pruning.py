@@ -41,8 +41,8 @@ def test_top_fraction_of_score():
     torch.testing.assert_close(sp.scores_, score)
 
 
-def test_collect_importance_matches_brute_force(tiny_llama):
-    model = tiny_llama
+def test_collect_importance_matches_brute_force(llama_like):
+    model = llama_like
     imp = collect_importance(model, F, batch_size=3)
     total = np.zeros((model.cfg.n_layers, model.cfg.d_mlp))
     count = 0
@@ -64,12 +64,12 @@ def test_collect_importance_matches_brute_force(tiny_llama):
     np.testing.assert_allclose(imp.values.cpu().numpy(), total / count, rtol=1e-5, atol=1e-9)
 
 
-def test_importance_save_load(tmp_path, tiny_llama):
-    imp = collect_importance(tiny_llama, F, layers=[0, 2])
+def test_importance_save_load(tmp_path, llama_like):
+    imp = collect_importance(llama_like, F, layers=[0, 2])
     back = Importance.load(imp.save(tmp_path / "imp"))
     assert torch.equal(back.values, imp.values.cpu())
     assert back.layers == [0, 2] and back.n_tokens == imp.n_tokens and back.meta == imp.meta
-    back.check_model(tiny_llama)
+    back.check_model(llama_like)
 
 
 def test_hook_equals_weight_zeroing(tiny_model):
@@ -96,8 +96,8 @@ def test_hook_equals_weight_zeroing(tiny_model):
         assert torch.equal(model(tokens), base)
 
 
-def test_iterative_makes_progress(tiny_llama):
-    model = tiny_llama
+def test_iterative_makes_progress(llama_like):
+    model = llama_like
     total = model.cfg.n_layers * model.cfg.d_mlp  # 144
     sp = SelectivePruning(ratio=0.1, iterative=True, step=0.04).fit(model=model, forget=F, retain=R)
     target = round(0.1 * total)
@@ -114,9 +114,9 @@ def test_iterative_makes_progress(tiny_llama):
     assert int(one_shot.selected_.sum()) == target
 
 
-def test_fit_checks_inputs(tiny_llama):
+def test_fit_checks_inputs(llama_like):
     imp = toy_importance(torch.rand(2, 5))
-    stats = collect(tiny_llama, F, site="key", quiet=True)
+    stats = collect(llama_like, F, site="key", quiet=True)
     with pytest.raises(TypeError, match="collect_importance"):
         SelectivePruning().fit(stats, stats)
     with pytest.raises(ValueError, match="iterative"):
@@ -124,4 +124,4 @@ def test_fit_checks_inputs(tiny_llama):
     with pytest.raises(ValueError, match="both"):
         SelectivePruning().fit(imp)
     with pytest.raises(ValueError, match="model"):
-        SelectivePruning().fit(model=tiny_llama, forget=F)
+        SelectivePruning().fit(model=llama_like, forget=F)

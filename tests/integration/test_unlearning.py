@@ -1,0 +1,68 @@
+"""The stable parts of the unlearning results on the real default model, with margins.
+
+Forget GSM8K, retain MBPP, general MMLU (`analysis/unlearning_study.py` gives the full table).
+Key Space Detection fitted on probe halves must abstain on nearly every held-out GSM8K question
+and on almost none of the held-out MBPP or MMLU prompts; since KSD's hooks never change the
+logits, its relative teacher-forced score is exactly the share of prompts it lets through.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mechunlearn as mu
+
+pytestmark = pytest.mark.integration
+
+N = 24  # probe examples per skill; as many again are held out
+
+
+@pytest.fixture(scope="module")
+def halves(data_dir):
+    """``{skill: (probe, held_out)}``, disjoint, as `mechunlearn run` splits them."""
+    out = {}
+    for name in ("gsm8k", "mbpp", "mmlu"):
+        skill = mu.load_skill(name, n=2 * N, seed=0, data_dir=data_dir)
+        out[name] = skill.split(0.5, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ksd(default_model, halves):
+    keys = {
+        name: mu.collect_keys(default_model, probe, quiet=True)
+        for name, (probe, _) in halves.items()
+        if name != "mmlu"
+    }
+    return mu.KeySpaceDetector(layers=-1).fit(keys["gsm8k"], keys["mbpp"], fpr=0.05, seed=0)
+
+
+def test_probe_and_held_out_never_overlap(halves):
+    for probe, held in halves.values():
+        assert not set(probe.prompts) & set(held.prompts)
+
+
+def test_ksd_abstains_on_the_forget_skill_only(default_model, halves, ksd):
+    rate = {
+        name: float(ksd.detect(default_model, held.prompts).detected.float().mean())
+        for name, (_, held) in halves.items()
+    }
+    # Targets of the issue: relative performance <= 0.10 on forget, >= 0.95 elsewhere.
+    assert rate["gsm8k"] >= 0.90, rate
+    assert rate["mbpp"] <= 0.05, rate
+    assert rate["mmlu"] <= 0.05, rate
+
+
+def test_ksd_scores_are_the_bare_scores_with_abstentions_zeroed(default_model, halves, ksd):
+    for name, target in (("gsm8k", lambda r: r <= 0.10), ("mbpp", lambda r: r >= 0.95)):
+        held = halves[name][1]
+        base = mu.teacher_forced(default_model, held)
+        after = mu.teacher_forced(default_model, held, ksd)
+        # KSD's hooks only watch: every answered prompt keeps the bare model's tokens.
+        np.testing.assert_array_equal(after.correct, base.correct)
+        np.testing.assert_array_equal(after.total, base.total)
+        detected = ksd.detect(default_model, held.prompts).detected.cpu().numpy()
+        np.testing.assert_array_equal(after.abstained, detected)
+        relative = after.score / base.score
+        assert target(relative), (name, relative)
