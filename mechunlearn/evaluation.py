@@ -15,6 +15,11 @@ An intervention that abstains (it has a ``detect(model, prompts)`` method, like
 :class:`~mechunlearn.interventions.KeySpaceDetector`) scores 0 on each abstained example:
 its answer tokens count as wrong, and abstained examples are left out of the NLL (reported
 with the abstention rate beside it). Relative performance is ``score after / score before``.
+
+A detector's hooks only watch (``changes_outputs = False``): every prompt it lets through gets
+the bare model's answer. :func:`evaluate` therefore scores it as the bare model's per-example
+results with its abstentions zeroed, at the cost of one prompt-only detection pass (one pass in
+all, collecting the key vectors, when several detectors are compared).
 """
 
 from __future__ import annotations
@@ -26,17 +31,17 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .collect import collect_keys
 from .data import Skill, gsm8k_few_shot_prompts, mmlu_few_shot_prompts
-from .sites import iter_batches
+from .sites import iter_batches, tokenize_examples
 
 METRICS = ("teacher_forced", "generation")
 BASE = "base"
@@ -102,16 +107,56 @@ def abstentions(model, intervention, prompts: Sequence[str], batch_size: int = 1
     return detection.detected.cpu().numpy().astype(bool)
 
 
+def _changes_outputs(intervention) -> bool:
+    return intervention is not None and getattr(intervention, "changes_outputs", True)
+
+
 def _hooks(intervention, model) -> list:
-    if intervention is None:
-        return []
+    if not _changes_outputs(intervention):
+        return []  # nothing, or hooks that only watch: the bare forward gives the same scores
     return list(intervention.hooks(model))
+
+
+def choice_tokens(model, skill: Skill) -> tuple[int, list[int]] | None:
+    """Where a multiple-choice skill's answer letter is decided, and by which tokens.
+
+    A skill is multiple-choice when every example has ``meta["choices"]`` and ``meta["label"]``
+    (MMLU's do) and its answers are the label's letter (``" B"``). The letters' answers are
+    tokenised after the first prompt; the first answer token at which they all differ is the
+    letter token (the first one for real tokenizers, the second for a character-level one that
+    splits off the space).
+
+    Returns:
+        ``(offset, ids)``: the letter token's index within the answer, and each letter's token
+        id there; None when the skill is not multiple-choice.
+    """
+    if not all("choices" in ex.meta and "label" in ex.meta for ex in skill):
+        return None
+    first = skill[0]
+    letters = "ABCDEFGHIJ"[: len(first.meta["choices"])]
+    letter = letters[int(first.meta["label"])]
+    if not first.answer.endswith(letter):
+        return None
+    answers = [first.answer[: -len(letter)] + c for c in letters]
+    items = tokenize_examples(model, [first.prompt] * len(letters), answers)
+    tails = [ids[n_head:] for ids, n_head in items]
+    for offset in range(min(len(t) for t in tails)):
+        ids = [t[offset] for t in tails]
+        if len(set(ids)) == len(ids):
+            return offset, ids
+    return None
 
 
 def teacher_forced(
     model, skill: Skill, intervention=None, batch_size: int = 16, quiet: bool = True
 ) -> ExampleScores:
     """Top-1 accuracy and NLL of the reference answer tokens given each prompt.
+
+    Every answer token counts: correct when it is the argmax over the vocabulary at the
+    position before it. A multiple-choice skill (MMLU) is scored on its letter instead: correct
+    when the answer letter has the highest logit among the choice letters (zero-shot letter
+    accuracy; a 135M model rarely puts a letter first over the whole vocabulary), with the NLL
+    of that letter token.
 
     Example:
         >>> s = teacher_forced(model, mu.load_skill("gsm8k", n=50))
@@ -122,6 +167,7 @@ def teacher_forced(
     nll = np.full(n, math.nan)
     abstained = abstentions(model, intervention, skill.prompts, batch_size)
     hooks = _hooks(intervention, model)
+    choices = choice_tokens(model, skill)
     bar = tqdm(total=n, desc=f"score {skill.name}", unit="ex", disable=quiet, leave=False)
     with torch.inference_mode():
         for batch in iter_batches(model, skill.prompts, skill.answers, batch_size=batch_size):
@@ -129,15 +175,25 @@ def teacher_forced(
                 batch.tokens, fwd_hooks=hooks, attention_mask=batch.attention_mask
             )
             # Position p predicts token p + 1: score answer tokens from the position before.
-            target = batch.tokens[:, 1:]
             mask = batch.answer_mask[:, 1:]
-            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-            tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            hit = (logits[:, :-1].argmax(-1) == target) & mask
+            if choices is not None:  # the letter token only
+                mask = mask & (mask.cumsum(1) == choices[0] + 1)
+            row, pos = mask.nonzero(as_tuple=True)
+            scored = logits[row, pos].double()  # [answer tokens, vocab], nothing else
+            target = batch.tokens[row, pos + 1]
+            tok_nll = -scored.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
+            if choices is None:
+                hit = scored.argmax(-1) == target
+            else:
+                letters = torch.tensor(choices[1], device=scored.device)
+                hit = letters[scored[:, letters].argmax(-1)] == target
+            b = len(batch.tokens)
+            per_row = torch.zeros((3, b), dtype=torch.float64, device=scored.device)
+            per_row[0].index_add_(0, row, hit.double())
+            per_row[1].index_add_(0, row, torch.ones_like(tok_nll))
+            per_row[2].index_add_(0, row, tok_nll)
             rows = batch.example_index.cpu().numpy()
-            correct[rows] = hit.sum(1).cpu().numpy()
-            total[rows] = mask.sum(1).cpu().numpy()
-            nll[rows] = (-(tok_logp * mask)).sum(1).cpu().numpy()
+            correct[rows], total[rows], nll[rows] = per_row.cpu().numpy()
             bar.update(len(rows))
     bar.close()
     if total.sum() == 0:
@@ -230,9 +286,14 @@ def _generation_scores(model, skill, intervention, batch_size, quiet, max_new_to
     sub = Skill(skill.name, examples, skill.source) if examples else None
     if sub is not None and kind == "mmlu":
         prompts = mmlu_few_shot_prompts(sub)
-        letters = [
-            model.tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"
-        ]
+        choices = choice_tokens(model, sub)
+        if choices is None or choices[0] != 0:
+            raise ValueError(
+                f"MMLU 5-shot scoring of {skill.name!r} needs examples with choices and a "
+                "label, and a tokenizer whose letter answers (' A', ' B', ...) begin with "
+                "distinct tokens."
+            )
+        letters = choices[1]
         with torch.inference_mode():
             batches = iter_batches(model, prompts, None, batch_size=batch_size)
             for batch in batches:
@@ -323,15 +384,35 @@ def evaluate(
     methods: dict[str, Any] = {BASE: None, **dict(interventions or {})}
     if BASE in (interventions or {}):
         raise ValueError(f"{BASE!r} names the bare model: give the intervention another name.")
+    # Detectors only watch: each is scored as the bare model with its abstentions zeroed.
+    # Several of them share one pass that collects the key vectors they all read.
+    detectors = {
+        m: iv
+        for m, iv in methods.items()
+        if m != BASE and not _changes_outputs(iv) and hasattr(iv, "detect_keys")
+    }
+    for iv in detectors.values():
+        iv.check_model(model)
+    key_layers = sorted({layer for iv in detectors.values() for layer in iv.layers_})
     rows = []
     bar = tqdm(total=len(named) * len(methods), desc="evaluate", disable=quiet)
     for skill_name, skill in named.items():
-        base_score = None
+        base = base_score = None
+        keys = None
+        if len(detectors) > 1:
+            keys = collect_keys(model, skill, key_layers, batch_size=batch_size, quiet=True)
         for method, iv in methods.items():
             bar.set_postfix_str(f"{skill_name} / {method}")
-            s = score_skill(model, skill, iv, metric, batch_size, True, max_new_tokens)
+            if method != BASE and not _changes_outputs(iv):
+                if keys is not None and method in detectors:
+                    abstained = iv.detect_keys(keys).detected.cpu().numpy().astype(bool)
+                else:
+                    abstained = abstentions(model, iv, skill.prompts, batch_size)
+                s = replace(base, abstained=abstained)
+            else:
+                s = score_skill(model, skill, iv, metric, batch_size, True, max_new_tokens)
             if method == BASE:
-                base_score = s.score
+                base, base_score = s, s.score
             rel = s.score / base_score if base_score else math.nan
             rows.append(
                 {
@@ -359,6 +440,7 @@ def relative_table(results: pd.DataFrame) -> pd.DataFrame:
 
 __all__ = [
     "ExampleScores",
+    "choice_tokens",
     "evaluate",
     "greedy_generate",
     "gsm8k_correct",

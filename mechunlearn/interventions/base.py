@@ -89,6 +89,9 @@ class Intervention:
     """
 
     _fitted_attrs: ClassVar[tuple[str, ...]] = ("layers_", "d_mlp_", "meta_")
+    #: False for interventions whose hooks only watch (detectors): the model's outputs are
+    #: unchanged, so scoring reuses the bare model's per-example results.
+    changes_outputs: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ hyperparameters
     @classmethod

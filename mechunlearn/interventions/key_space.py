@@ -195,6 +195,7 @@ class KeyRegionDetector(Intervention):
 
     _fitted_attrs = Intervention._fitted_attrs + ("region_", "alpha_", "k_min_")
     _default_h: ClassVar[float] = 2.0
+    changes_outputs = False  # the hooks record detections and return activations untouched
 
     def __init__(
         self,

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mechunlearn import Skill
+from mechunlearn import KeySpaceDetector, Skill, collect_keys
 from mechunlearn.evaluation import (
+    choice_tokens,
     evaluate,
     greedy_generate,
     gsm8k_correct,
@@ -97,6 +98,30 @@ def test_abstention_scores_zero(llama_like, skill):
     assert table.set_index("method").loc["ksd", "abstention_rate"] == 0.5
 
 
+def test_a_detector_scores_as_the_bare_model_with_its_abstentions_zeroed(llama_like, skill):
+    fit_on = Skill.from_texts("fit", PROMPTS[:2], ANSWERS[:2])
+    ksd = KeySpaceDetector(h=1.5, layers=None, rule=1).fit(collect_keys(llama_like, fit_on))
+    detected = ksd.detect(llama_like, skill.prompts).detected.numpy()
+    assert detected.any() and not detected.all()
+    wider = KeySpaceDetector(h=50.0, layers=[0, 2], rule="all").fit(
+        collect_keys(llama_like, fit_on)
+    )
+    table = evaluate(llama_like, skill, {"ksd": ksd}, quiet=True).set_index("method")
+    both = evaluate(llama_like, skill, {"ksd": ksd, "wider": wider}, quiet=True)
+    both = both.set_index("method")  # two detectors share one key-collection pass
+    for name, iv in (("ksd", ksd), ("wider", wider)):
+        alone = evaluate(llama_like, skill, {name: iv}, quiet=True).set_index("method")
+        assert both.loc[name, "score"] == alone.loc[name, "score"]
+        assert both.loc[name, "abstention_rate"] == alone.loc[name, "abstention_rate"]
+    row = table.loc["ksd"]
+    # The long way: a forward with the detector's hooks attached, abstentions zeroed.
+    with llama_like.hooks(fwd_hooks=ksd.hooks(llama_like)):
+        watched = teacher_forced(llama_like, skill)
+    correct = np.where(detected, 0, watched.correct)
+    assert row["score"] == pytest.approx(correct.sum() / watched.total.sum(), abs=1e-12)
+    assert row["abstention_rate"] == detected.mean()
+
+
 def test_bad_input(llama_like, skill):
     with pytest.raises(ValueError, match="Unknown metric"):
         evaluate(llama_like, skill, metric="bleu", quiet=True)
@@ -137,3 +162,24 @@ def test_protocol_names():
     for name, kind in [("gsm8k", "gsm8k"), ("mmlu:math", "mmlu"), ("xquad:de", "xquad")]:
         assert protocol(Skill.from_texts(name, ["x"])) == kind
     assert np.isnan(float("nan"))
+
+
+def test_multiple_choice_is_scored_on_the_letter_among_the_choices(llama_like):
+    from mechunlearn.data import _mmlu_example
+
+    rows = [("2 + 2 = ?", ["3", "4", "5", "6"], 1), ("Sky colour?", ["red", "blue", "x", "y"], 0)]
+    rows += [("Pick one.", ["a", "b", "c", "d"], k) for k in (2, 3)]
+    mc = Skill("mc", [_mmlu_example("toy", q, c, k) for q, c, k in rows])
+    offset, letters = choice_tokens(llama_like, mc)
+    assert offset == 1  # the character tokenizer: " " then the letter
+    scores = teacher_forced(llama_like, mc)
+    assert scores.total.tolist() == [1, 1, 1, 1]
+    for i, (ids, n_head) in enumerate(tokenize_examples(llama_like, mc.prompts, mc.answers)):
+        x = torch.tensor([ids], device=next(llama_like.parameters()).device)
+        with torch.inference_mode():
+            logits = llama_like(x)[0, n_head + offset - 1].double()
+        assert ids[n_head + offset] == letters[rows[i][2]]
+        assert scores.correct[i] == float(int(logits[letters].argmax()) == rows[i][2])
+        nll = -float(logits.log_softmax(-1)[ids[n_head + offset]])
+        assert scores.nll[i] == pytest.approx(nll, abs=1e-6)
+    assert choice_tokens(llama_like, Skill.from_texts("plain", ["Q"], [" A"])) is None
