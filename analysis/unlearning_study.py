@@ -6,14 +6,20 @@ Tasks (each probes the first half of every skill and scores the other half):
 * ``gsm8k-vs-mbpp``: forget GSM8K, retain MBPP, general MMLU and English Wikipedia text
   (XQuAD en contexts);
 * ``mbpp-vs-gsm8k``: the reverse;
-* ``xquad-de``: forget German reading comprehension (XQuAD de), retain the other six MLQA
+* ``xquad-de``: forget German reading comprehension (XQuAD de), retain the other six XQuAD
   languages, general MMLU.
 
 Usage:
     MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py [--n 48] [--tasks ...]
+        [--na-ratios 0.005 0.015 0.03 0.1] [--sp-ratios ...] [--xquad-keep en es ...]
 
-Writes ``results/unlearning/<task>/`` (the run's report folder, plus ``sweep.csv`` and
-``tradeoff.png``) and ``results/unlearning/summary.csv``; prints where they went.
+Every score is a full forward pass over the held-out halves per skill and per NA or SP setting
+(detectors share one key pass), so on 2 CPU cores the grid and ``--n`` set the run time.
+
+Writes ``results/unlearning/<task>/`` (the probes, analysis figures and tables of
+``mechunlearn analyze``, plus ``sweep.csv``, ``tradeoff.png`` and ``study_settings.json``) and
+``results/unlearning/summary.csv`` (every task folder's sweep); prints where they went. The
+sweep includes the main job's defaults: NA ratio 0.03, KSD auto fpr=0.05 and SP ratio 0.015.
 """
 
 from __future__ import annotations
@@ -63,24 +69,14 @@ def wiki_skill(n: int, seed: int, data_dir: str | None) -> mu.Skill:
 
 
 def run_task(name: str, spec: dict, args) -> pd.DataFrame:
+    """Probe and analyse (``mechunlearn analyze``, resumable), fit the sweep, score held-out."""
     out = Path(args.out) / name
-    argv = [
-        "run",
-        "--forget",
-        spec["forget"],
-        "--retain",
-        *spec["retain"],
-        "--general",
-        spec["general"],
-        "--n",
-        str(args.n),
-        "--out",
-        str(out),
-        "--seed",
-        str(args.seed),
-        "--batch-size",
-        str(args.batch_size),
-    ]
+    keep = spec["retain"]
+    if name.startswith("xquad") and args.xquad_keep:
+        keep = [f"xquad:{lang}" for lang in args.xquad_keep]
+    argv = ["analyze", "--forget", spec["forget"], "--retain", *keep]
+    argv += ["--general", spec["general"], "--n", str(args.n), "--out", str(out)]
+    argv += ["--seed", str(args.seed), "--batch-size", str(args.batch_size)]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     if args.device:
@@ -89,17 +85,16 @@ def run_task(name: str, spec: dict, args) -> pd.DataFrame:
         argv.append("--quiet")
     code = cli.main(argv)
     if code:
-        raise SystemExit(f"the run for {name} failed (exit {code})")
+        raise SystemExit(f"the probes of {name} failed (exit {code})")
 
-    # The same probe statistics, re-used for every hyperparameter of the sweep.
-    parsed = cli._parser().parse_args(argv)
-    run = cli.Run(parsed)
+    # The saved probe statistics, re-used for every hyperparameter of the sweep.
+    run = cli.Run(cli._parser().parse_args(argv))
     probed = cli.stage_collect(run)
     stats, keys, imp = probed["stats"], probed["keys"], probed["importance"]
     retain = cli._first_retain(run)
     keys_r = cli._concat([keys[role] for role in keys if role != "forget"])
     ivs: dict[str, object] = {}
-    for r in NA_RATIOS:
+    for r in args.na_ratios:
         ivs[f"NA ratio={r}"] = mu.NeuronAdjust(ratio=r, seed=args.seed).fit(
             stats["forget"], stats[retain]
         )
@@ -112,13 +107,14 @@ def run_task(name: str, spec: dict, args) -> pd.DataFrame:
     ivs["Ellipsoid auto fpr=0.05"] = mu.EllipsoidDetector(layers=-1).fit(
         keys["forget"], keys_r, fpr=0.05, seed=args.seed
     )
-    for r in SP_RATIOS:
+    for r in args.sp_ratios:
         ivs[f"SP ratio={r}"] = mu.SelectivePruning(ratio=r).fit(imp["forget"], imp[retain])
 
     held = run.held_out()
     if spec["wiki"]:
         held["wikipedia-en (general)"] = wiki_skill(args.n, args.seed, args.data_dir)
-    table = mu.evaluate(run.model, held, ivs, batch_size=args.batch_size, quiet=args.quiet)
+    with run.timer("evaluate sweep"):
+        table = mu.evaluate(run.model, held, ivs, batch_size=args.batch_size, quiet=args.quiet)
     table.insert(0, "task", name)
     table.to_csv(out / "sweep.csv", index=False)
     fig = plot_tradeoff(table, title=f"{name}: forget vs keep (held-out, relative)")
@@ -136,14 +132,26 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--out", default="results/unlearning")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--na-ratios", type=float, nargs="+", default=list(NA_RATIOS))
+    parser.add_argument("--sp-ratios", type=float, nargs="+", default=list(SP_RATIOS))
+    parser.add_argument(
+        "--xquad-keep",
+        nargs="+",
+        default=None,
+        help="languages kept in the XQuAD task (default: all six others)",
+    )
     args = parser.parse_args()
     if not args.data_dir:
         sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
-    tables = [run_task(name, TASKS[name], args) for name in args.tasks]
-    summary = pd.concat(tables, ignore_index=True)
+    for name in args.tasks:
+        run_task(name, TASKS[name], args)
+        settings = Path(args.out) / name / "study_settings.json"
+        settings.write_text(json.dumps({**vars(args), "tasks": [name]}, indent=2))
+    # Every task finished so far (tasks may be run by separate, even parallel, commands).
+    sweeps = sorted(Path(args.out).glob("*/sweep.csv"))
+    summary = pd.concat([pd.read_csv(p) for p in sweeps], ignore_index=True)
     path = Path(args.out) / "summary.csv"
     summary.to_csv(path, index=False)
-    (Path(args.out) / "settings.json").write_text(json.dumps(vars(args), indent=2))
     print(f"unlearning study: {path} and {Path(args.out)}/<task>/tradeoff.png")
 
 

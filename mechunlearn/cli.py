@@ -28,7 +28,7 @@ from typing import Any
 
 MARKER = ".mechunlearn-report.json"
 STAGES = ("collect", "analyze", "unlearn", "evaluate")
-DEFAULTS = {"forget": "humaneval", "retain": ["mmlu:math"], "general": "mmlu:-math", "n": 64}
+DEFAULTS = {"forget": "humaneval", "retain": ["mmlu:math"], "general": "mmlu:-math", "n": 32}
 
 
 class CLIError(Exception):
