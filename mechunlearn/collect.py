@@ -39,6 +39,7 @@ from .sites import (
     check_positions,
     check_site,
     d_mlp,
+    forward_until,
     hook_name,
     iter_batches,
     model_device,
@@ -543,8 +544,11 @@ def _skill_texts(skill) -> tuple[str, list[str], list[str]]:
     return name, list(prompts), list(answers)
 
 
-def _run_batches(model, skill, layers, batch_size, max_length, padding_side, desc, quiet, step):
-    """Drive the model over a skill's batches, calling ``step(batch) -> fwd_hooks``."""
+def _run_batches(
+    model, skill, site, layers, batch_size, max_length, padding_side, desc, quiet, step
+):
+    """Drive the model over a skill's batches, calling ``step(batch) -> fwd_hooks``; each
+    forward stops after the deepest layer's ``site``."""
     name, prompts, answers = _skill_texts(skill)
     batches = list(
         iter_batches(
@@ -556,18 +560,11 @@ def _run_batches(model, skill, layers, batch_size, max_length, padding_side, des
             padding_side=padding_side,
         )
     )
-    stop = max(layers) + 1
-    stop_at = stop if stop < n_layers(model) else None
+    last = hook_name(site, max(layers))
     bar = tqdm(total=len(prompts), desc=desc, unit="ex", disable=quiet, leave=False)
     with torch.inference_mode():
         for batch in batches:
-            hooks = step(batch, prompts, answers)
-            model.run_with_hooks(
-                batch.tokens,
-                fwd_hooks=hooks,
-                attention_mask=batch.attention_mask,
-                stop_at_layer=stop_at,
-            )
+            forward_until(model, batch, step(batch, prompts, answers), last)
             bar.update(int(batch.tokens.shape[0]))
     bar.close()
     return name, prompts
@@ -642,8 +639,9 @@ def collect(
         return [(hook_name(site, layer), make_hook(row)) for row, layer in enumerate(layers)]
 
     name, _ = _run_batches(
-        model, skill, layers, batch_size, max_length, padding_side, f"collect {site}", quiet, step
-    )
+        model, skill, site, layers, batch_size, max_length, padding_side, f"collect {site}",
+        quiet, step,
+    )  # fmt: skip
     stats.meta.update(skill=name, positions=positions, collected=_now(), version=__version__)
     if stats.n_tokens == 0:
         raise ValueError(
@@ -696,8 +694,9 @@ def collect_keys(
         return [(hook_name("key", layer), make_hook(col)) for col, layer in enumerate(layers)]
 
     _run_batches(
-        model, skill, layers, batch_size, max_length, padding_side, "collect keys", quiet, step
-    )
+        model, skill, "key", layers, batch_size, max_length, padding_side, "collect keys", quiet,
+        step,
+    )  # fmt: skip
     bad = (~torch.isfinite(values)).sum(dim=(0, 2))
     _warn_nonfinite(bad, layers, name)
     meta = {**_model_meta(model), "skill": name, "collected": _now(), "version": __version__}

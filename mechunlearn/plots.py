@@ -132,9 +132,11 @@ def plot_gaussian_summary(fit: GaussianFit, tests: Sequence[str] | None = None) 
         if fit.correction == "none":
             expected = (1 - fit.alpha) ** len(fit.rule)
             ax.axhline(expected, color="grey", ls=":", lw=1, label="expected if Gaussian")
-        ax.set(xlabel="layer", ylabel="share of neurons passing", ylim=(-0.02, 1.02))
+        # Shares span [0, 1]: the legend gets headroom above them instead of covering a line.
+        ax.set(xlabel="layer", ylabel="share of neurons passing", ylim=(-0.02, 1.45))
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_title(f"normality tests, alpha={fit.alpha:g}, correction={fit.correction}")
-        ax.legend(loc="best")
+        ax.legend(loc="upper center", ncol=2, fontsize="small")
         ax = axes[1]
         ax.plot(layers, by["median_abs_skew"], "o-", label="median |skew|")
         ax.plot(layers, by["median_kurtosis"], "s-", label="median excess kurtosis")

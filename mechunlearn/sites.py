@@ -321,3 +321,25 @@ def forward(model, batch: EncodedBatch, fwd_hooks=(), **kwargs) -> Tensor:
     """
     kwargs.setdefault("attention_mask", batch.attention_mask)
     return model.run_with_hooks(batch.tokens, fwd_hooks=list(fwd_hooks), **kwargs)
+
+
+class _StopForward(Exception):
+    """Raised by :func:`forward_until`'s last hook to end a forward pass early."""
+
+
+def _stop_forward(activation: Tensor, hook=None) -> Tensor:
+    raise _StopForward
+
+
+def forward_until(model, batch: EncodedBatch, fwd_hooks, stop_after: str) -> None:
+    """Run ``model`` on ``batch`` with ``fwd_hooks`` and stop right after hook point
+    ``stop_after`` (its own hooks included): nothing later is computed, not even the unembedding
+    (TransformerBridge's ``stop_at_layer`` still computes it). For hooks that only record.
+
+    Example:
+        >>> forward_until(model, batch, [(hook_name("pre", 3), record)], hook_name("pre", 3))
+    """
+    try:
+        forward(model, batch, [*fwd_hooks, (stop_after, _stop_forward)])
+    except _StopForward:
+        pass

@@ -53,7 +53,14 @@ from torch import Tensor
 
 from ..analysis.hypercube import Cube, check_finite, fit_cube, normalized_distance
 from ..collect import KeyVectors, _check_compatible
-from ..sites import hook_name, iter_batches, model_device, pad_batch, tokenize_examples
+from ..sites import (
+    forward_until,
+    hook_name,
+    iter_batches,
+    model_device,
+    pad_batch,
+    tokenize_examples,
+)
 from .base import Hook, Intervention, check_positive
 
 REFUSAL = "Sorry, your query is not valid"
@@ -500,16 +507,9 @@ class KeyRegionDetector(Intervention):
             ):
                 record = DetectionRecord(self)
                 hooks = self.hooks(positions=batch.last_prompt, record=record)
-                # Stop the forward right after the last detection layer's key vector: the
-                # rest of the model (that layer's W_out, later layers, the unembedding) is
-                # not needed. run_with_hooks removes the hooks on the way out.
-                hooks.append((last, _stop_forward))
-                try:
-                    model.run_with_hooks(
-                        batch.tokens, fwd_hooks=hooks, attention_mask=batch.attention_mask
-                    )
-                except _StopForward:
-                    pass
+                # Stop right after the last detection layer's key vector: the rest of the
+                # model (that layer's W_out, later layers, the unembedding) is not needed.
+                forward_until(model, batch, hooks, last)
                 margin[batch.example_index.cpu()] = record.margin.double().cpu()
         return self._detection(margin)
 
@@ -736,14 +736,6 @@ class EllipsoidDetector(KeyRegionDetector):
 
 
 # ------------------------------------------------------------------------------ helpers
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass early (caught by :meth:`detect`)."""
-
-
-def _stop_forward(activation: Tensor, hook=None) -> Tensor:
-    raise _StopForward
-
-
 def _check_rule(rule: Any) -> None:
     if isinstance(rule, str):
         if rule not in ("any", "all"):

@@ -34,7 +34,14 @@ from torch import Tensor
 from .. import __version__
 from ..collect import NeuronStats, _check_compatible, _model_meta, _skill_texts, check_same_model
 from ..io import load_tensors, save_tensors
-from ..sites import d_mlp, hook_name, iter_batches, model_device, n_layers, resolve_layers
+from ..sites import (
+    d_mlp,
+    forward_until,
+    hook_name,
+    iter_batches,
+    model_device,
+    resolve_layers,
+)
 from .base import Hook, Intervention, check_fraction, check_positive
 
 
@@ -118,8 +125,7 @@ def collect_importance(
     device = model_device(model)
     sums = torch.zeros((len(layers), d_mlp(model)), dtype=torch.float64, device=device)
     n_tokens = torch.zeros((), dtype=torch.long, device=device)
-    stop = max(layers) + 1
-    stop_at = stop if stop < n_layers(model) else None
+    last = hook_name("key", max(layers))
 
     def make_hook(row: int, rows: Tensor):
         def hook(activation: Float[Tensor, "batch pos d_mlp"], hook=None):
@@ -137,12 +143,7 @@ def collect_importance(
             hooks = list(fwd_hooks) + [
                 (hook_name("key", layer), make_hook(i, rows)) for i, layer in enumerate(layers)
             ]
-            model.run_with_hooks(
-                batch.tokens,
-                fwd_hooks=hooks,
-                attention_mask=batch.attention_mask,
-                stop_at_layer=stop_at,
-            )
+            forward_until(model, batch, hooks, last)
     count = int(n_tokens)
     if count == 0:
         raise ValueError(f"Skill {name!r} has no tokens to measure.")

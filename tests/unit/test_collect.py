@@ -272,3 +272,32 @@ def test_batches_respect_the_token_budget(tiny_llama):
     assert seen == list(range(10))
     with pytest.raises(ValueError, match="max_batch_tokens"):
         next(iter_batches(tiny_llama, prompts, max_batch_tokens=0))
+
+
+def test_forward_until_stops_after_the_hook_point_and_detaches(tiny_model):
+    from mechunlearn.sites import forward_until, iter_batches
+
+    model = tiny_model
+    batch = next(iter_batches(model, ["Q: 1+1?"], [" 2"]))
+    stop = hook_name("pre", 0)
+    later = hook_name("key", model.cfg.n_layers - 1)
+    seen = []
+
+    def record(activation, hook):
+        seen.append(tuple(activation.shape))
+        return activation
+
+    def late(activation, hook):
+        seen.append("late")
+        return activation
+
+    forward_until(model, batch, [(stop, record), (later, late)], stop)
+    assert len(seen) == 1 and "late" not in seen  # nothing after the stop point ran
+    assert not model.hook_dict[stop].fwd_hooks and not model.hook_dict[later].fwd_hooks
+
+    def boom(activation, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):  # other errors propagate, hooks detached
+        forward_until(model, batch, [(stop, boom)], later)
+    assert not model.hook_dict[stop].fwd_hooks and not model.hook_dict[later].fwd_hooks
