@@ -122,6 +122,38 @@ def run_task(name: str, spec: dict, args) -> pd.DataFrame:
     return table
 
 
+def summary_markdown(summary: pd.DataFrame) -> str:
+    """One Markdown table per task: methods as rows, held-out skills as columns (forget
+    first), relative performance, plus the abstention rate on the forget skill."""
+    parts = []
+    for task, table in summary.groupby("task", sort=False):
+        rel = table.pivot(index="method", columns="skill", values="relative")
+        methods = [m for m in dict.fromkeys(table["method"]) if m != "base"]
+        skills = sorted(rel.columns, key=lambda c: (0 if "(forget)" in c else 1, c))
+        n = int(table["n"].iloc[0])
+        parts.append(f"**{task}** ({n} held-out examples per skill)\n")
+        parts.append("| method | " + " | ".join(skills) + " |")
+        parts.append("|---" * (len(skills) + 1) + "|")
+        for m in methods:
+            cells = [f"{rel.loc[m, c]:.2f}" for c in skills]
+            parts.append(f"| {m} | " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def summarize(out: Path) -> Path:
+    """``summary.csv`` and ``summary.md`` from every task folder's ``sweep.csv``."""
+    sweeps = sorted(out.glob("*/sweep.csv"))
+    if not sweeps:
+        raise SystemExit(f"no task results under {out} (no */sweep.csv)")
+    order = {name: i for i, name in enumerate(TASKS)}
+    tables = sorted((pd.read_csv(p) for p in sweeps), key=lambda t: order.get(t["task"][0], 99))
+    summary = pd.concat(tables, ignore_index=True)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(summary_markdown(summary))
+    return out / "summary.csv"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -140,7 +172,15 @@ def main() -> None:
         default=None,
         help="languages kept in the XQuAD task (default: all six others)",
     )
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="only rebuild summary.csv and summary.md from the task folders under --out",
+    )
     args = parser.parse_args()
+    if args.summarize_only:
+        print(f"unlearning study: {summarize(Path(args.out))} and summary.md")
+        return
     if not args.data_dir:
         sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
     for name in args.tasks:
@@ -148,11 +188,8 @@ def main() -> None:
         settings = Path(args.out) / name / "study_settings.json"
         settings.write_text(json.dumps({**vars(args), "tasks": [name]}, indent=2))
     # Every task finished so far (tasks may be run by separate, even parallel, commands).
-    sweeps = sorted(Path(args.out).glob("*/sweep.csv"))
-    summary = pd.concat([pd.read_csv(p) for p in sweeps], ignore_index=True)
-    path = Path(args.out) / "summary.csv"
-    summary.to_csv(path, index=False)
-    print(f"unlearning study: {path} and {Path(args.out)}/<task>/tradeoff.png")
+    path = summarize(Path(args.out))
+    print(f"unlearning study: {path}, summary.md and {Path(args.out)}/<task>/tradeoff.png")
 
 
 if __name__ == "__main__":
