@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import mechunlearn as mu
+from mechunlearn.evaluation import teacher_forced
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +59,9 @@ def test_ksd_abstains_on_the_forget_skill_only(default_model, halves, ksd):
 def test_ksd_hooks_only_watch_and_its_score_zeroes_the_abstentions(default_model, halves, ksd):
     for name, target in (("gsm8k", lambda r: r <= 0.10), ("mbpp", lambda r: r >= 0.95)):
         held = halves[name][1]
-        base = mu.teacher_forced(default_model, held)
+        base = teacher_forced(default_model, held)
         with default_model.hooks(fwd_hooks=ksd.hooks(default_model)):
-            watched = mu.teacher_forced(default_model, held)
+            watched = teacher_forced(default_model, held)
         # The hooks record detections and change nothing: the same tokens are predicted.
         np.testing.assert_array_equal(watched.correct, base.correct)
         np.testing.assert_allclose(watched.nll, base.nll, rtol=1e-5)
