@@ -13,7 +13,6 @@ is loaded and warmed up) minus the RSS at that point.
 
 Usage:
     python benchmarks/bench_collect.py [--tokens 20000] [--repeats 3] [--device cpu]
-    python benchmarks/bench_collect.py --memory-only   # re-measure peak memory only
 """
 
 from __future__ import annotations
@@ -131,22 +130,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--child", choices=["bare", "collect", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--skip-naive", action="store_true", help="omit the slow naive approach")
-    parser.add_argument(
-        "--memory-only",
-        action="store_true",
-        help="measure peak memory only (unaffected by other load) into the existing JSON",
-    )
     args = parser.parse_args()
     if args.child:
         return child(args)
-    if args.memory_only:
-        path = RESULTS / "collect.json"
-        result = json.loads(path.read_text()) if path.exists() else {}
-        result.update(memory_result(args, ["bare", "collect", "naive"]))
-        RESULTS.mkdir(exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
-        return None
 
     torch.set_grad_enabled(False)
     model = mu.load_model(device=args.device, quiet=True)
