@@ -5,54 +5,69 @@ Example:
     >>> model = mu.load_model()                       # offline default: SmolLM2-135M-Instruct
     >>> forget = mu.load_skill("gsm8k", n=200)
     >>> stats = mu.collect(model, forget, site="pre")  # streaming per-neuron statistics
+
+``mu.plots`` (matplotlib, seaborn) is imported on first use, not with the package.
 """
 
-__version__ = "0.1.0"
-
-from . import analysis, plots  # noqa: E402
-from .collect import KeyVectors, NeuronStats, collect, collect_keys  # noqa: E402
-from .data import Example, Skill, SkillNotFoundError, load_skill  # noqa: E402
-from .evaluation import evaluate, relative_table  # noqa: E402
-from .interventions import (  # noqa: E402
+from . import analysis
+from ._version import __version__
+from .collect import Probe, collect, collect_importance, collect_keys
+from .data import Example, Skill, SkillNotFoundError, load_skill
+from .evaluation import evaluate, relative_table
+from .interventions import (
     REFUSAL,
     Detection,
     EllipsoidDetector,
-    Importance,
     KeySpaceDetector,
     NeuronAdjust,
     NotFittedError,
     SelectivePruning,
-    collect_importance,
     sweep_ratio,
 )
-from .models import DEFAULT_MODEL, ModelNotFoundError, load_model  # noqa: E402
-from .sites import hook_name  # noqa: E402
+from .io import DamagedFileError
+from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
+from .sites import hook_name
+from .stats import Importance, KeyVectors, NeuronStats
 
 __all__ = [
     "DEFAULT_MODEL",
     "REFUSAL",
+    "DamagedFileError",
     "Detection",
-    "Importance",
-    "sweep_ratio",
     "EllipsoidDetector",
-    "KeySpaceDetector",
-    "NeuronAdjust",
-    "NotFittedError",
-    "SelectivePruning",
-    "analysis",
-    "collect_importance",
-    "evaluate",
-    "plots",
-    "relative_table",
     "Example",
+    "Importance",
+    "KeySpaceDetector",
     "KeyVectors",
     "ModelNotFoundError",
+    "NeuronAdjust",
     "NeuronStats",
+    "NotFittedError",
+    "Probe",
+    "SelectivePruning",
     "Skill",
     "SkillNotFoundError",
+    "__version__",
+    "analysis",
     "collect",
+    "collect_importance",
     "collect_keys",
+    "evaluate",
     "hook_name",
     "load_model",
     "load_skill",
+    "plots",
+    "relative_table",
+    "sweep_ratio",
 ]
+
+
+def __getattr__(name: str):
+    # Plotting pulls in matplotlib and seaborn: imported on first use only.
+    if name in ("plots", "report"):
+        import importlib
+
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'mechunlearn' has no attribute {name!r}")

@@ -1,29 +1,42 @@
-"""Skill scores before and after an intervention, and the relative-performance table.
+"""Skill scores before and after an intervention, relative performance, and its uncertainty.
 
-Two metric families (METHODS.md §5):
+Two metric families (docs/methods.md, "Evaluation"):
 
 * ``metric="teacher_forced"`` (default): top-1 next-token accuracy on the reference answer's
   tokens given the prompt, pooled over every answer token of the skill, and the mean negative
   log-likelihood of those tokens. The metric of the Selective Pruning paper, and the one that
-  means something for small models, which cannot solve GSM8K or MBPP.
+  means something for small models, which cannot solve GSM8K or MBPP. A multiple-choice skill
+  whose answers are letters (MMLU's letter format) is scored on the letter among the choices;
+  with MMLU's ``answer_format="text"`` the correct choice's text is scored token by token.
 * ``metric="generation"``: the paper's protocols, chosen from the skill's name:
   GSM8K 8-shot chain of thought, the number after "The answer is"; MBPP and HumanEval pass@1,
   the task's tests run in a subprocess with a time limit; XQuAD/MLQA, the gold answer is a
   substring of a greedy 24-token answer; MMLU 5-shot, the letter with the highest logit.
 
-An intervention that abstains (it has a ``detect(model, prompts)`` method, like
-:class:`~mechunlearn.interventions.KeySpaceDetector`) scores 0 on each abstained example:
-its answer tokens count as wrong, and abstained examples are left out of the NLL (reported
-with the abstention rate beside it). Relative performance is ``score after / score before``.
+**No work twice.** :func:`evaluate` runs each skill's bare forward once and each
+output-changing method's forward once; a pass stops at the final residual stream and unembeds
+only the positions that are scored. Detectors (``changes_outputs = False``) only watch: every
+prompt they let through gets the bare model's answer, so each is scored as the bare model's
+per-example results with its abstentions zeroed, its key vectors read during the bare pass (at
+the last prompt token, no extra pass). An abstained example scores 0 (its answer tokens count
+as wrong) and is left out of the NLL. Methods that edit weights (``applies_by = "weights"``,
+e.g. SIMU) are scored inside their ``apply_to_weights`` context.
 
-A detector's hooks only watch (``changes_outputs = False``): every prompt it lets through gets
-the bare model's answer. :func:`evaluate` therefore scores it as the bare model's per-example
-results with its abstentions zeroed, at the cost of one prompt-only detection pass (one pass in
-all, collecting the key vectors, when several detectors are compared).
+**Uncertainty.** Every score and every relative performance (after / before) carries a 95 %
+interval from a paired bootstrap over examples (:mod:`mechunlearn.kernels.bootstrap`: after and
+before resampled together, seeded, 2,000 resamples). Each skill's **chance level** is reported
+beside its base score (``1 / k`` for a ``k``-way letter choice, ``1 / vocabulary`` for
+teacher-forced tokens, 0 for generation), and the skill is flagged ``informative`` only when the
+lower end of its base score's interval lies above it.
+
+Under ``torchrun`` the examples are sharded across processes and the per-example counts summed
+(:mod:`mechunlearn.distributed`); every rank returns the whole table.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import re
@@ -39,12 +52,21 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .collect import collect_keys
+from . import distributed
+from .batching import check_batching, forward_until, iter_batches, tokenize_examples
+from .collect import as_skill, special_token_flags
 from .data import Skill, gsm8k_few_shot_prompts, mmlu_few_shot_prompts
-from .sites import iter_batches, tokenize_examples
+from .generation import greedy_generate
+from .kernels.bootstrap import N_BOOT, paired_ratio_interval, ratio_interval
+from .models import check_model, model_device
+from .sites import hook_name
+from .stats import KeyVectors
+from .validation import check_choice, check_int, check_probability
 
 METRICS = ("teacher_forced", "generation")
 BASE = "base"
+ROLES = ("forget", "retain", "general")
+"""The roles a scored skill plays: the skill to unlearn, a skill to keep, general knowledge."""
 
 
 @dataclass
@@ -65,10 +87,14 @@ class ExampleScores:
     abstained: np.ndarray
 
     @property
+    def counted(self) -> np.ndarray:
+        """Per example, the correct count with abstentions zeroed."""
+        return np.where(self.abstained, 0.0, self.correct)
+
+    @property
     def score(self) -> float:
         """Pooled accuracy; abstained examples count as wrong."""
-        correct = np.where(self.abstained, 0, self.correct)
-        return float(correct.sum() / self.total.sum()) if self.total.sum() else math.nan
+        return float(self.counted.sum() / self.total.sum()) if self.total.sum() else math.nan
 
     @property
     def mean_nll(self) -> float:
@@ -83,6 +109,11 @@ def _as_skills(skills: Skill | Sequence[Skill] | Mapping[str, Skill]) -> dict[st
         skills = [skills]
     if isinstance(skills, Mapping):
         out = dict(skills)
+        for name, s in out.items():
+            if not isinstance(s, Skill):
+                raise TypeError(
+                    f"evaluate() takes Skill objects, got {type(s).__name__} for {name!r}."
+                )
     else:
         out = {}
         for s in skills:
@@ -99,6 +130,19 @@ def _as_skills(skills: Skill | Sequence[Skill] | Mapping[str, Skill]) -> dict[st
     return out
 
 
+def _check_intervention(name: str, iv: Any) -> None:
+    ok = iv is not None and (
+        callable(getattr(iv, "hooks", None))
+        or callable(getattr(iv, "detect", None))
+        or callable(getattr(iv, "apply_to_weights", None))
+    )
+    if not ok:
+        raise TypeError(
+            f"Intervention {name!r} is a {type(iv).__name__}, not an intervention: pass fitted "
+            "objects such as mu.NeuronAdjust(...).fit(stats_f, stats_r)."
+        )
+
+
 def abstentions(model, intervention, prompts: Sequence[str], batch_size: int = 16) -> np.ndarray:
     """Which prompts ``intervention`` abstains on (all False for one that never abstains)."""
     if intervention is None or not hasattr(intervention, "detect"):
@@ -111,10 +155,35 @@ def _changes_outputs(intervention) -> bool:
     return intervention is not None and getattr(intervention, "changes_outputs", True)
 
 
-def _hooks(intervention, model) -> list:
+@contextlib.contextmanager
+def applied(model, intervention):
+    """Run the block with ``intervention`` applied; yields the hooks to pass to each forward.
+
+    Hooks for most methods (yielded, not attached); a weight edit for methods that apply by
+    editing weights (``applies_by == "weights"``), undone on exit even after an exception; nothing
+    for detectors, whose hooks only watch.
+    """
     if not _changes_outputs(intervention):
-        return []  # nothing, or hooks that only watch: the bare forward gives the same scores
-    return list(intervention.hooks(model))
+        yield []
+    elif getattr(intervention, "applies_by", "hooks") == "weights":
+        with intervention.apply_to_weights(model):
+            yield []
+    else:
+        yield list(intervention.hooks(model))
+
+
+def _final_site(model) -> str | None:
+    """The hook point that holds the final residual stream just before the unembedding."""
+    hook_dict = getattr(model, "hook_dict", {})
+    for name in ("unembed.hook_in", "ln_final.hook_normalized"):
+        if name in hook_dict:
+            return name
+    return None
+
+
+def _unembed(model, resid: torch.Tensor) -> torch.Tensor:
+    """Logits of final-residual rows ``[n, d_model] -> [n, vocab]``."""
+    return model.unembed(resid.unsqueeze(0)).squeeze(0)
 
 
 def choice_tokens(model, skill: Skill) -> tuple[int, list[int]] | None:
@@ -147,63 +216,138 @@ def choice_tokens(model, skill: Skill) -> tuple[int, list[int]] | None:
     return None
 
 
+def _scored_pass(
+    model,
+    skill: Skill,
+    fwd_hooks: Sequence,
+    batch_size: int,
+    quiet: bool,
+    key_layers: Sequence[int] = (),
+    max_batch_tokens: int | None = 8192,
+) -> tuple[ExampleScores, torch.Tensor | None]:
+    """One teacher-forced pass over ``skill`` (this rank's share, summed over ranks).
+
+    Returns the scores (no abstentions) and, when ``key_layers`` are given, the key vectors at
+    the last prompt token read during the same pass (``[n, layers, d_mlp]``).
+    """
+    n = len(skill)
+    device = model_device(model)
+    counts = torch.zeros((3, n), dtype=torch.float64, device=device)  # correct, total, nll
+    keys = None
+    if key_layers:
+        keys = torch.zeros((n, len(key_layers), int(model.cfg.d_mlp)), device=device)
+    choices = choice_tokens(model, skill)
+    letters = torch.tensor(choices[1], device=device) if choices is not None else None
+    final = _final_site(model)
+    mine = distributed.shard(n)
+    part = skill[mine] if len(mine) < n else skill
+    index = torch.as_tensor(mine, dtype=torch.long, device=device)
+    bar = tqdm(
+        total=len(part), desc=f"score {skill.name}", unit="ex", leave=False,
+        disable=quiet or not distributed.is_main(),
+    )  # fmt: skip
+    batches = iter_batches(
+        model,
+        part.prompts,
+        part.answers,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        special_tokens=special_token_flags(part),
+    )
+    with torch.inference_mode():
+        for batch in batches:
+            rows_all = torch.arange(batch.tokens.shape[0], device=device)
+            global_index = index[batch.example_index]
+            hooks = list(fwd_hooks)
+            captured: dict[str, torch.Tensor] = {}
+            if keys is not None:
+
+                def make_key_hook(col: int, gi=global_index, rows=rows_all, b=batch):
+                    def hook(activation, hook=None):
+                        keys[gi, col] = activation[rows, b.last_prompt].float()
+                        return activation
+
+                    return hook
+
+                hooks += [
+                    (hook_name("key", layer), make_key_hook(c))
+                    for c, layer in enumerate(key_layers)
+                ]
+            # Position p predicts token p + 1: score answer tokens from the position before.
+            mask = batch.answer_mask[:, 1:]
+            if choices is not None:  # the letter token only
+                mask = mask & (mask.cumsum(1) == choices[0] + 1)
+            row, pos = mask.nonzero(as_tuple=True)
+            if final is not None:
+
+                def capture(activation, hook=None, row=row, pos=pos, captured=captured):
+                    captured["resid"] = activation[row, pos]
+                    return activation
+
+                forward_until(model, batch, [*hooks, (final, capture)], final)
+                scored = _unembed(model, captured["resid"]).double()
+            else:  # no hook before the unembedding: the full logits
+                logits = model.run_with_hooks(
+                    batch.tokens, fwd_hooks=hooks, attention_mask=batch.attention_mask
+                )
+                scored = logits[row, pos].double()
+            target = batch.tokens[row, pos + 1]
+            tok_nll = -scored.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
+            if letters is None:
+                hit = scored.argmax(-1) == target
+            else:
+                hit = letters[scored[:, letters].argmax(-1)] == target
+            g = global_index[row]
+            counts[0].index_add_(0, g, hit.double())
+            counts[1].index_add_(0, g, torch.ones_like(tok_nll))
+            counts[2].index_add_(0, g, tok_nll)
+            bar.update(int(batch.tokens.shape[0]))
+    bar.close()
+    counts = distributed.all_reduce_sum(counts).cpu().numpy()
+    if keys is not None:
+        keys = distributed.all_reduce_sum(keys)
+    if counts[1].sum() == 0:
+        raise ValueError(
+            f"Skill {skill.name!r} has no answer tokens: teacher-forced scoring needs answers."
+        )
+    nll = np.where(counts[1] > 0, counts[2], math.nan)
+    return ExampleScores(counts[0], counts[1], nll, np.zeros(n, dtype=bool)), keys
+
+
 def teacher_forced(
     model, skill: Skill, intervention=None, batch_size: int = 16, quiet: bool = True
 ) -> ExampleScores:
     """Top-1 accuracy and NLL of the reference answer tokens given each prompt.
 
     Every answer token counts: correct when it is the argmax over the vocabulary at the
-    position before it. A multiple-choice skill (MMLU) is scored on its letter instead: correct
-    when the answer letter has the highest logit among the choice letters (zero-shot letter
-    accuracy; a 135M model rarely puts a letter first over the whole vocabulary), with the NLL
-    of that letter token.
+    position before it. A multiple-choice skill whose answers are letters (MMLU's letter
+    format) is scored on its letter instead: correct when the answer letter has the highest
+    logit among the choice letters, with the NLL of that letter token.
 
     Example:
         >>> s = teacher_forced(model, mu.load_skill("gsm8k", n=50))
         >>> s.score, s.mean_nll
     """
-    n = len(skill)
-    correct, total = np.zeros(n), np.zeros(n)
-    nll = np.full(n, math.nan)
+    check_model(model)
+    check_batching(batch_size)
+    skill = as_skill(skill)
     abstained = abstentions(model, intervention, skill.prompts, batch_size)
-    hooks = _hooks(intervention, model)
+    with applied(model, intervention) as hooks:
+        scores, _ = _scored_pass(model, skill, hooks, batch_size, quiet)
+    return replace(scores, abstained=abstained)
+
+
+def chance_level(model, skill: Skill, metric: str = "teacher_forced") -> float:
+    """The score of guessing: ``1 / k`` for a ``k``-way letter choice (MMLU letters, MMLU
+    5-shot), ``1 / vocabulary`` for teacher-forced tokens, 0 for other generation protocols."""
+    if metric == "generation":
+        return 1.0 / len(skill[0].meta["choices"]) if protocol(skill) == "mmlu" else 0.0
     choices = choice_tokens(model, skill)
-    bar = tqdm(total=n, desc=f"score {skill.name}", unit="ex", disable=quiet, leave=False)
-    with torch.inference_mode():
-        for batch in iter_batches(model, skill.prompts, skill.answers, batch_size=batch_size):
-            logits = model.run_with_hooks(
-                batch.tokens, fwd_hooks=hooks, attention_mask=batch.attention_mask
-            )
-            # Position p predicts token p + 1: score answer tokens from the position before.
-            mask = batch.answer_mask[:, 1:]
-            if choices is not None:  # the letter token only
-                mask = mask & (mask.cumsum(1) == choices[0] + 1)
-            row, pos = mask.nonzero(as_tuple=True)
-            scored = logits[row, pos].double()  # [answer tokens, vocab], nothing else
-            target = batch.tokens[row, pos + 1]
-            tok_nll = -scored.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
-            if choices is None:
-                hit = scored.argmax(-1) == target
-            else:
-                letters = torch.tensor(choices[1], device=scored.device)
-                hit = letters[scored[:, letters].argmax(-1)] == target
-            b = len(batch.tokens)
-            per_row = torch.zeros((3, b), dtype=torch.float64, device=scored.device)
-            per_row[0].index_add_(0, row, hit.double())
-            per_row[1].index_add_(0, row, torch.ones_like(tok_nll))
-            per_row[2].index_add_(0, row, tok_nll)
-            rows = batch.example_index.cpu().numpy()
-            correct[rows], total[rows], nll[rows] = per_row.cpu().numpy()
-            bar.update(len(rows))
-    bar.close()
-    if total.sum() == 0:
-        raise ValueError(
-            f"Skill {skill.name!r} has no answer tokens: teacher-forced scoring needs answers."
-        )
-    return ExampleScores(correct, total, nll, abstained)
+    if choices is not None:
+        return 1.0 / len(choices[1])
+    return 1.0 / int(model.cfg.d_vocab)
 
 
-# ----------------------------------------------------------------------------- generation
 def protocol(skill: Skill) -> str:
     """The generation protocol for a skill, from its name (``gsm8k``, ``mmlu:...``, ...)."""
     base = skill.name.split(":")[0].split("[")[0].lower()
@@ -213,32 +357,6 @@ def protocol(skill: Skill) -> str:
         f"No generation protocol for skill {skill.name!r}: generation scoring knows gsm8k, "
         "mbpp, humaneval, mmlu, xquad and mlqa. Use metric='teacher_forced' for other skills."
     )
-
-
-def greedy_generate(
-    model,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    fwd_hooks: Sequence = (),
-    batch_size: int = 8,
-) -> list[str]:
-    """Greedy continuations of ``prompts`` (text after the prompt), hooks attached throughout."""
-    out: list[str] = []
-    with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            tokens = model.generate(
-                chunk if len(chunk) > 1 else chunk[0],
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                return_type="tokens",
-                padding_side="left",
-                verbose=False,
-            )
-            width = model.to_tokens(chunk, padding_side="left").shape[1]
-            new = tokens[:, width:] if tokens.ndim == 2 else tokens[width:].unsqueeze(0)
-            out.extend(model.tokenizer.batch_decode(new, skip_special_tokens=True))
-    return out
 
 
 _ANSWER_RE = re.compile(r"The answer is\s*\$?\s*(-?[\d,]*\.?\d+)")
@@ -281,15 +399,24 @@ def _generation_scores(model, skill, intervention, batch_size, quiet, max_new_to
     abstained = abstentions(model, intervention, skill.prompts, batch_size)
     correct = np.zeros(n)
     keep = np.flatnonzero(~abstained)
-    hooks = _hooks(intervention, model)
     examples = [skill[int(i)] for i in keep]
     sub = Skill(skill.name, examples, skill.source) if examples else None
+    with applied(model, intervention) as hooks:
+        _generation_correct(
+            model, sub, kind, keep, examples, hooks, correct, batch_size, quiet, max_new_tokens
+        )
+    return ExampleScores(correct, np.ones(n), np.full(n, math.nan), abstained)
+
+
+def _generation_correct(
+    model, sub, kind, keep, examples, hooks, correct, batch_size, quiet, max_new_tokens
+) -> None:
     if sub is not None and kind == "mmlu":
         prompts = mmlu_few_shot_prompts(sub)
         choices = choice_tokens(model, sub)
         if choices is None or choices[0] != 0:
             raise ValueError(
-                f"MMLU 5-shot scoring of {skill.name!r} needs examples with choices and a "
+                f"MMLU 5-shot scoring of {sub.name!r} needs examples with choices and a "
                 "label, and a tokenizer whose letter answers (' A', ' B', ...) begin with "
                 "distinct tokens."
             )
@@ -315,7 +442,7 @@ def _generation_scores(model, skill, intervention, batch_size, quiet, max_new_to
         for j, (ex, text) in enumerate(
             tqdm(
                 list(zip(examples, texts, strict=True)),
-                desc=f"check {skill.name}",
+                desc=f"check {sub.name}",
                 disable=quiet,
                 leave=False,
             )
@@ -332,7 +459,6 @@ def _generation_scores(model, skill, intervention, batch_size, quiet, max_new_to
                 program = ex.prompt + text + "\n" + ex.meta["test"]
                 ok = run_tests(f"{program}\ncheck({ex.meta['entry_point']})\n")
             correct[keep[j]] = float(ok)
-    return ExampleScores(correct, np.ones(n), np.full(n, math.nan), abstained)
 
 
 def score_skill(
@@ -345,11 +471,18 @@ def score_skill(
     max_new_tokens: int | None = None,
 ) -> ExampleScores:
     """Per-example scores of ``skill`` with ``intervention`` (None for the bare model)."""
-    if metric not in METRICS:
-        raise ValueError(f"Unknown metric {metric!r}. Choose one of {list(METRICS)}.")
+    check_choice(metric, METRICS, "metric")
     if metric == "teacher_forced":
         return teacher_forced(model, skill, intervention, batch_size, quiet)
     return _generation_scores(model, skill, intervention, batch_size, quiet, max_new_tokens)
+
+
+def _describe(iv: Any) -> tuple[str, str]:
+    """``(kind, params as JSON)`` of an intervention (its class and hyperparameters)."""
+    if iv is None:
+        return BASE, "{}"
+    params = iv.get_params() if callable(getattr(iv, "get_params", None)) else {}
+    return type(iv).__name__, json.dumps(params, sort_keys=True, default=str)
 
 
 def evaluate(
@@ -360,50 +493,82 @@ def evaluate(
     batch_size: int = 16,
     quiet: bool = False,
     max_new_tokens: int | None = None,
+    roles: Mapping[str, str] | None = None,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> pd.DataFrame:
-    """Score every skill with the bare model and with each intervention.
+    """Score every skill with the bare model and with each intervention, with intervals.
 
     Args:
         model: a TransformerBridge or HookedTransformer.
-        skills: held-out skills to score (never the probe texts the interventions were fit on).
-        interventions: ``{name: intervention}``; each has ``hooks()`` and may have ``detect``.
+        skills: held-out skills to score (never the probe texts the interventions were fit on):
+            a Skill, a list (named by ``Skill.name``) or a dict ``{name: Skill}``.
+        interventions: ``{method name: intervention}``; each has ``hooks()`` and may have
+            ``detect``, or applies by editing weights (``apply_to_weights``).
         metric: ``"teacher_forced"`` (default) or ``"generation"``.
         batch_size: examples per forward pass.
         quiet: hide progress bars.
         max_new_tokens: generation budget (default per protocol).
+        roles: ``{skill name: "forget" | "retain" | "general"}`` (default: no role).
+        n_boot: bootstrap resamples for the intervals.
+        seed: seed of the bootstrap.
+        level: coverage of the intervals.
 
     Returns:
-        One row per skill x method (``"base"`` first): ``skill, method, score, relative,
-        nll, abstention_rate, n, metric``. ``relative`` = score / the base score of the skill.
+        One row per skill x method (``"base"`` first): ``skill, role, method, kind, params,
+        score, score_low, score_high, relative, relative_low, relative_high, chance,
+        informative, nll, abstention_rate, n, metric``. ``relative`` = score / the base score
+        of the skill; ``*_low``/``*_high`` the paired-bootstrap interval; ``informative``
+        whether the base score's interval lies above ``chance``.
 
     Example:
-        >>> table = mu.evaluate(model, [forget_test, retain_test], {"NA": na, "KSD": ksd})
-        >>> table.pivot(index="skill", columns="method", values="relative")
+        >>> table = mu.evaluate(model, {"gsm8k": f_test, "mbpp": r_test}, {"NA": na, "KSD": ksd},
+        ...                     roles={"gsm8k": "forget", "mbpp": "retain"})
+        >>> mu.relative_table(table)
     """
+    check_model(model)
+    check_choice(metric, METRICS, "metric")
+    check_batching(batch_size)
+    check_int("n_boot", n_boot, min_val=1)
+    check_probability("level", level)
     named = _as_skills(skills)
-    methods: dict[str, Any] = {BASE: None, **dict(interventions or {})}
-    if BASE in (interventions or {}):
+    roles = dict(roles or {})
+    for name, role in roles.items():
+        if name not in named:
+            raise ValueError(f"roles names {name!r}, which is not among the skills {list(named)}.")
+        check_choice(role, ROLES, f"role of {name!r}")
+    interventions = dict(interventions or {})
+    if BASE in interventions:
         raise ValueError(f"{BASE!r} names the bare model: give the intervention another name.")
-    # Detectors only watch: each is scored as the bare model with its abstentions zeroed.
-    # Several of them share one pass that collects the key vectors they all read.
+    for name, iv in interventions.items():
+        _check_intervention(name, iv)
+    methods: dict[str, Any] = {BASE: None, **interventions}
+    # Detectors only watch: each is scored as the bare model with its abstentions zeroed,
+    # from key vectors read during the bare pass.
     detectors = {
         m: iv
-        for m, iv in methods.items()
-        if m != BASE and not _changes_outputs(iv) and hasattr(iv, "detect_keys")
+        for m, iv in interventions.items()
+        if not _changes_outputs(iv) and hasattr(iv, "detect_keys")
     }
     for iv in detectors.values():
         iv.check_model(model)
     key_layers = sorted({layer for iv in detectors.values() for layer in iv.layers_})
     rows = []
-    bar = tqdm(total=len(named) * len(methods), desc="evaluate", disable=quiet)
+    bar = tqdm(
+        total=len(named) * len(methods), desc="evaluate",
+        disable=quiet or not distributed.is_main(),
+    )  # fmt: skip
     for skill_name, skill in named.items():
-        base = base_score = None
+        base: ExampleScores | None = None
         keys = None
-        if len(detectors) > 1:
-            keys = collect_keys(model, skill, key_layers, batch_size=batch_size, quiet=True)
         for method, iv in methods.items():
             bar.set_postfix_str(f"{skill_name} / {method}")
-            if method != BASE and not _changes_outputs(iv):
+            if method == BASE and metric == "teacher_forced":
+                s, values = _scored_pass(model, skill, [], batch_size, True, key_layers)
+                if values is not None:
+                    keys = KeyVectors(values, key_layers, {"skill": skill.name})
+            elif method != BASE and not _changes_outputs(iv):
                 if keys is not None and method in detectors:
                     abstained = iv.detect_keys(keys).detected.cpu().numpy().astype(bool)
                 else:
@@ -412,14 +577,25 @@ def evaluate(
             else:
                 s = score_skill(model, skill, iv, metric, batch_size, True, max_new_tokens)
             if method == BASE:
-                base, base_score = s, s.score
-            rel = s.score / base_score if base_score else math.nan
+                base = s
+            kind, params = _describe(iv)
+            low, high = ratio_interval(s.counted, s.total, n_boot, seed, level)
+            rel_low, rel_high = paired_ratio_interval(
+                s.counted, base.counted, base.total, n_boot, seed, level
+            )
             rows.append(
                 {
                     "skill": skill_name,
+                    "role": roles.get(skill_name),
                     "method": method,
+                    "kind": kind,
+                    "params": params,
                     "score": s.score,
-                    "relative": rel,
+                    "score_low": low,
+                    "score_high": high,
+                    "relative": s.score / base.score if base.score else math.nan,
+                    "relative_low": rel_low,
+                    "relative_high": rel_high,
                     "nll": s.mean_nll,
                     "abstention_rate": float(s.abstained.mean()),
                     "n": len(skill),
@@ -427,22 +603,80 @@ def evaluate(
                 }
             )
             bar.update()
+        chance = chance_level(model, skill, metric)
+        for row in rows:
+            if row["skill"] == skill_name:
+                row["chance"] = chance
+                base_low = next(
+                    r["score_low"] for r in rows if r["skill"] == skill_name and r["method"] == BASE
+                )
+                row["informative"] = bool(base_low > chance)
     bar.close()
-    return pd.DataFrame(rows)
+    columns = [
+        "skill", "role", "method", "kind", "params", "score", "score_low", "score_high",
+        "relative", "relative_low", "relative_high", "chance", "informative", "nll",
+        "abstention_rate", "n", "metric",
+    ]  # fmt: skip
+    return pd.DataFrame(rows)[columns]
 
 
-def relative_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Skills as rows, methods as columns, relative performance as values."""
-    table = results.pivot(index="skill", columns="method", values="relative")
-    order = [m for m in dict.fromkeys(results["method"]) if m in table.columns]
-    return table[order]
+def relative_table(results: pd.DataFrame, interval: bool = False) -> pd.DataFrame:
+    """Skills as rows, methods as columns, relative performance as values.
+
+    Args:
+        results: a table from :func:`evaluate`.
+        interval: cells as text ``"0.55 [0.41, 0.68]"`` instead of numbers.
+
+    Raises:
+        ValueError: not a table from :func:`evaluate` (columns missing) or an empty one.
+    """
+    needed = {"skill", "method", "relative"} | (
+        {"relative_low", "relative_high"} if interval else set()
+    )
+    missing = sorted(needed - set(results.columns))
+    if missing or results.empty:
+        raise ValueError(
+            f"relative_table needs a non-empty table from mu.evaluate(...) (missing columns: "
+            f"{missing or 'none, but it has no rows'})."
+        )
+    order = list(dict.fromkeys(results["method"]))
+    skills = list(dict.fromkeys(results["skill"]))
+    if interval:
+        cells = results.assign(
+            cell=[
+                format_interval(r, lo, hi)
+                for r, lo, hi in zip(
+                    results["relative"],
+                    results["relative_low"],
+                    results["relative_high"],
+                    strict=True,
+                )
+            ]
+        )
+        table = cells.pivot(index="skill", columns="method", values="cell")
+    else:
+        table = results.pivot(index="skill", columns="method", values="relative")
+    return table.loc[skills, [m for m in order if m in table.columns]]
+
+
+def format_interval(value: float, low: float, high: float, digits: int = 2) -> str:
+    """``"0.55 [0.41, 0.68]"`` (``"—"`` for NaN)."""
+    if value is None or not np.isfinite(value):
+        return "—"
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 __all__ = [
+    "BASE",
     "ExampleScores",
+    "ROLES",
+    "applied",
+    "chance_level",
     "choice_tokens",
     "evaluate",
-    "greedy_generate",
+    "format_interval",
     "gsm8k_correct",
     "protocol",
     "relative_table",

@@ -1,17 +1,41 @@
-"""Saving and loading mechunlearn objects: safetensors with JSON metadata in the header."""
+"""Saving and loading: safetensors with JSON metadata in the header, JSON and text files.
+
+Every write is **atomic**: the file is written beside its target under a temporary name and
+moved into place with ``os.replace``, so an interrupted run never leaves a half-written file
+where a later run would read it.
+
+Every mechunlearn file records ``kind`` (the class it holds), ``format_version`` (the layout of
+its tensors and metadata, :data:`FORMAT_VERSION`) and the package ``version`` that wrote it.
+:func:`load_tensors` checks them and the tensors' names and dtypes against a schema, and every
+failure names the file: a damaged or truncated file, another kind of object, a file from a newer
+mechunlearn, a missing tensor or a wrong dtype. Files written before ``format_version`` existed
+(mechunlearn 0.1.0) have the same layout and load as version 0. Unknown tensors or metadata keys
+are dropped with a warning. Each class then checks its shapes against each other and its
+metadata (see their ``load`` methods).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from ._version import __version__
+
 META_KEY = "mechunlearn"
+FORMAT_VERSION = 1
+"""Layout version of the files this mechunlearn writes."""
+
+
+class DamagedFileError(ValueError):
+    """A file mechunlearn wrote cannot be read back (truncated, corrupted or inconsistent)."""
 
 
 def _with_suffix(path: str | Path) -> Path:
@@ -19,41 +43,158 @@ def _with_suffix(path: str | Path) -> Path:
     return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
 
 
-def save_tensors(path: str | Path, tensors: dict[str, Tensor], info: dict[str, Any]) -> Path:
-    """Write ``tensors`` to ``path`` (``.safetensors`` added if missing) with ``info`` as JSON.
-
-    ``info["kind"]`` names the object so that :func:`load_tensors` can refuse the wrong file.
-    """
-    from . import __version__
-
-    path = _with_suffix(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = {**info, "version": __version__}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={META_KEY: json.dumps(info)})
+def _check_target(path: Path) -> Path:
+    if str(path) in ("", ".") or path.name in ("", ".safetensors"):
+        raise ValueError(f"Cannot save to {str(path)!r}: give a file name, e.g. 'na_gsm8k'.")
+    if path.exists() and path.is_dir():
+        raise IsADirectoryError(f"Cannot save to {path}: it is a folder; give a file name.")
     return path
 
 
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``.
+
+    Raises:
+        OSError: the folder cannot be created or written; the message names ``path``.
+    """
+    path = _check_target(Path(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as err:
+        raise OSError(f"Cannot write {path}: {err.strerror or err}.") from None
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(f"Cannot write {path}: {err.strerror or err}.") from None
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Read a JSON file; a damaged one raises :class:`DamagedFileError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedFileError(f"The {what} {path} is damaged ({err}): delete it.") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Tensor], info: dict[str, Any]) -> Path:
+    """Write ``tensors`` to ``path`` (``.safetensors`` added if missing) with ``info`` as JSON.
+
+    ``info["kind"]`` names the object so that :func:`load_tensors` can refuse the wrong file;
+    ``format_version`` and ``version`` are added.
+    """
+    from safetensors.torch import save_file
+
+    path = _with_suffix(path)
+    info = {**info, "format_version": FORMAT_VERSION, "version": __version__}
+    header = {META_KEY: json.dumps(info)}
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=header))
+
+
 def load_tensors(
-    path: str | Path, kind: str, device: torch.device | str = "cpu"
+    path: str | Path,
+    kind: str,
+    device: torch.device | str = "cpu",
+    schema: Mapping[str, torch.dtype | tuple[torch.dtype, ...]] | None = None,
+    info_keys: tuple[str, ...] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a file written by :func:`save_tensors`, checking that it holds a ``kind``.
 
+    Args:
+        path: the file (``.safetensors`` may be left out).
+        kind: the class name it must hold.
+        device: where to put the tensors.
+        schema: ``{tensor name: dtype or dtypes}``; every name must be present with one of its
+            dtypes (others are dropped with a warning).
+        info_keys: the metadata keys that must be present (others are dropped with a warning).
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a mechunlearn file, or one holding another kind of object.
+        DamagedFileError: not a readable mechunlearn file, another kind, a newer format, a
+            missing or wrongly typed tensor or metadata key; the message names the file.
     """
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.exists() and _with_suffix(path).exists():
         path = _with_suffix(path)
     if not path.exists():
         raise FileNotFoundError(f"No {kind} file at {path}.")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        header = (f.metadata() or {}).get(META_KEY)
-        if header is None:
-            raise ValueError(f"{path} is not a mechunlearn file (no '{META_KEY}' metadata).")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            header = (f.metadata() or {}).get(META_KEY)
+            names = list(f.keys())
+            if header is None:
+                raise DamagedFileError(
+                    f"{path} is not a mechunlearn file (no '{META_KEY}' metadata)."
+                )
+            tensors = {name: f.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise DamagedFileError(
+            f"{path} is damaged or not a safetensors file ({str(err).strip()}): delete it and "
+            "compute it again."
+        ) from None
+    try:
         info = json.loads(header)
-        if info.get("kind") != kind:
-            raise ValueError(f"{path} holds {info.get('kind')}, not {kind}.")
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except json.JSONDecodeError as err:
+        raise DamagedFileError(f"{path} has damaged metadata ({err}): delete it.") from None
+    if not isinstance(info, dict) or info.get("kind") != kind:
+        found = info.get("kind") if isinstance(info, dict) else None
+        raise DamagedFileError(f"{path} holds {found}, not {kind}.")
+    version = info.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DamagedFileError(
+            f"{path} was written by a newer mechunlearn ({info.get('version')}, file format "
+            f"{version}; this is {__version__}, format {FORMAT_VERSION}): upgrade mechunlearn."
+        )
+    if schema is not None:
+        missing = [n for n in schema if n not in tensors]
+        if missing:
+            raise DamagedFileError(f"{path} lacks the tensors {missing}: it is damaged.")
+        for name in [n for n in tensors if n not in schema]:
+            warnings.warn(f"{path}: unknown tensor {name!r} dropped.", stacklevel=3)
+            tensors.pop(name)
+        for name, dtypes in schema.items():
+            allowed = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+            if tensors[name].dtype not in allowed:
+                raise DamagedFileError(
+                    f"{path}: tensor {name!r} is {tensors[name].dtype}, expected "
+                    f"{' or '.join(str(d) for d in allowed)}: the file is damaged."
+                )
+    if info_keys is not None:
+        required = set(info_keys)
+        known = required | {"kind", "format_version", "version"}
+        missing = sorted(required - set(info))
+        if missing:
+            raise DamagedFileError(f"{path} lacks the metadata {missing}: it is damaged.")
+        for key in [k for k in info if k not in known]:
+            warnings.warn(f"{path}: unknown metadata key {key!r} dropped.", stacklevel=3)
+            info.pop(key)
     return tensors, info
+
+
+def check_shape(path: Any, name: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
+    """Raise :class:`DamagedFileError` if a loaded ``tensor`` does not have ``shape``."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise DamagedFileError(
+            f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}: "
+            "the file is damaged."
+        )

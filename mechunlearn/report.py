@@ -4,12 +4,13 @@ the settings and the timings, in one self-contained page (images are relative li
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from .io import write_text
 
 _CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto;
@@ -21,6 +22,7 @@ th, td { border-bottom: 1px solid #ddd; padding: .35rem .7rem; text-align: right
 th:first-child, td:first-child { text-align: left; }
 thead th { background: #f4f4f6; }
 td.good { background: #e3f4e6; } td.bad { background: #fbe4e4; }
+.warn { color: #a5281b; font-size: .8rem; }
 figure { margin: 1.5rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #444; font-size: .92rem; margin-top: .3rem; }
 code { background: #f4f4f6; padding: 0 .25rem; border-radius: 3px; }
@@ -28,31 +30,57 @@ code { background: #f4f4f6; padding: 0 .25rem; border-radius: 3px; }
 """
 
 
+def _cell_interval(row: pd.Series, value: str, low: str, high: str) -> str:
+    v, lo, hi = row.get(value), row.get(low), row.get(high)
+    if v is None or pd.isna(v):
+        return "&mdash;"
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return f"{v:.2f}"
+    return f"{v:.2f} <small>[{lo:.2f}, {hi:.2f}]</small>"
+
+
 def _relative_html(table: pd.DataFrame) -> str:
-    methods = list(dict.fromkeys(table["method"]))
+    """The relative-performance table: one row per held-out skill (its role, base score with its
+    interval and chance level), one column per method (relative performance with its interval)."""
+    methods = [m for m in dict.fromkeys(table["method"]) if m != "base"]
     skills = list(dict.fromkeys(table["skill"]))
     t = table.set_index(["skill", "method"])
     head = "".join(f"<th>{html.escape(m)}</th>" for m in methods)
     rows = []
     for skill in skills:
-        is_forget = "(forget)" in skill
+        base = t.loc[(skill, "base")]
+        role = base.get("role") if "role" in t.columns else None
+        role = role if isinstance(role, str) else ""
+        informative = bool(base.get("informative", True))
+        chance = base.get("chance", float("nan"))
+        flag = (
+            ""
+            if informative
+            else " <span class='warn'>uninformative: base score not above chance</span>"
+        )
+        label = (
+            f"<td>{html.escape(skill)} <small>({html.escape(role or 'no role')})</small>{flag}</td>"
+            f"<td>{_cell_interval(base, 'score', 'score_low', 'score_high')}</td>"
+            f"<td>{'' if pd.isna(chance) else f'{chance:.3g}'}</td>"
+        )
         cells = []
         for m in methods:
-            rel = t.loc[(skill, m), "relative"]
-            score = t.loc[(skill, m), "score"]
-            abst = t.loc[(skill, m), "abstention_rate"]
+            row = t.loc[(skill, m)]
+            rel = row["relative"]
             cls = ""
-            if m != "base" and pd.notna(rel):
-                good = rel <= 0.5 if is_forget else rel >= 0.9
+            if pd.notna(rel) and role in ("forget", "retain", "general"):
+                good = rel <= 0.5 if role == "forget" else rel >= 0.9
                 cls = " class='good'" if good else " class='bad'"
-            extra = f"<br><small>acc {score:.3f}" + (
-                f", abstains {abst:.0%}</small>" if abst else "</small>"
+            abst = row.get("abstention_rate", 0.0) or 0.0
+            extra = f"<br><small>abstains {abst:.0%}</small>" if abst else ""
+            cells.append(
+                f"<td{cls}>{_cell_interval(row, 'relative', 'relative_low', 'relative_high')}"
+                f"{extra}</td>"
             )
-            cells.append(f"<td{cls}>{rel:.2f}{extra}</td>")
-        rows.append(f"<tr><td>{html.escape(skill)}</td>{''.join(cells)}</tr>")
+        rows.append(f"<tr>{label}{''.join(cells)}</tr>")
     return (
-        f"<table><thead><tr><th>skill (held-out)</th>{head}</tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table>"
+        "<table><thead><tr><th>skill (held-out)</th><th>base score [95% CI]</th><th>chance</th>"
+        f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
 
 
@@ -62,6 +90,7 @@ def write_report(
     table: pd.DataFrame,
     figures: Sequence[tuple[str, str]],
     environment: dict[str, str] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> Path:
     """Write ``out/index.html`` and return its path.
 
@@ -71,10 +100,10 @@ def write_report(
         table: :func:`mechunlearn.evaluate`'s DataFrame.
         figures: ``(relative path, one-line caption)`` pairs.
         environment: package versions and machine.
+        timings: seconds per stage.
     """
     out = Path(out)
-    timings_path = out / "tables" / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = dict(timings or {})
     metric = str(table["metric"].iloc[0]) if len(table) else "teacher_forced"
     metric_text = (
         "teacher-forced top-1 accuracy on the reference answer tokens"
@@ -108,12 +137,18 @@ def write_report(
 {html.escape(str(settings.get("general")))}</p>
 
 <h2>Relative performance (after / before)</h2>
-<p>Scored on held-out examples with {metric_text}; an abstention counts as wrong. Green meets
-the goal (forget &le; 0.5, others &ge; 0.9), red does not. Selective Pruning is the baseline; the
-methods' full names are kept in every table (a CSV reader would take "NA" for a missing value).</p>
+<p>Scored on held-out examples never used for fitting, with {metric_text}; an abstention
+counts as wrong. Each cell is after / before with its 95 % paired-bootstrap interval over
+examples. Green meets the goal (forget &le; 0.5, others &ge; 0.9), red does not. A skill whose
+base score is not above its chance level says nothing about forgetting and is flagged.
+Selective Pruning is the baseline; the methods' full names are kept in every table (a CSV
+reader would take "NA" for a missing value).</p>
 {_relative_html(table)}
 
 <h2>Diagnostics</h2>
+<p class="sub">Statistics exclude the BOS token (its activations are outliers of their own) and
+padding. The normality tests treat the reservoir's tokens as independent, although tokens of
+one text are correlated: they reject more often than they would for independent draws.</p>
 {figs or "<p>No figures (run <code>mechunlearn analyze</code>).</p>"}
 
 <h2>Settings</h2>
@@ -126,6 +161,4 @@ methods' full names are kept in every table (a CSV reader would take "NA" for a 
 <code>stats/</code>; fitted interventions: <code>interventions/</code>.</p>
 </body></html>
 """
-    path = out / "index.html"
-    path.write_text(page)
-    return path
+    return write_text(out / "index.html", page)

@@ -41,13 +41,9 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..collect import KeyVectors
+from ..kernels.regions import ABS_FLOOR, REL_FLOOR, Cube, fit_cube, normalized_distance
+from ..stats import KeyVectors
 from .hypercube import (
-    ABS_FLOOR,
-    REL_FLOOR,
-    Cube,
-    fit_cube,
-    normalized_distance,
     prepare_keys,
     quantile_alpha,
     select_layers,

@@ -3,15 +3,18 @@
 Every intervention follows scikit-learn's estimator contract (:mod:`.base`): the constructor
 stores hyperparameters, ``fit(...)`` returns ``self``, fitted state ends in ``_``,
 ``hooks(model=None)`` gives ``[(hook_name, fn), ...]``, and ``save``/``load`` round-trip.
+Interventions fit on collected statistics (:mod:`mechunlearn.collect`); they depend on the
+numerical kernels (:mod:`mechunlearn.kernels`), never on :mod:`mechunlearn.analysis`.
 
 Example:
     >>> from mechunlearn.interventions import NeuronAdjust, KeySpaceDetector
     >>> na = NeuronAdjust(ratio=0.03).fit(pre_f, pre_r)
     >>> logits = model.run_with_hooks(tokens, fwd_hooks=na.hooks(model))
-    >>> ksd = KeySpaceDetector(h=2.0).fit(keys_f)
+    >>> ksd = KeySpaceDetector().fit(keys_f, keys_negatives)
     >>> ksd.generate(model, prompts, max_new_tokens=64)
 """
 
+from ..stats import Importance
 from .base import Intervention, NotFittedError
 from .key_space import (
     REFUSAL,
@@ -20,10 +23,10 @@ from .key_space import (
     EllipsoidDetector,
     KeyRegionDetector,
     KeySpaceDetector,
-    ledoit_wolf_shrinkage,
 )
 from .neuron_adjust import NeuronAdjust, layer_seed, sweep_ratio
-from .pruning import Importance, SelectivePruning, WeightEdit, collect_importance
+from .pruning import SelectivePruning
+from .weights import WeightEdit, w_out
 
 __all__ = [
     "REFUSAL",
@@ -38,8 +41,7 @@ __all__ = [
     "NotFittedError",
     "SelectivePruning",
     "WeightEdit",
-    "collect_importance",
     "layer_seed",
-    "ledoit_wolf_shrinkage",
     "sweep_ratio",
+    "w_out",
 ]

@@ -25,16 +25,28 @@ Hooks follow three rules, so that they cost little on a GPU and work in any batc
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from jaxtyping import Bool
 from torch import Tensor
 
-from ..collect import check_same_model
-from ..io import load_tensors, save_tensors
-from ..sites import n_layers
+from ..io import DamagedFileError, load_tensors, save_tensors
+from ..models import check_same_model, n_layers
+from ..validation import check_fraction, check_positive
+
+__all__ = [
+    "Hook",
+    "Intervention",
+    "NotFittedError",
+    "BosGuard",
+    "check_fraction",
+    "check_positive",
+    "compute_dtype",
+]
 
 Hook = tuple[str, Callable[[Tensor, Any], Tensor]]
 
@@ -44,32 +56,6 @@ class NotFittedError(ValueError, AttributeError):
 
     Subclasses both ValueError and AttributeError, as scikit-learn's does.
     """
-
-
-def check_fraction(name: str, value: Any) -> float:
-    """Return ``value`` as a float if it lies in (0, 1], else raise a ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}.")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}.") from None
-    if not 0.0 < out <= 1.0:
-        raise ValueError(f"{name} must lie in (0, 1] (a fraction of all neurons), got {value!r}.")
-    return out
-
-
-def check_positive(name: str, value: Any) -> float:
-    """Return ``value`` as a float if it is finite and > 0, else raise a ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive number, got {value!r}.")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}.") from None
-    if not (out > 0.0 and out < float("inf")):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return out
 
 
 class Intervention:
@@ -198,9 +184,9 @@ class Intervention:
         self._check_fitted()
         if model is not None:
             self.check_model(model)
-        return self._make_hooks()
+        return self._make_hooks(model)
 
-    def _make_hooks(self) -> list[Hook]:
+    def _make_hooks(self, model=None) -> list[Hook]:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------- save / load
@@ -232,13 +218,36 @@ class Intervention:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu"):
-        """Read an object written by :meth:`save` (tensors placed on ``device``)."""
+        """Read an object written by :meth:`save` (tensors placed on ``device``).
+
+        Hyperparameters the class no longer takes (a file from an older mechunlearn) are
+        dropped with a warning; a damaged or inconsistent file raises
+        :class:`~mechunlearn.io.DamagedFileError` naming it.
+        """
         tensors, info = load_tensors(path, cls.__name__, device)
-        obj = cls(**info["params"])
-        obj.layers_ = [int(x) for x in info["layers"]]
-        obj.d_mlp_ = int(info["d_mlp"])
-        obj.meta_ = dict(info["meta"])
-        obj._set_state(tensors, info)
+        for key in ("params", "layers", "d_mlp", "meta"):
+            if key not in info:
+                raise DamagedFileError(f"{path} lacks the metadata {key!r}: it is damaged.")
+        params = dict(info["params"])
+        known = set(cls._param_names())
+        for key in sorted(set(params) - known):
+            warnings.warn(
+                f"{path}: hyperparameter {key}={params.pop(key)!r} is not one of "
+                f"{cls.__name__}'s any more (a file from an older mechunlearn); dropped.",
+                stacklevel=2,
+            )
+        try:
+            obj = cls(**params)
+            obj.layers_ = [int(x) for x in info["layers"]]
+            obj.d_mlp_ = int(info["d_mlp"])
+            obj.meta_ = dict(info["meta"])
+            obj._set_state(tensors, info)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            if isinstance(err, DamagedFileError):
+                raise
+            raise DamagedFileError(
+                f"{path} does not hold a valid {cls.__name__} ({type(err).__name__}: {err})."
+            ) from None
         obj._clear_cache()
         return obj
 
@@ -258,3 +267,60 @@ def _move(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 activations, else float32 (densities never in half precision)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class BosGuard:
+    """Which positions of the current forward pass hold the BOS token, for hooks that must leave
+    them alone (Neuron Adjust: its statistics never saw BOS, whose activations are outliers of
+    their own, and changing them damages every continuation).
+
+    :meth:`hook` returns a hook to put first in a hook list: it runs at the embedding, before any
+    block, and records a ``[batch, pos]`` mask on the device (no host synchronisation). On a
+    TransformerBridge it reads the token ids (``embed.hook_in``); on a legacy HookedTransformer,
+    which has no such hook, it compares each position's embedding with the BOS row of ``W_E``
+    (an exact lookup, so the comparison is exact). Positions holding the BOS id anywhere (a
+    prepended BOS, or a pad token where the tokenizer pads with its BOS id) are marked. Padding
+    with another id is not marked: it is masked out of attention, so no hook's change there can
+    reach an output.
+
+    Args:
+        bos_id: the BOS token id (None: no BOS, nothing is marked).
+        model: the model the hooks will run on (needed for a legacy HookedTransformer).
+    """
+
+    def __init__(self, bos_id: int | None, model=None):
+        self.bos_id = None if bos_id is None else int(bos_id)
+        self.mask: Bool[Tensor, "batch pos"] | None = None
+        self._embedding: Tensor | None = None
+        self.hook_point = "embed.hook_in"
+        hook_dict = getattr(model, "hook_dict", None)
+        if model is not None and self.bos_id is not None and "embed.hook_in" not in hook_dict:
+            self.hook_point = "hook_embed"
+            self._embedding = model.W_E[self.bos_id].detach()
+
+    def hook(self) -> Hook:
+        """The recording hook ``(hook point, fn)``."""
+
+        def record(activation: Tensor, hook=None) -> Tensor:
+            if self.bos_id is None:
+                self.mask = None
+            elif self._embedding is None:
+                self.mask = activation == self.bos_id
+            else:
+                bos = self._embedding.to(activation.device, activation.dtype)
+                self.mask = (activation == bos).all(-1)
+            return activation
+
+        return (self.hook_point, record)
+
+    def keep(self, new: Tensor, old: Tensor) -> Tensor:
+        """``new`` with ``old``'s values at the BOS positions (``[batch, pos, k]`` tensors)."""
+        mask = self.mask
+        if mask is None or mask.shape != new.shape[:-1]:
+            if mask is None and self.bos_id is None:
+                return new
+            raise RuntimeError(
+                "The BOS-position hook did not run before this hook in this forward pass: use "
+                "the whole list that hooks() returns, in order."
+            )
+        return torch.where(mask.unsqueeze(-1), old, new)

@@ -41,7 +41,6 @@ prompts only, left-padded in one batch; detected prompts cost no generation step
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,16 +50,19 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..analysis.hypercube import Cube, check_finite, fit_cube, normalized_distance
-from ..collect import KeyVectors, _check_compatible
-from ..sites import (
-    forward_until,
-    hook_name,
-    iter_batches,
-    model_device,
-    pad_batch,
-    tokenize_examples,
+from ..batching import forward_until, iter_batches, tokenize_examples
+from ..generation import generate_from_tokens
+from ..kernels.regions import (
+    Cube,
+    check_finite,
+    fit_cube,
+    fit_ellipsoid,
+    mahalanobis,
+    normalized_distance,
 )
+from ..sites import hook_name
+from ..stats import KeyVectors
+from ..validation import check_compatible, check_int, check_probability, check_type, model_keys
 from .base import Hook, Intervention, check_positive
 
 REFUSAL = "Sorry, your query is not valid"
@@ -190,6 +192,11 @@ class KeyRegionDetector(Intervention):
         layers: model layers to check (negative counts from the last collected layer);
             ``None`` for every layer of the key vectors. Default ``-1``, the authors' choice.
         rule: ``"any"``, ``"all"`` or an int ``k`` (detected when inside at ``>= k`` layers).
+        fpr: with ``fit(keys_f, keys_r)``, the cap on the rule-level false-positive rate on
+            the negatives' calibration part, in (0, 1).
+        test_size: the held-out share of F and of the negatives in that calibration (a
+            fraction, rounded up, or a count).
+        seed: seed of the calibration's two splits.
 
     Attributes:
         layers_, d_mlp_, meta_: as for every intervention.
@@ -198,6 +205,8 @@ class KeyRegionDetector(Intervention):
         alpha_: ``[layers]`` the alpha used per layer.
         h_: ``[layers]`` ``alpha_ / k_min_`` (the effective h).
         calibration_: held-out rates when alpha was chosen automatically, else None.
+        fpr_: the false-positive rate alpha was calibrated for (``fpr``), or None when alpha
+            came from ``h``/``alpha`` and no false-positive rate was measured.
     """
 
     _fitted_attrs = Intervention._fitted_attrs + ("region_", "alpha_", "k_min_")
@@ -210,6 +219,9 @@ class KeyRegionDetector(Intervention):
         alpha: float | None = None,
         layers: int | Sequence[int] | None = -1,
         rule: str | int = "any",
+        fpr: float = 0.05,
+        test_size: float | int = 0.5,
+        seed: int = 0,
     ):
         if h is not None and alpha is not None:
             raise ValueError("Give h (alpha = h * k_min) or an absolute alpha, not both.")
@@ -218,14 +230,23 @@ class KeyRegionDetector(Intervention):
         if alpha is not None:
             check_positive("alpha", alpha)
         _check_rule(rule)
-        if layers is not None and not isinstance(layers, int):
-            layers = [int(x) for x in layers]
-            if not layers:
+        if layers is not None:
+            single = isinstance(layers, int) and not isinstance(layers, bool)
+            items = [layers] if single else list(layers)
+            for x in items:
+                check_int("layer", x, min_val=None)
+            if not items:
                 raise ValueError("layers is empty: pass None for every layer.")
-        self.h = h
-        self.alpha = alpha
+            layers = layers if single else [int(x) for x in items]
+        self.h = None if h is None else check_positive("h", h)
+        self.alpha = None if alpha is None else check_positive("alpha", alpha)
         self.layers = layers
         self.rule = rule
+        self.fpr = check_probability("fpr", fpr)
+        if isinstance(test_size, bool) or not isinstance(test_size, (int, float)):
+            raise TypeError(f"test_size must be a fraction or a count, got {test_size!r}.")
+        self.test_size = test_size
+        self.seed = check_int("seed", seed, min_val=None)
 
     # --------------------------------------------------------------------- region (abstract)
     def _fit_region(self, x: Float[Tensor, "n layer d"]) -> dict[str, Tensor]:
@@ -238,30 +259,30 @@ class KeyRegionDetector(Intervention):
         raise NotImplementedError
 
     # --------------------------------------------------------------------------------- fit
-    def fit(
-        self,
-        keys_f: KeyVectors,
-        keys_r: KeyVectors | None = None,
-        fpr: float = 0.05,
-        test_size: float | int = 0.5,
-        seed: int = 0,
-    ) -> KeyRegionDetector:
-        """Fit the forget skill's region; choose alpha from ``h``/``alpha`` or automatically.
+    def fit(self, keys_f: KeyVectors, keys_r: KeyVectors | None = None) -> KeyRegionDetector:
+        """Fit the forget skill's region; alpha from ``h``/``alpha``, or calibrated on negatives.
 
         Args:
             keys_f: forget-skill key vectors (:func:`mechunlearn.collect_keys`).
-            keys_r: retain-skill key vectors; when given, alpha is chosen automatically (see
-                the module docstring) and ``h``/``alpha`` must not be set.
-            fpr: the cap on the rule-level false-positive rate on R, in (0, 1).
-            test_size: the held-out share of F and of R (fraction or count).
-            seed: seed of the two splits.
+            keys_r: key vectors of what must *not* be detected (retain skills, ordinary text:
+                :func:`mechunlearn.data.calibration_skill` ships a general set); alpha is then
+                chosen automatically under the false-positive cap ``fpr`` (see the module
+                docstring), and ``h``/``alpha`` must not be set. Without ``keys_r``, ``h`` or
+                ``alpha`` must be given: such a detector's false-positive rate is unmeasured.
 
         Returns:
             self.
+
+        Raises:
+            ValueError: neither negatives nor ``h``/``alpha`` (the message shows the call).
         """
-        if not isinstance(keys_f, KeyVectors):
-            raise TypeError(
-                f"keys_f must be KeyVectors (from mu.collect_keys), got {type(keys_f).__name__}."
+        check_type(keys_f, KeyVectors, "keys_f", "Collect them with mu.collect_keys(model, skill).")
+        if keys_r is None and self.h is None and self.alpha is None:
+            raise ValueError(
+                f"{type(self).__name__}().fit(keys_f) alone would give a detector whose "
+                "false-positive rate nobody measured: pass negatives, e.g. "
+                "fit(keys_f, mu.collect_keys(model, mu.calibration_skill())), or set h= (the "
+                "authors' alpha = h * k_min) to accept an uncalibrated region."
             )
         layers = self._resolve_layers(keys_f)
         rule_k = _rule_k(self.rule, len(layers))
@@ -269,36 +290,32 @@ class KeyRegionDetector(Intervention):
         check_finite(x_f, "The forget key vectors")
         self.layers_ = layers
         self.d_mlp_ = keys_f.d_mlp
-        self.meta_ = {
-            k: keys_f.meta[k] for k in ("model", "n_layers", "d_mlp", "d_model") if k in keys_f.meta
-        }
+        self.meta_ = model_keys(keys_f.meta)
         self.meta_["forget"] = keys_f.meta.get("skill")
         self.calibration_ = None
+        self.fpr_ = None
         if keys_r is None:
             self.region_ = self._fit_region(x_f)
             self.k_min_ = self._distance(x_f, self.region_).amax(0)
             if self.alpha is not None:
                 self.alpha_ = torch.full_like(self.k_min_, float(self.alpha))
             else:
-                h = self._default_h if self.h is None else float(self.h)
-                self.alpha_ = h * self.k_min_
+                self.alpha_ = float(self.h) * self.k_min_
         else:
-            self._calibrate(keys_f, keys_r, layers, rule_k, fpr, test_size, seed)
+            self._calibrate(keys_f, keys_r, layers, rule_k, self.fpr, self.test_size, self.seed)
+            self.fpr_ = self.fpr
         self.h_ = self.alpha_ / self.k_min_
         self._after_fit()
         return self
 
     def _calibrate(self, keys_f, keys_r, layers, rule_k, fpr, test_size, seed) -> None:
-        if not isinstance(keys_r, KeyVectors):
-            raise TypeError(f"keys_r must be KeyVectors, got {type(keys_r).__name__}.")
+        check_type(keys_r, KeyVectors, "keys_r", "Collect them with mu.collect_keys(model, skill).")
         if self.h is not None or self.alpha is not None:
             raise ValueError(
                 "fit(keys_f, keys_r) chooses alpha automatically: construct the detector "
                 "without h or alpha, or call fit(keys_f) alone."
             )
-        if not 0.0 < float(fpr) < 1.0:
-            raise ValueError(f"fpr must lie in (0, 1), got {fpr!r}.")
-        _check_compatible(keys_f.meta, keys_r.meta, ("n_layers", "d_mlp"), "KeyVectors")
+        check_compatible(keys_f.meta, keys_r.meta, ("n_layers", "d_mlp"), "KeyVectors")
         if keys_r.d_mlp != keys_f.d_mlp:
             raise ValueError(f"keys_r has d_mlp={keys_r.d_mlp}, keys_f {keys_f.d_mlp}.")
         fit_f, held_f = keys_f.split(test_size, seed)
@@ -424,6 +441,8 @@ class KeyRegionDetector(Intervention):
                 of generation).
             record: where to write; default a fresh :class:`DetectionRecord`, also stored as
                 ``self.record``.
+
+        Positions: none changes (the hooks only read the last prompt token's key vector).
 
         Example:
             >>> model.run_with_hooks(tokens, fwd_hooks=ksd.hooks(), stop_at_layer=L + 1)
@@ -564,7 +583,9 @@ class KeyRegionDetector(Intervention):
             kwargs = {"do_sample": False, "verbose": False, **generate_kwargs}
             for start in range(0, len(keep), bs):
                 chunk = list(range(start, min(start + bs, len(keep))))
-                outs = _generate(model, [items[i][0] for i in chunk], max_new_tokens, kwargs)
+                outs = generate_from_tokens(
+                    model, [items[i][0] for i in chunk], max_new_tokens, **kwargs
+                )
                 for i, out in zip(chunk, outs, strict=True):
                     texts[keep[i]] = out
         return (texts, detection) if return_detection else texts
@@ -572,19 +593,25 @@ class KeyRegionDetector(Intervention):
     # --------------------------------------------------------------------------- reports
     def _fitted_summary(self) -> str:
         alpha = ", ".join(f"{a:.3g}" for a in self.alpha_.tolist())
-        return f"layers {self.layers_}, alpha [{alpha}], rule {self.rule!r}"
+        fpr = "unmeasured" if self.fpr_ is None else f"calibrated at {self.fpr_:g}"
+        return f"layers {self.layers_}, alpha [{alpha}], rule {self.rule!r}, false positives {fpr}"
 
     # ------------------------------------------------------------------------- save / load
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {f"region.{k}": v for k, v in self.region_.items()}
         tensors.update(alpha=self.alpha_, k_min=self.k_min_)
-        return tensors, {"calibration": self.calibration_}
+        return tensors, {"calibration": self.calibration_, "fpr": self.fpr_}
 
     def _set_state(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
         self.region_ = {k[7:]: v for k, v in tensors.items() if k.startswith("region.")}
         self.alpha_, self.k_min_ = tensors["alpha"], tensors["k_min"]
+        n = len(self.layers_)
+        if self.alpha_.shape != (n,) or self.k_min_.shape != (n,):
+            raise ValueError(f"alpha/k_min must have one value per layer ({n}).")
         self.h_ = self.alpha_ / self.k_min_
         self.calibration_ = info.get("calibration")
+        cal = self.calibration_ or {}
+        self.fpr_ = info.get("fpr", cal.get("fpr"))
         self._after_fit()
 
 
@@ -632,26 +659,6 @@ class KeySpaceDetector(KeyRegionDetector):
 
 
 # ------------------------------------------------------------------------------ the ellipsoid
-def ledoit_wolf_shrinkage(x: Float[Tensor, "*batch n d"]) -> Float[Tensor, " *batch"]:
-    """Ledoit-Wolf shrinkage intensity of the covariance of ``x`` (rows are samples).
-
-    The estimator of Ledoit & Wolf (2004) as scikit-learn computes it
-    (``sklearn.covariance.ledoit_wolf_shrinkage`` with ``assume_centered=False``): the
-    shrunk covariance is ``(1 - s) * S + s * tr(S)/d * I`` with ``S`` the empirical covariance
-    (divided by ``n``). Computed from ``n x n`` Gram matrices, in float64.
-    """
-    x = x.to(torch.float64)
-    n, d = x.shape[-2], x.shape[-1]
-    xc = x - x.mean(-2, keepdim=True)
-    sq_norms = xc.square().sum(-1)  # [*, n]
-    mu = sq_norms.sum(-1) / (n * d)  # tr(S) / d
-    gram = xc @ xc.transpose(-1, -2)
-    delta_ = gram.square().sum((-1, -2)) / n**2  # ||S||_F^2
-    beta_ = sq_norms.square().sum(-1)
-    beta = (beta_ / n - delta_) / (d * n)
-    delta = delta_ / d - mu.square()  # ||S - mu I||_F^2 / d
-    beta = torch.minimum(beta, delta)
-    return torch.where(beta > 0, beta / delta.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
 
 
 class EllipsoidDetector(KeyRegionDetector):
@@ -676,63 +683,38 @@ class EllipsoidDetector(KeyRegionDetector):
         >>> ell.detect(model, mu.load_skill("mbpp", n=50)).rate
     """
 
-    REL_FLOOR: ClassVar[float] = 1e-6
-
     def __init__(
         self,
         h: float | None = None,
         alpha: float | None = None,
         layers: int | Sequence[int] | None = -1,
         rule: str | int = "any",
+        fpr: float = 0.05,
+        test_size: float | int = 0.5,
+        seed: int = 0,
         shrinkage: float | None = None,
     ):
-        super().__init__(h=h, alpha=alpha, layers=layers, rule=rule)
-        if shrinkage is not None and not 0.0 <= float(shrinkage) <= 1.0:
-            raise ValueError(f"shrinkage must be None (Ledoit-Wolf) or in [0, 1], got {shrinkage}.")
+        super().__init__(
+            h=h, alpha=alpha, layers=layers, rule=rule, fpr=fpr, test_size=test_size, seed=seed
+        )
+        if shrinkage is not None:
+            shrinkage = float(shrinkage)
+            if not 0.0 <= shrinkage <= 1.0:
+                raise ValueError(
+                    f"shrinkage must be None (Ledoit-Wolf) or in [0, 1], got {shrinkage}."
+                )
         self.shrinkage = shrinkage
 
     def _fit_region(self, x: Float[Tensor, "n layer d"]) -> dict[str, Tensor]:
-        x = x.transpose(0, 1).to(torch.float64)  # [layer, n, d]
-        n, d = x.shape[1], x.shape[2]
-        if n < 2:
-            raise ValueError("EllipsoidDetector needs at least 2 fit vectors.")
-        mu = x.mean(1)
-        xc = x - mu.unsqueeze(1)
-        if self.shrinkage is None:
-            s = ledoit_wolf_shrinkage(x)
-        else:
-            s = torch.full((x.shape[0],), float(self.shrinkage), dtype=torch.float64)
-        s = s.to(x.device)
-        trace_d = xc.square().sum((1, 2)) / (n * d)
-        iso = torch.maximum(s * trace_d, self.REL_FLOOR * trace_d).clamp(min=1e-30)
-        if n <= d:  # eigenvectors of S from the n x n Gram matrix
-            lam, v = torch.linalg.eigh(xc @ xc.transpose(1, 2) / n)  # [L, n], [L, n, n]
-            keep = lam > lam.amax(-1, keepdim=True) * 1e-10
-            lam = torch.where(keep, lam, 0.0)
-            u = (xc.transpose(1, 2) @ v) / (n * lam).clamp(min=1e-300).sqrt().unsqueeze(1)
-            u = u * keep.unsqueeze(1)
-        else:
-            lam, u = torch.linalg.eigh(xc.transpose(1, 2) @ xc / n)  # [L, d], [L, d, d]
-            lam = lam.clamp(min=0)
-        scaled = (1 - s).unsqueeze(-1) * lam
-        coef = scaled / (iso.unsqueeze(-1) + scaled)
-        return {"mu": mu, "u": u, "coef": coef, "iso": iso, "shrinkage": s}
-
-    @staticmethod
-    def _mahalanobis(v: Tensor, u: Tensor, coef: Tensor, iso: Tensor) -> Tensor:
-        # v: [..., d]; u: [d, r] (or broadcast); Sigma^-1 = (I - U diag(coef) U^T) / iso
-        proj = (v.unsqueeze(-2) @ u).squeeze(-2)  # [..., r]
-        sq = (v.square().sum(-1) - (coef * proj.square()).sum(-1)) / iso
-        return sq.clamp(min=0).sqrt()
+        return fit_ellipsoid(x.transpose(0, 1), self.shrinkage)
 
     def _distance(self, x: Float[Tensor, "m layer d"], region: dict[str, Tensor]) -> Tensor:
         x = x.to(region["mu"].device, region["mu"].dtype)
-        v = x - region["mu"]  # [m, L, d]
-        return self._mahalanobis(v, region["u"], region["coef"], region["iso"])
+        return mahalanobis(x - region["mu"], region["u"], region["coef"], region["iso"])
 
     def _distance_row(self, x: Float[Tensor, "b d"], region_row: dict[str, Tensor]) -> Tensor:
         v = x - region_row["mu"]
-        return self._mahalanobis(v, region_row["u"], region_row["coef"], region_row["iso"])
+        return mahalanobis(v, region_row["u"], region_row["coef"], region_row["iso"])
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -774,70 +756,3 @@ def _prompt_list(prompts) -> list[str]:
     if not out:
         raise ValueError("No prompts given.")
     return out
-
-
-def _generate(model, token_lists: list[list[int]], max_new_tokens: int, kwargs) -> list[str]:
-    """Generate continuations of already-tokenised prompts, left-padded in one batch."""
-    batch = pad_batch(
-        model, [(ids, len(ids)) for ids in token_lists], range(len(token_lists)), "left"
-    )
-    tokens = batch.tokens.to(model_device(model))
-    mask = batch.attention_mask.to(tokens.device)
-    params = inspect.signature(model.generate).parameters
-    kwargs = {**kwargs, "max_new_tokens": max_new_tokens, "return_type": "tokens"}
-    if "attention_mask" in params:
-        out = model.generate(tokens, attention_mask=mask, **kwargs)
-        new = [row[tokens.shape[1] :] for row in out]
-    elif _infers_left_padding(model, tokens, mask):
-        # A legacy HookedTransformer takes no mask: it infers it from the pad tokens, on the
-        # side its tokenizer pads, which we set to "left" for the call.
-        tok = model.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            out = model.generate(tokens, **kwargs)
-        finally:
-            tok.padding_side = side
-        new = [row[tokens.shape[1] :] for row in out]
-    else:  # a generate that would misread the padding: one prompt at a time, unpadded
-        new = []
-        for ids in token_lists:
-            single = torch.tensor([ids], device=tokens.device)
-            new.append(model.generate(single, **kwargs)[0, len(ids) :])
-    return [_decode(model, row, kwargs) for row in new]
-
-
-def _infers_left_padding(model, tokens: Tensor, mask: Tensor) -> bool:
-    """Whether a legacy ``HookedTransformer.generate`` would infer exactly ``mask`` from the
-    left-padded ``tokens`` (it rebuilds the mask from the tokenizer's pad id)."""
-    if "padding_side" not in inspect.signature(model.generate).parameters:
-        return False
-    try:
-        from transformer_lens.utilities import get_attention_mask
-    except ImportError:
-        return False
-    tok = model.tokenizer
-    if getattr(tok, "pad_token_id", None) is None:
-        return False
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
-        inferred = get_attention_mask(tok, tokens, prepend_bos)
-    finally:
-        tok.padding_side = side
-    return torch.equal(inferred.to(mask.device).bool(), mask.bool())
-
-
-def _decode(model, ids: Tensor, kwargs: dict[str, Any]) -> str:
-    """Decode generated ids, cut at the first stop token when generation stops at EOS."""
-    tok = model.tokenizer
-    ids = ids.tolist()
-    if kwargs.get("stop_at_eos", True):
-        stops = kwargs.get("eos_token_id")
-        if stops is None:
-            stops = getattr(model.cfg, "eos_token_id", None) or tok.eos_token_id
-        stops = {stops} if isinstance(stops, int) else set(stops or [])
-        for i, t in enumerate(ids):
-            if t in stops:
-                ids = ids[:i]
-                break
-    return tok.decode(ids)

@@ -9,13 +9,28 @@ as stated in METHODS.md section 1:
 2. Score every neuron (default: the signed mean difference ``mu_F - mu_R``, the authors'
    choice) and keep the global top fraction ``ratio`` across all layers
    (:func:`mechunlearn.analysis.separation.top_neurons`).
-3. At inference, for each selected element value ``x`` (every token position): if
+3. At inference, for each selected element value ``x`` (every token position but BOS): if
    ``p_F(x) >= p_R(x)``, then with probability ``p_F / (p_F + p_R)`` replace ``x`` by
    ``mu_R - (x - mu_F) * sigma_R / sigma_F`` (``mode="reflect"``, the authors' rule) or by
    ``mu_R + (x - mu_F) * sigma_R / sigma_F`` (``mode="map"``); otherwise leave it.
 
+**Positions.** The hooks adjust only the positions the statistics describe: every token but
+BOS (the statistics exclude it: its activations are outliers of their own, and a value
+reflected there can land 30 sigma_R away and damage every continuation, whatever the skill).
+Positions holding the BOS token id are found in each forward pass by a first hook at the
+embedding (:class:`~mechunlearn.interventions.base.BosGuard`). Padding is masked out of
+attention, so no change there reaches an output. ``adjust_bos=True`` adjusts BOS too, the
+authors' behaviour (their hook changes every position); fitting it on statistics that exclude
+BOS warns.
+
+**Several retain skills.** ``fit(stats_f, [stats_r1, stats_r2, ...])`` (or a dict): a neuron's
+score is its separation from the *closest* retain skill (the minimum over retain skills), and a
+selected neuron is adjusted toward the Gaussian of that closest retain skill.
+
 Where we deviate from the authors' code (``Trustworthy-ML-Lab/effective_skill_unlearning``),
 on purpose:
+
+* BOS positions are left alone by default (see above).
 
 * sigma is the standard deviation; their code stores the variance where it uses sigma.
 * sigma_F comes from the F data; their code builds it from mu_F, so neurons with mu_F < 0 are
@@ -39,7 +54,8 @@ selected]`` of its layer (in the compute dtype, on the activation's device).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,9 +63,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..collect import NeuronStats, _check_compatible
+from ..kernels.separation import METRICS, separation_scores, top_neurons
+from ..models import model_bos_id
 from ..sites import hook_name
-from .base import Hook, Intervention, check_fraction, compute_dtype
+from ..stats import NeuronStats
+from ..validation import check_bool, check_choice, check_compatible, check_int, model_keys
+from .base import BosGuard, Hook, Intervention, check_fraction, compute_dtype
 
 MODES = ("reflect", "map")
 
@@ -81,6 +100,8 @@ class NeuronAdjust(Intervention):
         mode: ``"reflect"`` (``mu_R - (x - mu_F) sigma_R / sigma_F``, the authors' rule) or
             ``"map"`` (``mu_R + (x - mu_F) sigma_R / sigma_F``).
         seed: seed of the per-element draws (non-negative int; see :func:`layer_seed`).
+        adjust_bos: also adjust the BOS positions (the authors' behaviour; the statistics never
+            saw BOS). Default False: BOS is left alone.
 
     Attributes:
         site_: hook site of the statistics (``"pre"`` in the paper).
@@ -92,7 +113,12 @@ class NeuronAdjust(Intervention):
         selected_: ``[layers, d_mlp]`` bool mask of the adjusted neurons.
         n_selected_: number of selected neurons per fitted layer.
         mu_f_, sigma_f_, mu_r_, sigma_r_: ``[layers, d_mlp]`` float64 Gaussian parameters
-            (sigma is the sample standard deviation).
+            (sigma is the sample standard deviation); with several retain skills, ``mu_r_`` and
+            ``sigma_r_`` are those of each neuron's closest retain skill.
+        retain_index_: ``[layers, d_mlp]`` int64, which retain skill each neuron is compared
+            with (0 with a single retain skill).
+        retain_skills_: the retain skills' names.
+        bos_token_id_: the BOS id of the statistics' model (None if it prepends none).
 
     Example:
         >>> pre_f = mu.collect(model, mu.load_skill("gsm8k", n=200), site="pre")
@@ -109,26 +135,27 @@ class NeuronAdjust(Intervention):
         score: str = "mean_diff",
         mode: str = "reflect",
         seed: int = 0,
+        adjust_bos: bool = False,
     ):
-        check_fraction("ratio", ratio)
-        if not isinstance(score, str):
-            raise ValueError(f"score must be a metric name (a string), got {score!r}.")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-        self.ratio = ratio
-        self.score = score
-        self.mode = mode
-        self.seed = int(seed)
+        self.ratio = check_fraction("ratio", ratio)
+        self.score = check_choice(score, METRICS, "score (a separation metric)")
+        self.mode = check_choice(mode, MODES, "mode")
+        self.seed = check_int("seed", seed)
+        self.adjust_bos = check_bool("adjust_bos", adjust_bos)
 
     # --------------------------------------------------------------------------------- fit
-    def fit(self, stats_f: NeuronStats, stats_r: NeuronStats) -> NeuronAdjust:
+    def fit(
+        self,
+        stats_f: NeuronStats,
+        stats_r: NeuronStats | Sequence[NeuronStats] | Mapping[str, NeuronStats],
+    ) -> NeuronAdjust:
         """Select neurons and store both skills' Gaussians.
 
         Args:
             stats_f: statistics of the forget skill (site ``"pre"`` in the paper, every token).
-            stats_r: statistics of the retain skill, same model, site and layers.
+            stats_r: statistics of the retain skill, same model, site and layers; or several
+                (a list or a dict): each neuron is then scored against its closest retain skill
+                and adjusted toward that skill's Gaussian.
 
         Returns:
             self.
@@ -137,48 +164,72 @@ class NeuronAdjust(Intervention):
             TypeError: the statistics are not NeuronStats.
             ValueError: they differ in model, site or layers, or no neuron can be selected.
         """
-        from ..analysis.separation import separation_scores, top_neurons
-
-        for name, s in (("stats_f", stats_f), ("stats_r", stats_r)):
+        retain = _retain_list(stats_r)
+        for name, s in [("stats_f", stats_f)] + [(f"stats_r[{n}]", r) for n, r in retain]:
             if not isinstance(s, NeuronStats):
                 raise TypeError(
                     f"{name} must be NeuronStats (from mechunlearn.collect), "
                     f"got {type(s).__name__}."
                 )
-        _check_compatible(stats_f.meta, stats_r.meta, ("n_layers", "d_mlp", "d_model"), "stats")
-        if stats_f.site != stats_r.site:
-            raise ValueError(
-                f"stats_f is of site {stats_f.site!r} but stats_r of {stats_r.site!r}: "
-                "collect both at the same site ('pre' in the paper)."
-            )
-        if list(stats_f.layers) != list(stats_r.layers):
-            raise ValueError(
-                f"stats_f holds layers {stats_f.layers} but stats_r {stats_r.layers}: "
-                "use the same layers (NeuronStats.select_layers)."
-            )
-        stats_r = stats_r.to(stats_f.mean.device)
-        valid = _valid_neurons(stats_f) & _valid_neurons(stats_r)
+        for name, r in retain:
+            check_compatible(stats_f.meta, r.meta, ("n_layers", "d_mlp", "d_model"), "stats")
+            if stats_f.site != r.site:
+                raise ValueError(
+                    f"stats_f is of site {stats_f.site!r} but {name} of {r.site!r}: "
+                    "collect both at the same site ('pre' in the paper)."
+                )
+            if list(stats_f.layers) != list(r.layers):
+                raise ValueError(
+                    f"stats_f holds layers {stats_f.layers} but {name} {r.layers}: "
+                    "use the same layers (NeuronStats.select_layers)."
+                )
+        device = stats_f.mean.device
+        rs = [r.to(device) for _, r in retain]
+        valid_f = _valid_neurons(stats_f)
+        # [retain, layers, d_mlp]: each retain skill's score, -inf where undefined.
+        per_retain = torch.stack(
+            [
+                torch.where(
+                    valid_f
+                    & _valid_neurons(r)
+                    & ~torch.isnan(sc := _score(stats_f, r, self.score)),
+                    sc,
+                    -torch.inf,
+                )
+                for r in rs
+            ]
+        )
+        scores, nearest = per_retain.min(0)  # separation from the closest retain skill
+        valid = torch.isfinite(scores)
         if not bool(valid.any()):
             raise ValueError(
                 "No neuron can be selected: every neuron has an undefined or zero standard "
                 "deviation on one of the skills (collect more tokens)."
             )
-        scores = separation_scores(stats_f, stats_r, self.score).to(valid.device, torch.float64)
-        scores = torch.where(valid & ~torch.isnan(scores), scores, -torch.inf)
-        selected = top_neurons(scores, ratio=self.ratio).to(valid.device) & valid
+        selected = top_neurons(scores, ratio=self.ratio).to(device) & valid
         self.site_ = stats_f.site
         self.layers_ = [int(x) for x in stats_f.layers]
         self.d_mlp_ = stats_f.d_mlp
-        self.meta_ = {
-            k: stats_f.meta[k]
-            for k in ("model", "n_layers", "d_mlp", "d_model")
-            if k in stats_f.meta
-        }
-        self.meta_.update(forget=stats_f.meta.get("skill"), retain=stats_r.meta.get("skill"))
+        self.meta_ = model_keys(stats_f.meta)
+        self.meta_.update(forget=stats_f.meta.get("skill"), retain=[n for n, _ in retain])
+        self.retain_skills_ = [str(r.meta.get("skill", n)) for n, r in retain]
+        self.bos_token_id_ = stats_f.meta.get("bos_token_id")
+        self._bos_known = "bos_token_id" in stats_f.meta
         self.scores_ = scores
         self.selected_ = selected
+        self.retain_index_ = nearest
         self.mu_f_, self.sigma_f_ = stats_f.mean.clone(), stats_f.std
-        self.mu_r_, self.sigma_r_ = stats_r.mean.clone(), stats_r.std
+        mu_r = torch.stack([r.mean for r in rs])
+        sd_r = torch.stack([r.std for r in rs])
+        self.mu_r_ = mu_r.gather(0, nearest.unsqueeze(0)).squeeze(0)
+        self.sigma_r_ = sd_r.gather(0, nearest.unsqueeze(0)).squeeze(0)
+        if self.adjust_bos and stats_f.meta.get("bos_token_id") is not None:
+            warnings.warn(
+                "adjust_bos=True adjusts the BOS positions, which these statistics exclude: "
+                "its values there are outliers that no fitted Gaussian describes (the authors' "
+                "behaviour; it damages every continuation).",
+                stacklevel=2,
+            )
         self._after_fit()
         return self
 
@@ -205,10 +256,39 @@ class NeuronAdjust(Intervention):
     def _hook_tensors(self) -> dict[int, tuple[Tensor, Tensor]]:
         return self._packed
 
-    def _make_hooks(self) -> list[Hook]:
-        return [(hook_name(self.site_, layer), self._hook(layer)) for layer in self._packed]
+    def hooks(self, model=None) -> list[Hook]:
+        """Forward hooks ``[(hook_name, fn), ...]`` that apply Neuron Adjust.
 
-    def _hook(self, layer: int) -> Callable[[Tensor, Any], Tensor]:
+        Unless ``adjust_bos``, the list starts with a hook at the embedding that marks the BOS
+        positions of each forward pass (use the list whole and in order). Pass ``model`` on a
+        legacy HookedTransformer (which has no token-id hook: the marking compares embeddings).
+        Which positions change: every token but BOS; padding is masked out of attention.
+
+        Example:
+            >>> logits = model.run_with_hooks(tokens, fwd_hooks=na.hooks(model))
+        """
+        return super().hooks(model)
+
+    def _make_hooks(self, model=None) -> list[Hook]:
+        guard = None
+        out: list[Hook] = []
+        if not self.adjust_bos:
+            if model is not None:
+                bos = model_bos_id(model)
+            elif self._bos_known:
+                bos = self.bos_token_id_
+            else:
+                raise ValueError(
+                    "This NeuronAdjust does not know the model's BOS token (fitted on statistics "
+                    "from an older mechunlearn): pass the model, na.hooks(model)."
+                )
+            if bos is not None:  # a model without BOS needs no marking
+                guard = BosGuard(bos, model)
+                out.append(guard.hook())
+        out += [(hook_name(self.site_, layer), self._hook(layer, guard)) for layer in self._packed]
+        return out
+
+    def _hook(self, layer: int, guard: BosGuard | None = None) -> Callable[[Tensor, Any], Tensor]:
         name = hook_name(self.site_, layer)
         generators: dict[str, torch.Generator] = {}
         seed = layer_seed(self.seed, layer)
@@ -224,6 +304,8 @@ class NeuronAdjust(Intervention):
             x = activation.index_select(-1, idx).to(dtype)
             u = torch.rand(x.shape, generator=gen, device=device, dtype=dtype)
             new = adjust(x, params, u)
+            if guard is not None:
+                new = guard.keep(new, x)
             return activation.index_copy(-1, idx, new.to(activation.dtype))
 
         return hook
@@ -268,7 +350,11 @@ class NeuronAdjust(Intervention):
             "mu_r": self.mu_r_,
             "sigma_r": self.sigma_r_,
         }
-        return tensors, {"site": self.site_}
+        tensors["retain_index"] = self.retain_index_
+        info = {"site": self.site_, "retain_skills": self.retain_skills_}
+        if self._bos_known:
+            info["bos_token_id"] = self.bos_token_id_
+        return tensors, info
 
     def _set_state(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
         self.site_ = info["site"]
@@ -276,7 +362,36 @@ class NeuronAdjust(Intervention):
         self.selected_ = tensors["selected"].bool()
         self.mu_f_, self.sigma_f_ = tensors["mu_f"], tensors["sigma_f"]
         self.mu_r_, self.sigma_r_ = tensors["mu_r"], tensors["sigma_r"]
+        shape = tuple(self.scores_.shape)
+        if shape != (len(self.layers_), self.d_mlp_):
+            raise ValueError(f"scores have shape {list(shape)}, expected [layers, d_mlp].")
+        for name in ("selected", "mu_f", "sigma_f", "mu_r", "sigma_r"):
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"tensor {name!r} has shape {list(tensors[name].shape)}.")
+        # Files from mechunlearn 0.1.0: one retain skill, no recorded BOS id.
+        self.retain_index_ = tensors.get("retain_index", torch.zeros(shape, dtype=torch.long))
+        self.retain_skills_ = list(info.get("retain_skills") or [self.meta_.get("retain")])
+        self.bos_token_id_ = info.get("bos_token_id")
+        self._bos_known = "bos_token_id" in info
         self._after_fit()
+
+
+def _retain_list(stats_r: Any) -> list[tuple[str, Any]]:
+    """``[(name, stats), ...]`` from one NeuronStats, a sequence or a mapping of them."""
+    if isinstance(stats_r, Mapping):
+        items = [(str(k), v) for k, v in stats_r.items()]
+    elif isinstance(stats_r, Sequence) and not isinstance(stats_r, (str, bytes)):
+        items = [(str(getattr(v, "meta", {}).get("skill", i)), v) for i, v in enumerate(stats_r)]
+    else:
+        items = [(str(getattr(stats_r, "meta", {}).get("skill", "retain")), stats_r)]
+    if not items:
+        raise ValueError("No retain statistics given: pass stats_r (one, a list or a dict).")
+    return items
+
+
+def _score(stats_f: NeuronStats, stats_r: NeuronStats, metric: str) -> Tensor:
+    device = stats_f.mean.device
+    return separation_scores(stats_f, stats_r, metric).to(device, torch.float64)
 
 
 def adjust(

@@ -1,46 +1,222 @@
-"""The mechunlearn command's one-line errors (no model needed)."""
+"""The mechunlearn command and its output folder, on a tiny model saved to disk (no network):
+one-line errors, resume, locks, --force, damaged files, arguments checked before any work."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 
 from mechunlearn.cli import MARKER, main
+from mechunlearn.pipeline import LOCK, RunConfig
+from tests.conftest import _char_tokenizer
+
+N = 6
 
 
-def test_foreign_output_folder_is_never_overwritten(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face folder, and three skills as JSONL files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("cli")
+    tok = _char_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(root / "tiny")
+    tok.save_pretrained(root / "tiny")
+    skills = {
+        "arith": [(f"Q: {i}+{i + 3}=", f" {2 * i + 3}") for i in range(24)],
+        "code": [(f"def f{i}(x):", f"\n  return x*{i}") for i in range(24)],
+        "prose": [(f"The {w} sat", " on the mat.") for w in "abcdefghijklmnopqrstuvwx"],
+    }
+    paths = {}
+    for name, rows in skills.items():
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+        paths[name] = str(path)
+    return root, paths
+
+
+def argv(setup, out, *extra, command="run"):
+    root, paths = setup
+    return [
+        command, "--model", str(root / "tiny"), "--device", "cpu", "--forget", paths["arith"],
+        "--retain", paths["code"], "--general", paths["prose"], "--n", str(N), "--out", str(out),
+        "--methods", "NA", "KSD", "SP", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("mechunlearn: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def done(setup, tmp_path_factory):
+    """A finished run of the tiny model (collect first, then run: the run resumes)."""
+    out = tmp_path_factory.mktemp("run") / "report"
+    assert main(argv(setup, out, command="collect")) == 0
+    saved = {p.name: p.stat().st_mtime_ns for p in (out / "stats").iterdir()}
+    assert main(argv(setup, out)) == 0
+    return out, saved
+
+
+def test_run_resumes_and_writes_a_consistent_folder(done):
+    out, saved = done
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "stats").iterdir()}
+    assert after == saved  # nothing collected twice
+    marker = json.loads((out / MARKER).read_text())
+    listed = set(marker["files"])
+    on_disk = {
+        p.relative_to(out).as_posix()
+        for p in out.rglob("*")
+        if p.is_file() and p.name not in (MARKER, LOCK, "config.json")
+    }
+    assert listed == on_disk  # the marker lists exactly what the run wrote
+    config = RunConfig.from_json(json.loads((out / "config.json").read_text()))
+    assert marker["key"] == config.key() and config.n == N
+    table = pd.read_csv(out / "tables" / "evaluation.csv")
+    assert set(table["role"]) == {"forget", "retain", "general"}
+    assert {"relative_low", "relative_high", "chance", "informative"} <= set(table.columns)
+    assert set(table["method"]) == {"base", "NeuronAdjust", "KeySpaceDetection", "SelectivePruning"}
+    html = (out / "index.html").read_text()
+    assert "95 %" in html and "chance" in html
+
+
+def test_foreign_output_folder_is_never_touched(setup, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    assert main(["run", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "not a mechunlearn report" in err and "--force" in err
-    assert "Traceback" not in err
+    for extra in ((), ("--force",)):
+        assert main(argv(setup, out, *extra, command="collect")) == 2
+        line = one_line_error(capsys)
+        assert "not a mechunlearn report" in line and "thesis.tex" in line
     assert (out / "thesis.tex").read_text() == "precious"
+    assert not (out / MARKER).exists()
 
 
-def test_report_with_other_settings_needs_force(tmp_path, capsys):
+def test_force_removes_exactly_what_the_run_wrote(setup, tmp_path, capsys):
     out = tmp_path / "rep"
+    assert main(argv(setup, out, command="collect")) == 0
+    assert main(argv(setup, out, "--seed", "1", command="collect")) == 2
+    assert "other settings" in one_line_error(capsys)
+    (out / "stats" / "mine.csv").write_text("user data")
+    assert main(argv(setup, out, "--seed", "1", "--force", command="collect")) == 2
+    line = one_line_error(capsys)
+    assert "mechunlearn did not write" in line and "stats/mine.csv" in line
+    assert (out / "stats" / "mine.csv").read_text() == "user data"
+    (out / "stats" / "mine.csv").unlink()
+    assert main(argv(setup, out, "--seed", "1", "--force", command="collect")) == 0
+    assert json.loads((out / MARKER).read_text())["settings"]["seed"] == 1
+
+
+def test_force_never_leaves_a_report_of_the_old_settings(done, setup, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(done[0], out)
+    assert (out / "index.html").exists()
+    assert main(argv(setup, out, "--seed", "1", "--force", command="collect")) == 0
+    assert not (out / "index.html").exists()  # the seed-0 page went with the seed-0 run
+    assert not (out / "tables" / "evaluation.csv").exists()
+
+
+def test_a_second_run_on_a_busy_folder_fails_naming_the_holder(setup, tmp_path, capsys):
+    out = tmp_path / "busy"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mechunlearn.cli", *argv(setup, out)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until the first run holds the lock
+            lock = out / LOCK
+            if lock.exists() and "pid" in lock.read_text():
+                fd = os.open(lock, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    break
+                finally:
+                    os.close(fd)
+            if first.poll() is not None:
+                pytest.fail(f"the first run ended early: {first.stderr.read().decode()[-500:]}")
+            time.sleep(0.05)
+        assert main(argv(setup, out, "--seed", "1", "--force")) == 2
+        line = one_line_error(capsys)
+        assert "in use by another mechunlearn run" in line and f"pid {first.pid}" in line
+    finally:
+        assert first.wait(timeout=600) == 0, first.stderr.read().decode()[-800:]
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["settings"]["seed"] == 0  # the first run's results, untouched
+    table = pd.read_csv(out / "tables" / "evaluation.csv")
+    assert len(table) == 3 * 4
+
+
+def test_a_damaged_artefact_is_named_and_computed_again(done, setup, tmp_path):
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(done[0], out)
+    stats = out / "stats" / "forget.pre.safetensors"
+    stats.write_bytes(stats.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match="forget.pre.safetensors is damaged"):
+        assert main(argv(setup, out, command="collect")) == 0
+    from mechunlearn import NeuronStats
+
+    assert NeuronStats.load(stats).n_tokens > 0
+
+
+def test_a_damaged_marker_is_one_line(setup, tmp_path, capsys):
+    out = tmp_path / "m"
     out.mkdir()
-    (out / MARKER).write_text(json.dumps({"settings": {"forget": "gsm8k"}}))
-    (out / "x").write_text("")
-    assert main(["collect", "--out", str(out), "--data-dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "other settings" in err and "--force" in err
+    (out / MARKER).write_text('{"key": "x", "files": [')
+    assert main(argv(setup, out, command="collect")) == 2
+    line = one_line_error(capsys)
+    assert MARKER in line and "damaged" in line
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--seed", "-1"), "seed must lie in [0, inf]"),
+        (("--dtype", "float8"), "Unknown dtype 'float8'"),
+        (("--device", "tpu"), "Unknown device 'tpu'"),
+        (("--na-ratio", "2"), "na_ratio must lie in (0, 1]"),
+        (("--n", "2"), "--n must be at least 4"),
+        (("--n", "100"), "--n 100 needs 200 examples"),
+    ],
+)
+def test_arguments_are_checked_before_any_work(setup, tmp_path, capsys, extra, message):
+    out = tmp_path / "r"
+    assert main(argv(setup, out, *extra)) == 2
+    assert message in one_line_error(capsys)
+    assert not (out / MARKER).exists()  # a corrected rerun is never refused by this one
 
 
 def test_unknown_skill_is_one_line(tmp_path, capsys):
     assert main(["collect", "--forget", "gsm9k", "--out", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    last = err.splitlines()[-1]
-    assert last.startswith("mechunlearn: error:") and "gsm9k" in last and "gsm8k" in last
-
-
-def test_too_small_n(tmp_path, capsys):
-    assert main(["run", "--n", "2", "--out", str(tmp_path / "r")]) == 2
-    assert "--n must be at least 4" in capsys.readouterr().err
+    line = one_line_error(capsys)
+    assert "gsm9k" in line and "gsm8k" in line
 
 
 def test_help_lists_the_stages(capsys):

@@ -8,8 +8,9 @@ import torch
 from scipy import stats as sps
 
 from mechunlearn import KeyVectors, NeuronStats, Skill, collect, collect_keys
-from mechunlearn.collect import example_seeds, token_keys
-from mechunlearn.sites import hook_name, tokenize_examples
+from mechunlearn.batching import tokenize_examples
+from mechunlearn.kernels.moments import example_seeds, token_keys
+from mechunlearn.sites import hook_name
 from tests.conftest import LEGACY, make_tiny_gpt2, make_tiny_legacy_llama, make_tiny_llama
 
 PROMPTS = [
@@ -261,7 +262,7 @@ def test_negative_layers_and_select(tiny_llama, skill):
 
 
 def test_batches_respect_the_token_budget(tiny_llama):
-    from mechunlearn.sites import iter_batches
+    from mechunlearn.batching import iter_batches
 
     prompts = ["a" * 200] + ["b" * 10] * 9
     batches = list(iter_batches(tiny_llama, prompts, batch_size=8, max_batch_tokens=100))
@@ -275,7 +276,7 @@ def test_batches_respect_the_token_budget(tiny_llama):
 
 
 def test_forward_until_stops_after_the_hook_point_and_detaches(tiny_model):
-    from mechunlearn.sites import forward_until, iter_batches
+    from mechunlearn.batching import forward_until, iter_batches
 
     model = tiny_model
     batch = next(iter_batches(model, ["Q: 1+1?"], [" 2"]))

@@ -16,7 +16,8 @@ from mechunlearn.analysis.convexity import (
     fit_logistic,
     kmeans,
 )
-from mechunlearn.analysis.hypercube import fit_cube, hypercube
+from mechunlearn.analysis.hypercube import hypercube
+from mechunlearn.kernels.regions import fit_cube
 
 
 def keys(values, name="skill") -> KeyVectors:

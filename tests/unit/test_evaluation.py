@@ -13,14 +13,15 @@ from mechunlearn import KeySpaceDetector, Skill, collect_keys
 from mechunlearn.evaluation import (
     choice_tokens,
     evaluate,
-    greedy_generate,
     gsm8k_correct,
     protocol,
     relative_table,
     run_tests,
     teacher_forced,
 )
-from mechunlearn.sites import hook_name, tokenize_examples
+from mechunlearn.batching import tokenize_examples
+from mechunlearn.generation import greedy_generate
+from mechunlearn.sites import hook_name
 
 PROMPTS = ["Q: 1+1?\nA:", "def f(x):", "The cat sat on the", "abc"]
 ANSWERS = [" 2", "\n    return x", " mat.", "defg"]

@@ -11,44 +11,27 @@ from scipy import special
 from scipy import stats as sps
 
 from mechunlearn import NeuronStats, collect
-from mechunlearn.analysis._checks import check_same_source
-from mechunlearn.analysis.gaussian import (
-    GaussianFit,
+from mechunlearn.analysis.gaussian import GaussianFit, gaussian_fit
+from mechunlearn.kernels.normality import (
     ad_critical,
     ad_pvalue,
     adjust_pvalues,
-    filled_rows,
-    gaussian_fit,
     ks_pvalue,
-    run_layers,
     shapiro_coefficients,
     shapiro_pvalue,
     smirnov_sf,
 )
+from mechunlearn.kernels.samples import filled_rows, run_layers
+from mechunlearn.validation import check_same_source
 
 
-def make_stats(samples, model="toy", site="pre", layers=None, seed=0, capacity=None):
+def make_stats(samples, model="toy", site="pre", layers=None, seed=0):
     """NeuronStats whose reservoir holds ``samples`` ``[layer, n, d]`` and whose moments are the
     samples' own (non-finite values left out, as collect() does)."""
     x = torch.as_tensor(np.asarray(samples), dtype=torch.float32)
     n_layers, n, d = x.shape
-    capacity = n if capacity is None else capacity
-    layers = list(range(n_layers)) if layers is None else layers
     meta = {"model": model, "n_layers": n_layers, "d_mlp": d, "d_model": 8, "skill": "toy"}
-    st = NeuronStats.empty(site, "all", layers, d, capacity, "cpu", meta)
-    x64 = x.double()
-    fin = torch.isfinite(x64)
-    cnt = fin.sum(1)
-    mean = torch.where(fin, x64, 0.0).sum(1) / cnt.clamp(min=1)
-    st.count[:] = cnt
-    st.mean[:] = mean
-    st.m2[:] = torch.where(fin, x64 - mean[:, None], 0.0).square().sum(1)
-    st.n_nonfinite[:] = (~fin).sum(1)
-    st.samples[:, :n] = x
-    keys = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    st.sample_keys[:n] = keys
-    st.n_tokens = n
-    return st
+    return NeuronStats.from_samples(x.double(), site=site, layers=layers, seed=seed, meta=meta)
 
 
 def mixed_samples(n, n_layers=2, d=6, seed=0):
@@ -350,7 +333,7 @@ def test_bad_input():
         gaussian_fit(a, correction="fdr")
     with pytest.raises(ValueError, match="min_samples"):
         gaussian_fit(a, min_samples=2)
-    empty = make_stats(mixed_samples(20), capacity=20)
+    empty = make_stats(mixed_samples(20))
     empty.sample_keys[:] = torch.inf
     with pytest.raises(ValueError, match="no reservoir samples"):
         gaussian_fit(empty)

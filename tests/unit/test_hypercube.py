@@ -12,16 +12,15 @@ import torch
 from scipy import stats
 
 from mechunlearn import KeyVectors, collect_keys
-from mechunlearn.analysis.hypercube import (
+from mechunlearn.analysis.hypercube import hypercube, spearman
+from mechunlearn.kernels.regions import (
     Cube,
     contains,
     fit_cube,
-    hypercube,
     inclusion_rate,
     k_min,
     log_volume,
     normalized_distance,
-    spearman,
 )
 
 

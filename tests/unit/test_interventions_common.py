@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechunlearn import Skill, collect, collect_keys
+from mechunlearn import Skill, collect, collect_importance, collect_keys
 from mechunlearn.interventions import (
     EllipsoidDetector,
     KeySpaceDetector,
     NeuronAdjust,
     NotFittedError,
     SelectivePruning,
-    collect_importance,
 )
 from tests.conftest import make_tiny_llama
 
@@ -79,19 +78,36 @@ def test_unfitted_raises(make, llama_like):
     assert "fitted" not in repr(iv)
 
 
-@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.5, "x", None, True])
-def test_bad_ratio(ratio):
+@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.5, float("nan")])
+def test_bad_ratio_value(ratio):
     with pytest.raises(ValueError, match="ratio"):
         NeuronAdjust(ratio=ratio)
     with pytest.raises(ValueError, match="ratio"):
         SelectivePruning(ratio=ratio)
 
 
+@pytest.mark.parametrize("ratio", ["x", "0.1", None, True])
+def test_bad_ratio_type_is_refused_not_converted(ratio):
+    with pytest.raises(TypeError, match="ratio must be a number"):
+        NeuronAdjust(ratio=ratio)
+    with pytest.raises(TypeError, match="ratio must be a number"):
+        SelectivePruning(ratio=ratio)
+
+
 @pytest.mark.parametrize("cls", [KeySpaceDetector, EllipsoidDetector])
 def test_bad_detector_params(cls):
-    for kw in ({"h": 0}, {"h": -1.0}, {"alpha": 0}, {"alpha": float("inf")}, {"h": "big"}):
+    for kw in ({"h": 0}, {"h": -1.0}, {"alpha": 0}, {"alpha": float("inf")}):
         with pytest.raises(ValueError, match="h|alpha"):
             cls(**kw)
+    with pytest.raises(TypeError, match="h must be a number"):
+        cls(h="big")
+    for fpr in (0, 1, 1.5):
+        with pytest.raises(ValueError, match="fpr"):
+            cls(fpr=fpr)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        cls(seed=1.5)
+    with pytest.raises(TypeError, match="layer must be an integer"):
+        cls(layers=[1.7])
     with pytest.raises(ValueError, match="not both"):
         cls(h=1.0, alpha=2.0)
     for rule in ("some", 0, -1, 1.5, True):
@@ -106,8 +122,10 @@ def test_other_bad_params():
         NeuronAdjust(mode="mirror")
     with pytest.raises(ValueError, match="seed"):
         NeuronAdjust(seed=-1)
-    with pytest.raises(ValueError, match="step"):
-        SelectivePruning(step=0)
+    with pytest.raises(ValueError, match="score"):
+        NeuronAdjust(score="cosine")
+    with pytest.raises(TypeError, match="adjust_bos must be True or False"):
+        NeuronAdjust(adjust_bos=1)
     with pytest.raises(ValueError, match="eps"):
         SelectivePruning(eps=0)
 

@@ -11,9 +11,10 @@ from mechunlearn.interventions import (
     REFUSAL,
     EllipsoidDetector,
     KeySpaceDetector,
-    ledoit_wolf_shrinkage,
 )
-from mechunlearn.sites import hook_name, tokenize_examples
+from mechunlearn.batching import tokenize_examples
+from mechunlearn.kernels.regions import ledoit_wolf_shrinkage
+from mechunlearn.sites import hook_name
 
 F = Skill.from_texts("f", [f"Q: {i}+{i + 1}?" for i in range(12)])
 R = Skill.from_texts("r", [f"def f{i}(x):" for i in range(12)])
@@ -94,7 +95,7 @@ def test_rules_any_all_k():
         assert torch.equal(det.fired, fired)
         assert torch.equal(det.detected, expected)
     with pytest.raises(ValueError, match="asks for 4 layers"):
-        KeySpaceDetector(layers=None, rule=4).fit(keys)
+        KeySpaceDetector(h=1.0, layers=None, rule=4).fit(keys)
     last = KeySpaceDetector(h=1.0).fit(keys)  # default: the last layer, as the authors
     assert last.layers_ == [2]
     assert torch.equal(last.detect_keys(probe).detected, fired[:, 2])
@@ -164,7 +165,7 @@ def test_hooks_leave_logits_unchanged_and_record_on_device(llama_like, keys):
 def test_automatic_alpha_meets_the_cap(keys):
     keys_f, keys_r = keys
     for rule in ("any", "all"):
-        ksd = KeySpaceDetector(layers=None, rule=rule).fit(keys_f, keys_r, fpr=0.2, seed=1)
+        ksd = KeySpaceDetector(layers=None, rule=rule, fpr=0.2, seed=1).fit(keys_f, keys_r)
         cal = ksd.calibration_
         assert cal["fpr_r_cal"] <= 0.2
         assert 0.0 <= cal["detect_f"] <= 1.0 and set(cal["per_layer"]) == set(ksd.layers_)
@@ -173,7 +174,7 @@ def test_automatic_alpha_meets_the_cap(keys):
     with pytest.raises(ValueError, match="automatically"):
         KeySpaceDetector(h=2.0).fit(keys_f, keys_r)
     with pytest.raises(ValueError, match="fpr"):
-        KeySpaceDetector().fit(keys_f, keys_r, fpr=0.0)
+        KeySpaceDetector(fpr=0.0)
 
 
 def test_alpha_absolute_and_h():
@@ -184,7 +185,9 @@ def test_alpha_absolute_and_h():
     b = KeySpaceDetector(h=1.5).fit(keys)
     torch.testing.assert_close(b.alpha_, 1.5 * b.k_min_)
     torch.testing.assert_close(b.h_, torch.full_like(b.h_, 1.5))
-    assert KeySpaceDetector().fit(keys).h_.tolist() == pytest.approx([2.0])  # default h
+    with pytest.raises(ValueError, match="false-positive rate nobody measured"):
+        KeySpaceDetector().fit(keys)  # no negatives, no h: refused, with the call to make
+    assert KeySpaceDetector(h=2.0).fit(keys).fpr_ is None  # uncalibrated, and it says so
 
 
 def _sklearn_ledoit_wolf(x: np.ndarray) -> float:
@@ -233,7 +236,7 @@ def test_ellipsoid_interface(llama_like, keys):
     assert det.detected[:3].all()
     texts = ell.generate(llama_like, F.prompts[:2] + ["x"], max_new_tokens=2)
     assert texts[:2] == [REFUSAL, REFUSAL]
-    auto = EllipsoidDetector(layers=None).fit(keys_f, keys_r, fpr=0.2)
+    auto = EllipsoidDetector(layers=None, fpr=0.2).fit(keys_f, keys_r)
     assert auto.calibration_["fpr_r_cal"] <= 0.2
     with pytest.raises(ValueError, match="shrinkage"):
         EllipsoidDetector(shrinkage=1.5)

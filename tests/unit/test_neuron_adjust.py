@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mechunlearn import NeuronStats, Skill, collect
-from mechunlearn.analysis.separation import separation_scores, top_neurons
+from mechunlearn.kernels.separation import separation_scores, top_neurons
 from mechunlearn.interventions import NeuronAdjust, layer_seed, sweep_ratio
 from mechunlearn.sites import hook_name
 
@@ -22,10 +22,11 @@ R = Skill.from_texts(
 
 
 def make_stats(mean, std, count=100, site="pre", device="cpu") -> NeuronStats:
-    """NeuronStats with given per-neuron mean and std (``count`` may be a tensor)."""
+    """NeuronStats with given per-neuron mean and std (``count`` may be a tensor), of a model that
+    prepends no BOS (so the hooks act on every position)."""
     mean = torch.as_tensor(mean, dtype=torch.float64)
     layers, width = mean.shape
-    meta = {"model": "toy", "n_layers": layers, "d_mlp": width, "d_model": 8}
+    meta = {"model": "toy", "n_layers": layers, "d_mlp": width, "d_model": 8, "bos_token_id": None}
     stats = NeuronStats.empty(site, "all", list(range(layers)), width, 0, device, meta)
     count = torch.as_tensor(count, dtype=torch.long).expand(layers, width)
     stats.count[:] = count
@@ -207,15 +208,18 @@ def test_on_model_only_selected_neurons_change(llama_like, model_stats):
             return hook
 
         model.run_with_hooks(tokens, fwd_hooks=[(name, keep("clean"))])
-        own = [h for h in na.hooks(model) if h[0] == name]  # this layer only
+        hooks = na.hooks(model)
+        own = hooks[:1] + [h for h in hooks[1:] if h[0] == name]  # BOS marker + this layer
         model.run_with_hooks(tokens, fwd_hooks=own + [(name, keep("na"))])
         changed = (seen["clean"] != seen["na"]).any(0).any(0)
         assert not changed[~na.selected_[row].to(changed.device)].any()
         assert changed.any()
+        # BOS (position 0 of every row here) is never adjusted: its statistics were never seen
+        assert torch.equal(seen["clean"][:, 0], seen["na"][:, 0])
     base = model(tokens)
     with torch.no_grad():
-        a = model.run_with_hooks(tokens, fwd_hooks=na.hooks())
-        b = model.run_with_hooks(tokens, fwd_hooks=na.hooks())
+        a = model.run_with_hooks(tokens, fwd_hooks=na.hooks(model))
+        b = model.run_with_hooks(tokens, fwd_hooks=na.hooks(model))
     assert torch.equal(a, b) and not torch.equal(a, base)
 
 

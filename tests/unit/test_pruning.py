@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from mechunlearn import Skill, collect
-from mechunlearn.interventions import Importance, SelectivePruning, collect_importance
-from mechunlearn.sites import hook_name, tokenize_examples
+from mechunlearn import Importance, SelectivePruning, collect_importance
+from mechunlearn.batching import tokenize_examples
+from mechunlearn.sites import hook_name
+from mechunlearn.tuning import prune_iteratively
 
 F = Skill.from_texts(
     "f", [f"Q: {i}+{i + 1}?" for i in range(8)], [f" {2 * i + 1}" for i in range(8)]
@@ -74,7 +76,7 @@ def test_importance_save_load(tmp_path, llama_like):
 
 def test_hook_equals_weight_zeroing(tiny_model):
     model = tiny_model
-    sp = SelectivePruning(ratio=0.1).fit(model=model, forget=F, retain=R)
+    sp = SelectivePruning(ratio=0.1).fit(collect_importance(model, F), collect_importance(model, R))
     tokens = model.to_tokens(["Q: 3+4?", "def g(y):"])
     with torch.no_grad():
         base = model(tokens)
@@ -99,7 +101,7 @@ def test_hook_equals_weight_zeroing(tiny_model):
 def test_iterative_makes_progress(llama_like):
     model = llama_like
     total = model.cfg.n_layers * model.cfg.d_mlp  # 144
-    sp = SelectivePruning(ratio=0.1, iterative=True, step=0.04).fit(model=model, forget=F, retain=R)
+    sp = prune_iteratively(model, F, R, ratio=0.1, step=0.04)
     target = round(0.1 * total)
     assert int(sp.selected_.sum()) == target
     steps = math.ceil(target / round(0.04 * total))
@@ -110,7 +112,9 @@ def test_iterative_makes_progress(llama_like):
     imp = collect_importance(model, F, fwd_hooks=sp.hooks(model))
     assert (imp.values[sp.selected_] == 0).all()
     assert (imp.values[~sp.selected_] > 0).all()
-    one_shot = SelectivePruning(ratio=0.1).fit(model=model, forget=F, retain=R)
+    one_shot = SelectivePruning(ratio=0.1).fit(
+        collect_importance(model, F), collect_importance(model, R)
+    )
     assert int(one_shot.selected_.sum()) == target
 
 
@@ -119,9 +123,22 @@ def test_fit_checks_inputs(llama_like):
     stats = collect(llama_like, F, site="key", quiet=True)
     with pytest.raises(TypeError, match="collect_importance"):
         SelectivePruning().fit(stats, stats)
-    with pytest.raises(ValueError, match="iterative"):
-        SelectivePruning(iterative=True).fit(imp, imp)
-    with pytest.raises(ValueError, match="both"):
+    with pytest.raises(TypeError, match="missing 1 required positional argument"):
         SelectivePruning().fit(imp)
-    with pytest.raises(ValueError, match="model"):
-        SelectivePruning().fit(model=llama_like, forget=F)
+    with pytest.raises(TypeError, match="importance_r must be Importance"):
+        SelectivePruning().fit(imp, "mbpp")
+    with pytest.raises(TypeError, match="pruned must be SelectivePruning"):
+        SelectivePruning().fit(imp, imp, pruned="all")
+    other = toy_importance(torch.rand(3, 5))
+    with pytest.raises(ValueError, match="n_layers"):
+        SelectivePruning().fit(imp, other)
+
+
+def test_a_step_keeps_what_was_pruned(llama_like):
+    imp_f = collect_importance(llama_like, F)
+    imp_r = collect_importance(llama_like, R)
+    first = SelectivePruning(ratio=0.05).fit(imp_f, imp_r)
+    second = SelectivePruning(ratio=0.05).fit(imp_f, imp_r, pruned=first)
+    assert (second.selected_ & first.selected_).sum() == first.selected_.sum()
+    assert int(second.selected_.sum()) == 2 * int(first.selected_.sum())
+    assert len(second.history_) == 2 and second.history_[0] == first.history_[0]

@@ -12,39 +12,27 @@ from scipy import integrate
 from scipy import stats as sps
 
 from mechunlearn import NeuronStats, collect
-from mechunlearn.analysis.separation import (
+from mechunlearn.analysis.separation import Separation, separation
+from mechunlearn.kernels.separation import (
     METRICS,
-    Separation,
     gaussian_separation,
     n_top,
-    separation,
     separation_scores,
     top_neurons,
     two_sample_ks_auroc,
 )
 
 
-def make_stats(samples, model="toy", site="pre", layers=None, capacity=None, dtype=torch.float32):
-    """NeuronStats whose reservoir holds ``samples`` ``[layer, n, d]`` and whose moments are the
-    samples' own (non-finite values left out)."""
+def make_stats(samples, model="toy", site="pre", layers=None, dtype=torch.float32):
+    """NeuronStats whose reservoir holds ``samples`` ``[layer, n, d]`` (keys in sample order) and
+    whose moments are the samples' own (non-finite values left out)."""
     x = torch.as_tensor(np.asarray(samples), dtype=dtype)
     n_layers, n, d = x.shape
-    capacity = n if capacity is None else capacity
-    layers = list(range(n_layers)) if layers is None else layers
     meta = {"model": model, "n_layers": n_layers, "d_mlp": d, "skill": f"skill-{n}"}
-    st = NeuronStats.empty(site, "all", layers, d, capacity, "cpu", meta)
-    st.samples = st.samples.to(dtype)
-    x64 = x.double()
-    fin = torch.isfinite(x64)
-    cnt = fin.sum(1)
-    mean = torch.where(fin, x64, 0.0).sum(1) / cnt.clamp(min=1)
-    st.count[:] = cnt
-    st.mean[:] = mean
-    st.m2[:] = torch.where(fin, x64 - mean[:, None], 0.0).square().sum(1)
-    st.samples[:, :n] = x
-    st.sample_keys[:n] = torch.linspace(0, 1, n, dtype=torch.float64)
-    st.n_tokens = n
-    return st
+    keys = torch.linspace(0, 1, n, dtype=torch.float64)
+    return NeuronStats.from_samples(
+        x, site=site, layers=layers, keys=keys, samples_dtype=dtype, meta=meta
+    )
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +249,7 @@ def test_bad_input(pair):
         separation(sf, make_stats(x, layers=[1, 2, 3]))
     with pytest.raises(ValueError, match="Unknown metric"):
         separation(sf, sr, metric="euclid")
-    no_res = make_stats(x, capacity=20)
+    no_res = make_stats(x)
     no_res.sample_keys[:] = torch.inf
     with pytest.raises(ValueError, match="no reservoir samples"):
         separation_scores(sf, no_res, "auroc")

@@ -1,0 +1,128 @@
+"""The one generation runner: greedy (or sampled) continuations of prompts, hooks attached.
+
+Used by the generation protocols of :mod:`mechunlearn.evaluation` and by
+:meth:`KeySpaceDetector.generate <mechunlearn.interventions.KeyRegionDetector.generate>`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .batching import check_batching, pad_batch, tokenize_examples
+from .models import model_device
+
+
+def generate_from_tokens(
+    model, token_lists: Sequence[Sequence[int]], max_new_tokens: int, **kwargs: Any
+) -> list[str]:
+    """Continuations of already-tokenised prompts, left-padded in one batch, as text.
+
+    ``model.generate`` gets the attention mask where it takes one (TransformerBridge); a legacy
+    HookedTransformer infers it from left-padded pad tokens, used only where it would infer
+    exactly this mask, else one prompt at a time. Each continuation is decoded without the
+    prompt and cut at the first stop token (unless ``stop_at_eos=False``).
+
+    Args:
+        model: the model (any hooks attached to it run at every step).
+        token_lists: token ids of each prompt (BOS included where wanted).
+        max_new_tokens: generation length.
+        **kwargs: passed to ``model.generate`` (default greedy: ``do_sample=False``).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    kwargs = {"do_sample": False, "verbose": False, **kwargs}
+    token_lists = [list(ids) for ids in token_lists]
+    batch = pad_batch(
+        model, [(ids, len(ids)) for ids in token_lists], range(len(token_lists)), "left"
+    )
+    tokens = batch.tokens.to(model_device(model))
+    mask = batch.attention_mask.to(tokens.device)
+    params = inspect.signature(model.generate).parameters
+    kwargs = {**kwargs, "max_new_tokens": max_new_tokens, "return_type": "tokens"}
+    if "attention_mask" in params:
+        out = model.generate(tokens, attention_mask=mask, **kwargs)
+        new = [row[tokens.shape[1] :] for row in out]
+    elif infers_left_padding(model, tokens, mask):
+        # A legacy HookedTransformer takes no mask: it infers it from the pad tokens, on the
+        # side its tokenizer pads, which we set to "left" for the call.
+        tok = model.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            out = model.generate(tokens, **kwargs)
+        finally:
+            tok.padding_side = side
+        new = [row[tokens.shape[1] :] for row in out]
+    else:  # a generate that would misread the padding: one prompt at a time, unpadded
+        new = []
+        for ids in token_lists:
+            single = torch.tensor([ids], device=tokens.device)
+            new.append(model.generate(single, **kwargs)[0, len(ids) :])
+    return [decode_continuation(model, row, kwargs) for row in new]
+
+
+def infers_left_padding(model, tokens: Tensor, mask: Tensor) -> bool:
+    """Whether a legacy ``HookedTransformer.generate`` would infer exactly ``mask`` from the
+    left-padded ``tokens`` (it rebuilds the mask from the tokenizer's pad id)."""
+    if "padding_side" not in inspect.signature(model.generate).parameters:
+        return False
+    try:
+        from transformer_lens.utilities import get_attention_mask
+    except ImportError:
+        return False
+    tok = model.tokenizer
+    if getattr(tok, "pad_token_id", None) is None:
+        return False
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+        inferred = get_attention_mask(tok, tokens, prepend_bos)
+    finally:
+        tok.padding_side = side
+    return torch.equal(inferred.to(mask.device).bool(), mask.bool())
+
+
+def decode_continuation(model, ids: Tensor, kwargs: dict[str, Any]) -> str:
+    """Decode generated ids, cut at the first stop token when generation stops at EOS."""
+    tok = model.tokenizer
+    ids = ids.tolist()
+    if kwargs.get("stop_at_eos", True):
+        stops = kwargs.get("eos_token_id")
+        if stops is None:
+            stops = getattr(model.cfg, "eos_token_id", None) or tok.eos_token_id
+        stops = {stops} if isinstance(stops, int) else set(stops or [])
+        for i, t in enumerate(ids):
+            if t in stops:
+                ids = ids[:i]
+                break
+    return tok.decode(ids)
+
+
+def greedy_generate(
+    model,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    fwd_hooks: Sequence = (),
+    batch_size: int = 8,
+    special_tokens: bool | Sequence[bool] = False,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (text after the prompt), hooks attached throughout.
+
+    Prompts are tokenised as everywhere in mechunlearn (``[BOS] + prompt``), ``batch_size`` at
+    a time, by :func:`generate_from_tokens`.
+
+    Example:
+        >>> greedy_generate(model, ["def add(a, b):"], max_new_tokens=16, fwd_hooks=na.hooks(model))
+    """
+    check_batching(batch_size)
+    items = tokenize_examples(model, list(prompts), [""] * len(prompts), None, special_tokens)
+    out: list[str] = []
+    with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        for start in range(0, len(items), batch_size):
+            chunk = [ids for ids, _ in items[start : start + batch_size]]
+            out.extend(generate_from_tokens(model, chunk, max_new_tokens))
+    return out

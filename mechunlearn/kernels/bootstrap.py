@@ -1,0 +1,92 @@
+"""Paired bootstrap intervals over examples, vectorised.
+
+A score here is a pooled ratio ``sum(correct) / sum(total)`` over examples (teacher-forced
+token accuracy pools tokens; generation accuracy has ``total = 1`` per example). Relative
+performance is ``score_after / score_before`` on the same examples. Its interval resamples the
+**examples** with replacement, the same draw for after and before (a paired bootstrap, so the
+examples' difficulty cancels), ``n_boot`` times, and takes the percentile interval. Every
+resample is one row of an index matrix: one gather and a few sums, no Python loop over
+resamples.
+
+Example:
+    >>> low, high = paired_ratio_interval(after.correct, before.correct, before.total)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Resamples used unless told otherwise (>= 1,000 as the results issue asks; 2,000 keeps the
+#: percentile's Monte Carlo error near 0.005 for rates near 0.5).
+N_BOOT = 2000
+
+
+def bootstrap_indices(n: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """``[n_boot, n]`` example indices drawn with replacement, reproducible from ``seed``."""
+    if n < 1:
+        raise ValueError("Nothing to resample: no examples.")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}.")
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return math.nan, math.nan
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(finite, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def ratio_interval(
+    correct, total, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of ``sum(correct) / sum(total)`` over resampled examples."""
+    c, t = np.asarray(correct, np.float64), np.asarray(total, np.float64)
+    idx = bootstrap_indices(len(c), n_boot, seed)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _percentiles(c[idx].sum(1) / t[idx].sum(1), level)
+
+
+def paired_ratio_interval(
+    correct_after,
+    correct_before,
+    total,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval of ``score_after / score_before`` under a paired bootstrap.
+
+    ``score = sum(correct) / sum(total)`` over the resampled examples, after and before on the
+    same draw (so the ratio is ``sum(correct_after) / sum(correct_before)`` of the draw).
+    Resamples whose before-score is 0 are undefined and left out.
+
+    Args:
+        correct_after, correct_before: per example, the correct count (an abstention counts 0).
+        total: per example, what the score divides by (answer tokens, or 1).
+        n_boot: resamples.
+        seed: seed of the draws (the same seed gives the same interval).
+        level: the interval's coverage.
+
+    Returns:
+        ``(low, high)``; NaN when every resample is undefined.
+    """
+    a = np.asarray(correct_after, np.float64)
+    b = np.asarray(correct_before, np.float64)
+    t = np.asarray(total, np.float64)
+    if not (a.shape == b.shape == t.shape) or a.ndim != 1:
+        raise ValueError(
+            f"correct_after, correct_before and total must be 1-D of one length, got shapes "
+            f"{a.shape}, {b.shape}, {t.shape}."
+        )
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}.")
+    idx = bootstrap_indices(len(a), n_boot, seed)
+    tt = t[idx].sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = (a[idx].sum(1) / tt) / (b[idx].sum(1) / tt)
+    return _percentiles(ratio, level)

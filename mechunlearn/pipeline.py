@@ -1,0 +1,816 @@
+"""The main job as a pipeline: a :class:`RunConfig`, an output folder, and stages as functions.
+
+``mechunlearn run`` (:mod:`mechunlearn.cli`) and the studies in ``analysis/`` drive the same
+public functions:
+
+1. :func:`load_skills`: the forget, retain and general skills, each split into a probe half
+   (for fitting) and a held-out half (for scoring), by the config's seed.
+2. :func:`probe`: **one** forward pass per probed skill collecting everything the run needs
+   (``hook_pre`` statistics, last-prompt key vectors, Selective Pruning importances;
+   :func:`mechunlearn.collect` with ``what=``).
+3. :func:`analyze`: the four analyses, their tables and figures.
+4. :func:`fit_methods`: every method of ``config.methods`` on the probe halves.
+5. :func:`evaluate_methods`: scores on the held-out halves, with intervals.
+6. :func:`mechunlearn.report.write_report`: ``index.html``.
+
+**The output folder** (:class:`RunFolder`) holds ``config.json``, a marker that lists every file
+the run wrote, and the artefacts. Stages reuse what earlier runs of the *same* config saved (the
+resume key is the hash of the config's result-relevant fields), so an interrupted run resumes. A
+folder is locked while a run writes to it (``fcntl.flock``: freed on exit and after a crash); a
+second run fails with one line naming the holder. ``force=True`` (``--force``) starts a folder
+of other settings over by deleting exactly the files the marker lists; it refuses a folder that
+holds files mechunlearn did not write. Every file is written atomically (:mod:`mechunlearn.io`);
+a damaged artefact is named in a warning and computed again.
+
+Example:
+    >>> cfg = RunConfig(forget="gsm8k", retain=("mbpp",), general="mmlu", n=32)
+    >>> result = run(cfg, "report")            # every stage, resumable
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import distributed
+from ._version import __version__
+from .io import DamagedFileError, read_json, write_json, write_text
+from .validation import check_choice, check_fraction, check_int, check_probability
+
+MARKER = ".mechunlearn-report.json"
+LOCK = ".mechunlearn.lock"
+CONFIG = "config.json"
+STAGES = ("collect", "analyze", "unlearn", "evaluate")
+METHODS = ("NA", "KSD", "Ellipsoid", "SP", "LUNAR", "SIMU")
+"""Methods a run can fit: Neuron Adjust, Key Space Detection, the ellipsoid detector,
+Selective Pruning, LUNAR and SIMU."""
+METHOD_NAMES = {
+    "NA": "NeuronAdjust",
+    "KSD": "KeySpaceDetection",
+    "Ellipsoid": "EllipsoidDetection",
+    "SP": "SelectivePruning",
+    "LUNAR": "Lunar",
+    "SIMU": "Simu",
+}
+"""How each method is named in tables (full names: a CSV reader takes "NA" for missing)."""
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+class PipelineError(Exception):
+    """A problem with the run's settings or folder, reported in one line without a traceback."""
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run: skills, sizes, seed and each method's hyperparameters.
+
+    Saved as ``config.json`` in the output folder. Settings that change results make the
+    resume key (:meth:`key`); ``device``, ``data_dir``, ``batch_size`` and ``quiet`` do not.
+    Validated as a whole by :meth:`validate` before any work.
+
+    Example:
+        >>> RunConfig(forget="gsm8k", retain=("mbpp",), general="mmlu", n=32).key()[:8]
+    """
+
+    model: str | None = None
+    forget: str = "humaneval"
+    retain: tuple[str, ...] = ("mmlu:math",)
+    general: str | None = "mmlu:-math"
+    n: int = 32
+    seed: int = 0
+    dtype: str = "float32"
+    mmlu_format: str = "text"
+    methods: tuple[str, ...] = ("NA", "KSD", "SP", "LUNAR")
+    na_ratio: float = 0.03
+    na_score: str = "mean_diff"
+    na_mode: str = "reflect"
+    ksd_fpr: float = 0.05
+    sp_ratio: float = 0.015
+    lunar_layer: str | int = "auto"
+    lunar_coef: float = 2.0
+    simu_threshold: float = 0.3
+    simu_gamma: float = 2.0
+    simu_max_steps: int = 10
+    separation_metric: str = "cohens_d"
+    n_boot: int = 2000
+    # Not part of the resume key:
+    device: str | None = None
+    data_dir: str | None = None
+    batch_size: int = 16
+    quiet: bool = False
+
+    _NOT_KEYED = ("device", "data_dir", "batch_size", "quiet")
+
+    def settings(self) -> dict[str, Any]:
+        """The result-relevant settings (what the resume key hashes)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NOT_KEYED}
+        out["model"] = self.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
+        out["retain"] = list(self.retain)
+        out["methods"] = list(self.methods)
+        return out
+
+    def key(self) -> str:
+        """The resume key: a hash of :meth:`settings` and the file format."""
+        blob = json.dumps({"settings": self.settings(), "format": 2}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["retain"], out["methods"] = list(self.retain), list(self.methods)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(f"config: unknown settings {unknown} ignored.", stacklevel=2)
+        kw = {k: v for k, v in data.items() if k in names}
+        for k in ("retain", "methods"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def validate(self) -> RunConfig:
+        """Check every setting before any work; raises :class:`PipelineError` in one line."""
+        try:
+            check_int("n", self.n, min_val=4)
+            check_int("seed", self.seed, min_val=0)
+            check_int("batch_size", self.batch_size, min_val=1)
+            check_int("n_boot", self.n_boot, min_val=1)
+            check_choice(self.dtype, DTYPES, "dtype")
+            check_choice(self.mmlu_format, ("text", "letter"), "mmlu_format")
+            check_fraction("na_ratio", self.na_ratio)
+            check_fraction("sp_ratio", self.sp_ratio)
+            check_probability("ksd_fpr", self.ksd_fpr)
+            check_probability("simu_threshold", self.simu_threshold)
+            check_int("simu_max_steps", self.simu_max_steps, min_val=1)
+            check_choice(self.na_mode, ("reflect", "map"), "na_mode")
+            if not self.methods:
+                raise ValueError("methods is empty: choose among " + ", ".join(METHODS) + ".")
+            for m in self.methods:
+                check_choice(m, METHODS, "method")
+            if len(set(self.methods)) != len(self.methods):
+                raise ValueError(f"methods repeat: {list(self.methods)}.")
+            if not self.retain:
+                raise ValueError("retain is empty: name at least one skill to keep.")
+            names = [self.forget, *self.retain] + ([self.general] if self.general else [])
+            if len(set(names)) != len(names):
+                raise ValueError(f"a skill appears twice among forget/retain/general: {names}.")
+            if self.lunar_layer != "auto":
+                check_int("lunar_layer", self.lunar_layer, min_val=None)
+            from .kernels.separation import METRICS
+
+            check_choice(self.na_score, METRICS, "na_score")
+            check_choice(self.separation_metric, METRICS, "separation_metric")
+            from .models import check_device
+
+            check_device(self.device)
+        except (TypeError, ValueError) as err:
+            raise PipelineError(str(err)) from None
+        return self
+
+
+# ------------------------------------------------------------------------------------ folder
+class RunFolder:
+    """The output folder of one run: lock, marker (settings + files written), atomic writes.
+
+    Only the main process (rank 0 under torchrun) locks and writes; the others read.
+    """
+
+    def __init__(self, out: str | Path, config: RunConfig, force: bool = False):
+        self.out = Path(out)
+        self.config = config
+        self.force = force
+        self.main = distributed.is_main()
+        self.files: list[str] = []
+        self.timings: dict[str, float] = {}
+        self._lock_fd: int | None = None
+
+    # -- lock
+    def lock(self) -> None:
+        """Take the folder's exclusive lock or fail naming the holder."""
+        if not self.main:
+            return
+        if self.out.exists() and not self.out.is_dir():
+            raise PipelineError(f"--out {self.out} is a file: choose a folder.")
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise PipelineError(
+                f"{self.out} is in use by another mechunlearn run ({holder}): wait for it, or "
+                "choose another --out."
+            ) from None
+        os.ftruncate(fd, 0)
+        info = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%H:%M:%S')}"
+        os.write(fd, info.encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- marker
+    def _marker(self) -> dict[str, Any] | None:
+        path = self.out / MARKER
+        if not path.exists():
+            return None
+        try:
+            data = read_json(path, "report marker")
+        except DamagedFileError as err:
+            raise PipelineError(f"{err} (or choose another --out)") from None
+        if not isinstance(data, dict):
+            raise PipelineError(f"The report marker {path} is damaged: delete it.")
+        return data
+
+    def _foreign(self, listed: set[str]) -> list[str]:
+        ours = listed | {MARKER, LOCK, CONFIG}
+        found = []
+        for p in sorted(self.out.rglob("*")):
+            rel = p.relative_to(self.out).as_posix()
+            if p.is_file() and rel not in ours:
+                found.append(rel)
+        return found
+
+    def prepare(self) -> None:
+        """Lock, check the folder against the config, clear it on ``force``, write the marker.
+
+        Raises:
+            PipelineError: the folder holds another run's results (without ``force``), or
+                files mechunlearn did not write.
+        """
+        if not self.main:
+            return
+        if self.out.is_dir() and not (self.out / MARKER).exists():
+            foreign = self._foreign(set())
+            if foreign:  # checked before the lock file is created: nothing is added there
+                raise PipelineError(
+                    f"{self.out} is not a mechunlearn report (it holds {_few(foreign)}, which "
+                    "mechunlearn did not write): choose another --out."
+                )
+        self.lock()
+        marker = self._marker()
+        listed = set(marker.get("files", [])) if marker else set()
+        if marker is None:
+            foreign = self._foreign(set())
+            if foreign:
+                raise PipelineError(
+                    f"{self.out} is not a mechunlearn report (it holds {_few(foreign)}, which "
+                    "mechunlearn did not write): choose another --out."
+                )
+        elif marker.get("key") != self.config.key() and listed:
+            if not self.force:
+                old = marker.get("settings", {})
+                new = self.config.settings()
+                diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+                raise PipelineError(
+                    f"{self.out} holds a report made with other settings {diff}: choose another "
+                    "--out, or pass --force to start it over."
+                )
+            foreign = self._foreign(listed)
+            if foreign:
+                raise PipelineError(
+                    f"--force would start {self.out} over, but it holds {_few(foreign)}, which "
+                    "mechunlearn did not write: move them away or choose another --out."
+                )
+            for rel in sorted(listed):
+                (self.out / rel).unlink(missing_ok=True)
+            for sub in sorted(self.out.rglob("*"), reverse=True):
+                if sub.is_dir() and not any(sub.iterdir()):
+                    sub.rmdir()
+            listed = set()
+        elif marker.get("key") == self.config.key():
+            self.files = [f for f in marker.get("files", []) if (self.out / f).exists()]
+            self.timings = dict(marker.get("timings", {}))
+        write_json(self.out / CONFIG, self.config.to_json())
+        self._write_marker()
+
+    def _write_marker(self) -> None:
+        data = {
+            "key": self.config.key(),
+            "settings": self.config.settings(),
+            "version": __version__,
+            "files": sorted(set(self.files)),
+            "timings": {k: round(v, 2) for k, v in self.timings.items()},
+        }
+        write_json(self.out / MARKER, data)
+
+    # -- files
+    def path(self, rel: str) -> Path:
+        return self.out / rel
+
+    def record(self, rel: str | Path) -> None:
+        """Note that the run wrote ``rel`` (relative path), in the marker."""
+        if not self.main:
+            return
+        rel = Path(rel).relative_to(self.out).as_posix() if Path(rel).is_absolute() else str(rel)
+        if rel not in self.files:
+            self.files.append(rel)
+            self._write_marker()
+
+    def write(self, rel: str, writer: Callable[[Path], Any]) -> None:
+        """Run ``writer(path)`` on the main process and record the file (and companions it
+        writes beside it with the same stem, e.g. a figure's SVG)."""
+        if not self.main:
+            return
+        path = self.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = writer(path)
+        written = result if isinstance(result, list | tuple) else [result or path]
+        for p in written:
+            self.record(Path(p).resolve().relative_to(self.out.resolve()))
+
+    @contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        """Time a stage; the total per name goes into the marker and the report."""
+        if not self.config.quiet and self.main:
+            print(f"[mechunlearn] {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+            if self.main:
+                self._write_marker()
+
+    def load_or_make(
+        self,
+        rel: str,
+        load: Callable[[Path], Any],
+        make: Callable[[], Any],
+        save: Callable[[Any, Path], Any],
+        timer: str | None = None,
+    ) -> Any:
+        """``load(path)`` if a saved artefact exists and reads back; else ``make()`` and save it.
+
+        A damaged artefact is named in a warning and made again.
+        """
+        path = self.out / rel
+        if path.exists():
+            try:
+                return load(path)
+            except (DamagedFileError, ValueError, OSError) as err:
+                warnings.warn(f"{path} is damaged ({err}); computing it again.", stacklevel=2)
+        if timer:
+            with self.timer(timer):
+                obj = make()
+        else:
+            obj = make()
+        self.write(rel, lambda p: save(obj, p))
+        return obj
+
+
+def _few(names: Sequence[str], k: int = 3) -> str:
+    shown = ", ".join(names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+# ------------------------------------------------------------------------------------ skills
+@dataclass
+class Skills:
+    """The run's skills by role, each split into ``(probe, held_out)``.
+
+    Attributes:
+        forget: the forget skill's halves.
+        retain: ``{name: halves}`` of the skills to keep.
+        general: the general-knowledge skill's halves, or None.
+    """
+
+    forget: tuple[Any, Any]
+    retain: dict[str, tuple[Any, Any]]
+    general: tuple[Any, Any] | None = None
+
+    def probed(self) -> dict[str, Any]:
+        """``{role key: probe half}``: ``forget``, ``retain:<name>``..., ``general``."""
+        out = {"forget": self.forget[0]}
+        out.update({f"retain:{n}": s[0] for n, s in self.retain.items()})
+        if self.general is not None:
+            out["general"] = self.general[0]
+        return out
+
+    def held_out(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """``({skill name: held-out half}, {skill name: role})``, the skills to score."""
+        skills = {self.forget[1].name: self.forget[1]}
+        roles = {self.forget[1].name: "forget"}
+        for s in self.retain.values():
+            skills[s[1].name], roles[s[1].name] = s[1], "retain"
+        if self.general is not None:
+            skills[self.general[1].name], roles[self.general[1].name] = self.general[1], "general"
+        return skills, roles
+
+    @property
+    def first_retain(self) -> str:
+        return next(iter(self.retain))
+
+
+def load_skills(config: RunConfig) -> Skills:
+    """Load each skill with ``2 n`` examples and split it in halves (seeded).
+
+    Raises:
+        PipelineError: an unknown skill, or too few examples for ``n`` (the message says the
+            largest ``n`` that fits).
+    """
+    from .data import load_skill
+
+    def halves(name: str):
+        kwargs = {"n": 2 * config.n, "seed": config.seed, "data_dir": config.data_dir}
+        if name.split(":")[0].strip().lower() == "mmlu":
+            kwargs["answer_format"] = config.mmlu_format
+        try:
+            skill = load_skill(name, **kwargs)
+        except ValueError as err:
+            if "larger than" in str(err) or "only" in str(err):
+                try:
+                    whole = load_skill(name, data_dir=config.data_dir)
+                    fits = len(whole) // 2
+                except Exception:  # noqa: BLE001 - the first message is the useful one
+                    raise PipelineError(_one_line(err)) from None
+                raise PipelineError(
+                    f"--n {config.n} needs {2 * config.n} examples of {name!r}, which has only "
+                    f"{len(whole)}: use --n {fits} or less."
+                ) from None
+            raise PipelineError(_one_line(err)) from None
+        except LookupError as err:
+            raise PipelineError(_one_line(err)) from None
+        return skill.split(0.5, seed=config.seed)
+
+    retain = {name: halves(name) for name in config.retain}
+    general = halves(config.general) if config.general else None
+    return Skills(forget=halves(config.forget), retain=retain, general=general)
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return " ".join(lines[:6]) or type(err).__name__
+
+
+# ------------------------------------------------------------------------------------ stages
+@dataclass
+class Probes:
+    """What :func:`probe` collected per probed role (``forget``, ``retain:<name>``, ``general``).
+
+    Attributes:
+        pre: NeuronStats of ``hook_pre`` (forget and retain skills).
+        keys: KeyVectors (every role).
+        importance: Importance (forget and retain skills).
+    """
+
+    pre: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, Any] = field(default_factory=dict)
+    importance: dict[str, Any] = field(default_factory=dict)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def probe(config: RunConfig, model, skills: Skills, folder: RunFolder) -> Probes:
+    """One forward pass per probed skill: statistics, key vectors and importances (resumable)."""
+    from .collect import collect
+    from .stats import Importance, KeyVectors, NeuronStats
+
+    kinds = {"pre": NeuronStats, "keys": KeyVectors, "importance": Importance}
+    out = Probes()
+    for role, skill in skills.probed().items():
+        wanted = ("keys",) if role == "general" else ("pre", "keys", "importance")
+        paths = {w: f"stats/{_slug(role)}.{w}.safetensors" for w in wanted}
+        loaded: dict[str, Any] = {}
+        for w, rel in paths.items():
+            path = folder.path(rel)
+            if path.exists():
+                try:
+                    loaded[w] = kinds[w].load(path)
+                except (DamagedFileError, ValueError) as err:
+                    warnings.warn(f"{path} is damaged ({err}); collecting it again.", stacklevel=2)
+        missing = tuple(w for w in wanted if w not in loaded)
+        if missing:
+            with folder.timer(f"collect {role}"):
+                got = collect(
+                    model, skill, what=missing, batch_size=config.batch_size, seed=config.seed,
+                    quiet=config.quiet,
+                )  # fmt: skip
+            for w in missing:
+                loaded[w] = got[w]
+                folder.write(paths[w], lambda p, obj=got[w]: obj.save(p))
+        for w, value in loaded.items():
+            getattr(out, w)[role] = value
+    return out
+
+
+def analyze(config: RunConfig, probes: Probes, skills: Skills, folder: RunFolder) -> dict:
+    """The four analyses: tables (CSV/JSON) and figures (PNG + SVG) with captions."""
+    from . import plots
+    from .analysis import convexity, gaussian_fit, hypercube, separation
+
+    retain = f"retain:{skills.first_retain}"
+    forget_name = skills.forget[0].name
+    others = {skills.probed()[r].name: k for r, k in probes.keys.items() if r != "forget"}
+    figures: list[tuple[str, str]] = []
+
+    def figure(fig, name: str, caption: str) -> None:
+        folder.write(f"figures/{name}.png", lambda p: plots.save_figure(fig, p.with_suffix("")))
+        figures.append((f"figures/{name}.png", caption))
+        plots.close(fig)
+
+    def table(frame, name: str, index: bool = True) -> None:
+        folder.write(f"tables/{name}.csv", lambda p: write_text(p, frame.to_csv(index=index)))
+
+    with folder.timer("analyze gaussian"):
+        fit = gaussian_fit(probes.pre["forget"], other=probes.pre[retain])
+        table(fit.by_layer, "gaussian_by_layer")
+        figure(
+            plots.plot_gaussian_summary(fit),
+            "gaussian_summary",
+            f"Share of {forget_name} neurons whose hook_pre values pass the normality tests, by "
+            "layer, and how often the Gaussian rule p_F >= p_R picks the right skill. The tests "
+            "treat the reservoir's tokens as independent although tokens of one text are "
+            "correlated, so they reject more often than for independent draws.",
+        )
+    with folder.timer("analyze separation"):
+        sep = separation(probes.pre["forget"], probes.pre[retain], metric=config.separation_metric)
+        table(sep.top(k=200), "separation_top200", index=False)
+        table(sep.layer_summary(), "separation_by_layer")
+        figure(
+            plots.plot_separation_histograms(sep, k=6),
+            "separation_histograms",
+            f"Forget vs retain hook_pre values of the most separated neurons "
+            f"({config.separation_metric}), with the fitted Gaussians (the paper's Figure 3).",
+        )
+        figure(
+            plots.plot_separation_by_layer(sep, ratio=config.na_ratio),
+            "separation_by_layer",
+            f"Where the separating neurons are: the separation metric by layer, and how many "
+            f"of the top {config.na_ratio:.1%} neurons each layer holds.",
+        )
+    with folder.timer("analyze hypercube"):
+        cube = hypercube(probes.keys["forget"], others, seed=config.seed)
+        table(cube.per_layer, "hypercube_by_layer")
+        table(cube.per_other, "hypercube_centres")
+        table(cube.trends, "hypercube_trends")
+        n = len(cube.layers)
+        chosen = sorted({cube.layers[0], cube.layers[n // 2], cube.layers[-1]})
+        figure(
+            plots.plot_inclusion_curves(cube, layers=chosen),
+            "hypercube_inclusion",
+            "Share of queries inside the forget skill's hypercube mu_F +- alpha*sigma_F as "
+            "alpha grows: fit queries, held-out forget queries, and other skills (Figure 5).",
+        )
+        figure(
+            plots.plot_hypercube_layers(cube),
+            "hypercube_geometry",
+            "Normalised log-volume of the forget cube and distance between skill centres "
+            "(in sigma units) across layers (Figure 6).",
+        )
+    with folder.timer("analyze convexity"):
+        conv = convexity(probes.keys["forget"], others, seed=config.seed)
+        table(conv.per_layer, "convexity_by_layer")
+        table(conv.separability, "linear_separability", index=False)
+        figure(
+            plots.plot_convexity(conv),
+            "convexity",
+            "Is the forget region convex? Segment points nearest a forget key, held-out "
+            "accuracy of a linear classifier, and false positives of one box vs k boxes.",
+        )
+    summary = {"share_gaussian": float(fit.share_gaussian), "hypercube": cube.summary()}
+    folder.write("tables/analysis_summary.json", lambda p: write_json(p, summary))
+    folder.write("tables/figures.json", lambda p: write_json(p, figures))
+    return {"figures": figures, "summary": summary}
+
+
+def _negatives(probes: Probes):
+    """Key vectors of every probed skill but the forget skill (KSD's calibration negatives)."""
+    from .stats import KeyVectors
+
+    return KeyVectors.concat_all([k for r, k in probes.keys.items() if r != "forget"])
+
+
+def _builders(config: RunConfig, model, skills: Skills, probes: Probes) -> dict[str, Any]:
+    """``{method: (class, make)}`` for every method of the config."""
+    from . import interventions as iv
+
+    retain = f"retain:{skills.first_retain}"
+    out: dict[str, Any] = {
+        "NA": (
+            iv.NeuronAdjust,
+            lambda: iv.NeuronAdjust(
+                ratio=config.na_ratio,
+                score=config.na_score,
+                mode=config.na_mode,
+                seed=config.seed,
+            ).fit(probes.pre["forget"], probes.pre[retain]),
+        ),
+        "KSD": (
+            iv.KeySpaceDetector,
+            lambda: iv.KeySpaceDetector(layers=-1, fpr=config.ksd_fpr, seed=config.seed).fit(
+                probes.keys["forget"], _negatives(probes)
+            ),
+        ),
+        "Ellipsoid": (
+            iv.EllipsoidDetector,
+            lambda: iv.EllipsoidDetector(layers=-1, fpr=config.ksd_fpr, seed=config.seed).fit(
+                probes.keys["forget"], _negatives(probes)
+            ),
+        ),
+        "SP": (
+            iv.SelectivePruning,
+            lambda: iv.SelectivePruning(ratio=config.sp_ratio).fit(
+                probes.importance["forget"], probes.importance[retain]
+            ),
+        ),
+    }
+    if hasattr(iv, "Lunar"):
+        out["LUNAR"] = (
+            iv.Lunar,
+            lambda: iv.Lunar(
+                layer=config.lunar_layer, coef=config.lunar_coef, seed=config.seed
+            ).fit(
+                model, skills.forget[0], skills.retain[skills.first_retain][0],
+                batch_size=config.batch_size,
+            ),
+        )  # fmt: skip
+    if hasattr(iv, "Simu"):
+        out["SIMU"] = (
+            iv.Simu,
+            lambda: iv.Simu(
+                threshold=config.simu_threshold, gamma=config.simu_gamma,
+                max_steps=config.simu_max_steps, seed=config.seed,
+            ).fit(model, skills.forget[0], skills.retain[skills.first_retain][0]),
+        )  # fmt: skip
+    return out
+
+
+def fit_methods(
+    config: RunConfig, model, skills: Skills, probes: Probes, folder: RunFolder
+) -> dict[str, Any]:
+    """Fit every method of ``config.methods`` on the probe halves (resumable).
+
+    Returns:
+        ``{table name: fitted intervention}`` (e.g. ``"NeuronAdjust"``).
+    """
+    builders = _builders(config, model, skills, probes)
+    fitted = {}
+    for method in config.methods:
+        if method not in builders:
+            raise PipelineError(f"Method {method!r} is not available in this mechunlearn.")
+        cls, make = builders[method]
+        name = METHOD_NAMES[method]
+        fitted[name] = folder.load_or_make(
+            f"interventions/{name}.safetensors",
+            cls.load,
+            make,
+            lambda obj, p: obj.save(p),
+            timer=f"fit {name}",
+        )
+    return fitted
+
+
+def evaluate_methods(
+    config: RunConfig, model, skills: Skills, fitted: Mapping[str, Any], folder: RunFolder
+):
+    """Score the held-out halves with each method; ``tables/evaluation.csv`` and
+    ``relative_performance.csv`` (with intervals)."""
+    from .evaluation import evaluate, relative_table
+
+    held, roles = skills.held_out()
+    with folder.timer("evaluate"):
+        table = evaluate(
+            model, held, fitted, batch_size=config.batch_size, quiet=config.quiet, roles=roles,
+            n_boot=config.n_boot, seed=config.seed,
+        )  # fmt: skip
+    folder.write("tables/evaluation.csv", lambda p: write_text(p, table.to_csv(index=False)))
+    folder.write(
+        "tables/evaluation.json",
+        lambda p: write_text(p, table.to_json(orient="records", indent=2)),
+    )
+    rel = relative_table(table)
+    cells = relative_table(table, interval=True)
+    both = rel.join(cells, rsuffix=" [95% CI]")
+    folder.write("tables/relative_performance.csv", lambda p: write_text(p, both.to_csv()))
+    return table
+
+
+def environment() -> dict[str, str]:
+    """Package versions and machine, for the report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "?"
+
+    return {
+        "mechunlearn": __version__,
+        "torch": torch.__version__,
+        "transformer-lens": v("transformer-lens"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processes": str(distributed.world()[1]),
+    }
+
+
+def load_model_for(config: RunConfig, folder: RunFolder | None = None):
+    """The config's model, on its device and dtype (under torchrun: this rank's GPU)."""
+    from .models import load_model
+
+    device = config.device or distributed.rank_device()
+
+    def make():
+        return load_model(config.model, device=device, dtype=config.dtype, quiet=config.quiet)
+
+    if folder is None:
+        return make()
+    with folder.timer("load model"):
+        return make()
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` produced (the parts that ran)."""
+
+    folder: RunFolder
+    skills: Skills | None = None
+    probes: Probes | None = None
+    analysis: dict | None = None
+    fitted: dict[str, Any] | None = None
+    table: Any = None
+    index: Path | None = None
+
+
+def run(
+    config: RunConfig, out: str | Path, stage: str = "run", force: bool = False, model=None
+) -> RunResult:
+    """Run the pipeline up to ``stage`` (``"collect"``, ``"analyze"``, ``"unlearn"``,
+    ``"evaluate"`` or ``"run"`` = everything), resuming from what ``out`` holds.
+
+    ``"evaluate"`` skips the analyses (their figures are reused if saved); ``"run"`` does all.
+    Under torchrun every rank calls this; rank 0 locks the folder and writes.
+
+    Raises:
+        PipelineError: bad settings or folder (one line).
+    """
+    check_choice(stage, ("run", *STAGES), "stage")
+    config.validate()
+    distributed.init_from_env()
+    folder = RunFolder(out, config, force)
+    skills = load_skills(config)  # fast: unknown names and sizes fail before anything is written
+    try:
+        folder.prepare()
+        result = RunResult(folder, skills)
+        if model is None:
+            model = load_model_for(config, folder)
+        result.probes = probe(config, model, skills, folder)
+        if stage == "collect":
+            return result
+        if stage in ("run", "analyze"):
+            result.analysis = analyze(config, result.probes, skills, folder)
+            if stage == "analyze":
+                return result
+        result.fitted = fit_methods(config, model, skills, result.probes, folder)
+        if stage == "unlearn":
+            return result
+        result.table = evaluate_methods(config, model, skills, result.fitted, folder)
+        figures = (result.analysis or {}).get("figures")
+        saved = folder.path("tables/figures.json")
+        if figures is None and saved.exists():
+            try:
+                figures = read_json(saved, "figure list")
+            except DamagedFileError as err:
+                warnings.warn(f"{err}; the report shows no figures.", stacklevel=2)
+        if folder.main:
+            from .report import write_report
+
+            folder.write(
+                "index.html",
+                lambda p: write_report(
+                    folder.out, config.settings(), result.table, figures or [], environment(),
+                    folder.timings,
+                ),
+            )  # fmt: skip
+            result.index = folder.path("index.html")
+        return result
+    finally:
+        folder.unlock()

@@ -1,0 +1,288 @@
+"""Argument checks shared by every module: one validator per kind of value, one message style.
+
+Every check returns the validated (and, where stated, converted) value or raises with a one-line
+message that says what was wrong and what to do. Nothing here converts silently: a bool is not
+an int, a string is not a number, ``2.5`` is not a count, ``[1.7]`` is not a layer.
+
+* :func:`check_scalar`: a number of a given type within bounds (scikit-learn's ``check_scalar``).
+* :func:`check_fraction`, :func:`check_positive`, :func:`check_int`, :func:`check_probability`:
+  the common special cases.
+* :func:`check_choice`, :func:`check_type`, :func:`check_bool`.
+* :func:`resolve_layers`: a layer selection (negative indices count from the end) against a
+  number of layers.
+* :func:`check_compatible`, :func:`check_same_source`: that two collected objects come from
+  the same model, site and layers, so that combining them means something.
+
+Example:
+    >>> check_fraction("ratio", 0.03)
+    0.03
+    >>> resolve_layers(30, [-1, 0])
+    [0, 29]
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: Metadata keys that describe a model's shape (what makes statistics of two models comparable).
+MODEL_KEYS: tuple[str, ...] = ("model", "n_layers", "d_mlp", "d_model")
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_scalar(
+    value: Any,
+    name: str,
+    target_type: type | tuple[type, ...] = numbers.Real,
+    *,
+    min_val: float | None = None,
+    max_val: float | None = None,
+    include_boundaries: str = "both",
+) -> Any:
+    """Check that ``value`` is a number of ``target_type`` within ``[min_val, max_val]``.
+
+    ``numbers.Integral`` accepts Python and NumPy integers (not bools, not ``2.0``);
+    ``numbers.Real`` accepts integers and floats (not bools, not strings, not NaN). An Integral
+    value is returned as ``int``, a Real one as ``float``.
+
+    Args:
+        value: the value to check.
+        name: its name in the message.
+        target_type: ``numbers.Integral``, ``numbers.Real`` (default) or a tuple of types.
+        min_val, max_val: bounds (None: unbounded).
+        include_boundaries: ``"both"``, ``"left"``, ``"right"`` or ``"neither"``.
+
+    Raises:
+        TypeError: not of the type. ValueError: NaN or out of bounds.
+
+    Example:
+        >>> check_scalar(16, "batch_size", numbers.Integral, min_val=1)
+        16
+    """
+    if isinstance(value, bool) or not isinstance(value, target_type):
+        kind = {numbers.Integral: "an integer", numbers.Real: "a number"}.get(
+            target_type, " or ".join(t.__name__ for t in _as_tuple(target_type))
+        )
+        raise TypeError(f"{name} must be {kind}, got {_describe(value)}.")
+    if isinstance(value, numbers.Real) and math.isnan(float(value)):
+        raise ValueError(f"{name} must be a number, got NaN.")
+    left = include_boundaries in ("both", "left")
+    right = include_boundaries in ("both", "right")
+    low_bad = min_val is not None and (value < min_val if left else value <= min_val)
+    high_bad = max_val is not None and (value > max_val if right else value >= max_val)
+    if low_bad or high_bad:
+        lo = "-inf" if min_val is None else min_val
+        hi = "inf" if max_val is None else max_val
+        interval = f"{'[' if left else '('}{lo}, {hi}{']' if right else ')'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}.")
+    if target_type is numbers.Integral:
+        return int(value)
+    if target_type is numbers.Real:
+        return value if isinstance(value, numbers.Integral) else float(value)
+    return value
+
+
+def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A number in (0, 1] (e.g. the share of neurons to select), as a float."""
+    return float(
+        check_scalar(value, name, numbers.Real, min_val=0, max_val=1, include_boundaries="right")
+    )
+
+
+def check_probability(name: str, value: Any) -> float:
+    """A number strictly between 0 and 1 (a rate cap, a significance level), as a float."""
+    return float(
+        check_scalar(value, name, numbers.Real, min_val=0, max_val=1, include_boundaries="neither")
+    )
+
+
+def check_positive(name: str, value: Any) -> float:
+    """A finite number > 0, as a float."""
+    out = float(check_scalar(value, name, numbers.Real, min_val=0, include_boundaries="neither"))
+    if math.isinf(out):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    return out
+
+
+def check_int(name: str, value: Any, min_val: int | None = 0, max_val: int | None = None) -> int:
+    """An integer (not a bool, not ``2.0``) within ``[min_val, max_val]`` (default >= 0)."""
+    return check_scalar(value, name, numbers.Integral, min_val=min_val, max_val=max_val)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``True`` or ``False`` (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {_describe(value)}.")
+    return value
+
+
+def check_choice(value: Any, choices: Sequence[Any], what: str) -> Any:
+    """``value`` if it is one of ``choices``, else a ValueError naming them."""
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(f"Unknown {what} {value!r}. Choose one of {list(choices)}.")
+    return value
+
+
+def check_type(value: Any, types: type | tuple[type, ...], name: str, hint: str = "") -> Any:
+    """``value`` if it is an instance of ``types``, else a TypeError (with ``hint`` appended)."""
+    if not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in _as_tuple(types))
+        msg = f"{name} must be {names}, got {type(value).__name__}."
+        raise TypeError(f"{msg} {hint}".rstrip())
+    return value
+
+
+def check_alpha(alpha: Any) -> float:
+    """A significance level in (0, 1)."""
+    return check_probability("alpha (a significance level)", alpha)
+
+
+def resolve_layers(n_layers: Any, layers: int | Sequence[int] | None) -> list[int]:
+    """Normalise a layer selection to a sorted list of distinct non-negative indices.
+
+    Args:
+        n_layers: the number of layers, or a model (its ``cfg.n_layers``).
+        layers: ``None`` for every layer, an int, or a sequence of ints; negative indices count
+            from the end, as in Python.
+
+    Raises:
+        TypeError: a layer is not an integer (``1.7``, ``"1"``, ``True``).
+        ValueError: a layer is out of range or repeated, or the selection is empty.
+
+    Example:
+        >>> resolve_layers(30, -1)
+        [29]
+    """
+    total = int(n_layers.cfg.n_layers) if hasattr(n_layers, "cfg") else int(n_layers)
+    if layers is None:
+        return list(range(total))
+    given = [layers] if isinstance(layers, numbers.Integral) or isinstance(layers, bool) else layers
+    if isinstance(given, (str, bytes)) or not isinstance(given, Sequence | range):
+        try:
+            given = list(given)
+        except TypeError:
+            raise TypeError(
+                f"layers must be None, an int or a list of ints, got {_describe(layers)}."
+            ) from None
+    out = []
+    for layer in given:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise TypeError(f"Layers must be integers, got {_describe(layer)} in {layers!r}.")
+        index = int(layer) + total if layer < 0 else int(layer)
+        if not 0 <= index < total:
+            raise ValueError(
+                f"Layer {layer} is out of range: the model has {total} layers (0..{total - 1}, or "
+                f"-{total}..-1 from the end)."
+            )
+        out.append(index)
+    if not out:
+        raise ValueError("No layers selected: pass None for every layer, or a list of indices.")
+    if len(set(out)) != len(out):
+        raise ValueError(f"Layers repeat in {list(given)}: give each layer once.")
+    return sorted(out)
+
+
+def check_compatible(
+    a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str], what: str
+) -> None:
+    """Raise a ValueError if the metadata ``a`` and ``b`` differ at any of ``keys``.
+
+    Example:
+        >>> check_compatible(stats_f.meta, stats_r.meta, ("n_layers", "d_mlp"), "statistics")
+    """
+    for key in keys:
+        if a.get(key) != b.get(key):
+            raise ValueError(
+                f"Cannot combine {what} with different {key}: {a.get(key)!r} vs {b.get(key)!r}."
+            )
+
+
+def check_same_source(a: Any, b: Any, names: Sequence[str] = ("first", "second")) -> None:
+    """Raise a ValueError unless ``a`` and ``b`` come from the same model, site and layers.
+
+    Compares the recorded model name and shape (``meta``: model, n_layers, d_mlp, d_model; a key
+    missing from either side is not compared), the layers, the number of neurons per layer and,
+    where both have one, the hook site. Different token positions only warn.
+
+    Args:
+        a, b: NeuronStats, KeyVectors or Importance (anything with ``meta`` and ``layers``).
+        names: how to call them in the message, e.g. ``("stats_f", "stats_r")``.
+    """
+    na, nb = names
+    for key in MODEL_KEYS:
+        va, vb = a.meta.get(key), b.meta.get(key)
+        if va is not None and vb is not None and va != vb:
+            raise ValueError(
+                f"{na} and {nb} come from different models: {key} is {va!r} vs {vb!r}. "
+                "Collect both on the same model."
+            )
+    sa, sb = getattr(a, "site", None), getattr(b, "site", None)
+    if sa is not None and sb is not None and sa != sb:
+        raise ValueError(
+            f"{na} has site={sa!r} but {nb} has site={sb!r}: collect both at the same site."
+        )
+    pa, pb = getattr(a, "positions", None), getattr(b, "positions", None)
+    if pa is not None and pb is not None and pa != pb:
+        warnings.warn(
+            f"{na} counts positions={pa!r} but {nb} positions={pb!r}: the comparison mixes "
+            "different token positions.",
+            stacklevel=3,
+        )
+    if list(a.layers) != list(b.layers):
+        raise ValueError(
+            f"{na} holds layers {list(a.layers)} but {nb} holds {list(b.layers)}: use the same "
+            "layers (select_layers)."
+        )
+    da, db = getattr(a, "d_mlp", None), getattr(b, "d_mlp", None)
+    if da is not None and db is not None and da != db:
+        raise ValueError(f"{na} has {da} neurons per layer but {nb} has {db}.")
+
+
+def model_keys(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The model-shape part of a metadata dict (:data:`MODEL_KEYS` that are present)."""
+    return {k: meta[k] for k in MODEL_KEYS if k in meta}
+
+
+def split_sizes(n: int, test_size: Any) -> tuple[int, int]:
+    """Sizes ``(n_fit, n_test)`` of a split of ``n`` items: THE rounding rule of every split.
+
+    A fraction in (0, 1) holds out ``ceil(test_size * n)`` items (as scikit-learn's
+    ``train_test_split``); an int holds out that many. Both parts must be non-empty.
+
+    Raises:
+        TypeError: a bool or a non-number. ValueError: a fraction outside (0, 1), or a part
+            that would be empty.
+
+    Example:
+        >>> split_sizes(5, 0.5)
+        (2, 3)
+    """
+    if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real):
+        raise TypeError(
+            f"test_size must be a fraction in (0, 1) or a count, got {_describe(test_size)}."
+        )
+    if isinstance(test_size, numbers.Integral):
+        k = int(test_size)
+    else:
+        if not 0.0 < float(test_size) < 1.0:
+            raise ValueError(
+                f"test_size as a fraction must lie in (0, 1), got {test_size!r}: it would leave an "
+                "empty part."
+            )
+        k = math.ceil(float(test_size) * n - 1e-9)
+    if not 0 < k < n:
+        raise ValueError(
+            f"test_size={test_size!r} of {n} items leaves an empty part (held out: {k}): both "
+            "parts need at least one item."
+        )
+    return n - k, k
