@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mechunlearn import KeySpaceDetector, Skill, collect_keys
+from mechunlearn.batching import tokenize_examples
 from mechunlearn.evaluation import (
     choice_tokens,
     evaluate,
@@ -19,7 +20,6 @@ from mechunlearn.evaluation import (
     run_tests,
     teacher_forced,
 )
-from mechunlearn.batching import tokenize_examples
 from mechunlearn.generation import greedy_generate
 from mechunlearn.sites import hook_name
 

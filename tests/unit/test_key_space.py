@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from mechunlearn import KeyVectors, Skill, collect_keys
+from mechunlearn.batching import tokenize_examples
 from mechunlearn.interventions import (
     REFUSAL,
     EllipsoidDetector,
     KeySpaceDetector,
 )
-from mechunlearn.batching import tokenize_examples
 from mechunlearn.kernels.regions import ledoit_wolf_shrinkage
 from mechunlearn.sites import hook_name
 

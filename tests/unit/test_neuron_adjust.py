@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mechunlearn import NeuronStats, Skill, collect
-from mechunlearn.kernels.separation import separation_scores, top_neurons
 from mechunlearn.interventions import NeuronAdjust, layer_seed, sweep_ratio
+from mechunlearn.kernels.separation import separation_scores, top_neurons
 from mechunlearn.sites import hook_name
 
 F = Skill.from_texts(

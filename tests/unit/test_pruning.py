@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechunlearn import Skill, collect
-from mechunlearn import Importance, SelectivePruning, collect_importance
+from mechunlearn import Importance, SelectivePruning, Skill, collect, collect_importance
 from mechunlearn.batching import tokenize_examples
 from mechunlearn.sites import hook_name
 from mechunlearn.tuning import prune_iteratively
