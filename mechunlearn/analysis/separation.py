@@ -346,8 +346,9 @@ def separation_scores(
         ``[layers, d_mlp]`` float64 tensor on ``stats_f``'s device.
 
     Raises:
-        TypeError: not NeuronStats. ValueError: unknown metric, mismatched statistics, or a
-        sample metric without reservoir samples.
+        TypeError: not NeuronStats.
+        ValueError: unknown metric, mismatched statistics, or a sample metric without
+            reservoir samples.
 
     Example:
         >>> scores = separation_scores(stats_f, stats_r, "mean_diff")
@@ -656,8 +657,9 @@ def separation(
         A :class:`Separation` with every measure as a column.
 
     Raises:
-        TypeError: not NeuronStats. ValueError: unknown metric, statistics from different
-        models/sites/layers, or sample metrics without reservoir samples.
+        TypeError: not NeuronStats.
+        ValueError: unknown metric, statistics from different models/sites/layers, or sample
+            metrics without reservoir samples.
 
     Example:
         >>> sep = mu.analysis.separation(stats_f, stats_r, metric="cohens_d")
