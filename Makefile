@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-tl3 lint setup
+.PHONY: run test test-tl3 lint setup docs
 
 $(PY): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -30,3 +30,9 @@ test-tl3:
 lint: $(PY)
 	$(PY) -m ruff check --fix mechunlearn tests benchmarks analysis
 	$(PY) -m ruff format mechunlearn tests benchmarks analysis
+
+# The documentation site (docs/, mkdocs.yml) into site/: methods page and API reference from the
+# docstrings. Installs the `docs` extra on first use; --strict fails on any warning.
+docs: $(PY)
+	@$(PY) -c "import mkdocstrings_handlers.python, material" 2>/dev/null || $(PY) -m pip install -q -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site

@@ -315,8 +315,9 @@ def separation(
         A :class:`Separation` with every measure as a column.
 
     Raises:
-        TypeError: not NeuronStats. ValueError: unknown metric, statistics from different
-        models/sites/layers, or sample metrics without reservoir samples.
+        TypeError: not NeuronStats.
+        ValueError: unknown metric, statistics from different models/sites/layers, or sample
+            metrics without reservoir samples.
 
     Example:
         >>> sep = mu.analysis.separation(stats_f, stats_r, metric="cohens_d")

@@ -296,8 +296,9 @@ def separation_scores(
         ``[layers, d_mlp]`` float64 tensor on ``stats_f``'s device.
 
     Raises:
-        TypeError: not NeuronStats. ValueError: unknown metric, mismatched statistics, or a
-        sample metric without reservoir samples.
+        TypeError: not NeuronStats.
+        ValueError: unknown metric, mismatched statistics, or a sample metric without
+            reservoir samples.
 
     Example:
         >>> scores = separation_scores(stats_f, stats_r, "mean_diff")
