@@ -302,3 +302,48 @@ def test_forward_until_stops_after_the_hook_point_and_detaches(tiny_model):
     with pytest.raises(RuntimeError, match="boom"):  # other errors propagate, hooks detached
         forward_until(model, batch, [(stop, boom)], later)
     assert not model.hook_dict[stop].fwd_hooks and not model.hook_dict[later].fwd_hooks
+
+
+def test_bfloat16_statistics_are_float64_from_the_first_subtraction(char_tokenizer, device):
+    """A bf16 model's statistics equal float64 references on the very same bf16 activations: a
+    two-pass one and a single-pass (Welford) one, to 1e-10 relative. Deviations squared in bf16
+    (the old way) miss by orders of magnitude more."""
+    from mechunlearn.batching import iter_batches
+
+    model = make_tiny_llama(char_tokenizer, device).to(torch.bfloat16)
+    skill = Skill.from_texts("toy", PROMPTS, ANSWERS)
+    layers = [0, 2]
+    stats = collect(model, skill, layers=layers, batch_size=16, quiet=True)
+    (batch,) = list(iter_batches(model, PROMPTS, ANSWERS, batch_size=16))
+    seen = {}
+
+    def keep(layer):
+        def hook(act, hook):
+            seen[layer] = act.detach()
+
+        return hook
+
+    with torch.inference_mode():
+        model.run_with_hooks(
+            batch.tokens,
+            attention_mask=batch.attention_mask,
+            fwd_hooks=[(hook_name("pre", layer), keep(layer)) for layer in layers],
+        )
+    mask = batch.mask("all").cpu()
+    for row, layer in enumerate(layers):
+        x16 = seen[layer].cpu()[mask]  # the same bf16 values collect saw
+        assert x16.dtype == torch.bfloat16
+        x = x16.double()
+        mean = x.mean(0)
+        m2 = (x - mean).square().sum(0)
+        torch.testing.assert_close(stats.mean[row].cpu(), mean, rtol=1e-10, atol=0)
+        torch.testing.assert_close(stats.m2[row].cpu(), m2, rtol=1e-10, atol=0)
+        w_mean, w_m2 = torch.zeros_like(mean), torch.zeros_like(mean)
+        for k, value in enumerate(x, start=1):  # Welford, one token at a time
+            delta = value - w_mean
+            w_mean += delta / k
+            w_m2 += delta * (value - w_mean)
+        torch.testing.assert_close(stats.mean[row].cpu(), w_mean, rtol=1e-10, atol=0)
+        torch.testing.assert_close(stats.m2[row].cpu(), w_m2, rtol=1e-10, atol=0)
+        old = (x16 - x16.double().mean(0).to(torch.bfloat16)).square().sum(0, dtype=torch.float64)
+        assert ((old - m2).abs() / m2).max() > 1e-4  # what float64-after-the-fact would give
