@@ -11,6 +11,8 @@ The bottom layer of mechunlearn (it imports nothing else from the package). One 
 - :mod:`~mechunlearn.data.files`: strict JSONL / JSON / CSV readers whose errors name the file
   and the line (:class:`DataFileError`), and :func:`load_file` for a user's file;
 - :mod:`~mechunlearn.data.prompts`: few-shot prompts (GSM8K 8-shot, MMLU 5-shot);
+- :mod:`~mechunlearn.data.variants`: format variants of a skill's prompts (docstring, comment,
+  chat template, multiple choice, numbers changed, ...) for the "skill or format?" study;
 - :mod:`~mechunlearn.data.checks`: the argument checks shared by these modules.
 
 Example:
@@ -43,6 +45,8 @@ from .prompts import (
 )
 from .skill import Example, Skill, split_sizes
 from .sources import DATA_ENV_VAR, SOURCES, SkillNotFoundError, load_skill
+from .variants import VARIANTS, make_variant, question_text
+from .variants import variants as format_variants
 
 #: Deprecated alias kept for tests/unit/test_evaluation.py; use :func:`mmlu_example`.
 _mmlu_example = mmlu_example
@@ -56,6 +60,7 @@ __all__ = [
     "MMLU_GROUPS",
     "MMLU_SUBJECTS",
     "SOURCES",
+    "VARIANTS",
     "XQUAD_LANGS",
     "DataFileError",
     "Example",
@@ -63,15 +68,18 @@ __all__ = [
     "Skill",
     "SkillNotFoundError",
     "few_shot_prompt",
+    "format_variants",
     "gsm8k_few_shot_prompts",
     "gsm8k_shots",
     "load_file",
     "load_skill",
+    "make_variant",
     "mmlu_example",
     "mmlu_few_shot_prompts",
     "mmlu_header",
     "mmlu_shots",
     "multiple_choice_prompt",
+    "question_text",
     "resolve_mmlu_subjects",
     "split_sizes",
 ]
