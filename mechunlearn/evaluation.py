@@ -201,6 +201,8 @@ def choice_tokens(model, skill: Skill) -> tuple[int, list[int]] | None:
     """
     if not all("choices" in ex.meta and "label" in ex.meta for ex in skill):
         return None
+    if any(ex.meta.get("answer_format", "letter") != "letter" for ex in skill):
+        return None  # MMLU's text format: the choice's text is scored token by token
     first = skill[0]
     letters = "ABCDEFGHIJ"[: len(first.meta["choices"])]
     letter = letters[int(first.meta["label"])]
@@ -416,9 +418,9 @@ def _generation_correct(
         choices = choice_tokens(model, sub)
         if choices is None or choices[0] != 0:
             raise ValueError(
-                f"MMLU 5-shot scoring of {sub.name!r} needs examples with choices and a "
-                "label, and a tokenizer whose letter answers (' A', ' B', ...) begin with "
-                "distinct tokens."
+                f"MMLU 5-shot scoring of {sub.name!r} needs letter-format examples "
+                "(load_skill(..., answer_format='letter')) with choices and a label, and a "
+                "tokenizer whose letter answers (' A', ' B', ...) begin with distinct tokens."
             )
         letters = choices[1]
         with torch.inference_mode():

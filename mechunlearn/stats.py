@@ -30,7 +30,8 @@ from .io import DamagedFileError, check_shape, load_tensors, save_tensors
 from .kernels.moments import chan_merge
 from .models import check_same_model
 from .sites import check_positions, check_site
-from .validation import check_compatible, check_int, check_type, split_sizes
+from .data import split_sizes
+from .validation import check_compatible, check_int, check_type
 
 
 @dataclass
@@ -482,7 +483,7 @@ class KeyVectors:
         """Random disjoint (fit, held-out) parts.
 
         ``test_size`` is a fraction in (0, 1), rounded up (the rule of
-        :func:`mechunlearn.validation.split_sizes`, as ``Skill.split``), or a count.
+        :func:`mechunlearn.data.split_sizes`, as ``Skill.split``), or a count.
         """
         n_test = split_sizes(len(self), test_size)[1]
         check_int("seed", seed, min_val=None)

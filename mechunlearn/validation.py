@@ -252,37 +252,3 @@ def model_keys(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The model-shape part of a metadata dict (:data:`MODEL_KEYS` that are present)."""
     return {k: meta[k] for k in MODEL_KEYS if k in meta}
 
-
-def split_sizes(n: int, test_size: Any) -> tuple[int, int]:
-    """Sizes ``(n_fit, n_test)`` of a split of ``n`` items: THE rounding rule of every split.
-
-    A fraction in (0, 1) holds out ``ceil(test_size * n)`` items (as scikit-learn's
-    ``train_test_split``); an int holds out that many. Both parts must be non-empty.
-
-    Raises:
-        TypeError: a bool or a non-number. ValueError: a fraction outside (0, 1), or a part
-            that would be empty.
-
-    Example:
-        >>> split_sizes(5, 0.5)
-        (2, 3)
-    """
-    if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real):
-        raise TypeError(
-            f"test_size must be a fraction in (0, 1) or a count, got {_describe(test_size)}."
-        )
-    if isinstance(test_size, numbers.Integral):
-        k = int(test_size)
-    else:
-        if not 0.0 < float(test_size) < 1.0:
-            raise ValueError(
-                f"test_size as a fraction must lie in (0, 1), got {test_size!r}: it would leave an "
-                "empty part."
-            )
-        k = math.ceil(float(test_size) * n - 1e-9)
-    if not 0 < k < n:
-        raise ValueError(
-            f"test_size={test_size!r} of {n} items leaves an empty part (held out: {k}): both "
-            "parts need at least one item."
-        )
-    return n - k, k

@@ -48,8 +48,6 @@ from .sources import DATA_ENV_VAR, SOURCES, SkillNotFoundError, load_skill
 from .variants import VARIANTS, make_variant, question_text
 from .variants import variants as format_variants
 
-#: Deprecated alias kept for tests/unit/test_evaluation.py; use :func:`mmlu_example`.
-_mmlu_example = mmlu_example
 
 __all__ = [
     "ANSWER_FORMATS",

