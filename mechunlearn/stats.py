@@ -26,11 +26,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .data import split_sizes
 from .io import DamagedFileError, check_shape, load_tensors, save_tensors
 from .kernels.moments import chan_merge
 from .models import check_same_model
 from .sites import check_positions, check_site
-from .data import split_sizes
 from .validation import check_compatible, check_int, check_type
 
 

@@ -48,7 +48,6 @@ from .sources import DATA_ENV_VAR, SOURCES, SkillNotFoundError, load_skill
 from .variants import VARIANTS, make_variant, question_text
 from .variants import variants as format_variants
 
-
 __all__ = [
     "ANSWER_FORMATS",
     "BUILTIN_SKILLS",
