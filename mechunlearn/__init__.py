@@ -22,6 +22,7 @@ from .interventions import (  # noqa: E402
     NeuronAdjust,
     NotFittedError,
     SelectivePruning,
+    Simu,
     collect_importance,
     sweep_ratio,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "NeuronAdjust",
     "NotFittedError",
     "SelectivePruning",
+    "Simu",
     "analysis",
     "collect_importance",
     "evaluate",

@@ -1,4 +1,4 @@
-"""Interventions as TransformerLens hooks: Neuron Adjust, Key Space Detection, Selective Pruning.
+"""Interventions: Neuron Adjust, Key Space Detection, Selective Pruning (hooks), SIMU (weights).
 
 Every intervention follows scikit-learn's estimator contract (:mod:`.base`): the constructor
 stores hyperparameters, ``fit(...)`` returns ``self``, fitted state ends in ``_``,
@@ -24,9 +24,11 @@ from .key_space import (
 )
 from .neuron_adjust import NeuronAdjust, layer_seed, sweep_ratio
 from .pruning import Importance, SelectivePruning, WeightEdit, collect_importance
+from .simu import Attribution, MaskedSophiaH, Simu, critical_neurons, neuron_attribution
 
 __all__ = [
     "REFUSAL",
+    "Attribution",
     "Detection",
     "DetectionRecord",
     "EllipsoidDetector",
@@ -34,12 +36,16 @@ __all__ = [
     "Intervention",
     "KeyRegionDetector",
     "KeySpaceDetector",
+    "MaskedSophiaH",
     "NeuronAdjust",
     "NotFittedError",
     "SelectivePruning",
+    "Simu",
     "WeightEdit",
     "collect_importance",
+    "critical_neurons",
     "layer_seed",
     "ledoit_wolf_shrinkage",
+    "neuron_attribution",
     "sweep_ratio",
 ]
