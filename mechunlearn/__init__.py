@@ -22,6 +22,7 @@ from .interventions import (
     NeuronAdjust,
     NotFittedError,
     SelectivePruning,
+    Simu,
     sweep_ratio,
 )
 from .io import DamagedFileError
@@ -45,6 +46,7 @@ __all__ = [
     "NotFittedError",
     "Probe",
     "SelectivePruning",
+    "Simu",
     "Skill",
     "SkillNotFoundError",
     "__version__",

@@ -251,4 +251,3 @@ def check_same_source(a: Any, b: Any, names: Sequence[str] = ("first", "second")
 def model_keys(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The model-shape part of a metadata dict (:data:`MODEL_KEYS` that are present)."""
     return {k: meta[k] for k in MODEL_KEYS if k in meta}
-

@@ -1,4 +1,4 @@
-"""Interventions as TransformerLens hooks: Neuron Adjust, Key Space Detection, Selective Pruning.
+"""Interventions: Neuron Adjust, Key Space Detection, Selective Pruning, LUNAR and SIMU.
 
 Every intervention follows scikit-learn's estimator contract (:mod:`.base`): the constructor
 stores hyperparameters, ``fit(...)`` returns ``self``, fitted state ends in ``_``,
@@ -26,10 +26,13 @@ from .key_space import (
 )
 from .neuron_adjust import NeuronAdjust, layer_seed, sweep_ratio
 from .pruning import SelectivePruning
+from .simu import Attribution, MaskedSophiaH, Simu, critical_neurons, neuron_attribution
 from .weights import WeightEdit, w_out
 
 __all__ = [
     "REFUSAL",
+    "Attribution",
+    "MaskedSophiaH",
     "Detection",
     "DetectionRecord",
     "EllipsoidDetector",
@@ -40,8 +43,11 @@ __all__ = [
     "NeuronAdjust",
     "NotFittedError",
     "SelectivePruning",
+    "Simu",
     "WeightEdit",
+    "critical_neurons",
     "layer_seed",
+    "neuron_attribution",
     "sweep_ratio",
     "w_out",
 ]

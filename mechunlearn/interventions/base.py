@@ -78,6 +78,9 @@ class Intervention:
     #: False for interventions whose hooks only watch (detectors): the model's outputs are
     #: unchanged, so scoring reuses the bare model's per-example results.
     changes_outputs: ClassVar[bool] = True
+    #: ``"hooks"``: apply with :meth:`hooks`; ``"weights"``: apply with ``apply_to_weights(model)``
+    #: (a weight edit undone on exit), for methods whose change has no exact cheap hook (SIMU).
+    applies_by: ClassVar[str] = "hooks"
 
     # ------------------------------------------------------------------ hyperparameters
     @classmethod
