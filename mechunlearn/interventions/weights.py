@@ -51,8 +51,8 @@ class WeightEdit:
 
     def apply(self, tensor: Tensor, edit: Callable[[Tensor], object]) -> None:
         """Save ``tensor``'s values, then run ``edit(tensor)`` (an in-place change), without
-        autograd. The edit is checked to have reached the tensor's storage: a ``tensor`` that
-        is a copy (not a view of the model's weight) raises NotImplementedError after the undo.
+        autograd. Pass the model's own weight or a view of it: an edit of a copy reaches nothing
+        (callers check, e.g. by reading the weight again, as Selective Pruning does).
         """
         if self._saved is None:
             raise RuntimeError("This WeightEdit was undone already: make a new one.")
