@@ -29,6 +29,7 @@ from .io import DamagedFileError
 from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
 from .sites import hook_name
 from .stats import Importance, KeyVectors, NeuronStats
+from .tuning import prune_iteratively, tune_neuron_adjust
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -59,8 +60,10 @@ __all__ = [
     "load_model",
     "load_skill",
     "plots",
+    "prune_iteratively",
     "relative_table",
     "sweep_ratio",
+    "tune_neuron_adjust",
 ]
 
 
