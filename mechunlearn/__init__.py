@@ -19,10 +19,12 @@ from .interventions import (  # noqa: E402
     EllipsoidDetector,
     Importance,
     KeySpaceDetector,
+    Lunar,
     NeuronAdjust,
     NotFittedError,
     SelectivePruning,
     collect_importance,
+    reference_prompts,
     sweep_ratio,
 )
 from .models import DEFAULT_MODEL, ModelNotFoundError, load_model  # noqa: E402
@@ -36,6 +38,7 @@ __all__ = [
     "sweep_ratio",
     "EllipsoidDetector",
     "KeySpaceDetector",
+    "Lunar",
     "NeuronAdjust",
     "NotFittedError",
     "SelectivePruning",
@@ -55,4 +58,5 @@ __all__ = [
     "hook_name",
     "load_model",
     "load_skill",
+    "reference_prompts",
 ]

@@ -1,4 +1,5 @@
-"""Interventions as TransformerLens hooks: Neuron Adjust, Key Space Detection, Selective Pruning.
+"""Interventions as TransformerLens hooks: Neuron Adjust, Key Space Detection, Selective Pruning,
+LUNAR.
 
 Every intervention follows scikit-learn's estimator contract (:mod:`.base`): the constructor
 stores hyperparameters, ``fit(...)`` returns ``self``, fitted state ends in ``_``,
@@ -22,6 +23,7 @@ from .key_space import (
     KeySpaceDetector,
     ledoit_wolf_shrinkage,
 )
+from .lunar import Lunar, reference_prompts
 from .neuron_adjust import NeuronAdjust, layer_seed, sweep_ratio
 from .pruning import Importance, SelectivePruning, WeightEdit, collect_importance
 
@@ -34,6 +36,7 @@ __all__ = [
     "Intervention",
     "KeyRegionDetector",
     "KeySpaceDetector",
+    "Lunar",
     "NeuronAdjust",
     "NotFittedError",
     "SelectivePruning",
@@ -41,5 +44,6 @@ __all__ = [
     "collect_importance",
     "layer_seed",
     "ledoit_wolf_shrinkage",
+    "reference_prompts",
     "sweep_ratio",
 ]

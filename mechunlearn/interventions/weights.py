@@ -1,0 +1,77 @@
+"""In-place weight edits that can be undone exactly (Selective Pruning, LUNAR, SIMU).
+
+A :class:`WeightEdit` remembers the original values of every tensor it changes and writes them
+back, bit for bit, on :meth:`~WeightEdit.undo` or when its ``with`` block ends, even after an
+exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def w_out(model, layer: int) -> Tensor:
+    """Layer ``layer``'s ``W_out`` as ``[d_mlp, d_model]``, sharing storage with the parameter.
+
+    On a TransformerBridge ``blocks[l].mlp.W_out`` is a (transposed) view of the wrapped module's
+    weight; on a legacy HookedTransformer it is the parameter itself.
+
+    Raises:
+        NotImplementedError: the block's MLP has no ``W_out``.
+    """
+    mlp = model.blocks[layer].mlp
+    weight = getattr(mlp, "W_out", None)
+    if weight is None:
+        raise NotImplementedError(f"blocks[{layer}].mlp has no W_out: cannot edit its weights.")
+    return weight
+
+
+class WeightEdit:
+    """Tensors edited in place, with their original values kept for :meth:`undo`.
+
+    Example:
+        >>> edit = WeightEdit(model)
+        >>> with edit:
+        ...     edit.apply(w_out(model, 3), lambda w: w.index_fill_(0, idx, 0.0))
+        ...     logits = model(tokens)          # edited
+        >>> logits = model(tokens)              # restored
+    """
+
+    def __init__(self, model=None):
+        self.model = model
+        self._saved: list[tuple[Tensor, Tensor]] | None = []
+
+    @property
+    def active(self) -> bool:
+        """Whether the weights are still edited."""
+        return self._saved is not None
+
+    def apply(self, tensor: Tensor, edit: Callable[[Tensor], object]) -> None:
+        """Save ``tensor``'s values, then run ``edit(tensor)`` (an in-place change), without
+        autograd. The edit is checked to have reached the tensor's storage: a ``tensor`` that
+        is a copy (not a view of the model's weight) raises NotImplementedError after the undo.
+        """
+        if self._saved is None:
+            raise RuntimeError("This WeightEdit was undone already: make a new one.")
+        with torch.no_grad():
+            before = tensor.detach().clone()
+            self._saved.append((tensor, before))
+            edit(tensor)
+
+    def undo(self) -> None:
+        """Write every original value back (a second call does nothing)."""
+        if self._saved is None:
+            return
+        with torch.no_grad():
+            for tensor, before in reversed(self._saved):
+                tensor.copy_(before)
+        self._saved = None
+
+    def __enter__(self) -> WeightEdit:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
