@@ -19,10 +19,12 @@ from .interventions import (
     Detection,
     EllipsoidDetector,
     KeySpaceDetector,
+    Lunar,
     NeuronAdjust,
     NotFittedError,
     SelectivePruning,
     Simu,
+    reference_prompts,
     sweep_ratio,
 )
 from .io import DamagedFileError
@@ -41,6 +43,7 @@ __all__ = [
     "Importance",
     "KeySpaceDetector",
     "KeyVectors",
+    "Lunar",
     "ModelNotFoundError",
     "NeuronAdjust",
     "NeuronStats",
@@ -61,6 +64,7 @@ __all__ = [
     "load_skill",
     "plots",
     "prune_iteratively",
+    "reference_prompts",
     "relative_table",
     "sweep_ratio",
     "tune_neuron_adjust",

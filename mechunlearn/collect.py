@@ -351,7 +351,7 @@ def collect(
     desc = "collect " + "+".join(wanted)
     _run(
         model, skill, list(made.values()), layers, batch_size, max_length, padding_side,
-        max_batch_tokens, desc, quiet,
+        max_batch_tokens, desc, quiet, prompts_only=set(wanted) == {"keys"},
     )  # fmt: skip
     return Probe(**{item: c.finish(skill.name) for item, c in made.items()})
 

@@ -24,6 +24,7 @@ from .key_space import (
     KeyRegionDetector,
     KeySpaceDetector,
 )
+from .lunar import Lunar, reference_prompts
 from .neuron_adjust import NeuronAdjust, layer_seed, sweep_ratio
 from .pruning import SelectivePruning
 from .simu import Attribution, MaskedSophiaH, Simu, critical_neurons, neuron_attribution
@@ -40,6 +41,7 @@ __all__ = [
     "Intervention",
     "KeyRegionDetector",
     "KeySpaceDetector",
+    "Lunar",
     "NeuronAdjust",
     "NotFittedError",
     "SelectivePruning",
@@ -48,6 +50,7 @@ __all__ = [
     "critical_neurons",
     "layer_seed",
     "neuron_attribution",
+    "reference_prompts",
     "sweep_ratio",
     "w_out",
 ]
