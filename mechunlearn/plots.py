@@ -637,3 +637,61 @@ def plot_tradeoff(
         ax.legend(loc="upper left")
         fig.tight_layout()
     return fig
+
+
+def plot_language_matrix(
+    table: pd.DataFrame, method: str, title: str | None = None, annotate: bool = True
+) -> Figure:
+    """Heatmap of relative performance: rows the forgotten language, columns the scored skill.
+
+    Args:
+        table: one row per (forgotten language, method, scored skill) with columns ``forget``,
+            ``method``, ``skill``, ``relative`` and optionally ``relative_low``/``relative_high``
+            (e.g. the language study's ``matrix.csv``).
+        method: which method's cells to draw (a value of the ``method`` column).
+        title: figure title.
+        annotate: write each cell's value and interval in it.
+
+    Example:
+        >>> fig = plot_language_matrix(matrix, "KSD auto fpr=0.05")
+    """
+    rows = table[table["method"] == method]
+    if rows.empty:
+        raise ValueError(
+            f"No rows for method {method!r}; the table has {sorted(table['method'].unique())}."
+        )
+    forgets = list(dict.fromkeys(rows["forget"]))
+    skills = list(dict.fromkeys(rows["skill"]))
+    value = rows.pivot(index="forget", columns="skill", values="relative").loc[forgets, skills]
+    has_ci = {"relative_low", "relative_high"} <= set(rows.columns)
+    if has_ci:
+        low = rows.pivot(index="forget", columns="skill", values="relative_low").loc[
+            forgets, skills
+        ]
+        high = rows.pivot(index="forget", columns="skill", values="relative_high").loc[
+            forgets, skills
+        ]
+    with style():
+        fig, ax = plt.subplots(figsize=(1.05 * len(skills) + 2.2, 0.62 * len(forgets) + 1.6))
+        image = ax.imshow(value.to_numpy(dtype=float), cmap="RdYlGn", vmin=0.0, vmax=1.2,
+                          aspect="auto")  # fmt: skip
+        ax.set_xticks(range(len(skills)), labels=skills, rotation=30, ha="right")
+        ax.set_yticks(range(len(forgets)), labels=forgets)
+        ax.set_xlabel("scored skill (held-out)")
+        ax.set_ylabel("forgotten language")
+        ax.grid(False)
+        if annotate:
+            for i, f in enumerate(forgets):
+                for j, s in enumerate(skills):
+                    v = value.loc[f, s]
+                    if not np.isfinite(v):
+                        continue
+                    text = f"{v:.2f}"
+                    if has_ci and np.isfinite(low.loc[f, s]) and np.isfinite(high.loc[f, s]):
+                        text += f"\n[{low.loc[f, s]:.2f},{high.loc[f, s]:.2f}]"
+                    weight = "bold" if f == s else "normal"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=6.5, weight=weight)
+        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="relative performance")
+        ax.set_title(title or f"{method}: relative performance after forgetting each language")
+        fig.tight_layout()
+    return fig

@@ -354,6 +354,8 @@ class NeuronAdjust(Intervention):
         info = {"site": self.site_, "retain_skills": self.retain_skills_}
         if self._bos_known:
             info["bos_token_id"] = self.bos_token_id_
+        if getattr(self, "tuning_", None) is not None:  # set by mechunlearn.tune_neuron_adjust
+            info["tuning"] = self.tuning_.to_dict(orient="records")
         return tensors, info
 
     def _set_state(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
@@ -373,6 +375,10 @@ class NeuronAdjust(Intervention):
         self.retain_skills_ = list(info.get("retain_skills") or [self.meta_.get("retain")])
         self.bos_token_id_ = info.get("bos_token_id")
         self._bos_known = "bos_token_id" in info
+        if info.get("tuning"):
+            import pandas as pd
+
+            self.tuning_ = pd.DataFrame(info["tuning"])
         self._after_fit()
 
 
