@@ -118,7 +118,8 @@ def tokenize_examples(
     for i, (p, a) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
         if not p:
             raise ValueError(f"Example {i} has an empty prompt: every example needs prompt text.")
-        head = ([bos] if bos is not None else []) + list(p)
+        # A text that already starts with BOS (a chat template's first marker) gets no second.
+        head = ([bos] if bos is not None and p[0] != bos else []) + list(p)
         if len(head) > limit:
             raise ValueError(
                 f"Example {i}'s prompt is {len(head)} tokens, longer than the model's context "

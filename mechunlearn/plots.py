@@ -695,3 +695,44 @@ def plot_language_matrix(
         ax.set_title(title or f"{method}: relative performance after forgetting each language")
         fig.tight_layout()
     return fig
+
+
+def plot_detection_by_format(table: pd.DataFrame) -> Figure:
+    """Detection rate of each prompt format, per detector: the forget skill's (to be detected)
+    beside the controls' (false positives), with 95 % intervals.
+
+    Args:
+        table: one row per (detector, skill, variant) with ``rate``, ``low``, ``high``; the first
+            skill is the forget skill (e.g. the format study's ``detection.csv``).
+
+    Example:
+        >>> fig = plot_detection_by_format(pd.read_csv("results/formats/detection.csv"))
+    """
+    needed = {"detector", "skill", "variant", "rate", "low", "high"}
+    if missing := needed - set(table.columns):
+        raise ValueError(f"The table lacks the columns {sorted(missing)}.")
+    detectors = list(dict.fromkeys(table["detector"]))
+    skills = list(dict.fromkeys(table["skill"]))
+    variants = list(dict.fromkeys(table["variant"]))
+    colors = [FORGET_COLOR, *sns.color_palette("Blues_d", max(1, len(skills) - 1))]
+    with style():
+        fig, axes = plt.subplots(
+            len(detectors), 1, figsize=(1.0 * len(variants) + 2.5, 2.6 * len(detectors)),
+            squeeze=False, sharex=True,
+        )  # fmt: skip
+        width = 0.8 / len(skills)
+        for ax, det in zip(axes[:, 0], detectors, strict=True):
+            part = table[table["detector"] == det]
+            for k, (skill, color) in enumerate(zip(skills, colors, strict=False)):
+                rows = part[part["skill"] == skill].set_index("variant").reindex(variants)
+                x = np.arange(len(variants)) + (k - (len(skills) - 1) / 2) * width
+                err = np.vstack([rows["rate"] - rows["low"], rows["high"] - rows["rate"]])
+                ax.bar(x, rows["rate"], width, color=color, label=skill,
+                       yerr=np.nan_to_num(np.abs(err)), capsize=1.5, error_kw={"lw": 0.7})  # fmt: skip
+            ax.set_ylim(0, 1.05)
+            ax.set_ylabel("detected")
+            ax.set_title(det)
+        axes[-1, 0].set_xticks(range(len(variants)), labels=variants, rotation=25, ha="right")
+        axes[0, 0].legend(ncol=len(skills), loc="upper right", fontsize="x-small")
+        fig.tight_layout()
+    return fig
