@@ -727,8 +727,9 @@ def plot_detection_by_format(table: pd.DataFrame) -> Figure:
                 rows = part[part["skill"] == skill].set_index("variant").reindex(variants)
                 x = np.arange(len(variants)) + (k - (len(skills) - 1) / 2) * width
                 err = np.vstack([rows["rate"] - rows["low"], rows["high"] - rows["rate"]])
-                ax.bar(x, rows["rate"], width, color=color, label=skill,
-                       yerr=np.nan_to_num(np.abs(err)), capsize=1.5, error_kw={"lw": 0.7})  # fmt: skip
+                yerr = np.nan_to_num(np.abs(err))
+                ax.bar(x, rows["rate"], width, color=color, label=skill, yerr=yerr,
+                       capsize=1.5, error_kw={"lw": 0.7})  # fmt: skip
             ax.set_ylim(0, 1.05)
             ax.set_ylabel("detected")
             ax.set_title(det)
