@@ -66,6 +66,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise OSError(f"Cannot write {path}: {err.strerror or err}.") from None
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; files get the usual mode
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
@@ -73,6 +74,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             raise OSError(f"Cannot write {path}: {err.strerror or err}.") from None
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> Path:
