@@ -39,6 +39,8 @@ class DamagedFileError(ValueError):
 
 
 def _with_suffix(path: str | Path) -> Path:
+    if str(path).strip() in ("", "."):
+        raise ValueError(f"Cannot save to {str(path)!r}: give a file name, e.g. 'na_gsm8k'.")
     path = Path(path)
     return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
 

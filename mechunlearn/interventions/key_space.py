@@ -570,6 +570,7 @@ class KeyRegionDetector(Intervention):
             >>> ksd.generate(model, ["Q: 2+3?", "def add(a, b):"], max_new_tokens=32)
             ['Sorry, your query is not valid', '\\n    return a + b']
         """
+        check_int("max_new_tokens", max_new_tokens, min_val=1)
         prompts = _prompt_list(prompts)
         n = len(prompts)
         detection = self.detect(model, prompts, batch_size=batch_size or 16, max_length=max_length)
