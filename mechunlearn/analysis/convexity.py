@@ -1,4 +1,4 @@
-"""Is a skill's key region convex? (METHODS.md §4; the paper's open question 4.)
+"""Is a skill's key region convex? (docs/methods.md; the paper's open question 4.)
 
 Key Space Detection treats the forget skill's key vectors as filling one axis-aligned box.
 That is only sensible if the region they occupy is (roughly) convex and apart from other

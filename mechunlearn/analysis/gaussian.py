@@ -1,7 +1,7 @@
 """Gaussian-fit checks: is a neuron's value distribution on a skill close to a normal?
 
 Neuron Adjust models every neuron's pre-activation on a skill as a Gaussian ``N(mu, sigma)``
-(METHODS.md section 1). :func:`gaussian_fit` checks that assumption for every neuron of every
+(docs/methods.md). :func:`gaussian_fit` checks that assumption for every neuron of every
 layer at once, from the reservoir sample that :func:`~mechunlearn.collect` keeps (a uniform
 sample of tokens, the same tokens for every neuron):
 

@@ -1,4 +1,4 @@
-"""Hypercube geometry of a skill's key vectors, layer by layer (METHODS.md §2 and §4).
+"""Hypercube geometry of a skill's key vectors, layer by layer (docs/methods.md).
 
 Key Space Detection models a skill by the axis-aligned box ``μ ± α·σ`` of its key vectors
 (``hook_post`` at the last prompt token). This module holds

@@ -1,7 +1,7 @@
 """Key Space Detection (KSD): abstain when a query's key vectors lie in the forget skill's region.
 
 Li, Sun & Weng, "Effective Skill Unlearning through Intervention and Abstention" (NAACL 2025),
-as stated in METHODS.md section 2:
+as stated in docs/methods.md ("Key Space Detection"):
 
 1. Take the key vector (``blocks.{l}.mlp.hook_post``) at the **last prompt token** of each
    forget query (:func:`mechunlearn.collect_keys`); per layer fit ``mu`` and ``sigma`` (sample

@@ -1,7 +1,7 @@
 """LUNAR: unlearning by redirecting the forget prompts' activations (a closed-form W_out edit).
 
 Shen et al., "LLM Unlearning via Neural Activation Redirection" (2025; code:
-``facebookresearch/LUNAR``), as the project's issue and METHODS.md section 6 state it:
+``facebookresearch/LUNAR``), as docs/methods.md ("LUNAR") states it:
 
 1. **Direction.** At layer ``l``, ``r_l = mean(resid_post_l at the last prompt token over the
    reference prompts) - mean(the same over the forget prompts)`` (``blocks.{l}.hook_resid_post``,

@@ -1,7 +1,7 @@
 """Neuron Adjust (NA): move forget-skill activations of selected neurons onto the retain skill.
 
 Li, Sun & Weng, "Effective Skill Unlearning through Intervention and Abstention" (NAACL 2025),
-as stated in METHODS.md section 1:
+as stated in docs/methods.md ("Neuron Adjust"):
 
 1. Model every neuron's pre-activation (site ``"pre"``, ``blocks.{l}.mlp.hook_pre``) on the
    forget skill F and the retain skill R as Gaussians ``N(mu_F, sigma_F)`` and

@@ -1,7 +1,7 @@
 """SIMU: attribute the forget skill to MLP neurons, then unlearn with masked second-order steps.
 
 Agarwal, Pamnani & Hakkani-Tür, "SIMU: Selective Influence Machine Unlearning" (2025; no public
-code), as stated in METHODS.md section 6 and the issue:
+code), as stated in docs/methods.md ("SIMU"):
 
 1. **Attribution** (:func:`neuron_attribution`). Integrated gradients of every MLP neuron's key
    value ``beta`` (site *key*, ``blocks.{l}.mlp.hook_post``, the input of ``W_out``) along the
