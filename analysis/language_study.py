@@ -97,18 +97,16 @@ def main() -> None:
         forget = f"xquad:{lang}"
         others = [n for n in names if n not in (forget, "mmlu")]
         negatives = mu.KeyVectors.concat_all([keys[n] for n in names if n != forget])
-        methods[(lang, METHODS[0])] = _load_or(
-            out / "methods" / f"{lang}.ksd.safetensors", mu.KeySpaceDetector,
-            lambda f=forget, neg=negatives: mu.KeySpaceDetector(
-                layers=-1, fpr=0.05, seed=args.seed
-            ).fit(keys[f], neg),
-        )  # fmt: skip
-        methods[(lang, METHODS[1])] = _load_or(
-            out / "methods" / f"{lang}.ellipsoid.safetensors", mu.EllipsoidDetector,
-            lambda f=forget, neg=negatives: mu.EllipsoidDetector(
-                layers=-1, fpr=0.05, seed=args.seed
-            ).fit(keys[f], neg),
-        )  # fmt: skip
+        for method, cls, slug in zip(
+            METHODS[:2], (mu.KeySpaceDetector, mu.EllipsoidDetector), ("ksd", "ellipsoid"),
+            strict=True,
+        ):  # fmt: skip
+            methods[(lang, method)] = _load_or(
+                out / "methods" / f"{lang}.{slug}.safetensors", cls,
+                lambda cls=cls, f=forget, neg=negatives: cls(
+                    layers=-1, fpr=0.05, seed=args.seed
+                ).fit(keys[f], neg),
+            )  # fmt: skip
 
         def tuned(f=forget, others=others):
             keep = {n: heldback[n] for n in others}

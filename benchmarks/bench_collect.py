@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from memory import reset_peak_rss, status_mb
 
 import mechunlearn as mu
 from mechunlearn.batching import iter_batches
@@ -53,20 +54,6 @@ def skill_for_tokens(model, tokens: int, data_dir: str | None):
         if total >= tokens:
             break
     return mu.Skill("gsm8k+mbpp", examples, source="benchmark"), total
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM), so loading the model does not mask the peak."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def run_bare(model, batches):
@@ -113,7 +100,7 @@ def child(args) -> None:
     batches = list(iter_batches(model, skill.prompts, skill.answers, batch_size=args.batch_size))
     run_bare(model, batches[:1])  # warm up allocations shared by all approaches
     reset_peak_rss()
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     if args.child == "bare":
         run_bare(model, batches)
     elif args.child == "collect":
@@ -124,7 +111,7 @@ def child(args) -> None:
         run_separate(model, skill, args.batch_size)
     else:
         run_naive(model, skill)
-    print(json.dumps({"peak_over_model_mb": _status_mb("VmHWM") - base}))
+    print(json.dumps({"peak_over_model_mb": status_mb("VmHWM") - base}))
 
 
 def memory_result(args, names: list[str]) -> dict:

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from memory import reset_peak_rss, status_mb
+
 import mechunlearn as mu
 from mechunlearn.io import write_json
 
@@ -33,21 +35,12 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = ("na", "lunar", "lunar_auto", "simu")
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
 def child(args) -> None:
     model = mu.load_model(device="cpu", quiet=True)
     forget = mu.load_skill("gsm8k", n=args.n, seed=0, data_dir=args.data_dir)
     retain = mu.load_skill("mbpp", n=args.n, seed=0, data_dir=args.data_dir)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark after loading
-    base = _status_mb("VmRSS")
+    reset_peak_rss()
+    base = status_mb("VmRSS")
     t0 = time.perf_counter()
     if args.child == "na":
         f = mu.collect(model, forget, quiet=True)
@@ -62,7 +55,7 @@ def child(args) -> None:
             model, forget, retain, quiet=True
         )
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "peak_over_model_mb": _status_mb("VmHWM") - base}))
+    print(json.dumps({"seconds": seconds, "peak_over_model_mb": status_mb("VmHWM") - base}))
 
 
 def main() -> None:
