@@ -642,6 +642,14 @@ def relative_table(results: pd.DataFrame, interval: bool = False) -> pd.DataFram
 
     Raises:
         ValueError: not a table from :func:`evaluate` (columns missing) or an empty one.
+
+    Example:
+        >>> table = mu.evaluate(model, [forget, retain], {"KSD": ksd}, quiet=True)
+        >>> relative_table(table, interval=True)   # after / before [95 % paired bootstrap]
+        method               base                KSD
+        skill
+        add     1.00 [1.00, 1.00]  0.00 [0.00, 0.00]
+        copy    1.00 [1.00, 1.00]  1.00 [1.00, 1.00]
     """
     needed = {"skill", "method", "relative"} | (
         {"relative_low", "relative_high"} if interval else set()
