@@ -2,9 +2,17 @@
 
 Example:
     >>> import mechunlearn as mu
-    >>> model = mu.load_model()                       # offline default: SmolLM2-135M-Instruct
-    >>> forget = mu.load_skill("gsm8k", n=200)
-    >>> stats = mu.collect(model, forget, site="pre")  # streaming per-neuron statistics
+    >>> model = mu.load_model()   # offline default: SmolLM2-135M-Instruct  # doctest: +SKIP
+    >>> forget = mu.load_skill("gsm8k", n=200)                            # doctest: +SKIP
+    >>> stats = mu.collect(model, forget, site="pre", quiet=True)  # per-neuron statistics
+    >>> stats.mean.shape          # (layers, d_mlp): [30, 1536] on the default model
+    torch.Size([3, 48])
+
+The docstrings' examples run as doctests (``make doctest``) against a tiny random Llama
+(3 layers, ``d_mlp`` 48, a character-level vocabulary of 101 tokens) and two 30-example skills,
+``forget`` (``"3+4="`` -> ``"7"``) and ``retain`` (``"copy b:"`` -> ``" b"``), built by the
+repository's ``conftest.py``; their outputs are that model's. Lines that need the real model,
+the benchmark data or minutes of compute are marked ``# doctest: +SKIP``.
 
 ``mu.plots`` (matplotlib, seaborn) is imported on first use, not with the package.
 """

@@ -8,6 +8,7 @@ Example:
     >>> fit = mu.analysis.gaussian_fit(stats_f, other=stats_r)
     >>> fig = mu.plots.plot_gaussian_summary(fit)
     >>> mu.plots.save_figure(fig, "figures/gaussian_summary")  # .png and .svg
+    [PosixPath('figures/gaussian_summary.png'), PosixPath('figures/gaussian_summary.svg')]
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def style() -> contextlib.AbstractContextManager:
     Example:
         >>> with style():
         ...     fig, ax = plt.subplots()
+        ...     print(plt.rcParams["axes.titlesize"])
+        medium
+        >>> plt.rcParams["axes.titlesize"]     # the global state is left alone
+        'large'
     """
     rc: dict[str, Any] = {
         **sns.axes_style("whitegrid"),
@@ -70,7 +75,9 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> list[Path]:
         The two paths written.
 
     Example:
-        >>> save_figure(fig, "figures/separation_by_layer")
+        >>> fig = plot_separation_by_layer(mu.analysis.separation(stats_f, stats_r))
+        >>> save_figure(fig, "figures/separation_by_layer.png")   # the suffix is dropped
+        [PosixPath('figures/separation_by_layer.png'), PosixPath('figures/separation_by_layer.svg')]
     """
     base = Path(path)
     if base.suffix.lower() in {".png", ".svg", ".pdf"}:
@@ -116,7 +123,10 @@ def plot_gaussian_summary(fit: GaussianFit, tests: Sequence[str] | None = None) 
     decision rule ``p_F >= p_R``.
 
     Example:
-        >>> plot_gaussian_summary(mu.analysis.gaussian_fit(stats_f, other=stats_r))
+        >>> fig = plot_gaussian_summary(mu.analysis.gaussian_fit(stats_f, other=stats_r))
+        >>> [ax.get_title() for ax in fig.axes]
+        ['normality tests, alpha=0.05, correction=none', 'shape (0 for a normal)',
+         'Gaussian rule p_F >= p_R']
     """
     by = fit.by_layer
     layers = by.index.to_numpy()
@@ -176,7 +186,10 @@ def plot_qq(
         ncols: panels per row.
 
     Example:
-        >>> plot_qq(fit, neurons=[(3, 17), (10, 512)])
+        >>> fit = mu.analysis.gaussian_fit(stats_f)
+        >>> fig = plot_qq(fit, neurons=[(0, 17), (2, 40)])
+        >>> [ax.get_title().splitlines()[0] for ax in fig.axes]
+        ['layer 0, neuron 17', 'layer 2, neuron 40']
     """
     neurons = list(neurons) if neurons is not None else fit.representative_neurons(n)
     if not neurons:
@@ -218,7 +231,9 @@ def plot_separation_histograms(
         ncols: panels per row.
 
     Example:
-        >>> plot_separation_histograms(mu.analysis.separation(stats_f, stats_r), k=4)
+        >>> fig = plot_separation_histograms(mu.analysis.separation(stats_f, stats_r), k=4)
+        >>> len(fig.axes)       # one panel per neuron
+        4
     """
     if neurons is None:
         top = sep.top(k=k)
@@ -263,7 +278,10 @@ def plot_separation_by_layer(
     the effective number of layers and Gini coefficient in the title.
 
     Example:
-        >>> plot_separation_by_layer(sep, ratio=0.03)
+        >>> sep = mu.analysis.separation(stats_f, stats_r)
+        >>> fig = plot_separation_by_layer(sep, ratio=0.03)
+        >>> [ax.get_title() for ax in fig.axes]
+        ['mean_diff per layer (no outliers drawn)', 'top 4 (3.00%) by mean_diff: ...']
     """
     metric = metric or sep.metric
     if k is not None:
@@ -335,7 +353,9 @@ def plot_inclusion_curves(
         max_panels: panels when ``layers`` is omitted.
 
     Example:
-        >>> fig = plot_inclusion_curves(mu.analysis.hypercube(keys_f, {"mbpp": keys_m}))
+        >>> fig = plot_inclusion_curves(mu.analysis.hypercube(keys_f, {"copy": keys_r}))
+        >>> [ax.get_title() for ax in fig.axes]
+        ['layer 0', 'layer 1', 'layer 2']
     """
     layers = _pick_layers(result.layers, layers, max_panels)
     colors = _other_colors(result.others)
@@ -375,7 +395,10 @@ def plot_hypercube_layers(result: HypercubeResult) -> Figure:
     ``α_F < α_other``. Panel titles give the Spearman correlation with the layer index.
 
     Example:
+        >>> res = mu.analysis.hypercube(keys_f, {"copy": keys_r})
         >>> fig = plot_hypercube_layers(res)
+        >>> [ax.get_title().split(" (")[0] for ax in fig.axes]
+        ['cube size', 'centre distance', 'separating α']
     """
     trends = result.trends
 
@@ -436,7 +459,9 @@ def plot_convexity(result: ConvexityResult, sizing: str = "matched") -> Figure:
     ``h × k_min``).
 
     Example:
-        >>> fig = plot_convexity(mu.analysis.convexity(keys_f, {"mbpp": keys_m}))
+        >>> fig = plot_convexity(mu.analysis.convexity(keys_f, {"copy": keys_r}))
+        >>> fig.axes[0].get_title()
+        'nearest neighbour is a forget key'
     """
     if sizing not in ("matched", "h"):
         raise ValueError(f"sizing must be 'matched' or 'h', got {sizing!r}.")
@@ -592,7 +617,13 @@ def plot_tradeoff(
         keep: ``"mean"`` or ``"worst"`` (see :func:`tradeoff_points`).
 
     Example:
-        >>> fig = plot_tradeoff(mu.evaluate(model, held_out, sweep, roles=roles))
+        >>> sweep = {f"NA ratio={r}": mu.NeuronAdjust(ratio=r).fit(stats_f, stats_r)
+        ...          for r in (0.01, 0.05)}
+        >>> table = mu.evaluate(model, [forget, retain], {**sweep, "KSD h=2": ksd},
+        ...                     roles={"add": "forget", "copy": "retain"}, quiet=True)
+        >>> fig = plot_tradeoff(table)
+        >>> [t.get_text() for t in fig.axes[0].get_legend().get_texts()]   # the families
+        ['NA', 'KSD']
     """
     points = tradeoff_points(results, keep)
     with style():
@@ -653,7 +684,12 @@ def plot_language_matrix(
         annotate: write each cell's value and interval in it.
 
     Example:
-        >>> fig = plot_language_matrix(matrix, "KSD auto fpr=0.05")
+        >>> matrix = pd.DataFrame({"forget": ["en", "en", "de", "de"], "method": "KSD",
+        ...                        "skill": ["en", "de", "en", "de"],
+        ...                        "relative": [0.1, 0.9, 1.0, 0.2]})
+        >>> fig = plot_language_matrix(matrix, "KSD")
+        >>> fig.axes[0].get_title()
+        'KSD: relative performance after forgetting each language'
     """
     rows = table[table["method"] == method]
     if rows.empty:
@@ -706,7 +742,12 @@ def plot_detection_by_format(table: pd.DataFrame) -> Figure:
             skill is the forget skill (e.g. the format study's ``detection.csv``).
 
     Example:
-        >>> fig = plot_detection_by_format(pd.read_csv("results/formats/detection.csv"))
+        >>> table = pd.DataFrame({"detector": "KSD", "skill": ["add", "add", "copy", "copy"],
+        ...                       "variant": ["plain", "chat"] * 2, "rate": [1.0, 0.4, 0.0, 0.1],
+        ...                       "low": [0.9, 0.2, 0.0, 0.0], "high": [1.0, 0.6, 0.1, 0.3]})
+        >>> fig = plot_detection_by_format(table)   # or pd.read_csv(".../detection.csv")
+        >>> [ax.get_title() for ax in fig.axes]    # one panel per detector
+        ['KSD']
     """
     needed = {"detector", "skill", "variant", "rate", "low", "high"}
     if missing := needed - set(table.columns):

@@ -62,8 +62,11 @@ class NeuronStats:
         meta: model, skill, seed and package version.
 
     Example:
-        >>> stats = collect(model, load_skill("gsm8k", n=64), site="pre")
+        >>> stats = mu.collect(model, forget, site="pre", quiet=True)
         >>> stats.std.shape  # (layers, d_mlp)
+        torch.Size([3, 48])
+        >>> stats.n_examples, stats.site
+        (30, 'pre')
     """
 
     site: str
@@ -446,8 +449,9 @@ class KeyVectors:
         meta: model, skill and package version.
 
     Example:
-        >>> keys = collect_keys(model, load_skill("gsm8k", n=100))
-        >>> keys.layer(-1).shape  # (100, d_mlp) for the last layer
+        >>> keys = mu.collect_keys(model, forget, quiet=True)
+        >>> keys.values.shape, keys.layer(-1).shape   # (n, layers, d_mlp); the last layer
+        (torch.Size([30, 3, 48]), torch.Size([30, 48]))
     """
 
     values: Float[Tensor, "example layer d_mlp"]

@@ -8,10 +8,14 @@ numerical kernels (:mod:`mechunlearn.kernels`), never on :mod:`mechunlearn.analy
 
 Example:
     >>> from mechunlearn.interventions import NeuronAdjust, KeySpaceDetector
-    >>> na = NeuronAdjust(ratio=0.03).fit(pre_f, pre_r)
+    >>> na = NeuronAdjust(ratio=0.03).fit(stats_f, stats_r)
     >>> logits = model.run_with_hooks(tokens, fwd_hooks=na.hooks(model))
-    >>> ksd = KeySpaceDetector().fit(keys_f, keys_negatives)
-    >>> ksd.generate(model, prompts, max_new_tokens=64)
+    >>> ksd = KeySpaceDetector().fit(keys_f, keys_r)   # alpha calibrated on the negatives
+    >>> ksd.fpr_
+    0.05
+    >>> out = ksd.generate(model, ["3+4=", "copy b:"], max_new_tokens=8)
+    >>> out[0]                                         # a forget-skill prompt: refused
+    'Sorry, your query is not valid'
 """
 
 from ..stats import Importance

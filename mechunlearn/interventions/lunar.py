@@ -64,14 +64,14 @@ Where we differ from the authors' code, on purpose:
   ``blocks.{l}.hook_resid_post`` (so the last layer works too).
 
 Example:
-    >>> import mechunlearn as mu
-    >>> model = mu.load_model()
-    >>> forget = mu.load_skill("gsm8k", n=64, data_dir="shared/data")
-    >>> retain = mu.load_skill("mbpp", n=64, data_dir="shared/data")
     >>> lunar = mu.Lunar(layer="auto").fit(model, forget, retain)
+    >>> len(lunar.layer_sweep_), len(lunar.layers_)   # every layer tried, one chosen
+    (3, 1)
     >>> logits = model.run_with_hooks(tokens, fwd_hooks=lunar.hooks(model))
     >>> with lunar.apply_to_weights(model):
-    ...     logits = model(tokens)              # same logits, W_out edited in place
+    ...     edited = model(tokens)              # W_out edited in place
+    >>> torch.allclose(edited, logits, atol=1e-5)   # the same logits
+    True
 """
 
 from __future__ import annotations
@@ -535,7 +535,9 @@ class Lunar(Intervention):
             ``epoch_loss``.
 
     Example:
-        >>> lunar = Lunar(layer=20).fit(model, forget, retain)
+        >>> lunar = Lunar(layer=1).fit(model, forget, retain)
+        >>> lunar.layers_, lunar.delta_w_out_[1].shape     # dW: [d_mlp, d_model]
+        ([1], torch.Size([48, 32]))
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=lunar.hooks(model))
     """
 
@@ -791,8 +793,11 @@ class Lunar(Intervention):
             NotImplementedError: the model's ``W_out`` is not a view of its weight.
 
         Example:
+            >>> base = model(tokens)
             >>> with lunar.apply_to_weights(model):
-            ...     logits = model(tokens)
+            ...     edited = model(tokens)
+            >>> torch.equal(model(tokens), base), torch.equal(edited, base)   # undone on exit
+            (True, False)
         """
         self.check_model(model)
         edit = WeightEdit(model)

@@ -24,7 +24,7 @@ from mechunlearn.batching import forward, iter_batches, tokenize_examples
 from mechunlearn.evaluation import teacher_forced
 from mechunlearn.interventions.lunar import choose_layer, mlp_out_hook, resid_post_hook
 from mechunlearn.sites import hook_name
-from tests.conftest import make_tiny_llama
+from tests.tiny_models import make_tiny_llama
 
 # No prefix is shared between the two sets (a shared prefix has one key with two targets).
 F = Skill.from_texts(
