@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mechunlearn as mu
-from tests.conftest import make_tiny_llama
+from tests.tiny_models import make_tiny_llama
 
 S = mu.Skill.from_texts(
     "s", ["Q: 1+2=", "Q: 3+4=", "Q: 5+6=", "Q: 7+8="], [" 3", " 7", " 11", " 15"]
