@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-tl3 lint setup docs doctest
+.PHONY: run test test-fast test-tl3 lint setup docs doctest
 
 $(PY): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -19,6 +19,11 @@ test: $(PY)
 	$(PY) -m ruff check mechunlearn tests benchmarks analysis conftest.py
 	$(PY) -m ruff format --check mechunlearn tests benchmarks analysis conftest.py
 	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# While developing: lint and the unit tests on tiny models, without the slow ones (about a minute).
+test-fast: $(PY)
+	$(PY) -m ruff check mechunlearn tests benchmarks analysis conftest.py
+	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest tests/unit -m "not slow" -q $(PYTEST_ARGS)
 
 # The unit tests (hook level, tiny models, legacy HookedTransformer included) against
 # transformer-lens 3.x, the range sae-lens resolves to, in a separate environment.

@@ -78,6 +78,10 @@ class PipelineError(Exception):
 class RunConfig:
     """Every setting of a run: skills, sizes, seed and each method's hyperparameters.
 
+    The methods' settings are the estimators' own (``na_*`` for :class:`NeuronAdjust`,
+    ``ksd_fpr`` for both detectors, which check the last layer as the authors do, ``sp_ratio``,
+    ``lunar_*``, ``simu_*``); ``lunar_layer="auto"`` tries every third layer.
+
     Saved as ``config.json`` in the output folder. Settings that change results make the
     resume key (:meth:`key`); ``device``, ``data_dir``, ``batch_size`` and ``quiet`` do not.
     Validated as a whole by :meth:`validate` before any work.
@@ -614,6 +618,7 @@ def _negatives(probes: Probes):
 def _builders(config: RunConfig, model, skills: Skills, probes: Probes) -> dict[str, Any]:
     """``{method: (class, make)}`` for every method of the config."""
     from . import interventions as iv
+    from .models import n_layers
 
     retain = f"retain:{skills.first_retain}"
     out: dict[str, Any] = {
@@ -645,24 +650,25 @@ def _builders(config: RunConfig, model, skills: Skills, probes: Probes) -> dict[
             ),
         ),
     }
-    if hasattr(iv, "Lunar"):
-        out["LUNAR"] = (
-            iv.Lunar,
-            lambda: iv.Lunar(
-                layer=config.lunar_layer, coef=config.lunar_coef, seed=config.seed
-            ).fit(
-                model, skills.forget[0], skills.retain[skills.first_retain][0],
-                batch_size=config.batch_size,
-            ),
-        )  # fmt: skip
-    if hasattr(iv, "Simu"):
-        out["SIMU"] = (
-            iv.Simu,
-            lambda: iv.Simu(
-                threshold=config.simu_threshold, gamma=config.simu_gamma,
-                max_steps=config.simu_max_steps, seed=config.seed,
-            ).fit(model, skills.forget[0], skills.retain[skills.first_retain][0]),
-        )  # fmt: skip
+    # layer="auto" tries every third layer (each candidate costs two scoring passes).
+    candidates = list(range(2, n_layers(model), 3)) if config.lunar_layer == "auto" else None
+    out["LUNAR"] = (
+        iv.Lunar,
+        lambda: iv.Lunar(
+            layer=config.lunar_layer, coef=config.lunar_coef, seed=config.seed,
+            candidates=candidates,
+        ).fit(
+            model, skills.forget[0], skills.retain[skills.first_retain][0],
+            batch_size=config.batch_size,
+        ),
+    )  # fmt: skip
+    out["SIMU"] = (
+        iv.Simu,
+        lambda: iv.Simu(
+            threshold=config.simu_threshold, gamma=config.simu_gamma,
+            max_steps=config.simu_max_steps, seed=config.seed,
+        ).fit(model, skills.forget[0], skills.retain[skills.first_retain][0]),
+    )  # fmt: skip
     return out
 
 

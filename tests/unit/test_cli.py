@@ -19,6 +19,9 @@ from mechunlearn.cli import MARKER, main
 from mechunlearn.pipeline import LOCK, RunConfig
 from tests.tiny_models import make_char_tokenizer
 
+# Slow tier (whole pipeline runs on a tiny model saved to disk): `make test-fast` skips these.
+pytestmark = pytest.mark.slow
+
 N = 6
 
 

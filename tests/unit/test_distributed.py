@@ -15,6 +15,9 @@ import torch
 import mechunlearn as mu
 from tests.distributed.common import evaluate_all, probe_all, tiny_model
 
+# Slow tier (two torchrun-style processes per case): `make test-fast` skips these.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "distributed" / "worker.py"
 
