@@ -130,3 +130,30 @@ def make_tiny_legacy_llama(tokenizer, device="cpu", n_layers=3, d_mlp=48, seed=0
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+
+
+def make_tiny_legacy_gpt2(tokenizer, device="cpu", n_layers=2, seed=0):
+    """A tiny random GPT-2-style legacy ``HookedTransformer`` (GELU MLP, LayerNorm, learned
+    positional embeddings added to the residual stream) from a local config."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        d_mlp=128,
+        d_vocab=len(tokenizer),
+        n_ctx=256,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        seed=seed,
+        device=device,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return HookedTransformer(cfg, tokenizer=tokenizer).eval()

@@ -287,32 +287,51 @@ class BosGuard:
     them alone (Neuron Adjust: its statistics never saw BOS, whose activations are outliers of
     their own, and changing them damages every continuation).
 
-    :meth:`hook` returns a hook to put first in a hook list: it runs at the embedding, before any
-    block, and records a ``[batch, pos]`` mask on the device (no host synchronisation). On a
-    TransformerBridge it reads the token ids (``embed.hook_in``); on a legacy HookedTransformer,
-    which has no such hook, it compares each position's embedding with the BOS row of ``W_E``
-    (an exact lookup, so the comparison is exact). Positions holding the BOS id anywhere (a
-    prepended BOS, or a pad token where the tokenizer pads with its BOS id) are marked. Padding
-    with another id is not marked: it is masked out of attention, so no hook's change there can
-    reach an output.
+    :meth:`hooks` returns the hooks to put first in a hook list: they run before any block's
+    other hooks and record a ``[batch, pos]`` mask on the device (no host synchronisation). On a
+    TransformerBridge the mask is read from the token ids (``embed.hook_in``). A legacy
+    HookedTransformer has no token-id hook that every pass runs (its ``generate`` embeds the
+    tokens itself and enters the blocks at ``start_at_layer=0``, past ``hook_embed``), so the
+    mask compares block 0's input (``blocks.0.hook_resid_pre``) with the BOS row of ``W_E``, plus
+    the pass's own positional embedding (``hook_pos_embed``, recorded first) where the model adds
+    one to the residual stream: the same operands and operation as the model's, so the comparison
+    is exact. Positions holding the BOS id anywhere (a prepended BOS, or a pad token where the
+    tokenizer pads with its BOS id) are marked. Padding with another id is not marked: it is
+    masked out of attention, so no hook's change there can reach an output.
 
     Args:
         bos_id: the BOS token id (None: no BOS, nothing is marked).
         model: the model the hooks will run on (needed for a legacy HookedTransformer).
+
+    Example:
+        >>> from mechunlearn.interventions.base import BosGuard
+        >>> guard = BosGuard(model.tokenizer.bos_token_id, model)
+        >>> [name for name, _ in guard.hooks()]
+        ['embed.hook_in']
+        >>> _ = model.run_with_hooks(tokens, fwd_hooks=guard.hooks())
+        >>> bool(guard.mask[0, 0]), guard.mask.shape == tokens.shape
+        (True, True)
     """
 
     def __init__(self, bos_id: int | None, model=None):
         self.bos_id = None if bos_id is None else int(bos_id)
         self.mask: Bool[Tensor, "batch pos"] | None = None
         self._embedding: Tensor | None = None
+        self._pos_embed: Tensor | None = None
+        self._adds_pos_embed = False
         self.hook_point = "embed.hook_in"
         hook_dict = getattr(model, "hook_dict", None)
         if model is not None and self.bos_id is not None and "embed.hook_in" not in hook_dict:
-            self.hook_point = "hook_embed"
+            self.hook_point = "blocks.0.hook_resid_pre"
             self._embedding = model.W_E[self.bos_id].detach()
+            self._adds_pos_embed = model.cfg.positional_embedding_type == "standard"
 
-    def hook(self) -> Hook:
-        """The recording hook ``(hook point, fn)``."""
+    def hooks(self) -> list[Hook]:
+        """The recording hooks ``[(hook point, fn), ...]``, to run in this order."""
+
+        def record_pos_embed(activation: Tensor, hook=None) -> Tensor:
+            self._pos_embed = activation
+            return activation
 
         def record(activation: Tensor, hook=None) -> Tensor:
             if self.bos_id is None:
@@ -321,10 +340,21 @@ class BosGuard:
                 self.mask = activation == self.bos_id
             else:
                 bos = self._embedding.to(activation.device, activation.dtype)
+                if self._adds_pos_embed:
+                    # generate() computes the positional embedding of the whole sequence and
+                    # feeds only the new positions: the last ones are this pass's.
+                    pos = self._pos_embed
+                    if pos is None or pos.shape[1] < activation.shape[1]:
+                        self.mask = None
+                        return activation
+                    bos = bos + pos[:, pos.shape[1] - activation.shape[1] :]
+                    self._pos_embed = None
                 self.mask = (activation == bos).all(-1)
             return activation
 
-        return (self.hook_point, record)
+        if self._adds_pos_embed:
+            return [("hook_pos_embed", record_pos_embed), (self.hook_point, record)]
+        return [(self.hook_point, record)]
 
     def keep(self, new: Tensor, old: Tensor) -> Tensor:
         """``new`` with ``old``'s values at the BOS positions (``[batch, pos, k]`` tensors)."""

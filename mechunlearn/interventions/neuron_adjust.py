@@ -17,8 +17,8 @@ as stated in docs/methods.md ("Neuron Adjust"):
 **Positions.** The hooks adjust only the positions the statistics describe: every token but
 BOS (the statistics exclude it: its activations are outliers of their own, and a value
 reflected there can land 30 sigma_R away and damage every continuation, whatever the skill).
-Positions holding the BOS token id are found in each forward pass by a first hook at the
-embedding (:class:`~mechunlearn.interventions.base.BosGuard`). Padding is masked out of
+Positions holding the BOS token id are found in each forward pass by first hooks before
+block 0 (:class:`~mechunlearn.interventions.base.BosGuard`). Padding is masked out of
 attention, so no change there reaches an output. ``adjust_bos=True`` adjusts BOS too, the
 authors' behaviour (their hook changes every position); fitting it on statistics that exclude
 BOS warns.
@@ -263,8 +263,8 @@ class NeuronAdjust(Intervention):
     def hooks(self, model=None) -> list[Hook]:
         """Forward hooks ``[(hook_name, fn), ...]`` that apply Neuron Adjust.
 
-        Unless ``adjust_bos``, the list starts with a hook at the embedding that marks the BOS
-        positions of each forward pass (use the list whole and in order). Pass ``model`` on a
+        Unless ``adjust_bos``, the list starts with the hooks that mark the BOS positions of
+        each forward pass, before block 0 (use the list whole and in order). Pass ``model`` on a
         legacy HookedTransformer (which has no token-id hook: the marking compares embeddings).
         Which positions change: every token but BOS; padding is masked out of attention.
 
@@ -290,7 +290,7 @@ class NeuronAdjust(Intervention):
                 )
             if bos is not None:  # a model without BOS needs no marking
                 guard = BosGuard(bos, model)
-                out.append(guard.hook())
+                out += guard.hooks()
         out += [(hook_name(self.site_, layer), self._hook(layer, guard)) for layer in self._packed]
         return out
 

@@ -10,8 +10,10 @@ import torch
 
 from mechunlearn import NeuronStats, Skill, collect
 from mechunlearn.interventions import NeuronAdjust, layer_seed, sweep_ratio
+from mechunlearn.interventions.base import BosGuard
 from mechunlearn.kernels.separation import separation_scores, top_neurons
 from mechunlearn.sites import hook_name
+from tests.tiny_models import LEGACY, make_tiny_legacy_gpt2
 
 F = Skill.from_texts(
     "f", [f"Q: {i}+{i + 1}?" for i in range(10)], [f" {2 * i + 1}" for i in range(10)]
@@ -231,6 +233,46 @@ def test_hooks_in_generation(llama_like, model_stats):
         out = model.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False)
     assert out.shape == (1, tokens.shape[1] + 4)
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+@pytest.fixture(params=["bridge", "legacy", "legacy_gpt2"] if LEGACY else ["bridge"])
+def guarded_model(request, char_tokenizer, device):
+    """The tiny Llama bridge; where this TransformerLens has a legacy HookedTransformer, also the
+    tiny legacy Llama (rotary: block 0's input is the embedding) and a legacy GPT-2 (learned
+    positional embeddings added to the residual stream)."""
+    if request.param == "bridge":
+        return request.getfixturevalue("tiny_llama")
+    if request.param == "legacy":
+        return request.getfixturevalue("tiny_legacy")
+    return make_tiny_legacy_gpt2(char_tokenizer, device)
+
+
+def test_bos_guard_marks_bos_in_forward_and_in_each_generation_step(guarded_model):
+    model = guarded_model
+    bos = model.tokenizer.bos_token_id
+    guard = BosGuard(bos, model)
+    masks = []
+
+    def spy(act, hook):
+        masks.append(guard.mask.clone())
+
+    spied = [*guard.hooks(), ("blocks.0.mlp.hook_post", spy)]
+    # BOS first, and again mid-sequence (the positional embedding differs there)
+    tokens = model.to_tokens("Q: 3+4?")
+    tokens = torch.cat([tokens[:, :3], tokens[:, :1], tokens[:, 3:]], dim=1)
+    want = tokens == bos
+    assert want.sum() == 2
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=spied)
+    assert torch.equal(masks.pop(), want)
+    with model.hooks(fwd_hooks=spied):
+        out = model.generate(tokens, max_new_tokens=3, do_sample=False, verbose=False)
+    # the prompt pass, then one pass per new token (cached)
+    assert len(masks) == 3
+    assert torch.equal(masks[0], want)
+    for step, mask in enumerate(masks[1:], start=1):
+        new = out[:, tokens.shape[1] + step - 1 : tokens.shape[1] + step]
+        assert torch.equal(mask, new == bos)
 
 
 def test_sweep_ratio(toy):
