@@ -215,7 +215,8 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             for s in skills:
                 values = table[(table["method"] == m) & (table["skill"] == s)]["relative"]
                 lo, hi = first.loc[(m, s), ["relative_low", "relative_high"]]
-                cells.append(_cell(values, lo, hi))
+                short = f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
+                cells.append(_cell(values, lo, hi) + (short if len(values) < len(seeds) else ""))
             parts.append(f"| {m} | " + " | ".join(cells) + " |")
         base = table[(table["method"] == "base") & (table["seed"] == seeds[0])]
         scores = ", ".join(

@@ -717,7 +717,7 @@ def evaluate_methods(
     )
     rel = relative_table(table)
     cells = relative_table(table, interval=True)
-    both = rel.join(cells, rsuffix=" [95% CI]")
+    both = rel.join(cells.add_suffix(" [95% CI]"))
     folder.write("tables/relative_performance.csv", lambda p: write_text(p, both.to_csv()))
     return table
 
