@@ -1,10 +1,11 @@
 """Several processes, several GPUs: examples sharded across ranks with ``torch.distributed``.
 
 Under ``torchrun --nproc_per_node N`` (gloo on CPU, NCCL on GPU) every collector
-(:mod:`mechunlearn.collect`) and :func:`mechunlearn.evaluate` runs each rank on every
-``N``-th example and combines the results with collectives, so that every rank ends with the
-result of one process over all examples: moments by the exact parallel (Chan) merge, reservoir
-samples by their keys, key vectors in the original example order, evaluation counts summed.
+(:mod:`mechunlearn.collect`) and :func:`mechunlearn.evaluate` (its teacher-forced scores;
+generation is not sharded yet) runs each rank on every ``N``-th example and combines the
+results with collectives, so that every rank ends with the result of one process over all
+examples: moments by the exact parallel (Chan) merge, reservoir samples by their keys, key
+vectors in the original example order, evaluation counts summed.
 Rank 0 writes files; the others write nothing (:func:`is_main`).
 
 A single process needs no ``torch.distributed`` at all: every function here is then the

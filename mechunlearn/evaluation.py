@@ -26,11 +26,13 @@ e.g. SIMU) are scored inside their ``apply_to_weights`` context.
 interval from a paired bootstrap over examples (:mod:`mechunlearn.kernels.bootstrap`: after and
 before resampled together, seeded, 2,000 resamples). Each skill's **chance level** is reported
 beside its base score (``1 / k`` for a ``k``-way letter choice, ``1 / vocabulary`` for
-teacher-forced tokens, 0 for generation), and the skill is flagged ``informative`` only when the
+teacher-forced tokens, ``1 / k`` for MMLU's 5-shot generated letter, 0 for the other generation
+protocols), and the skill is flagged ``informative`` only when the
 lower end of its base score's interval lies above it.
 
-Under ``torchrun`` the examples are sharded across processes and the per-example counts summed
-(:mod:`mechunlearn.distributed`); every rank returns the whole table.
+Under ``torchrun`` the teacher-forced examples are sharded across processes and the per-example
+counts summed (:mod:`mechunlearn.distributed`); every rank returns the whole table. Generation
+scores are not sharded yet: every rank generates every example.
 """
 
 from __future__ import annotations

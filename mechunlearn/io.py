@@ -148,7 +148,7 @@ def load_tensors(
     if not path.exists():
         raise FileNotFoundError(f"No {kind} file at {path}.")
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             header = (f.metadata() or {}).get(META_KEY)
             names = list(f.keys())
             if header is None:
@@ -197,6 +197,8 @@ def load_tensors(
         for key in [k for k in info if k not in known]:
             warnings.warn(f"{path}: unknown metadata key {key!r} dropped.", stacklevel=3)
             info.pop(key)
+    if str(device) != "cpu":  # opened on the CPU: a bad device is not a damaged file
+        tensors = {name: t.to(device) for name, t in tensors.items()}
     return tensors, info
 
 

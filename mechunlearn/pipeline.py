@@ -183,6 +183,17 @@ class RunConfig:
                 raise ValueError(f"a skill appears twice among forget/retain/general: {names}.")
             if self.lunar_layer != "auto":
                 check_int("lunar_layer", self.lunar_layer, min_val=None)
+            # The estimators' own constructors check the rest of their settings (one place).
+            from . import interventions as iv
+
+            for prefix, make in (
+                ("lunar_", lambda: iv.Lunar(layer=self.lunar_layer, coef=self.lunar_coef)),
+                ("simu_", lambda: iv.Simu(threshold=self.simu_threshold, gamma=self.simu_gamma)),
+            ):
+                try:
+                    make()
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"{prefix}{err}") from None
             from .kernels.separation import METRICS
 
             check_choice(self.na_score, METRICS, "na_score")
@@ -791,6 +802,7 @@ def run(
     skills = load_skills(config)  # fast: unknown names and sizes fail before anything is written
     try:
         folder.prepare()
+        distributed.barrier()  # the other ranks wait until rank 0 has prepared the folder
         result = RunResult(folder, skills)
         if model is None:
             model = load_model_for(config, folder)

@@ -137,6 +137,11 @@ def tune_neuron_adjust(
     forget = as_skill(forget, "forget skill")
     if not keep:
         raise ValueError("keep is empty: give held-back examples of at least one kept skill.")
+    taken = sorted({"forget", "ratio", "n_selected", "meets_floor", "chosen"} & set(keep))
+    if taken:
+        raise ValueError(
+            f"keep names a skill {taken[0]!r}, which is a column of the tuning table: rename it."
+        )
     keep = {name: as_skill(s, f"kept skill {name!r}") for name, s in keep.items()}
     base = {"forget": teacher_forced(model, forget, batch_size=batch_size).score}
     base.update({n: teacher_forced(model, s, batch_size=batch_size).score for n, s in keep.items()})

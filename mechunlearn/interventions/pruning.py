@@ -189,16 +189,19 @@ class SelectivePruning(Intervention):
         """
         self.check_model(model)
         edit = WeightEdit(model)
-        for layer, idx in self._index.items():
-            weight = w_out(model, layer)
-            idx = idx.to(weight.device)
-            edit.apply(weight, lambda w, idx=idx: w.index_fill_(0, idx, 0.0))
-            if bool(w_out(model, layer)[idx].any()):
-                edit.undo()
-                raise NotImplementedError(
-                    f"blocks[{layer}].mlp.W_out is not a view of the model's weight here, "
-                    "so it cannot be edited in place: use hooks() instead."
-                )
+        try:  # a failure at a later layer must not leave the earlier ones pruned
+            for layer, idx in self._index.items():
+                weight = w_out(model, layer)
+                idx = idx.to(weight.device)
+                edit.apply(weight, lambda w, idx=idx: w.index_fill_(0, idx, 0.0))
+                if bool(w_out(model, layer)[idx].any()):
+                    raise NotImplementedError(
+                        f"blocks[{layer}].mlp.W_out is not a view of the model's weight here, "
+                        "so it cannot be edited in place: use hooks() instead."
+                    )
+        except BaseException:
+            edit.undo()
+            raise
         return edit
 
     # --------------------------------------------------------------------------- reports

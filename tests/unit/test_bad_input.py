@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import mechunlearn as mu
+import mechunlearn.pipeline
+from mechunlearn.pipeline import PipelineError
 from tests.tiny_models import make_tiny_llama
 
 S = mu.Skill.from_texts(
@@ -75,6 +77,14 @@ CASES = [
      "mu.calibration_skill()"),
     ("stats for pruning", lambda f: mu.SelectivePruning().fit(f["stats"], f["stats"]), TypeError,
      "use collect_importance"),
+    ("tuning: a kept skill named like a column",
+     lambda f: mu.tune_neuron_adjust(f["model"], f["stats"], f["stats"], S, {"ratio": R}),
+     ValueError, "column of the tuning table"),
+    ("run config: bad simu_gamma",
+     lambda f: mu.pipeline.RunConfig(simu_gamma=float("nan")).validate(), PipelineError,
+     "simu_gamma must be a finite number"),
+    ("run config: bad lunar_coef", lambda f: mu.pipeline.RunConfig(lunar_coef=0.0).validate(),
+     PipelineError, "lunar_coef must be a finite non-zero number"),
 ]  # fmt: skip
 
 
@@ -94,6 +104,17 @@ def test_another_model_is_refused_by_every_intervention(fitted, char_tokenizer):
     for name in ("na", "ksd", "sp"):
         with pytest.raises(ValueError, match="d_mlp=48, but this model .* has d_mlp=40"):
             fitted[name].hooks(other)
+
+
+def test_a_file_loaded_onto_a_missing_device_is_not_called_damaged(fitted, tmp_path):
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    path = fitted["stats"].save(tmp_path / "stats")
+    with pytest.raises((RuntimeError, AssertionError, ValueError)) as info:
+        mu.NeuronStats.load(path, device="cuda:7")
+    assert not isinstance(info.value, mu.DamagedFileError)
+    assert "damaged" not in str(info.value)
+    assert mu.NeuronStats.load(path).n_tokens == fitted["stats"].n_tokens
 
 
 def test_a_generator_of_texts_is_read_once(fitted):
