@@ -16,10 +16,17 @@ as stated in METHODS.md section 2:
 
 Beyond the paper:
 
-* **Layers and rules.** The authors check only the last layer (``layers=-1``, the default). Any
-  set of layers can be combined with ``rule="any"`` (detected when inside at one layer or
-  more), ``"all"``, or an int ``k`` (inside at ``k`` layers or more).
-* **Automatic alpha.** ``fit(keys_f, keys_r, fpr=0.05)`` splits F into a fit part and a
+* **Layers and rules.** The authors check only the last layer (``layers=-1``). Any set of
+  layers can be combined with ``rule="any"`` (detected when inside at one layer or more),
+  ``"all"``, or an int ``k`` (inside at ``k`` layers or more). The default, every collected
+  layer with ``rule="any"`` and ``fpr=0.01``, was chosen on probe data in
+  ``analysis/ksd_defaults.py`` (issue 16): on the default model the last layer alone detects
+  too few unseen GSM8K questions (0.67-0.90 at a 1-5 % cap) where every layer detects all of
+  them with no held-back calibration question inside.
+* **Negatives are required.** ``fit(keys_f)`` alone (no ``h``/``alpha``) is refused: a
+  region fitted on the forget skill alone refuses ordinary questions at an unmeasured rate.
+  :func:`mechunlearn.calibration_skill` ships general questions to calibrate on.
+* **Automatic alpha.** ``fit(keys_f, keys_r)`` with ``fpr=0.01`` splits F into a fit part and a
   held-out part, and R into a calibration part and a test part. The region is fitted on the
   F fit part. ``alpha_max`` is the largest per-layer alpha that keeps the rule-level
   false-positive rate on the R calibration part ``<= fpr``: layers share one rank, each
@@ -44,7 +51,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -84,6 +91,8 @@ class Detection:
             NaN margins count as outside (``inf``).
         layers: the model layers, in column order.
         rule: the rule.
+        fpr: the false-positive rate the detector's alpha was calibrated for (its ``fpr_``),
+            or None when alpha came from ``h``/``alpha`` and nobody measured it.
     """
 
     detected: Bool[Tensor, " n"]
@@ -92,6 +101,7 @@ class Detection:
     score: Float[Tensor, " n"]
     layers: list[int]
     rule: str | int
+    fpr: float | None = None
 
     def __len__(self) -> int:
         return int(self.detected.shape[0])
@@ -110,6 +120,7 @@ class Detection:
             self.score.to(device),
             list(self.layers),
             self.rule,
+            self.fpr,
         )
 
     def to_frame(self):
@@ -132,7 +143,11 @@ class Detection:
         return frame
 
     def __repr__(self) -> str:
-        return f"Detection(n={len(self)}, detected={int(self.detected.sum())}, rule={self.rule!r})"
+        fpr = "unmeasured" if self.fpr is None else f"{self.fpr:g}"
+        return (
+            f"Detection(n={len(self)}, detected={int(self.detected.sum())}, rule={self.rule!r}, "
+            f"calibrated fpr={fpr})"
+        )
 
 
 class DetectionRecord:
@@ -185,15 +200,18 @@ class KeyRegionDetector(Intervention):
     largest fit distance) and :meth:`_distance_row` (one layer, ``[b, d] -> [b]``).
 
     Args:
-        h: alpha as a multiple of ``k_min`` (authors: 2 for GSM8K, 1.4 for MBPP). When neither
-            ``h`` nor ``alpha`` is given, ``fit(keys_f)`` uses ``h = 2`` and
-            ``fit(keys_f, keys_r)`` chooses alpha automatically.
+        h: alpha as a multiple of ``k_min`` (authors: 2 for GSM8K, 1.4 for MBPP), for a region
+            fitted without negatives (its false-positive rate is then unmeasured). When
+            neither ``h`` nor ``alpha`` is given, ``fit(keys_f, keys_r)`` chooses alpha
+            automatically and ``fit(keys_f)`` alone is refused.
         alpha: an absolute alpha (the same for every layer).
         layers: model layers to check (negative counts from the last collected layer);
-            ``None`` for every layer of the key vectors. Default ``-1``, the authors' choice.
-        rule: ``"any"``, ``"all"`` or an int ``k`` (detected when inside at ``>= k`` layers).
+            ``None`` (the default) for every layer of the key vectors; ``-1`` for the
+            authors' last layer only.
+        rule: ``"any"`` (the default), ``"all"`` or an int ``k`` (detected when inside at
+            ``>= k`` layers).
         fpr: with ``fit(keys_f, keys_r)``, the cap on the rule-level false-positive rate on
-            the negatives' calibration part, in (0, 1).
+            the negatives' calibration part, in (0, 1); default 0.01.
         test_size: the held-out share of F and of the negatives in that calibration (a
             fraction, rounded up, or a count).
         seed: seed of the calibration's two splits.
@@ -210,16 +228,15 @@ class KeyRegionDetector(Intervention):
     """
 
     _fitted_attrs = Intervention._fitted_attrs + ("region_", "alpha_", "k_min_")
-    _default_h: ClassVar[float] = 2.0
     changes_outputs = False  # the hooks record detections and return activations untouched
 
     def __init__(
         self,
         h: float | None = None,
         alpha: float | None = None,
-        layers: int | Sequence[int] | None = -1,
+        layers: int | Sequence[int] | None = None,
         rule: str | int = "any",
-        fpr: float = 0.05,
+        fpr: float = 0.01,
         test_size: float | int = 0.5,
         seed: int = 0,
     ):
@@ -259,24 +276,43 @@ class KeyRegionDetector(Intervention):
         raise NotImplementedError
 
     # --------------------------------------------------------------------------------- fit
-    def fit(self, keys_f: KeyVectors, keys_r: KeyVectors | None = None) -> KeyRegionDetector:
+    def fit(
+        self,
+        keys_f: KeyVectors,
+        keys_r: KeyVectors | Sequence[KeyVectors] | None = None,
+    ) -> KeyRegionDetector:
         """Fit the forget skill's region; alpha from ``h``/``alpha``, or calibrated on negatives.
 
         Args:
             keys_f: forget-skill key vectors (:func:`mechunlearn.collect_keys`).
             keys_r: key vectors of what must *not* be detected (retain skills, ordinary text:
-                :func:`mechunlearn.data.calibration_skill` ships a general set); alpha is then
-                chosen automatically under the false-positive cap ``fpr`` (see the module
-                docstring), and ``h``/``alpha`` must not be set. Without ``keys_r``, ``h`` or
-                ``alpha`` must be given: such a detector's false-positive rate is unmeasured.
+                :func:`mechunlearn.calibration_skill` ships a general set), or a list of them
+                (concatenated); alpha is then chosen automatically under the false-positive
+                cap ``fpr`` (see the module docstring), and ``h``/``alpha`` must not be set.
+                Without ``keys_r``, ``h`` or ``alpha`` must be given: such a detector's
+                false-positive rate is unmeasured. Give negatives in the prompt format of the
+                forget keys (``calibration_skill()`` has two formats by default).
 
         Returns:
             self.
 
         Raises:
             ValueError: neither negatives nor ``h``/``alpha`` (the message shows the call).
+
+        Example:
+            >>> keys_f = mu.collect_keys(model, mu.load_skill("gsm8k", n=100))
+            >>> keys_cal = mu.collect_keys(model, mu.calibration_skill())
+            >>> ksd = mu.KeySpaceDetector().fit(keys_f, keys_cal)
+            >>> ksd.fpr_
+            0.01
         """
         check_type(keys_f, KeyVectors, "keys_f", "Collect them with mu.collect_keys(model, skill).")
+        if isinstance(keys_r, (list, tuple)):
+            if not keys_r:
+                raise ValueError("keys_r is an empty list: pass key vectors, or None.")
+            for i, part in enumerate(keys_r):
+                check_type(part, KeyVectors, f"keys_r[{i}]", "Collect them with mu.collect_keys.")
+            keys_r = KeyVectors.concat_all(list(keys_r))
         if keys_r is None and self.h is None and self.alpha is None:
             raise ValueError(
                 f"{type(self).__name__}().fit(keys_f) alone would give a detector whose "
@@ -411,7 +447,7 @@ class KeyRegionDetector(Intervention):
     def _detection(self, margin: Tensor) -> Detection:
         detected, score = self._combine(margin)
         fired = torch.nan_to_num(margin, nan=torch.inf) <= 1
-        return Detection(detected, fired, margin, score, list(self.layers_), self.rule)
+        return Detection(detected, fired, margin, score, list(self.layers_), self.rule, self.fpr_)
 
     def detect_keys(self, keys: KeyVectors) -> Detection:
         """Detection of already-collected key vectors (no model run).
@@ -687,9 +723,9 @@ class EllipsoidDetector(KeyRegionDetector):
         self,
         h: float | None = None,
         alpha: float | None = None,
-        layers: int | Sequence[int] | None = -1,
+        layers: int | Sequence[int] | None = None,
         rule: str | int = "any",
-        fpr: float = 0.05,
+        fpr: float = 0.01,
         test_size: float | int = 0.5,
         seed: int = 0,
         shrinkage: float | None = None,
