@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-tl3 lint setup docs
+.PHONY: run test test-tl3 lint setup docs doctest
 
 $(PY): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -16,8 +16,8 @@ run: $(PY)
 	$(VENV)/bin/mechunlearn run $(ARGS)
 
 test: $(PY)
-	$(PY) -m ruff check mechunlearn tests benchmarks analysis
-	$(PY) -m ruff format --check mechunlearn tests benchmarks analysis
+	$(PY) -m ruff check mechunlearn tests benchmarks analysis conftest.py
+	$(PY) -m ruff format --check mechunlearn tests benchmarks analysis conftest.py
 	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The unit tests (hook level, tiny models, legacy HookedTransformer included) against
@@ -28,11 +28,18 @@ test-tl3:
 	MECHUNLEARN_EXPECT_LEGACY=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(TL3_VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(PY)
-	$(PY) -m ruff check --fix mechunlearn tests benchmarks analysis
-	$(PY) -m ruff format mechunlearn tests benchmarks analysis
+	$(PY) -m ruff check --fix mechunlearn tests benchmarks analysis conftest.py
+	$(PY) -m ruff format mechunlearn tests benchmarks analysis conftest.py
 
 # The documentation site (docs/, mkdocs.yml) into site/: methods page and API reference from the
 # docstrings. Installs the `docs` extra on first use; --strict fails on any warning.
 docs: $(PY)
 	@$(PY) -c "import mkdocstrings_handlers.python, material" 2>/dev/null || $(PY) -m pip install -q -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+
+# The docstring examples as doctests (~30 s), against the tiny random Llama of tests/tiny_models.py
+# and two small skills (the namespace is built by the root conftest.py). Examples that read the
+# benchmark files are skipped where $MECHUNLEARN_DATA (default ../shared/data) is absent; lines
+# that need the real model or minutes of compute are marked +SKIP.
+doctest: $(PY)
+	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest --doctest-modules mechunlearn -q $(PYTEST_ARGS)

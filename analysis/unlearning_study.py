@@ -1,55 +1,59 @@
-"""Unlearning results on the default model: NA, KSD and SP on held-out examples, with the
-trade-off over NA's ratio, KSD's alpha and SP's ratio.
+"""Unlearning results on the default model: NA, KSD, the ellipsoid, SP, LUNAR and SIMU on held-out
+examples, over several seeds of the probe/held-out split, with 95 % intervals.
 
-Tasks (each probes the first half of every skill and scores the other half):
+Tasks (each probes one half of every skill and scores the other half; the split is seeded):
 
-* ``gsm8k-vs-mbpp``: forget GSM8K, retain MBPP, general MMLU and English Wikipedia text
-  (XQuAD en contexts);
+* ``gsm8k-vs-mbpp``: forget GSM8K, retain MBPP, general MMLU (the correct choice's text, scored
+  teacher-forced) and English Wikipedia paragraphs (XQuAD en contexts, scored only);
 * ``mbpp-vs-gsm8k``: the reverse;
-* ``xquad-de``: forget German reading comprehension (XQuAD de), retain the other six XQuAD
-  languages, general MMLU.
+* ``xquad-de``: forget German reading comprehension (XQuAD de), keep English, Spanish and Chinese
+  (``--xquad-keep``), general MMLU.
 
-Usage:
-    MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py [--n 48] [--tasks ...]
-        [--na-ratios 0.005 0.015 0.03 0.1] [--sp-ratios ...] [--xquad-keep en es ...]
+Usage (the README's tables come from these commands):
 
-Every score is a full forward pass over the held-out halves per skill and per NA or SP setting
-(detectors share one key pass), so on 2 CPU cores the grid and ``--n`` set the run time.
+    MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \\
+        --tasks gsm8k-vs-mbpp mbpp-vs-gsm8k --seeds 0 1 2 --n 32
+    MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \\
+        --tasks xquad-de --seeds 0 1 2 --n 16
+    python analysis/unlearning_study.py --summarize-only
 
-Writes ``results/unlearning/<task>/`` (the probes, analysis figures and tables of
-``mechunlearn analyze``, plus ``sweep.csv``, ``tradeoff.png`` and ``study_settings.json``) and
-``results/unlearning/summary.csv`` (every task folder's sweep); prints where they went. The
-sweep includes the main job's defaults: NA ratio 0.03, KSD auto fpr=0.05 and SP ratio 0.015.
+Everything goes through the public pipeline (:mod:`mechunlearn.pipeline`): each task and seed is a
+resumable run folder ``results/unlearning/<task>/seed<k>/`` (probes, fitted methods, tables), so an
+interrupted study resumes and tasks can run as parallel commands. Per folder: ``sweep.csv`` (every
+method x held-out skill with its paired-bootstrap interval) and ``tradeoff.png``. Over every
+folder: ``results/unlearning/summary.csv`` and ``summary.md`` (per task: mean +- sd across seeds,
+and seed 0's 95 % interval).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 import mechunlearn as mu
-from mechunlearn import cli
-from mechunlearn.plots import plot_tradeoff, save_figure
+from mechunlearn.io import write_json, write_text
+from mechunlearn.pipeline import RunConfig, RunFolder, load_model_for, load_skills, probe
 
 TASKS = {
     "gsm8k-vs-mbpp": dict(forget="gsm8k", retain=["mbpp"], general="mmlu", wiki=True),
     "mbpp-vs-gsm8k": dict(forget="mbpp", retain=["gsm8k"], general="mmlu", wiki=True),
     "xquad-de": dict(
-        forget="xquad:de",
-        retain=["xquad:en", "xquad:es", "xquad:hi", "xquad:zh", "xquad:vi", "xquad:ar"],
-        general="mmlu",
-        wiki=False,
-    ),
+        forget="xquad:de", retain=["xquad:en", "xquad:es", "xquad:zh"], general="mmlu", wiki=False
+    ),  # fmt: skip
 }
-NA_RATIOS = (0.005, 0.015, 0.03, 0.1)
-KSD_H = (0.5, 1.0, 1.5, 2.0)
-KSD_FPR = (0.01, 0.05, 0.1)
-SP_RATIOS = (0.005, 0.015, 0.05)
+NA_RATIOS = (0.01, 0.03, 0.1)
+KSD_FPR = (0.01, 0.05)
+SP_RATIOS = (0.015, 0.05)
+#: LUNAR's candidate layers for layer="auto" (every third layer: each costs two scoring passes).
+LUNAR_CANDIDATES = tuple(range(2, 30, 3))
+#: SIMU on the last six layers, two integrated-gradient steps, at most ten updates (CPU budget).
+SIMU_PARAMS = dict(layers=list(range(24, 30)), steps=2, max_steps=10, batch_size=8)
 
 
 def wiki_skill(n: int, seed: int, data_dir: str | None) -> mu.Skill:
@@ -68,128 +72,205 @@ def wiki_skill(n: int, seed: int, data_dir: str | None) -> mu.Skill:
     return mu.Skill("wikipedia-en", examples, source="xquad en contexts").subsample(n, seed)
 
 
-def run_task(name: str, spec: dict, args) -> pd.DataFrame:
-    """Probe and analyse (``mechunlearn analyze``, resumable), fit the sweep, score held-out."""
-    out = Path(args.out) / name
+def sweep(config: RunConfig, model, skills, probes, args) -> dict[str, tuple[type, Callable]]:
+    """``{method name: (class, make)}`` of the study's grid (the families in ``args.methods``)."""
+    methods = args.methods
+    retain = f"retain:{skills.first_retain}"
+    negatives = mu.KeyVectors.concat_all([k for r, k in probes.keys.items() if r != "forget"])
+    out: dict[str, tuple[type, Callable]] = {}
+    if "NA" in methods:
+        for r in args.na_ratios:
+            out[f"NA ratio={r}"] = (
+                mu.NeuronAdjust,
+                lambda r=r: mu.NeuronAdjust(ratio=r, seed=config.seed).fit(
+                    probes.pre["forget"], probes.pre[retain]
+                ),
+            )
+    if "KSD" in methods:
+        out["KSD h=2"] = (
+            mu.KeySpaceDetector,
+            lambda: mu.KeySpaceDetector(h=2.0, layers=-1).fit(probes.keys["forget"]),
+        )
+        for fpr in KSD_FPR:
+            out[f"KSD auto fpr={fpr}"] = (
+                mu.KeySpaceDetector,
+                lambda fpr=fpr: mu.KeySpaceDetector(layers=-1, fpr=fpr, seed=config.seed).fit(
+                    probes.keys["forget"], negatives
+                ),
+            )
+    if "Ellipsoid" in methods:
+        out["Ellipsoid auto fpr=0.05"] = (
+            mu.EllipsoidDetector,
+            lambda: mu.EllipsoidDetector(layers=-1, fpr=0.05, seed=config.seed).fit(
+                probes.keys["forget"], negatives
+            ),
+        )
+    if "SP" in methods:
+        for r in SP_RATIOS:
+            out[f"SP ratio={r}"] = (
+                mu.SelectivePruning,
+                lambda r=r: mu.SelectivePruning(ratio=r).fit(
+                    probes.importance["forget"], probes.importance[retain]
+                ),
+            )
+    retain_probe = skills.retain[skills.first_retain][0]
+    if "LUNAR" in methods:
+        out["LUNAR auto"] = (
+            mu.Lunar,
+            lambda: mu.Lunar(layer="auto", candidates=list(LUNAR_CANDIDATES), seed=config.seed).fit(
+                model, skills.forget[0], retain_probe, batch_size=config.batch_size
+            ),
+        )
+    if "SIMU" in methods:
+        out["SIMU"] = (
+            mu.Simu,
+            lambda: mu.Simu(seed=config.seed, **SIMU_PARAMS).fit(
+                model, skills.forget[0], retain_probe, quiet=config.quiet
+            ),
+        )
+    return out
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
+    """Probe (one pass per skill), fit the grid, score the held-out halves; resumable."""
+    spec = TASKS[name]
     keep = spec["retain"]
     if name.startswith("xquad") and args.xquad_keep:
         keep = [f"xquad:{lang}" for lang in args.xquad_keep]
-    argv = ["analyze", "--forget", spec["forget"], "--retain", *keep]
-    argv += ["--general", spec["general"], "--n", str(args.n), "--out", str(out)]
-    argv += ["--seed", str(args.seed), "--batch-size", str(args.batch_size)]
-    if args.data_dir:
-        argv += ["--data-dir", args.data_dir]
-    if args.device:
-        argv += ["--device", args.device]
-    if args.quiet:
-        argv.append("--quiet")
-    code = cli.main(argv)
-    if code:
-        raise SystemExit(f"the probes of {name} failed (exit {code})")
-
-    # The saved probe statistics, re-used for every hyperparameter of the sweep.
-    run = cli.Run(cli._parser().parse_args(argv))
-    probed = cli.stage_collect(run)
-    stats, keys, imp = probed["stats"], probed["keys"], probed["importance"]
-    retain = cli._first_retain(run)
-    keys_r = cli._concat([keys[role] for role in keys if role != "forget"])
-    ivs: dict[str, object] = {}
-    for r in args.na_ratios:
-        ivs[f"NA ratio={r}"] = mu.NeuronAdjust(ratio=r, seed=args.seed).fit(
-            stats["forget"], stats[retain]
+    config = RunConfig(
+        forget=spec["forget"], retain=tuple(keep), general=spec["general"], n=args.n, seed=seed,
+        methods=tuple(args.methods), data_dir=args.data_dir, batch_size=args.batch_size,
+        quiet=args.quiet, device=args.device,
+    )  # fmt: skip
+    out = Path(args.out) / name / f"seed{seed}"
+    folder = RunFolder(out, config)
+    skills = load_skills(config)
+    try:
+        folder.prepare()
+        probes = probe(config, model, skills, folder)
+        fitted = {}
+        for method, (cls, make) in sweep(config, model, skills, probes, args).items():
+            fitted[method] = folder.load_or_make(
+                f"interventions/{_slug(method)}.safetensors", cls.load, make,
+                lambda obj, p: obj.save(p), timer=f"fit {method}",
+            )  # fmt: skip
+        held, roles = skills.held_out()
+        if spec["wiki"]:
+            held["wikipedia-en"], roles["wikipedia-en"] = (
+                wiki_skill(args.n, seed, args.data_dir),
+                "general",
+            )
+        with folder.timer("evaluate sweep"):
+            table = mu.evaluate(
+                model, held, fitted, batch_size=args.batch_size, quiet=args.quiet, roles=roles,
+                seed=seed,
+            )  # fmt: skip
+        table.insert(0, "task", name)
+        table.insert(1, "seed", seed)
+        folder.write("sweep.csv", lambda p: write_text(p, table.to_csv(index=False)))
+        fig = mu.plots.plot_tradeoff(
+            table, title=f"{name} (seed {seed}): forget vs worst kept skill", keep="worst"
         )
-    for h in KSD_H:
-        ivs[f"KSD h={h}"] = mu.KeySpaceDetector(h=h, layers=-1).fit(keys["forget"])
-    for fpr in KSD_FPR:
-        ivs[f"KSD auto fpr={fpr}"] = mu.KeySpaceDetector(layers=-1).fit(
-            keys["forget"], keys_r, fpr=fpr, seed=args.seed
-        )
-    ivs["Ellipsoid auto fpr=0.05"] = mu.EllipsoidDetector(layers=-1).fit(
-        keys["forget"], keys_r, fpr=0.05, seed=args.seed
-    )
-    for r in args.sp_ratios:
-        ivs[f"SP ratio={r}"] = mu.SelectivePruning(ratio=r).fit(imp["forget"], imp[retain])
-
-    held = run.held_out()
-    if spec["wiki"]:
-        held["wikipedia-en (general)"] = wiki_skill(args.n, args.seed, args.data_dir)
-    with run.timer("evaluate sweep"):
-        table = mu.evaluate(run.model, held, ivs, batch_size=args.batch_size, quiet=args.quiet)
-    table.insert(0, "task", name)
-    table.to_csv(out / "sweep.csv", index=False)
-    fig = plot_tradeoff(table, title=f"{name}: forget vs keep (held-out, relative)")
-    save_figure(fig, out / "tradeoff")
+        folder.write("tradeoff.png", lambda p: mu.plots.save_figure(fig, p))
+        mu.plots.close(fig)
+        folder.write("study_settings.json", lambda p: write_json(p, {**vars(args), "task": name}))
+    finally:
+        folder.unlock()
     return table
 
 
+def _cell(values: pd.Series, low: float, high: float) -> str:
+    mean, sd = values.mean(), values.std(ddof=1) if len(values) > 1 else float("nan")
+    spread = f" ± {sd:.2f}" if pd.notna(sd) else ""
+    interval = f" [{low:.2f}, {high:.2f}]" if pd.notna(low) and pd.notna(high) else ""
+    return f"{mean:.2f}{spread}{interval}"
+
+
 def summary_markdown(summary: pd.DataFrame) -> str:
-    """One Markdown table per task: methods as rows, held-out skills as columns (forget
-    first), relative performance, plus the abstention rate on the forget skill."""
+    """One Markdown table per task: methods as rows, held-out skills as columns (forget first);
+    cells ``mean ± sd [low, high]``: mean and sd of relative performance across seeds, and the
+    95 % paired-bootstrap interval of the first seed."""
     parts = []
     for task, table in summary.groupby("task", sort=False):
-        rel = table.pivot(index="method", columns="skill", values="relative")
+        seeds = sorted(table["seed"].unique())
+        first = table[table["seed"] == seeds[0]].set_index(["method", "skill"])
         methods = [m for m in dict.fromkeys(table["method"]) if m != "base"]
-        skills = sorted(rel.columns, key=lambda c: (0 if "(forget)" in c else 1, c))
+        role = table.drop_duplicates("skill").set_index("skill")["role"]
+        order = {"forget": 0, "retain": 1, "general": 2}
+        skills = sorted(role.index, key=lambda s: (order.get(role[s], 3), s))
         n = int(table["n"].iloc[0])
-        parts.append(f"**{task}** ({n} held-out examples per skill)\n")
-        parts.append("| method | " + " | ".join(skills) + " |")
+        seed_list = ", ".join(map(str, seeds))
+        parts.append(
+            f"**{task}** ({n} held-out examples per skill and seed; seeds {seed_list}; "
+            f"cells: mean ± sd over seeds [95 % interval of seed {seeds[0]}])\n"
+        )
+        parts.append("| method | " + " | ".join(f"{s} ({role[s]})" for s in skills) + " |")
         parts.append("|---" * (len(skills) + 1) + "|")
         for m in methods:
-            cells = [f"{rel.loc[m, c]:.2f}" for c in skills]
+            cells = []
+            for s in skills:
+                values = table[(table["method"] == m) & (table["skill"] == s)]["relative"]
+                lo, hi = first.loc[(m, s), ["relative_low", "relative_high"]]
+                cells.append(_cell(values, lo, hi))
             parts.append(f"| {m} | " + " | ".join(cells) + " |")
-        parts.append("")
+        base = table[(table["method"] == "base") & (table["seed"] == seeds[0])]
+        scores = ", ".join(
+            f"{r.skill} {r.score:.3f} [{r.score_low:.3f}, {r.score_high:.3f}] "
+            f"(chance {r.chance:.2g})"
+            for r in base.itertuples()
+        )
+        parts.append(f"\nBase scores (seed {seeds[0]}): {scores}.\n")
     return "\n".join(parts)
 
 
 def summarize(out: Path) -> Path:
-    """``summary.csv`` and ``summary.md`` from every task folder's ``sweep.csv``."""
-    sweeps = sorted(out.glob("*/sweep.csv"))
+    """``summary.csv`` and ``summary.md`` from every task and seed folder's ``sweep.csv``."""
+    sweeps = sorted(out.glob("*/seed*/sweep.csv"))
     if not sweeps:
-        raise SystemExit(f"no task results under {out} (no */sweep.csv)")
+        raise SystemExit(f"no task results under {out} (no */seed*/sweep.csv)")
     order = {name: i for i, name in enumerate(TASKS)}
-    tables = sorted((pd.read_csv(p) for p in sweeps), key=lambda t: order.get(t["task"][0], 99))
+    tables = sorted(
+        (pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in sweeps),
+        key=lambda t: (order.get(t["task"][0], 99), t["seed"][0]),
+    )
     summary = pd.concat(tables, ignore_index=True)
-    summary.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(summary_markdown(summary))
+    write_text(out / "summary.csv", summary.to_csv(index=False))
+    write_text(out / "summary.md", summary_markdown(summary))
     return out / "summary.csv"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--n", type=int, default=48)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--out", default="results/unlearning")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--methods", nargs="+", default=["NA", "KSD", "Ellipsoid", "SP", "LUNAR", "SIMU"]
+    )
     parser.add_argument("--na-ratios", type=float, nargs="+", default=list(NA_RATIOS))
-    parser.add_argument("--sp-ratios", type=float, nargs="+", default=list(SP_RATIOS))
-    parser.add_argument(
-        "--xquad-keep",
-        nargs="+",
-        default=None,
-        help="languages kept in the XQuAD task (default: all six others)",
-    )
-    parser.add_argument(
-        "--summarize-only",
-        action="store_true",
-        help="only rebuild summary.csv and summary.md from the task folders under --out",
-    )
+    parser.add_argument("--xquad-keep", nargs="+", default=None, help="languages kept (XQuAD task)")
+    parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
     if args.summarize_only:
         print(f"unlearning study: {summarize(Path(args.out))} and summary.md")
         return
     if not args.data_dir:
         sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    model: Any = load_model_for(RunConfig(device=args.device, quiet=args.quiet))
     for name in args.tasks:
-        run_task(name, TASKS[name], args)
-        settings = Path(args.out) / name / "study_settings.json"
-        settings.write_text(json.dumps({**vars(args), "tasks": [name]}, indent=2))
-    # Every task finished so far (tasks may be run by separate, even parallel, commands).
-    path = summarize(Path(args.out))
-    print(f"unlearning study: {path}, summary.md and {Path(args.out)}/<task>/tradeoff.png")
+        for seed in args.seeds:
+            run_task(name, seed, args, model)
+            summarize(Path(args.out))
+    print(f"unlearning study: {Path(args.out) / 'summary.md'} and <task>/seed<k>/tradeoff.png")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ each), timed on other GSM8K + MBPP examples (prompt + answer, every token):
 * ``ksd``: KeySpaceDetector hooks at the last layer, the authors' setting
   (goal: ``ksd / bare <= 1.02``);
 * ``ksd_all``: KeySpaceDetector hooks at every layer, rule "any";
+* ``sp``: SelectivePruning, 1.5 %, every layer;
+* ``lunar``: Lunar's hooks at one layer (16), ``key @ dW`` added to the MLP output;
 * generation: ``KeySpaceDetector.generate`` on a mixed batch (half GSM8K, half MBPP prompts)
   vs bare greedy generation of the whole batch (same ``model.generate`` path, no detection).
 
@@ -34,9 +36,12 @@ from pathlib import Path
 import torch
 
 import mechunlearn as mu
+from mechunlearn.batching import iter_batches, tokenize_examples
+from mechunlearn.generation import generate_from_tokens
 from mechunlearn.interventions import KeySpaceDetector, NeuronAdjust
-from mechunlearn.interventions.key_space import _generate
-from mechunlearn.sites import hook_name, iter_batches, tokenize_examples
+from mechunlearn.io import write_json
+from mechunlearn.models import DEFAULT_MODEL, default_device
+from mechunlearn.sites import hook_name
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,7 +59,7 @@ def timed(fn, device: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=mu.models.default_device())
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--n-fit", type=int, default=20, help="examples per skill to fit on")
     parser.add_argument("--n-eval", type=int, default=32, help="examples per skill to time on")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -79,10 +84,13 @@ def main() -> None:
     forget, retain = gsm[:n], mbpp[:n]
     held = mu.Skill("gsm8k+mbpp", list(gsm[n : n + m]) + list(mbpp[n : n + m]), "benchmark")
 
-    stats_f = mu.collect(model, forget, site="pre", quiet=True)
-    stats_r = mu.collect(model, retain, site="pre", quiet=True)
-    keys_f = mu.collect_keys(model, forget, quiet=True)
+    what = ("pre", "keys", "importance")
+    probe_f = mu.collect(model, forget, what=what, quiet=True)
+    probe_r = mu.collect(model, retain, what=what, quiet=True)
+    stats_f, stats_r, keys_f = probe_f.pre, probe_r.pre, probe_f.keys
     na = NeuronAdjust(ratio=0.03).fit(stats_f, stats_r)
+    sp = mu.SelectivePruning(ratio=0.015).fit(probe_f.importance, probe_r.importance)
+    lunar = mu.Lunar(layer=16).fit(model, forget, retain)
     ksd = KeySpaceDetector(h=2.0).fit(keys_f)
     ksd_all = KeySpaceDetector(h=2.0, layers=None, rule="any").fit(keys_f)
     print(na)
@@ -114,9 +122,11 @@ def main() -> None:
     forwards = {
         "bare": bare,
         "identity": forward(lambda: identity),
-        "na": forward(na.hooks),
+        "na": forward(lambda: na.hooks(model)),
         "ksd": ksd_run(ksd),
         "ksd_all": ksd_run(ksd_all),
+        "sp": forward(lambda: sp.hooks(model)),
+        "lunar": forward(lambda: lunar.hooks(model)),
     }
 
     # generation: a mixed batch, KSD vs bare greedy generation of the whole batch
@@ -127,7 +137,9 @@ def main() -> None:
     gen_kw = {"do_sample": False, "verbose": False}
     detected = ksd.detect(model, gen_prompts).detected
     generations = {
-        "generate_bare": lambda: _generate(model, gen_ids, args.max_new_tokens, gen_kw),
+        "generate_bare": lambda: generate_from_tokens(
+            model, gen_ids, args.max_new_tokens, **gen_kw
+        ),
         "generate_ksd": lambda: ksd.generate(
             model, gen_prompts, max_new_tokens=args.max_new_tokens
         ),
@@ -172,6 +184,8 @@ def main() -> None:
         "na_over_bare": med["na"] / med["bare"],
         "ksd_over_bare": med["ksd"] / med["bare"],
         "ksd_all_over_bare": med["ksd_all"] / med["bare"],
+        "sp_over_bare": med["sp"] / med["bare"],
+        "lunar_over_bare": med["lunar"] / med["bare"],
         "identity_over_bare": med["identity"] / med["bare"],
         "na_over_identity": med["na"] / med["identity"],
         "generate_ksd_over_bare": med["generate_ksd"] / med["generate_bare"],
@@ -179,7 +193,7 @@ def main() -> None:
     result = {
         "device": args.device,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        "model": mu.models.DEFAULT_MODEL,
+        "model": DEFAULT_MODEL,
         "n_fit_per_skill": n,
         "eval_examples": len(held),
         "eval_tokens": n_tokens,
@@ -203,12 +217,14 @@ def main() -> None:
         },
         "goals": {"na_over_bare": 1.05, "ksd_over_bare": 1.02},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "hooks.json").write_text(json.dumps(result, indent=2))
+    name = "hooks.json" if on_cpu else "hooks_cuda.json"
+    write_json(RESULTS / name, result)
     print(json.dumps(result, indent=2))
     print(f"ratios of median {basis}:")
     print(f"NA / bare forward:  {ratios['na_over_bare']:.3f} (goal <= 1.05)")
     print(f"KSD / bare forward: {ratios['ksd_over_bare']:.3f} (goal <= 1.02)")
+    print(f"SP / bare forward: {ratios['sp_over_bare']:.3f}")
+    print(f"LUNAR / bare forward: {ratios['lunar_over_bare']:.3f}")
     print(
         f"KSD.generate / bare generation: {ratios['generate_ksd_over_bare']:.3f} "
         f"({int(detected.sum())} of {len(gen_prompts)} prompts detected)"

@@ -2,9 +2,17 @@
 
 Example:
     >>> import mechunlearn as mu
-    >>> model = mu.load_model()                       # offline default: SmolLM2-135M-Instruct
-    >>> forget = mu.load_skill("gsm8k", n=200)
-    >>> stats = mu.collect(model, forget, site="pre")  # streaming per-neuron statistics
+    >>> model = mu.load_model()   # offline default: SmolLM2-135M-Instruct  # doctest: +SKIP
+    >>> forget = mu.load_skill("gsm8k", n=200)                            # doctest: +SKIP
+    >>> stats = mu.collect(model, forget, site="pre", quiet=True)  # per-neuron statistics
+    >>> stats.mean.shape          # (layers, d_mlp): [30, 1536] on the default model
+    torch.Size([3, 48])
+
+The docstrings' examples run as doctests (``make doctest``) against a tiny random Llama
+(3 layers, ``d_mlp`` 48, a character-level vocabulary of 101 tokens) and two 30-example skills,
+``forget`` (``"3+4="`` -> ``"7"``) and ``retain`` (``"copy b:"`` -> ``" b"``), built by the
+repository's ``conftest.py``; their outputs are that model's. Lines that need the real model,
+the benchmark data or minutes of compute are marked ``# doctest: +SKIP``.
 
 ``mu.plots`` (matplotlib, seaborn) is imported on first use, not with the package.
 """
@@ -19,16 +27,19 @@ from .interventions import (
     Detection,
     EllipsoidDetector,
     KeySpaceDetector,
+    Lunar,
     NeuronAdjust,
     NotFittedError,
     SelectivePruning,
     Simu,
+    reference_prompts,
     sweep_ratio,
 )
 from .io import DamagedFileError
 from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
 from .sites import hook_name
 from .stats import Importance, KeyVectors, NeuronStats
+from .tuning import prune_iteratively, tune_neuron_adjust
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -40,6 +51,7 @@ __all__ = [
     "Importance",
     "KeySpaceDetector",
     "KeyVectors",
+    "Lunar",
     "ModelNotFoundError",
     "NeuronAdjust",
     "NeuronStats",
@@ -60,8 +72,11 @@ __all__ = [
     "load_model",
     "load_skill",
     "plots",
+    "prune_iteratively",
+    "reference_prompts",
     "relative_table",
     "sweep_ratio",
+    "tune_neuron_adjust",
 ]
 
 

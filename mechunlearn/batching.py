@@ -118,7 +118,8 @@ def tokenize_examples(
     for i, (p, a) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
         if not p:
             raise ValueError(f"Example {i} has an empty prompt: every example needs prompt text.")
-        head = ([bos] if bos is not None else []) + list(p)
+        # A text that already starts with BOS (a chat template's first marker) gets no second.
+        head = ([bos] if bos is not None and p[0] != bos else []) + list(p)
         if len(head) > limit:
             raise ValueError(
                 f"Example {i}'s prompt is {len(head)} tokens, longer than the model's context "
@@ -217,8 +218,10 @@ def iter_batches(
     scores fill the memory.
 
     Example:
-        >>> for batch in iter_batches(model, ["2 + 2 ="], [" 4"]):
+        >>> for batch in iter_batches(model, ["2+2=", "copy a:"], ["4", " a"]):
         ...     logits = model(batch.tokens, attention_mask=batch.attention_mask)
+        >>> batch.tokens.shape, batch.example_index     # longest first
+        (torch.Size([2, 10]), tensor([1, 0]))
     """
     check_batching(batch_size, max_batch_tokens, padding_side)
     if answers is None:
@@ -266,7 +269,15 @@ def forward_until(model, batch: EncodedBatch, fwd_hooks, stop_after: str) -> Non
     (TransformerBridge's ``stop_at_layer`` still computes it). For hooks that only record.
 
     Example:
-        >>> forward_until(model, batch, [(hook_name("pre", 3), record)], hook_name("pre", 3))
+        >>> from mechunlearn.sites import hook_name
+        >>> shapes = []
+        >>> def record(activation, hook):      # records, returns the activation untouched
+        ...     shapes.append(tuple(activation.shape))
+        ...     return activation
+        >>> batch = next(iter_batches(model, ["2+2="], ["4"]))   # [BOS] + 5 characters
+        >>> forward_until(model, batch, [(hook_name("pre", 1), record)], hook_name("pre", 1))
+        >>> shapes
+        [(1, 6, 48)]
     """
     try:
         forward(model, batch, [*fwd_hooks, (stop_after, _stop_forward)])

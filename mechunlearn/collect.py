@@ -60,8 +60,11 @@ class Probe:
         importance: Importance (``mean |x|`` at ``hook_post``).
 
     Example:
-        >>> probe = mu.collect(model, skill, what=("pre", "keys", "importance"))
-        >>> probe.pre, probe.keys, probe.importance
+        >>> probe = mu.collect(model, forget, what=("pre", "keys", "importance"), quiet=True)
+        >>> probe.pre.mean.shape, probe.keys.values.shape, probe.importance.values.shape
+        (torch.Size([3, 48]), torch.Size([30, 3, 48]), torch.Size([3, 48]))
+        >>> probe.key is None        # not asked for
+        True
     """
 
     pre: NeuronStats | None = None
@@ -314,10 +317,12 @@ def collect(
         NeuronStats (``what=None``) or a Probe, on the model's device.
 
     Example:
-        >>> stats = mu.collect(model, mu.load_skill("gsm8k", n=200), site="pre")
-        >>> stats.mean.shape
-        torch.Size([30, 1536])
-        >>> probe = mu.collect(model, skill, what=("pre", "keys", "importance"))
+        >>> stats = mu.collect(model, forget, site="pre", quiet=True)
+        >>> stats.mean.shape         # (layers, d_mlp)
+        torch.Size([3, 48])
+        >>> probe = mu.collect(model, forget, what=("pre", "keys", "importance"), quiet=True)
+        >>> type(probe).__name__, probe.pre.n_tokens == stats.n_tokens
+        ('Probe', True)
     """
     check_model(model)
     if what is None:
@@ -351,7 +356,7 @@ def collect(
     desc = "collect " + "+".join(wanted)
     _run(
         model, skill, list(made.values()), layers, batch_size, max_length, padding_side,
-        max_batch_tokens, desc, quiet,
+        max_batch_tokens, desc, quiet, prompts_only=set(wanted) == {"keys"},
     )  # fmt: skip
     return Probe(**{item: c.finish(skill.name) for item, c in made.items()})
 
@@ -375,9 +380,9 @@ def collect_keys(
         model's device), rows in the skill's order.
 
     Example:
-        >>> keys = mu.collect_keys(model, mu.load_skill("gsm8k", n=100), layers=[-1])
-        >>> keys.values.shape
-        torch.Size([100, 1, 1536])
+        >>> keys = mu.collect_keys(model, forget, layers=[-1], quiet=True)
+        >>> keys.values.shape, keys.layers     # 30 examples, the last of 3 layers
+        (torch.Size([30, 1, 48]), [2])
     """
     check_model(model)
     check_batching(batch_size, max_batch_tokens, padding_side)
@@ -422,8 +427,11 @@ def collect_importance(
         Importance on the model's device.
 
     Example:
-        >>> imp = collect_importance(model, mu.load_skill("gsm8k", n=100))
+        >>> imp = collect_importance(model, forget)
         >>> imp.values.shape  # (n_layers, d_mlp)
+        torch.Size([3, 48])
+        >>> imp
+        Importance(skill='add', layers=3, d_mlp=48, tokens=150)
     """
     check_model(model)
     check_batching(batch_size, max_batch_tokens, "right")

@@ -327,8 +327,11 @@ def teacher_forced(
     logit among the choice letters, with the NLL of that letter token.
 
     Example:
-        >>> s = teacher_forced(model, mu.load_skill("gsm8k", n=50))
-        >>> s.score, s.mean_nll
+        >>> s = teacher_forced(model, forget)
+        >>> len(s.correct), int(s.total.sum())      # 30 examples, one answer token each
+        (30, 30)
+        >>> 0 <= s.score <= 1, s.mean_nll > 0
+        (True, True)
     """
     check_model(model)
     check_batching(batch_size)
@@ -525,9 +528,17 @@ def evaluate(
         whether the base score's interval lies above ``chance``.
 
     Example:
-        >>> table = mu.evaluate(model, {"gsm8k": f_test, "mbpp": r_test}, {"NA": na, "KSD": ksd},
-        ...                     roles={"gsm8k": "forget", "mbpp": "retain"})
-        >>> mu.relative_table(table)
+        >>> forget_fit, forget_test = forget.split(0.5)   # fit on one half, score the other
+        >>> ksd = mu.KeySpaceDetector(h=2.0).fit(mu.collect_keys(model, forget_fit, quiet=True))
+        >>> table = mu.evaluate(model, [forget_test, retain], {"KSD": ksd},
+        ...                     roles={"add": "forget", "copy": "retain"}, quiet=True)
+        >>> table.shape, list(table["method"])         # a row per skill x method
+        ((4, 17), ['base', 'KSD', 'base', 'KSD'])
+        >>> mu.relative_table(table)                   # score after / score before
+        method  base  KSD
+        skill
+        add      1.0  0.0
+        copy     1.0  1.0
     """
     check_model(model)
     check_choice(metric, METRICS, "metric")
@@ -631,6 +642,14 @@ def relative_table(results: pd.DataFrame, interval: bool = False) -> pd.DataFram
 
     Raises:
         ValueError: not a table from :func:`evaluate` (columns missing) or an empty one.
+
+    Example:
+        >>> table = mu.evaluate(model, [forget, retain], {"KSD": ksd}, quiet=True)
+        >>> relative_table(table, interval=True)   # after / before [95 % paired bootstrap]
+        method               base                KSD
+        skill
+        add     1.00 [1.00, 1.00]  0.00 [0.00, 0.00]
+        copy    1.00 [1.00, 1.00]  1.00 [1.00, 1.00]
     """
     needed = {"skill", "method", "relative"} | (
         {"relative_low", "relative_high"} if interval else set()

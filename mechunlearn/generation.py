@@ -116,7 +116,9 @@ def greedy_generate(
     a time, by :func:`generate_from_tokens`.
 
     Example:
-        >>> greedy_generate(model, ["def add(a, b):"], max_new_tokens=16, fwd_hooks=na.hooks(model))
+        >>> out = greedy_generate(model, ["3+4=", "copy b:"], 4, fwd_hooks=na.hooks(model))
+        >>> len(out), isinstance(out[0], str)      # one continuation per prompt
+        (2, True)
     """
     check_batching(batch_size)
     items = tokenize_examples(model, list(prompts), [""] * len(prompts), None, special_tokens)

@@ -39,6 +39,8 @@ class DamagedFileError(ValueError):
 
 
 def _with_suffix(path: str | Path) -> Path:
+    if str(path).strip() in ("", "."):
+        raise ValueError(f"Cannot save to {str(path)!r}: give a file name, e.g. 'na_gsm8k'.")
     path = Path(path)
     return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
 
@@ -66,6 +68,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise OSError(f"Cannot write {path}: {err.strerror or err}.") from None
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; files get the usual mode
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
@@ -73,6 +76,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             raise OSError(f"Cannot write {path}: {err.strerror or err}.") from None
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -189,8 +189,8 @@ def load_model(
             tried and why it failed.
 
     Example:
-        >>> model = load_model()  # offline default
-        >>> model.cfg.n_layers, model.cfg.d_mlp
+        >>> model = load_model()  # offline default              # doctest: +SKIP
+        >>> model.cfg.n_layers, model.cfg.d_mlp                  # doctest: +SKIP
         (30, 1536)
     """
     if _is_ready_model(name):

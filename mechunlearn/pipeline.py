@@ -24,7 +24,7 @@ a damaged artefact is named in a warning and computed again.
 
 Example:
     >>> cfg = RunConfig(forget="gsm8k", retain=("mbpp",), general="mmlu", n=32)
-    >>> result = run(cfg, "report")            # every stage, resumable
+    >>> result = run(cfg, "report")  # every stage, resumable (minutes)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -83,7 +83,13 @@ class RunConfig:
     Validated as a whole by :meth:`validate` before any work.
 
     Example:
-        >>> RunConfig(forget="gsm8k", retain=("mbpp",), general="mmlu", n=32).key()[:8]
+        >>> cfg = RunConfig(forget="gsm8k", retain=("mbpp",), general="mmlu", n=32)
+        >>> len(cfg.key())                                   # a 16-hex-digit hash
+        16
+        >>> cfg.key() == dataclasses.replace(cfg, device="cuda").key()   # not result-relevant
+        True
+        >>> cfg.key() == dataclasses.replace(cfg, n=64).key()
+        False
     """
 
     model: str | None = None

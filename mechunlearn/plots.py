@@ -8,6 +8,7 @@ Example:
     >>> fit = mu.analysis.gaussian_fit(stats_f, other=stats_r)
     >>> fig = mu.plots.plot_gaussian_summary(fit)
     >>> mu.plots.save_figure(fig, "figures/gaussian_summary")  # .png and .svg
+    [PosixPath('figures/gaussian_summary.png'), PosixPath('figures/gaussian_summary.svg')]
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def style() -> contextlib.AbstractContextManager:
     Example:
         >>> with style():
         ...     fig, ax = plt.subplots()
+        ...     print(plt.rcParams["axes.titlesize"])
+        medium
+        >>> plt.rcParams["axes.titlesize"]     # the global state is left alone
+        'large'
     """
     rc: dict[str, Any] = {
         **sns.axes_style("whitegrid"),
@@ -70,7 +75,9 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> list[Path]:
         The two paths written.
 
     Example:
-        >>> save_figure(fig, "figures/separation_by_layer")
+        >>> fig = plot_separation_by_layer(mu.analysis.separation(stats_f, stats_r))
+        >>> save_figure(fig, "figures/separation_by_layer.png")   # the suffix is dropped
+        [PosixPath('figures/separation_by_layer.png'), PosixPath('figures/separation_by_layer.svg')]
     """
     base = Path(path)
     if base.suffix.lower() in {".png", ".svg", ".pdf"}:
@@ -116,7 +123,10 @@ def plot_gaussian_summary(fit: GaussianFit, tests: Sequence[str] | None = None) 
     decision rule ``p_F >= p_R``.
 
     Example:
-        >>> plot_gaussian_summary(mu.analysis.gaussian_fit(stats_f, other=stats_r))
+        >>> fig = plot_gaussian_summary(mu.analysis.gaussian_fit(stats_f, other=stats_r))
+        >>> [ax.get_title() for ax in fig.axes]
+        ['normality tests, alpha=0.05, correction=none', 'shape (0 for a normal)',
+         'Gaussian rule p_F >= p_R']
     """
     by = fit.by_layer
     layers = by.index.to_numpy()
@@ -176,7 +186,10 @@ def plot_qq(
         ncols: panels per row.
 
     Example:
-        >>> plot_qq(fit, neurons=[(3, 17), (10, 512)])
+        >>> fit = mu.analysis.gaussian_fit(stats_f)
+        >>> fig = plot_qq(fit, neurons=[(0, 17), (2, 40)])
+        >>> [ax.get_title().splitlines()[0] for ax in fig.axes]
+        ['layer 0, neuron 17', 'layer 2, neuron 40']
     """
     neurons = list(neurons) if neurons is not None else fit.representative_neurons(n)
     if not neurons:
@@ -218,7 +231,9 @@ def plot_separation_histograms(
         ncols: panels per row.
 
     Example:
-        >>> plot_separation_histograms(mu.analysis.separation(stats_f, stats_r), k=4)
+        >>> fig = plot_separation_histograms(mu.analysis.separation(stats_f, stats_r), k=4)
+        >>> len(fig.axes)       # one panel per neuron
+        4
     """
     if neurons is None:
         top = sep.top(k=k)
@@ -263,7 +278,10 @@ def plot_separation_by_layer(
     the effective number of layers and Gini coefficient in the title.
 
     Example:
-        >>> plot_separation_by_layer(sep, ratio=0.03)
+        >>> sep = mu.analysis.separation(stats_f, stats_r)
+        >>> fig = plot_separation_by_layer(sep, ratio=0.03)
+        >>> [ax.get_title() for ax in fig.axes]
+        ['mean_diff per layer (no outliers drawn)', 'top 4 (3.00%) by mean_diff: ...']
     """
     metric = metric or sep.metric
     if k is not None:
@@ -335,7 +353,9 @@ def plot_inclusion_curves(
         max_panels: panels when ``layers`` is omitted.
 
     Example:
-        >>> fig = plot_inclusion_curves(mu.analysis.hypercube(keys_f, {"mbpp": keys_m}))
+        >>> fig = plot_inclusion_curves(mu.analysis.hypercube(keys_f, {"copy": keys_r}))
+        >>> [ax.get_title() for ax in fig.axes]
+        ['layer 0', 'layer 1', 'layer 2']
     """
     layers = _pick_layers(result.layers, layers, max_panels)
     colors = _other_colors(result.others)
@@ -375,7 +395,10 @@ def plot_hypercube_layers(result: HypercubeResult) -> Figure:
     ``α_F < α_other``. Panel titles give the Spearman correlation with the layer index.
 
     Example:
+        >>> res = mu.analysis.hypercube(keys_f, {"copy": keys_r})
         >>> fig = plot_hypercube_layers(res)
+        >>> [ax.get_title().split(" (")[0] for ax in fig.axes]
+        ['cube size', 'centre distance', 'separating α']
     """
     trends = result.trends
 
@@ -436,7 +459,9 @@ def plot_convexity(result: ConvexityResult, sizing: str = "matched") -> Figure:
     ``h × k_min``).
 
     Example:
-        >>> fig = plot_convexity(mu.analysis.convexity(keys_f, {"mbpp": keys_m}))
+        >>> fig = plot_convexity(mu.analysis.convexity(keys_f, {"copy": keys_r}))
+        >>> fig.axes[0].get_title()
+        'nearest neighbour is a forget key'
     """
     if sizing not in ("matched", "h"):
         raise ValueError(f"sizing must be 'matched' or 'h', got {sizing!r}.")
@@ -592,7 +617,13 @@ def plot_tradeoff(
         keep: ``"mean"`` or ``"worst"`` (see :func:`tradeoff_points`).
 
     Example:
-        >>> fig = plot_tradeoff(mu.evaluate(model, held_out, sweep, roles=roles))
+        >>> sweep = {f"NA ratio={r}": mu.NeuronAdjust(ratio=r).fit(stats_f, stats_r)
+        ...          for r in (0.01, 0.05)}
+        >>> table = mu.evaluate(model, [forget, retain], {**sweep, "KSD h=2": ksd},
+        ...                     roles={"add": "forget", "copy": "retain"}, quiet=True)
+        >>> fig = plot_tradeoff(table)
+        >>> [t.get_text() for t in fig.axes[0].get_legend().get_texts()]   # the families
+        ['NA', 'KSD']
     """
     points = tradeoff_points(results, keep)
     with style():
@@ -635,5 +666,115 @@ def plot_tradeoff(
         )
         ax.set_title(title or "forget vs keep")
         ax.legend(loc="upper left")
+        fig.tight_layout()
+    return fig
+
+
+def plot_language_matrix(
+    table: pd.DataFrame, method: str, title: str | None = None, annotate: bool = True
+) -> Figure:
+    """Heatmap of relative performance: rows the forgotten language, columns the scored skill.
+
+    Args:
+        table: one row per (forgotten language, method, scored skill) with columns ``forget``,
+            ``method``, ``skill``, ``relative`` and optionally ``relative_low``/``relative_high``
+            (e.g. the language study's ``matrix.csv``).
+        method: which method's cells to draw (a value of the ``method`` column).
+        title: figure title.
+        annotate: write each cell's value and interval in it.
+
+    Example:
+        >>> matrix = pd.DataFrame({"forget": ["en", "en", "de", "de"], "method": "KSD",
+        ...                        "skill": ["en", "de", "en", "de"],
+        ...                        "relative": [0.1, 0.9, 1.0, 0.2]})
+        >>> fig = plot_language_matrix(matrix, "KSD")
+        >>> fig.axes[0].get_title()
+        'KSD: relative performance after forgetting each language'
+    """
+    rows = table[table["method"] == method]
+    if rows.empty:
+        raise ValueError(
+            f"No rows for method {method!r}; the table has {sorted(table['method'].unique())}."
+        )
+    forgets = list(dict.fromkeys(rows["forget"]))
+    skills = list(dict.fromkeys(rows["skill"]))
+    value = rows.pivot(index="forget", columns="skill", values="relative").loc[forgets, skills]
+    has_ci = {"relative_low", "relative_high"} <= set(rows.columns)
+    if has_ci:
+        low = rows.pivot(index="forget", columns="skill", values="relative_low").loc[
+            forgets, skills
+        ]
+        high = rows.pivot(index="forget", columns="skill", values="relative_high").loc[
+            forgets, skills
+        ]
+    with style():
+        fig, ax = plt.subplots(figsize=(1.05 * len(skills) + 2.2, 0.62 * len(forgets) + 1.6))
+        image = ax.imshow(value.to_numpy(dtype=float), cmap="RdYlGn", vmin=0.0, vmax=1.2,
+                          aspect="auto")  # fmt: skip
+        ax.set_xticks(range(len(skills)), labels=skills, rotation=30, ha="right")
+        ax.set_yticks(range(len(forgets)), labels=forgets)
+        ax.set_xlabel("scored skill (held-out)")
+        ax.set_ylabel("forgotten language")
+        ax.grid(False)
+        if annotate:
+            for i, f in enumerate(forgets):
+                for j, s in enumerate(skills):
+                    v = value.loc[f, s]
+                    if not np.isfinite(v):
+                        continue
+                    text = f"{v:.2f}"
+                    if has_ci and np.isfinite(low.loc[f, s]) and np.isfinite(high.loc[f, s]):
+                        text += f"\n[{low.loc[f, s]:.2f},{high.loc[f, s]:.2f}]"
+                    weight = "bold" if f == s else "normal"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=6.5, weight=weight)
+        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="relative performance")
+        ax.set_title(title or f"{method}: relative performance after forgetting each language")
+        fig.tight_layout()
+    return fig
+
+
+def plot_detection_by_format(table: pd.DataFrame) -> Figure:
+    """Detection rate of each prompt format, per detector: the forget skill's (to be detected)
+    beside the controls' (false positives), with 95 % intervals.
+
+    Args:
+        table: one row per (detector, skill, variant) with ``rate``, ``low``, ``high``; the first
+            skill is the forget skill (e.g. the format study's ``detection.csv``).
+
+    Example:
+        >>> table = pd.DataFrame({"detector": "KSD", "skill": ["add", "add", "copy", "copy"],
+        ...                       "variant": ["plain", "chat"] * 2, "rate": [1.0, 0.4, 0.0, 0.1],
+        ...                       "low": [0.9, 0.2, 0.0, 0.0], "high": [1.0, 0.6, 0.1, 0.3]})
+        >>> fig = plot_detection_by_format(table)   # or pd.read_csv(".../detection.csv")
+        >>> [ax.get_title() for ax in fig.axes]    # one panel per detector
+        ['KSD']
+    """
+    needed = {"detector", "skill", "variant", "rate", "low", "high"}
+    if missing := needed - set(table.columns):
+        raise ValueError(f"The table lacks the columns {sorted(missing)}.")
+    detectors = list(dict.fromkeys(table["detector"]))
+    skills = list(dict.fromkeys(table["skill"]))
+    variants = list(dict.fromkeys(table["variant"]))
+    colors = [FORGET_COLOR, *sns.color_palette("Blues_d", max(1, len(skills) - 1))]
+    with style():
+        fig, axes = plt.subplots(
+            len(detectors), 1, figsize=(1.0 * len(variants) + 2.5, 2.6 * len(detectors)),
+            squeeze=False, sharex=True,
+        )  # fmt: skip
+        width = 0.8 / len(skills)
+        for ax, det in zip(axes[:, 0], detectors, strict=True):
+            part = table[table["detector"] == det]
+            for k, (skill, color) in enumerate(zip(skills, colors, strict=False)):
+                rows = part[part["skill"] == skill].set_index("variant").reindex(variants)
+                x = np.arange(len(variants)) + (k - (len(skills) - 1) / 2) * width
+                err = np.vstack([rows["rate"] - rows["low"], rows["high"] - rows["rate"]])
+                yerr = np.nan_to_num(np.abs(err))
+                ax.bar(x, rows["rate"], width, color=color, label=skill, yerr=yerr,
+                       capsize=1.5, error_kw={"lw": 0.7})  # fmt: skip
+            ax.set_ylim(0, 1.05)
+            ax.set_ylabel("detected")
+            ax.set_title(det)
+        axes[-1, 0].set_xticks(range(len(variants)), labels=variants, rotation=25, ha="right")
+        axes[0, 0].legend(ncol=len(skills), loc="upper right", fontsize="x-small")
         fig.tight_layout()
     return fig

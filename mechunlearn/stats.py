@@ -62,8 +62,11 @@ class NeuronStats:
         meta: model, skill, seed and package version.
 
     Example:
-        >>> stats = collect(model, load_skill("gsm8k", n=64), site="pre")
+        >>> stats = mu.collect(model, forget, site="pre", quiet=True)
         >>> stats.std.shape  # (layers, d_mlp)
+        torch.Size([3, 48])
+        >>> stats.n_examples, stats.site
+        (30, 'pre')
     """
 
     site: str
@@ -253,13 +256,16 @@ class NeuronStats:
         # Everything in float64 from the first subtraction, whatever the activation's dtype
         # (bf16/fp16 deviations and squares would lose most of their precision). Non-finite
         # values are left out of the sums and counted separately.
-        x = values.to(torch.float64)
-        finite = torch.isfinite(x)
+        # (Sums of values are accumulated in float64, exact for float32 and narrower inputs;
+        # the deviations are float64 before they are squared.)
+        finite = torch.isfinite(values)
         n_b = finite.sum(0)
-        mean_b = torch.where(finite, x, 0.0).sum(0) / n_b.clamp(min=1)
-        m2_b = torch.where(finite, x - mean_b, 0.0).square().sum(0)
-        lo = torch.where(finite, x, torch.inf).amin(0)
-        hi = torch.where(finite, x, -torch.inf).amax(0)
+        x = torch.where(finite, values, 0.0)
+        mean_b = x.sum(0, dtype=torch.float64) / n_b.clamp(min=1)
+        dev = x.to(torch.float64).sub_(mean_b).masked_fill_(~finite, 0.0)
+        m2_b = dev.square_().sum(0)
+        lo = torch.where(finite, values, torch.inf).amin(0).to(torch.float64)
+        hi = torch.where(finite, values, -torch.inf).amax(0).to(torch.float64)
         count, mean, m2 = chan_merge(
             self.count[row], self.mean[row], self.m2[row], n_b, mean_b, m2_b
         )
@@ -443,8 +449,9 @@ class KeyVectors:
         meta: model, skill and package version.
 
     Example:
-        >>> keys = collect_keys(model, load_skill("gsm8k", n=100))
-        >>> keys.layer(-1).shape  # (100, d_mlp) for the last layer
+        >>> keys = mu.collect_keys(model, forget, quiet=True)
+        >>> keys.values.shape, keys.layer(-1).shape   # (n, layers, d_mlp); the last layer
+        (torch.Size([30, 3, 48]), torch.Size([30, 48]))
     """
 
     values: Float[Tensor, "example layer d_mlp"]

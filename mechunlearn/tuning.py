@@ -10,9 +10,18 @@ drive collection and scoring around them:
   skills all stay at or above a floor of their base score (the paper's open question 1).
 
 Example:
+    >>> forget_probe, forget_heldback = forget.split(0.5)
+    >>> retain_probe, retain_heldback = retain.split(0.5)
     >>> sp = prune_iteratively(model, forget_probe, retain_probe, ratio=0.06, step=0.02)
-    >>> na = tune_neuron_adjust(model, pre_f, pre_r, forget_heldback, {"mbpp": mbpp_heldback})
-    >>> na.tuning_                                   # the sweep it chose from
+    >>> len(sp.history_)                             # 3 steps of 2 %
+    3
+    >>> stats_f = mu.collect(model, forget_probe, quiet=True)
+    >>> stats_r = mu.collect(model, retain_probe, quiet=True)
+    >>> na = tune_neuron_adjust(model, stats_f, stats_r, forget_heldback, {"copy": retain_heldback})
+    >>> list(na.tuning_.columns)                     # the sweep it chose from
+    ['ratio', 'n_selected', 'forget', 'copy', 'meets_floor', 'chosen']
+    >>> int(na.tuning_["chosen"].sum())
+    1
 """
 
 from __future__ import annotations

@@ -199,6 +199,10 @@ def check_compatible(
 
     Example:
         >>> check_compatible(stats_f.meta, stats_r.meta, ("n_layers", "d_mlp"), "statistics")
+        >>> check_compatible(stats_f.meta, {**stats_r.meta, "d_mlp": 64}, ("d_mlp",), "statistics")
+        Traceback (most recent call last):
+        ...
+        ValueError: Cannot combine statistics with different d_mlp: 48 vs 64.
     """
     for key in keys:
         if a.get(key) != b.get(key):

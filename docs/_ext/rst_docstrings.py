@@ -13,6 +13,8 @@ What it rewrites (in memory, once the package is loaded):
 * Simple two-column RST tables (``=====  =====`` borders) become Markdown tables.
 * A paragraph ending in ``::`` (RST literal block marker) ends in ``:`` instead; the indented
   block after it is already a Markdown code block.
+* Doctest directives (``# doctest: +SKIP`` at the end of an example line, for ``make
+  doctest``) are dropped from the rendered examples.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ _ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|exc|obj):`(~?)([\w.]+)`")
 _EXAMPLE = re.compile(r"^(\s*)Example:\s*$", re.MULTILINE)
 _LITERAL = re.compile(r"(\S)::$", re.MULTILINE)
 _BORDER = re.compile(r"^(\s*)(=+)(\s+)(=+)\s*$")
+_DIRECTIVE = re.compile(r"[ \t]*#\s*doctest:[^\n]*$", re.MULTILINE)
 
 
 def _resolve(obj: griffe.Object, name: str, loader: griffe.GriffeLoader) -> str | None:
@@ -109,6 +112,7 @@ def rewrite(text: str, obj: griffe.Object, loader: griffe.GriffeLoader) -> str:
     """The docstring ``text`` of ``obj`` in the Markdown dialect the site renders."""
     text = _EXAMPLE.sub(r"\1Examples:", text)
     text = _LITERAL.sub(r"\1:", text)
+    text = _DIRECTIVE.sub("", text)
     text = _tables(text)
     return _roles(text, obj, loader)
 

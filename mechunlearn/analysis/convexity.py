@@ -1,4 +1,4 @@
-"""Is a skill's key region convex? (METHODS.md §4; the paper's open question 4.)
+"""Is a skill's key region convex? (docs/methods.md; the paper's open question 4.)
 
 Key Space Detection treats the forget skill's key vectors as filling one axis-aligned box.
 That is only sensible if the region they occupy is (roughly) convex and apart from other
@@ -22,9 +22,12 @@ skills. :func:`convexity` measures three things per layer:
    the ``h`` matching a common held-out recall ``target``.
 
 Example:
-    >>> res = mu.analysis.convexity(keys_f, others={"mbpp": keys_mbpp})
-    >>> res.per_layer[["layer", "segment_forget_rate", "baseline_forget_rate"]]
-    >>> res.boxes.query("sizing == 'matched'")
+    >>> res = mu.analysis.convexity(keys_f, others={"copy": keys_r})
+    >>> res.per_layer[["layer", "segment_forget_rate", "baseline_forget_rate"]].shape
+    (3, 3)
+    >>> matched = res.boxes.query("sizing == 'matched'")   # one row per layer and k
+    >>> sorted(set(matched["k"]))
+    [1, 2, 4, 8]
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def kmeans(
 
     Example:
         >>> labels, centres, inertia = kmeans(torch.randn(100, 8), k=3)
+        >>> labels.shape, centres.shape, bool(labels.max() < 3)
+        (torch.Size([100]), torch.Size([3, 8]), True)
     """
     x = torch.as_tensor(x)
     n = x.shape[0]
@@ -124,6 +129,8 @@ def fit_logistic(
 
     Example:
         >>> w, b = fit_logistic(torch.randn(50, 4), torch.arange(50) % 2)
+        >>> w.shape
+        torch.Size([4])
     """
     with torch.inference_mode(False), torch.enable_grad():
         x = torch.as_tensor(x).double().clone()
@@ -304,9 +311,13 @@ def convexity(
             different models or layers, non-finite values, bad ``ts``/``ks``/``target``.
 
     Example:
-        >>> res = mu.analysis.convexity(keys_f, others={"mbpp": keys_mbpp}, ks=(1, 2, 4))
-        >>> res.separability[["layer", "other", "balanced_accuracy"]]
-        >>> mu.plots.plot_convexity(res)
+        >>> res = mu.analysis.convexity(keys_f, others={"copy": keys_r}, ks=(1, 2, 4))
+        >>> res.separability[["layer", "other", "balanced_accuracy"]]  # tiny model: disjoint
+           layer other  balanced_accuracy
+        0      0  copy                1.0
+        1      1  copy                1.0
+        2      2  copy                1.0
+        >>> fig = mu.plots.plot_convexity(res)
     """
     what = "convexity()"
     ts_t = torch.as_tensor(list(ts), dtype=torch.float64).reshape(-1)

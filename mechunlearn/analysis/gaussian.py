@@ -1,7 +1,7 @@
 """Gaussian-fit checks: is a neuron's value distribution on a skill close to a normal?
 
 Neuron Adjust models every neuron's pre-activation on a skill as a Gaussian ``N(mu, sigma)``
-(METHODS.md section 1). :func:`gaussian_fit` checks that assumption for every neuron of every
+(docs/methods.md). :func:`gaussian_fit` checks that assumption for every neuron of every
 layer at once, from the reservoir sample that :func:`~mechunlearn.collect` keeps (a uniform
 sample of tokens, the same tokens for every neuron):
 
@@ -140,8 +140,10 @@ class GaussianFit:
 
     Example:
         >>> fit = mu.analysis.gaussian_fit(stats_f, other=stats_r)
-        >>> fit.by_layer[["share_gaussian", "median_abs_skew"]]
+        >>> fit.by_layer[["share_gaussian", "median_abs_skew"]].shape   # one row per layer
+        (3, 2)
         >>> fit.tensor("kurtosis").shape  # (layers, d_mlp)
+        torch.Size([3, 48])
     """
 
     table: pd.DataFrame
@@ -168,7 +170,9 @@ class GaussianFit:
         """A column as a ``[layers, d_mlp]`` float64 tensor (NaN where undefined).
 
         Example:
-            >>> fit.tensor("skew")[0, :5]
+            >>> fit = mu.analysis.gaussian_fit(stats_f)
+            >>> fit.tensor("skew")[0, :5].shape
+            torch.Size([5])
         """
         if column not in self.table.columns:
             raise KeyError(f"No column {column!r}; columns: {list(self.table.columns)}.")
@@ -184,7 +188,10 @@ class GaussianFit:
         """The table sorted by ``column`` (NaN last), its first ``k`` rows if given.
 
         Example:
-            >>> fit.sorted_by("ks_stat", k=10)  # the 10 least Gaussian neurons by KS
+            >>> fit = mu.analysis.gaussian_fit(stats_f)
+            >>> worst = fit.sorted_by("ks_stat", k=10)  # the 10 least Gaussian neurons by KS
+            >>> len(worst), bool(worst["ks_stat"].is_monotonic_decreasing)
+            (10, True)
         """
         out = self.table.sort_values(column, ascending=ascending, na_position="last", kind="stable")
         return out if k is None else out.head(k)
@@ -273,8 +280,10 @@ def gaussian_fit(
             another model, site or layers.
 
     Example:
-        >>> fit = mu.analysis.gaussian_fit(mu.collect(model, gsm8k), alpha=0.01)
-        >>> fit.by_layer["share_gaussian"].plot()
+        >>> fit = mu.analysis.gaussian_fit(stats_f, alpha=0.01)
+        >>> fit.by_layer["share_gaussian"].shape   # share of Gaussian neurons, per layer
+        (3,)
+        >>> ax = fit.by_layer["share_gaussian"].plot()
     """
     check_stats(stats, "stats")
     alpha = check_alpha(alpha)

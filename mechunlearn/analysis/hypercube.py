@@ -1,4 +1,4 @@
-"""Hypercube geometry of a skill's key vectors, layer by layer (METHODS.md §2 and §4).
+"""Hypercube geometry of a skill's key vectors, layer by layer (docs/methods.md).
 
 Key Space Detection models a skill by the axis-aligned box ``μ ± α·σ`` of its key vectors
 (``hook_post`` at the last prompt token). This module holds
@@ -32,9 +32,13 @@ Conventions, shared with KSD:
   227): a cube of α = 15 holds every one of up to 227 fit vectors whatever the data.
 
 Example:
+    >>> from mechunlearn.analysis import contains, fit_cube, k_min
     >>> cube = fit_cube(keys_f.layer(-1))            # [n, d_mlp] -> μ, σ of shape [d_mlp]
     >>> alpha = 1.5 * k_min(keys_f.layer(-1), cube)   # KSD's α = h · k_min
-    >>> contains(query_keys, cube, alpha)             # [m] bool
+    >>> contains(keys_r.layer(-1), cube, alpha).shape  # [m] bool
+    torch.Size([30])
+    >>> bool(contains(keys_f.layer(-1), cube, alpha).all())   # α ≥ k_min holds every fit key
+    True
 """
 
 from __future__ import annotations
@@ -362,10 +366,12 @@ def hypercube(
             models or layers, non-finite values, ``target``/``cap`` outside [0, 1].
 
     Example:
-        >>> res = mu.analysis.hypercube(keys_f, others={"mbpp": keys_mbpp})
-        >>> res.per_layer[["layer", "k_min", "alpha_f", "log_rel_side"]]
-        >>> res.trends          # do the cubes shrink / separate with depth?
-        >>> mu.plots.plot_inclusion_curves(res)
+        >>> res = mu.analysis.hypercube(keys_f, others={"copy": keys_r})
+        >>> res.per_layer[["layer", "k_min", "alpha_f", "log_rel_side"]].shape  # one row per layer
+        (3, 4)
+        >>> list(res.trends["metric"])   # do the cubes shrink / separate with depth?
+        ['log_rel_side', 'log_side', 'centre_rms_pooled', 'centre_rms', 'alpha_ratio']
+        >>> fig = mu.plots.plot_inclusion_curves(res)
     """
     what = "hypercube()"
     if not (0 < target <= 1 and 0 <= cap < 1):

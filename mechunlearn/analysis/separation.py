@@ -36,10 +36,15 @@ are never selected by :func:`top_neurons` and sort last.
 
 Example:
     >>> sep = mu.analysis.separation(stats_f, stats_r, metric="cohens_d")
-    >>> sep.top(k=20)                       # the 20 best-separating neurons, all layers
-    >>> sep.layer_counts(ratio=0.01)        # where the top 1 % sit
+    >>> len(sep.top(k=20))                  # the 20 best-separating neurons, all layers
+    20
+    >>> counts = sep.layer_counts(ratio=0.05)   # where the top 5 % sit
+    >>> counts.shape, int(counts["n_top"].sum())  # a row per layer; round(0.05 * 3 * 48)
+    ((3, 3), 7)
     >>> scores = mu.analysis.separation_scores(stats_f, stats_r, "mean_diff")  # [layers, d_mlp]
     >>> mask = mu.analysis.top_neurons(scores, ratio=0.03)
+    >>> scores.shape, int(mask.sum())       # round(0.03 * 144) neurons selected
+    (torch.Size([3, 48]), 4)
 """
 
 from __future__ import annotations
@@ -113,7 +118,9 @@ class Separation:
 
     Example:
         >>> sep = separation(stats_f, stats_r, metric="ks")
-        >>> sep.top(ratio=0.01).groupby("layer").size()
+        >>> per_layer = sep.top(ratio=0.05).groupby("layer").size()   # top 5 %, by layer
+        >>> int(per_layer.sum())
+        7
     """
 
     table: pd.DataFrame
@@ -321,7 +328,9 @@ def separation(
 
     Example:
         >>> sep = mu.analysis.separation(stats_f, stats_r, metric="cohens_d")
-        >>> sep.top(k=10)[["layer", "neuron", "cohens_d", "ks", "auroc"]]
+        >>> top = sep.top(k=10)[["layer", "neuron", "cohens_d", "ks", "auroc", "rank"]]
+        >>> top.shape, top["rank"].tolist()[:3]     # best first
+        ((10, 6), [1, 2, 3])
     """
     check_stats(stats_f, "stats_f")
     check_stats(stats_r, "stats_r")

@@ -9,7 +9,7 @@ retain skill is at hand: ``fit(keys_f, mu.collect_keys(model, mu.calibration_ski
 chooses alpha so that at most ``fpr`` of these questions are detected.
 :func:`calibration_skill` returns them in several prompt formats (bare, and as
 ``"Question: ...\\nAnswer:"``; in the chat template too when given a tokenizer).
-``mechunlearn/resources/GENERAL_QUESTIONS.md`` describes the file.
+``mechunlearn/resources/README.md`` describes the file.
 
 Example:
     >>> s = calibration_skill()

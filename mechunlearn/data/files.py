@@ -11,7 +11,11 @@ line where the record starts.
 benchmark sources read their files through the same readers.
 
 Example:
-    >>> skill = load_file("my_prompts.jsonl")  # doctest: +SKIP
+    >>> _ = Path("my_prompts.jsonl").write_text(
+    ...     '{"prompt": "2+2=", "answer": "4"}\\n{"prompt": "3+3=", "answer": 6}\\n')
+    >>> skill = load_file("my_prompts.jsonl")
+    >>> skill, skill.answers
+    (Skill(name='my_prompts', n=2, source='local:my_prompts.jsonl'), ['4', '6'])
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def read_text(path: str | Path) -> str:
         DataFileError: The bytes are not UTF-8 (the message gives the line and the byte).
 
     Example:
-        >>> read_text("shared/data/gsm8k/test.jsonl")[:11]  # doctest: +SKIP
+        >>> read_text(Path(data_dir) / "gsm8k" / "test.jsonl")[:11]
         '{"question"'
     """
     path = Path(path)
@@ -103,7 +107,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
         DataFileError: A line that is not valid JSON, or bytes that are not UTF-8.
 
     Example:
-        >>> next(iter_jsonl("shared/data/gsm8k/test.jsonl"))[0]  # doctest: +SKIP
+        >>> next(iter_jsonl(Path(data_dir) / "gsm8k" / "test.jsonl"))[0]
         1
     """
     text = read_text(path)
@@ -126,7 +130,7 @@ def read_json(path: str | Path) -> Any:
         DataFileError: Invalid or cut-off JSON (with the line where the parser stopped).
 
     Example:
-        >>> read_json("shared/data/xquad/xquad.en.json")["version"]  # doctest: +SKIP
+        >>> read_json(Path(data_dir) / "xquad" / "xquad.en.json")["version"]
         '1.1'
     """
     text = read_text(path)
@@ -150,7 +154,8 @@ def iter_json_list(path: str | Path) -> Iterator[tuple[int, Any]]:
         DataFileError: Invalid or cut-off JSON, or a top level that is not a list.
 
     Example:
-        >>> [line for line, _ in iter_json_list("records.json")]  # doctest: +SKIP
+        >>> _ = Path("records.json").write_text('[\\n  {"prompt": "a"},\\n  {"prompt": "b"}\\n]\\n')
+        >>> [line for line, _ in iter_json_list("records.json")]
         [2, 3]
     """
     text = read_text(path)
@@ -217,7 +222,7 @@ def iter_csv_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
         DataFileError: Malformed quoting, or bytes that are not UTF-8.
 
     Example:
-        >>> next(iter_csv_rows("shared/data/mmlu/dev/anatomy_dev.csv"))[1][0]  # doctest: +SKIP
+        >>> next(iter_csv_rows(Path(data_dir) / "mmlu" / "dev" / "anatomy_dev.csv"))[1][0]
         'question'
     """
     reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=True)
@@ -249,7 +254,10 @@ def iter_csv_records(path: str | Path) -> tuple[list[str], Iterator[tuple[int, d
             differs from the header's, or anything :func:`iter_csv_rows` refuses.
 
     Example:
-        >>> header, rows = iter_csv_records("texts.csv")  # doctest: +SKIP
+        >>> _ = Path("texts.csv").write_text("text,topic\\nhello,greeting\\nbye,farewell\\n")
+        >>> header, rows = iter_csv_records("texts.csv")
+        >>> header, next(rows)
+        (['text', 'topic'], (2, {'text': 'hello', 'topic': 'greeting'}))
     """
     rows = iter_csv_rows(path)
     first = next(rows, None)
@@ -317,8 +325,12 @@ def load_file(path: str | Path, name: str | None = None) -> Skill:
         DataFileError: A malformed file or record (the message names the file and line).
 
     Example:
-        >>> load_file("prompts.jsonl").name  # doctest: +SKIP
+        >>> _ = Path("prompts.jsonl").write_text('{"prompt": "2+2=", "answer": 4}\\n')
+        >>> load_file("prompts.jsonl").name
         'prompts'
+        >>> _ = Path("texts.csv").write_text("text\\nhello\\nbye\\n")   # texts taken verbatim
+        >>> load_file("texts.csv").prompts
+        ['hello', 'bye']
     """
     path = Path(path).expanduser()
     if not path.is_file():

@@ -54,7 +54,9 @@ def gsm8k_shots(k: int = 8, seed: int = 0, data_dir: str | os.PathLike[str] | No
     Each renders as ``"Question: ...\\nAnswer: <reasoning>\\nThe answer is N."``.
 
     Example:
-        >>> shots = gsm8k_shots(8, data_dir="shared/data")  # doctest: +SKIP
+        >>> shots = gsm8k_shots(8, data_dir=data_dir)
+        >>> len(shots), shots[0].prompt.startswith("Question: ")
+        (8, True)
     """
     return load_skill("gsm8k", n=k, split="train", seed=seed, data_dir=data_dir)
 
@@ -83,7 +85,10 @@ def gsm8k_few_shot_prompts(
         One prompt per example.
 
     Example:
-        >>> prompts = gsm8k_few_shot_prompts(load_skill("gsm8k", n=5))  # doctest: +SKIP
+        >>> prompts = gsm8k_few_shot_prompts(load_skill("gsm8k", n=5, data_dir=data_dir),
+        ...                                  data_dir=data_dir)
+        >>> len(prompts), prompts[0].count("Question: ")   # 8 shots + the question
+        (5, 9)
     """
     k = check_count(k, "k", allow_zero=True)
     pool = list(shots) if shots is not None else list(gsm8k_shots(k + 1, seed, data_dir))
@@ -117,7 +122,7 @@ def mmlu_shots(
     """The first ``k`` dev-split questions of one MMLU subject (the standard exemplars).
 
     Example:
-        >>> mmlu_shots("anatomy", data_dir="shared/data")  # doctest: +SKIP
+        >>> mmlu_shots("anatomy", data_dir=data_dir)
         Skill(name='mmlu:anatomy', n=5, source=...)
     """
     k = check_count(k, "k")
@@ -151,8 +156,9 @@ def mmlu_few_shot_prompts(
         ValueError: Examples without ``meta["subject"]``, or a mix of answer formats.
 
     Example:
-        >>> prompts = mmlu_few_shot_prompts(load_skill("mmlu:anatomy", n=3))  # doctest: +SKIP
-        >>> prompts[0].startswith("The following are multiple choice questions")  # doctest: +SKIP
+        >>> skill = load_skill("mmlu:anatomy", n=3, data_dir=data_dir)
+        >>> prompts = mmlu_few_shot_prompts(skill, data_dir=data_dir)
+        >>> prompts[0].startswith("The following are multiple choice questions")
         True
     """
     k = check_count(k, "k", allow_zero=True)

@@ -435,7 +435,10 @@ class Skill:
             The path written.
 
         Example:
-            >>> Skill.from_texts("toy", ["a"]).to_jsonl("/tmp/toy.jsonl")  # doctest: +SKIP
+            >>> Skill.from_texts("toy", ["a"], ["b"]).to_jsonl("toy.jsonl")
+            PosixPath('toy.jsonl')
+            >>> Path("toy.jsonl").read_text()
+            '{"prompt": "a", "answer": "b", "meta": {}}\\n'
         """
         path = Path(path)
         with path.open("w", encoding="utf-8") as fh:

@@ -51,7 +51,9 @@ recorded in :attr:`Skill.source`:
 If every source fails, :class:`SkillNotFoundError` lists each source and why it failed.
 
 Example:
-    >>> forget = load_skill("gsm8k", n=200, data_dir="shared/data")  # doctest: +SKIP
+    >>> forget = load_skill("gsm8k", n=200, data_dir=data_dir)
+    >>> forget
+    Skill(name='gsm8k', n=200, source='local:.../gsm8k/test.jsonl [n=200, seed=0]')
     >>> mine = load_skill(["text a", "text b"], name="mytexts")
     >>> mine.name, mine.answers
     ('mytexts', ['', ''])
@@ -219,10 +221,12 @@ def load_skill(
         DataFileError: A malformed local file (the message names the file and the line).
 
     Example:
-        >>> gsm = load_skill("gsm8k", n=100, seed=0, data_dir="shared/data")  # doctest: +SKIP
-        >>> gsm[0].prompt.startswith("Question: ")                           # doctest: +SKIP
+        >>> gsm = load_skill("gsm8k", n=100, seed=0, data_dir=data_dir)
+        >>> gsm[0].prompt.startswith("Question: ")
         True
-        >>> algebra = load_skill("mmlu", subjects=["abstract_algebra"])      # doctest: +SKIP
+        >>> algebra = load_skill("mmlu", subjects=["abstract_algebra"], data_dir=data_dir)
+        >>> algebra.name, len(algebra)
+        ('mmlu:abstract_algebra', 100)
         >>> load_skill(["a", "b", "c"], n=2, name="abc").name
         'abc'
     """

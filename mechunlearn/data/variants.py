@@ -388,7 +388,8 @@ def as_chat(skill: Skill, tokenizer: Any) -> Skill:
         )
         if not isinstance(text, str):
             raise TypeError(f"apply_chat_template returned {type(text).__name__}, not text")
-        return text, ex.answer, {}
+        # The template's markers are real special tokens: tokenise them as such.
+        return text, ex.answer, {"special_tokens": True}
 
     return _rewrite(skill, "chat", fn)
 

@@ -8,10 +8,14 @@ numerical kernels (:mod:`mechunlearn.kernels`), never on :mod:`mechunlearn.analy
 
 Example:
     >>> from mechunlearn.interventions import NeuronAdjust, KeySpaceDetector
-    >>> na = NeuronAdjust(ratio=0.03).fit(pre_f, pre_r)
+    >>> na = NeuronAdjust(ratio=0.03).fit(stats_f, stats_r)
     >>> logits = model.run_with_hooks(tokens, fwd_hooks=na.hooks(model))
-    >>> ksd = KeySpaceDetector().fit(keys_f, keys_negatives)
-    >>> ksd.generate(model, prompts, max_new_tokens=64)
+    >>> ksd = KeySpaceDetector().fit(keys_f, keys_r)   # alpha calibrated on the negatives
+    >>> ksd.fpr_
+    0.05
+    >>> out = ksd.generate(model, ["3+4=", "copy b:"], max_new_tokens=8)
+    >>> out[0]                                         # a forget-skill prompt: refused
+    'Sorry, your query is not valid'
 """
 
 from ..stats import Importance
@@ -24,6 +28,7 @@ from .key_space import (
     KeyRegionDetector,
     KeySpaceDetector,
 )
+from .lunar import Lunar, reference_prompts
 from .neuron_adjust import NeuronAdjust, layer_seed, sweep_ratio
 from .pruning import SelectivePruning
 from .simu import Attribution, MaskedSophiaH, Simu, critical_neurons, neuron_attribution
@@ -40,6 +45,7 @@ __all__ = [
     "Intervention",
     "KeyRegionDetector",
     "KeySpaceDetector",
+    "Lunar",
     "NeuronAdjust",
     "NotFittedError",
     "SelectivePruning",
@@ -48,6 +54,7 @@ __all__ = [
     "critical_neurons",
     "layer_seed",
     "neuron_attribution",
+    "reference_prompts",
     "sweep_ratio",
     "w_out",
 ]

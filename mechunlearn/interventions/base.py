@@ -127,12 +127,16 @@ class Intervention:
         """The hook-side tensors (:meth:`_hook_tensors`) on ``device``, cached per device/dtype.
 
         The first call per device copies them (host to device); later calls are a dict lookup.
+        The copies are made outside inference mode: a first call under a caller's
+        ``torch.inference_mode()`` (generation, evaluation) would otherwise cache inference
+        tensors, which a later forward with autograd on cannot save for backward.
         """
         cache = self.__dict__.setdefault("_cache", {})
         key = (str(device), dtype)
         hit = cache.get(key)
         if hit is None:
-            hit = _move(self._hook_tensors(), device, dtype)
+            with torch.inference_mode(False):
+                hit = _move(self._hook_tensors(), device, dtype)
             cache[key] = hit
         return hit
 
@@ -180,9 +184,11 @@ class Intervention:
                 (:meth:`check_model`); the hooks themselves check the activation's width.
 
         Example:
-            >>> logits = model.run_with_hooks(tokens, fwd_hooks=iv.hooks(model))
-            >>> with model.hooks(fwd_hooks=iv.hooks()):
-            ...     text = model.generate("Question: ...", max_new_tokens=20, do_sample=False)
+            >>> logits = model.run_with_hooks(tokens, fwd_hooks=sp.hooks(model))
+            >>> with model.hooks(fwd_hooks=sp.hooks()):
+            ...     text = model.generate("3+4=", max_new_tokens=4, do_sample=False, verbose=False)
+            >>> isinstance(text, str)
+            True
         """
         self._check_fitted()
         if model is not None:
@@ -204,8 +210,12 @@ class Intervention:
         """Write hyperparameters and fitted state to a safetensors file; returns its path.
 
         Example:
-            >>> path = iv.save("na_gsm8k")          # -> na_gsm8k.safetensors
-            >>> same = type(iv).load(path)
+            >>> path = na.save("na_add")            # a NeuronAdjust
+            >>> path
+            PosixPath('na_add.safetensors')
+            >>> same = type(na).load(path)
+            >>> same.get_params() == na.get_params(), torch.equal(same.selected_, na.selected_)
+            (True, True)
         """
         self._check_fitted()
         tensors, info = self._state()

@@ -1,7 +1,7 @@
 """Key Space Detection (KSD): abstain when a query's key vectors lie in the forget skill's region.
 
 Li, Sun & Weng, "Effective Skill Unlearning through Intervention and Abstention" (NAACL 2025),
-as stated in METHODS.md section 2:
+as stated in docs/methods.md ("Key Space Detection"):
 
 1. Take the key vector (``blocks.{l}.mlp.hook_post``) at the **last prompt token** of each
    forget query (:func:`mechunlearn.collect_keys`); per layer fit ``mu`` and ``sigma`` (sample
@@ -606,6 +606,7 @@ class KeyRegionDetector(Intervention):
             >>> ksd.generate(model, ["Q: 2+3?", "def add(a, b):"], max_new_tokens=32)
             ['Sorry, your query is not valid', '\\n    return a + b']
         """
+        check_int("max_new_tokens", max_new_tokens, min_val=1)
         prompts = _prompt_list(prompts)
         n = len(prompts)
         detection = self.detect(model, prompts, batch_size=batch_size or 16, max_length=max_length)

@@ -1,7 +1,7 @@
 """Neuron Adjust (NA): move forget-skill activations of selected neurons onto the retain skill.
 
 Li, Sun & Weng, "Effective Skill Unlearning through Intervention and Abstention" (NAACL 2025),
-as stated in METHODS.md section 1:
+as stated in docs/methods.md ("Neuron Adjust"):
 
 1. Model every neuron's pre-activation (site ``"pre"``, ``blocks.{l}.mlp.hook_pre``) on the
    forget skill F and the retain skill R as Gaussians ``N(mu_F, sigma_F)`` and
@@ -121,10 +121,14 @@ class NeuronAdjust(Intervention):
         bos_token_id_: the BOS id of the statistics' model (None if it prepends none).
 
     Example:
-        >>> pre_f = mu.collect(model, mu.load_skill("gsm8k", n=200), site="pre")
-        >>> pre_r = mu.collect(model, mu.load_skill("mbpp", n=200), site="pre")
-        >>> na = NeuronAdjust(ratio=0.03).fit(pre_f, pre_r)
+        >>> stats_f = mu.collect(model, forget, site="pre", quiet=True)
+        >>> stats_r = mu.collect(model, retain, site="pre", quiet=True)
+        >>> na = NeuronAdjust(ratio=0.05).fit(stats_f, stats_r)
+        >>> sum(na.n_selected_)           # round(0.05 * 3 layers * 48 neurons)
+        7
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=na.hooks(model))
+        >>> logits.shape
+        torch.Size([2, 10, 101])
     """
 
     _fitted_attrs = Intervention._fitted_attrs + ("site_", "selected_", "mu_f_")
@@ -265,6 +269,8 @@ class NeuronAdjust(Intervention):
         Which positions change: every token but BOS; padding is masked out of attention.
 
         Example:
+            >>> [name for name, _ in na.hooks(model)][:2]   # BOS marking first
+            ['embed.hook_in', 'blocks.0.mlp.hook_pre']
             >>> logits = model.run_with_hooks(tokens, fwd_hooks=na.hooks(model))
         """
         return super().hooks(model)
@@ -320,7 +326,10 @@ class NeuronAdjust(Intervention):
         """The selected neurons as a DataFrame (layer, neuron, score, mu/sigma of F and R).
 
         Example:
-            >>> na.selected_neurons().groupby("layer").size()
+            >>> table = na.selected_neurons()
+            >>> len(table), list(table.columns)
+            (7, ['layer', 'neuron', 'score', 'mu_f', 'sigma_f', 'mu_r', 'sigma_r'])
+            >>> per_layer = table.groupby("layer").size()   # selected neurons per layer
         """
         import pandas as pd
 
@@ -354,6 +363,8 @@ class NeuronAdjust(Intervention):
         info = {"site": self.site_, "retain_skills": self.retain_skills_}
         if self._bos_known:
             info["bos_token_id"] = self.bos_token_id_
+        if getattr(self, "tuning_", None) is not None:  # set by mechunlearn.tune_neuron_adjust
+            info["tuning"] = self.tuning_.to_dict(orient="records")
         return tensors, info
 
     def _set_state(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
@@ -373,6 +384,10 @@ class NeuronAdjust(Intervention):
         self.retain_skills_ = list(info.get("retain_skills") or [self.meta_.get("retain")])
         self.bos_token_id_ = info.get("bos_token_id")
         self._bos_known = "bos_token_id" in info
+        if info.get("tuning"):
+            import pandas as pd
+
+            self.tuning_ = pd.DataFrame(info["tuning"])
         self._after_fit()
 
 
@@ -438,9 +453,13 @@ def sweep_ratio(
         (e.g. the largest ratio whose retain score stays above 0.9).
 
     Example:
+        >>> from mechunlearn.evaluation import teacher_forced
         >>> def score(na):
-        ...     return {"forget": rel(na, forget), "retain": rel(na, retain)}
-        >>> table = sweep_ratio(pre_f, pre_r, [0.005, 0.015, 0.03], score)
+        ...     return {"forget": teacher_forced(model, forget, na).score,
+        ...             "retain": teacher_forced(model, retain, na).score}
+        >>> table = sweep_ratio(stats_f, stats_r, [0.01, 0.03, 0.05], score)
+        >>> list(table.columns), table["n_selected"].tolist()
+        (['ratio', 'n_selected', 'forget', 'retain'], [1, 4, 7])
     """
     import pandas as pd
 

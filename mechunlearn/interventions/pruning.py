@@ -50,12 +50,15 @@ class SelectivePruning(Intervention):
             all neurons as measured at that step.
 
     Example:
-        >>> probe_f = mu.collect(model, forget, what=("importance",))
-        >>> imp_f = mu.collect_importance(model, forget)
+        >>> imp_f = mu.collect_importance(model, forget)   # or collect(..., what=("importance",))
         >>> imp_r = mu.collect_importance(model, retain)
-        >>> sp = SelectivePruning(ratio=0.015).fit(imp_f, imp_r)
+        >>> sp = SelectivePruning(ratio=0.05).fit(imp_f, imp_r)
+        >>> sum(sp.n_selected_)                          # round(0.05 * 3 * 48)
+        7
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=sp.hooks(model))
         >>> sp_it = mu.prune_iteratively(model, forget, retain, ratio=0.06, step=0.02)
+        >>> len(sp_it.history_), sum(sp_it.n_selected_)  # 3 steps; round(0.06 * 144) neurons
+        (3, 9)
     """
 
     _fitted_attrs = Intervention._fitted_attrs + ("selected_", "scores_")
@@ -180,7 +183,9 @@ class SelectivePruning(Intervention):
 
         Example:
             >>> with sp.apply_to_weights(model):
-            ...     logits = model(tokens)  # same logits as run_with_hooks(..., sp.hooks())
+            ...     logits = model(tokens)
+            >>> torch.equal(logits, model.run_with_hooks(tokens, fwd_hooks=sp.hooks(model)))
+            True
         """
         self.check_model(model)
         edit = WeightEdit(model)

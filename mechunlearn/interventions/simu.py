@@ -1,7 +1,7 @@
 """SIMU: attribute the forget skill to MLP neurons, then unlearn with masked second-order steps.
 
 Agarwal, Pamnani & Hakkani-Tür, "SIMU: Selective Influence Machine Unlearning" (2025; no public
-code), as stated in METHODS.md section 6 and the issue:
+code), as stated in docs/methods.md ("SIMU"):
 
 1. **Attribution** (:func:`neuron_attribution`). Integrated gradients of every MLP neuron's key
    value ``beta`` (site *key*, ``blocks.{l}.mlp.hook_post``, the input of ``W_out``) along the
@@ -233,8 +233,9 @@ def neuron_attribution(
         Attribution on the model's device.
 
     Example:
-        >>> att = neuron_attribution(model, mu.load_skill("gsm8k", n=32), steps=5)
-        >>> att.values.shape   # (30, 1536)
+        >>> att = neuron_attribution(model, forget, steps=5)
+        >>> att.values.shape   # (layers, d_mlp)
+        torch.Size([3, 48])
     """
     skill = _check_skill(skill, "attributed")
     layers = resolve_layers(model, layers)
@@ -347,8 +348,14 @@ class MaskedSophiaH(SophiaH):
             ``'gaussian'``.
 
     Example:
-        >>> opt = MaskedSophiaH([w], [rows_mask[:, None].expand_as(w)], lr=1e-2)
+        >>> w = torch.nn.Parameter(torch.arange(12.0).reshape(4, 3) / 10)
+        >>> rows = torch.tensor([True, False, True, False])   # only rows 0 and 2 may change
+        >>> opt = MaskedSophiaH([w], [rows[:, None].expand_as(w)], lr=1e-2)
+        >>> before = w.detach().clone()
+        >>> loss = (w**3).sum()
         >>> loss.backward(create_graph=True); opt.step(); opt.zero_grad(set_to_none=True)
+        >>> torch.equal(w[~rows], before[~rows]), torch.equal(w[rows], before[rows])
+        (True, False)
     """
 
     def __init__(self, params: Sequence[Tensor], masks: Sequence[Tensor | None], **kwargs):
@@ -517,11 +524,13 @@ class Simu(Intervention):
         forget_loss_initial_: the forget skill's mean answer-token loss before training.
 
     Example:
-        >>> forget = mu.load_skill("gsm8k", n=64)
-        >>> retain = mu.load_skill("mbpp", n=64)
-        >>> simu = mu.Simu(max_steps=20).fit(model, forget, retain)
+        >>> from mechunlearn.evaluation import teacher_forced
+        >>> forget_fit, forget_test = forget.split(0.5)
+        >>> simu = mu.Simu(max_steps=5).fit(model, forget_fit, retain, quiet=True)
+        >>> simu.n_updates_, simu.stop_reason_
+        (5, 'max_steps')
         >>> with simu.apply_to_weights(model):
-        ...     scores = teacher_forced(model, held_out_gsm8k)
+        ...     scores = teacher_forced(model, forget_test)
     """
 
     applies_by = "weights"  # attention deltas have no cheap exact hook
@@ -806,9 +815,11 @@ class Simu(Intervention):
         result equals the trained weights up to float rounding (``old + (new - old)``).
 
         Example:
+            >>> base = model(tokens)
             >>> with simu.apply_to_weights(model):
             ...     logits = model(tokens)   # unlearned
-            >>> logits = model(tokens)       # restored, bit for bit
+            >>> torch.equal(model(tokens), base), torch.equal(logits, base)  # restored exactly
+            (True, False)
         """
         self.check_model(model)
         targets = []
@@ -880,6 +891,8 @@ class Simu(Intervention):
 
         Example:
             >>> logits = model.run_with_hooks(tokens, fwd_hooks=simu.mlp_hooks(model))
+            >>> logits.shape
+            torch.Size([2, 10, 101])
         """
         self._check_fitted()
         if model is not None:

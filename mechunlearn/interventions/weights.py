@@ -33,11 +33,14 @@ class WeightEdit:
     """Tensors edited in place, with their original values kept for :meth:`undo`.
 
     Example:
+        >>> base = model(tokens)
+        >>> idx = torch.tensor([0, 5, 7])      # neurons of layer 1 to silence
         >>> edit = WeightEdit(model)
         >>> with edit:
-        ...     edit.apply(w_out(model, 3), lambda w: w.index_fill_(0, idx, 0.0))
-        ...     logits = model(tokens)          # edited
-        >>> logits = model(tokens)              # restored
+        ...     edit.apply(w_out(model, 1), lambda w: w.index_fill_(0, idx, 0.0))
+        ...     edited = model(tokens)          # edited
+        >>> torch.equal(model(tokens), base), torch.equal(edited, base)   # restored on exit
+        (True, False)
     """
 
     def __init__(self, model=None):

@@ -9,7 +9,11 @@ resample is one row of an index matrix: one gather and a few sums, no Python loo
 resamples.
 
 Example:
-    >>> low, high = paired_ratio_interval(after.correct, before.correct, before.total)
+    >>> before = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1])  # correct per example (total 1 each)
+    >>> after = np.array([0, 1, 0, 0, 1, 0, 0, 1, 1, 0])
+    >>> low, high = paired_ratio_interval(after, before, np.ones(10))
+    >>> after.sum() / before.sum(), round(low, 2), round(high, 2)   # ratio, 95 % interval
+    (np.float64(0.5), 0.14, 0.86)
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ detectors (:mod:`mechunlearn.interventions.key_space`). Conventions:
 Example:
     >>> cube = fit_cube(keys_f.layer(-1))            # [n, d_mlp] -> mu, sigma of shape [d_mlp]
     >>> alpha = 1.5 * k_min(keys_f.layer(-1), cube)   # KSD's alpha = h * k_min
-    >>> contains(query_keys, cube, alpha)             # [m] bool
+    >>> contains(keys_r.layer(-1), cube, alpha).shape  # [m] bool
+    torch.Size([30])
 """
 
 from __future__ import annotations
@@ -136,9 +137,9 @@ def fit_cube(
         ValueError: fewer than two vectors, fewer than two axes, or non-finite values.
 
     Example:
-        >>> cube = fit_cube(keys.values)       # [n, layer, d_mlp] -> one cube per layer
-        >>> cube[-1].sigma.shape               # last layer
-        torch.Size([1536])
+        >>> cube = fit_cube(keys_f.values)     # [n, layer, d_mlp] -> one cube per layer
+        >>> cube.mu.shape, cube[-1].sigma.shape   # every layer; the last layer
+        (torch.Size([3, 48]), torch.Size([48]))
     """
     x = torch.as_tensor(values)
     if x.ndim < 2:
@@ -170,8 +171,10 @@ def normalized_distance(x: Float[Tensor, "m *batch d"], cube: Cube) -> Float[Ten
     chunks of rows so that memory stays bounded. A vector with a NaN gets a NaN margin.
 
     Example:
+        >>> train, test = keys_f.layer(-1)[:20], keys_f.layer(-1)[20:]
         >>> cube = fit_cube(train)             # [n, d]
-        >>> normalized_distance(test, cube)    # [m]
+        >>> normalized_distance(test, cube).shape    # [m]
+        torch.Size([10])
     """
     x = torch.as_tensor(x)
     if x.ndim < 2 or x.shape[-1] != cube.mu.shape[-1]:
@@ -200,7 +203,11 @@ def contains(
     layer). NaN vectors are outside.
 
     Example:
-        >>> inside = contains(query_keys, cube, alpha=2 * k_min(train, cube))
+        >>> train = keys_f.layer(-1)
+        >>> cube = fit_cube(train)
+        >>> inside = contains(keys_r.layer(-1), cube, alpha=2 * k_min(train, cube))
+        >>> inside.shape, inside.dtype
+        (torch.Size([30]), torch.bool)
     """
     alpha = torch.as_tensor(alpha, dtype=cube.mu.dtype, device=cube.mu.device)
     return normalized_distance(x, cube) <= alpha
@@ -214,7 +221,10 @@ def k_min(values: Float[Tensor, "n *batch d"], cube: Cube | None = None) -> Floa
         cube: the cube; fitted on ``values`` when omitted.
 
     Example:
-        >>> k_min(keys_f.values)   # one k_min per layer; each <= (n - 1) / sqrt(n)
+        >>> km = k_min(keys_f.values)   # one k_min per layer
+        >>> n = len(keys_f)
+        >>> km.shape, bool((km <= (n - 1) / n**0.5).all())   # Samuelson's bound
+        (torch.Size([3]), True)
     """
     cube = fit_cube(values) if cube is None else cube
     return normalized_distance(values, cube).amax(0)
@@ -226,7 +236,10 @@ def inclusion_rate(
     """Fraction of the vectors of ``x`` inside the cube, for each α of ``alphas``.
 
     Example:
-        >>> inclusion_rate(other_keys, cube, torch.linspace(0, 20, 41))   # [41]
+        >>> cube = fit_cube(keys_f.layer(-1))
+        >>> rate = inclusion_rate(keys_r.layer(-1), cube, torch.linspace(0, 20, 41))
+        >>> rate.shape, float(rate[0]), bool((rate.diff() >= 0).all())   # grows with alpha
+        (torch.Size([41]), 0.0, True)
     """
     margin = normalized_distance(x, cube)
     alphas = torch.as_tensor(alphas, dtype=margin.dtype, device=margin.device).reshape(-1)
@@ -240,7 +253,11 @@ def log_volume(cube: Cube, alpha: float | Tensor) -> Float[Tensor, "*batch"]:
     ``alpha`` may be one number or one per cube (broadcast against the leading shape).
 
     Example:
-        >>> log_volume(cube, alpha=k_min(train, cube))
+        >>> train = keys_f.layer(-1)
+        >>> cube = fit_cube(train)
+        >>> a = k_min(train, cube)
+        >>> float(log_volume(cube, 2 * a) - log_volume(cube, a))   # d_mlp * log(2)
+        33.27
     """
     alpha = torch.as_tensor(alpha, dtype=cube.sigma.dtype, device=cube.sigma.device)
     return cube.d * torch.log(2 * alpha) + cube.sigma.log().sum(-1)

@@ -302,6 +302,8 @@ def separation_scores(
 
     Example:
         >>> scores = separation_scores(stats_f, stats_r, "mean_diff")
+        >>> scores.shape, scores.dtype                # [layers, d_mlp]
+        (torch.Size([3, 48]), torch.float64)
         >>> mask = top_neurons(scores, ratio=0.03)  # NA's selection of the paper
     """
     _check_stats(stats_f, "stats_f")
@@ -363,8 +365,11 @@ def top_neurons(
         Bool mask like ``scores``; ``mask.nonzero()`` lists (layer row, neuron) pairs.
 
     Example:
-        >>> mask = top_neurons(separation_scores(stats_f, stats_r), ratio=0.005)
-        >>> mask.sum(1)  # selected neurons per layer
+        >>> mask = top_neurons(separation_scores(stats_f, stats_r), ratio=0.02)
+        >>> mask.shape, int(mask.sum())   # 2 % of 3 x 48 neurons, across all layers
+        (torch.Size([3, 48]), 3)
+        >>> mask.sum(1).shape             # selected neurons per layer
+        torch.Size([3])
     """
     scores = torch.as_tensor(scores)
     total = scores.numel()

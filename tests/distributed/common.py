@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 import mechunlearn as mu
-from tests.conftest import _char_tokenizer, make_tiny_llama
+from tests.tiny_models import make_char_tokenizer, make_tiny_llama
 
 PROMPTS = [f"Q: {i}+{i + 3}=" for i in range(9)] + [f"def f{i}(x):" for i in range(8)]
 ANSWERS = [f" {2 * i + 3}" for i in range(9)] + [f"\n  return x*{i}" for i in range(8)]
@@ -16,7 +16,7 @@ def tiny_model():
     """float64, so that shards batched differently see the same activations to ~1e-16."""
     import torch
 
-    tok = _char_tokenizer(Path(tempfile.mkdtemp()))
+    tok = make_char_tokenizer(Path(tempfile.mkdtemp()))
     return make_tiny_llama(tok, "cpu").to(torch.float64)
 
 

@@ -39,7 +39,7 @@ def test_mlp_hooks_change_logits(default_model, site):
 
 
 def test_hook_pre_is_gate_projection(default_model):
-    """hook_pre is W_gate·z and hook_post is silu(W_gate·z) ⊙ (W_up·z) (METHODS.md)."""
+    """hook_pre is W_gate·z and hook_post is silu(W_gate·z) ⊙ (W_up·z) (docs/methods.md)."""
     store = {}
 
     def keep(name):
@@ -70,3 +70,40 @@ def test_collect_on_real_text(default_model, data_dir):
     assert torch.isfinite(stats.std).all() and (stats.std > 0).all()
     keys = mu.collect_keys(default_model, skill, layers=[-1], quiet=True)
     assert keys.values.shape == (8, 1, 1536)
+
+
+def test_one_pass_equals_the_separate_collectors(default_model, data_dir):
+    """collect(what=...) gathers in one forward what the three collectors gather in three."""
+    skill = mu.load_skill("gsm8k", n=6, data_dir=data_dir)
+    probe = mu.collect(default_model, skill, what=("pre", "keys", "importance"), quiet=True)
+    pre = mu.collect(default_model, skill, quiet=True)
+    torch.testing.assert_close(probe.pre.mean, pre.mean, rtol=0, atol=0)
+    torch.testing.assert_close(probe.pre.m2, pre.m2, rtol=0, atol=0)
+    imp = mu.collect_importance(default_model, skill)
+    torch.testing.assert_close(probe.importance.values, imp.values, rtol=0, atol=0)
+    keys = mu.collect_keys(default_model, skill, quiet=True)  # prompts only: other batches
+    torch.testing.assert_close(probe.keys.values, keys.values, rtol=1e-4, atol=1e-4)
+
+
+def test_neuron_adjust_leaves_bos_alone(default_model, data_dir):
+    f = mu.collect(default_model, mu.load_skill("gsm8k", n=8, data_dir=data_dir), quiet=True)
+    r = mu.collect(default_model, mu.load_skill("mbpp", n=8, data_dir=data_dir), quiet=True)
+    na = mu.NeuronAdjust(ratio=0.03).fit(f, r)
+    tokens = default_model.to_tokens("Question: Tom has 3 apples and buys 4 more.")
+    seen = {}
+
+    def keep(tag):
+        def hook(act, hook):
+            seen[tag] = act.detach().clone()
+
+        return hook
+
+    layer = na.layers_[max(range(len(na.layers_)), key=lambda i: na.n_selected_[i])]
+    name = hook_name("pre", layer)
+    with torch.inference_mode():
+        default_model.run_with_hooks(tokens, fwd_hooks=[(name, keep("clean"))])
+        default_model.run_with_hooks(
+            tokens, fwd_hooks=[*na.hooks(default_model), (name, keep("na"))]
+        )
+    assert torch.equal(seen["clean"][:, 0], seen["na"][:, 0])  # BOS: untouched
+    assert not torch.equal(seen["clean"][:, 1:], seen["na"][:, 1:])  # the rest: adjusted

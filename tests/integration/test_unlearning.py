@@ -37,7 +37,7 @@ def ksd(default_model, halves):
     }
     # As `mechunlearn run` fits it: alpha under a 5 % false-positive cap on the other skills.
     others = keys["mbpp"].concat(keys["mmlu"])
-    return mu.KeySpaceDetector(layers=-1).fit(keys["gsm8k"], others, fpr=0.05, seed=0)
+    return mu.KeySpaceDetector(layers=-1, fpr=0.05, seed=0).fit(keys["gsm8k"], others)
 
 
 def test_probe_and_held_out_never_overlap(halves):
@@ -66,6 +66,8 @@ def test_ksd_hooks_only_watch_and_its_score_zeroes_the_abstentions(default_model
         np.testing.assert_array_equal(watched.correct, base.correct)
         np.testing.assert_allclose(watched.nll, base.nll, rtol=1e-5)
         table = mu.evaluate(default_model, held, {"KSD": ksd}, quiet=True).set_index("method")
+        low, high = table.loc["KSD", ["relative_low", "relative_high"]]
+        assert low <= table.loc["KSD", "relative"] <= high  # the interval holds the estimate
         detected = ksd.detect(default_model, held.prompts).detected.cpu().numpy()
         kept = np.where(detected, 0, base.correct).sum() / base.total.sum()
         assert table.loc["KSD", "score"] == pytest.approx(kept, abs=1e-12)

@@ -17,7 +17,7 @@ import torch
 
 from mechunlearn.cli import MARKER, main
 from mechunlearn.pipeline import LOCK, RunConfig
-from tests.conftest import _char_tokenizer
+from tests.tiny_models import make_char_tokenizer
 
 N = 6
 
@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("cli")
-    tok = _char_tokenizer(root / "tok")
+    tok = make_char_tokenizer(root / "tok")
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=3,

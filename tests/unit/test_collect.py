@@ -11,7 +11,7 @@ from mechunlearn import KeyVectors, NeuronStats, Skill, collect, collect_keys
 from mechunlearn.batching import tokenize_examples
 from mechunlearn.kernels.moments import example_seeds, token_keys
 from mechunlearn.sites import hook_name
-from tests.conftest import LEGACY, make_tiny_gpt2, make_tiny_legacy_llama, make_tiny_llama
+from tests.tiny_models import LEGACY, make_tiny_gpt2, make_tiny_legacy_llama, make_tiny_llama
 
 PROMPTS = [
     "Question: 2+3?\nAnswer:",

@@ -148,7 +148,7 @@ def sync_checked(hooks):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_hooks_never_synchronise_on_cuda(char_tokenizer):
-    from tests.conftest import make_tiny_llama
+    from tests.tiny_models import make_tiny_llama
 
     model = make_tiny_llama(char_tokenizer, "cuda")
     probe_f = collect(model, F, what=("pre", "keys", "importance"), quiet=True)

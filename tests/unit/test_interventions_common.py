@@ -14,7 +14,7 @@ from mechunlearn.interventions import (
     NotFittedError,
     SelectivePruning,
 )
-from tests.conftest import make_tiny_llama
+from tests.tiny_models import make_tiny_llama
 
 F = Skill.from_texts(
     "f", [f"Q: {i}+{i + 1}?" for i in range(8)], [f" {2 * i + 1}" for i in range(8)]
@@ -188,6 +188,21 @@ def test_save_load_round_trip(fitted, kind, llama_like, tmp_path, device):
         assert torch.equal(margin_a, margin_b)
     with pytest.raises(ValueError, match="holds"):
         (NeuronAdjust if kind != "na" else SelectivePruning).load(path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hooks_first_used_in_inference_mode_then_with_autograd(fitted, kind, llama_like, tmp_path):
+    # The hook-side tensors are cached on first use; a first use under inference_mode (as in
+    # generation and evaluation) must not leave inference tensors that autograd then refuses.
+    model = llama_like
+    fresh = type(fitted[kind]).load(fitted[kind].save(tmp_path / kind))  # empty cache
+    tokens = _tokens(model)
+    with torch.inference_mode():
+        first = model.run_with_hooks(tokens, fwd_hooks=fresh.hooks(model))
+    again = model.run_with_hooks(tokens, fwd_hooks=fresh.hooks(model))
+    assert again.requires_grad
+    if kind != "na":  # NA samples fresh uniforms on every pass
+        assert torch.equal(first, again.detach())
 
 
 def test_batched_matches_single_for_deterministic_hooks(fitted, llama_like):

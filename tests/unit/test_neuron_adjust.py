@@ -238,3 +238,75 @@ def test_sweep_ratio(toy):
     assert isinstance(table, pd.DataFrame)
     assert table["ratio"].tolist() == [0.1, 0.25, 0.5]
     assert (table["n"] == table["n_selected"]).all() and table["n"].is_monotonic_increasing
+
+
+def test_several_retain_skills_use_the_closest_one():
+    f = make_stats([[4.0, 0.0, 2.0, 1.0]], [[1.0, 1.0, 1.0, 1.0]])
+    r1 = make_stats([[0.0, 0.0, 1.9, 0.0]], [[1.0, 2.0, 1.0, 1.0]])
+    r2 = make_stats([[3.0, -2.0, 0.0, 0.0]], [[2.0, 1.0, 1.0, 3.0]])
+    both = NeuronAdjust(ratio=0.5).fit(f, [r1, r2])
+    s1 = separation_scores(f, r1, "mean_diff")
+    s2 = separation_scores(f, r2, "mean_diff")
+    torch.testing.assert_close(both.scores_, torch.minimum(s1, s2))
+    nearest = torch.where(s1 <= s2, 0, 1)
+    assert torch.equal(both.retain_index_, nearest)
+    want_mu = torch.where(nearest == 0, r1.mean, r2.mean)
+    torch.testing.assert_close(both.mu_r_, want_mu)
+    torch.testing.assert_close(both.sigma_r_, torch.where(nearest == 0, r1.std, r2.std))
+    # min scores [1, 0, 0.1, 1]: neurons 1 and 2 are close to r1 (alone they would rank
+    # against r2 at 2 and 2), so the top half is neurons 0 and 3
+    assert both.selected_.tolist() == [[True, False, False, True]]
+    assert NeuronAdjust(ratio=0.5).fit(f, r2).selected_.tolist() == [[False, True, True, False]]
+    named = NeuronAdjust(ratio=0.5).fit(f, {"a": r1, "b": r2})
+    assert torch.equal(named.selected_, both.selected_) and named.retain_skills_ == ["a", "b"]
+    one = NeuronAdjust(ratio=0.5).fit(f, [r1])
+    alone = NeuronAdjust(ratio=0.5).fit(f, r1)
+    assert torch.equal(one.selected_, alone.selected_)
+    with pytest.raises(ValueError, match="No retain statistics"):
+        NeuronAdjust().fit(f, [])
+
+
+def test_adjust_bos_is_the_authors_behaviour_and_warns(llama_like, model_stats):
+    with pytest.warns(UserWarning, match="adjust_bos=True adjusts the BOS positions"):
+        authors = NeuronAdjust(ratio=0.05, adjust_bos=True).fit(*model_stats)
+    ours = NeuronAdjust(ratio=0.05).fit(*model_stats)
+    tokens = llama_like.to_tokens(["Q: 3+4?", "def g(y):"])
+    row = max(range(len(ours.layers_)), key=lambda i: ours.n_selected_[i])
+    name = hook_name("pre", ours.layers_[row])
+    seen = {}
+
+    def keep(tag):
+        def hook(act, hook):
+            seen[tag] = act.detach().clone()
+
+        return hook
+
+    with torch.no_grad():
+        llama_like.run_with_hooks(tokens, fwd_hooks=[(name, keep("clean"))])
+        llama_like.run_with_hooks(tokens, fwd_hooks=[*ours.hooks(llama_like), (name, keep("ours"))])
+        llama_like.run_with_hooks(
+            tokens, fwd_hooks=[*authors.hooks(llama_like), (name, keep("authors"))]
+        )
+    assert torch.equal(seen["clean"][:, 0], seen["ours"][:, 0])
+    assert not torch.equal(seen["clean"][:, 0], seen["authors"][:, 0])
+    # every other position sees the same draws, so the two agree there
+    assert torch.equal(seen["ours"][:, 1:], seen["authors"][:, 1:])
+
+
+def test_tuned_ratio_keeps_the_floor_and_is_saved(llama_like, model_stats, tmp_path):
+    from mechunlearn import tune_neuron_adjust
+
+    na = tune_neuron_adjust(
+        llama_like, *model_stats, F[:4], {"r": R[:4]}, ratios=[0.01, 0.05, 0.2], floor=0.5
+    )
+    table = na.tuning_
+    assert table["ratio"].tolist() == [0.01, 0.05, 0.2] and table["chosen"].sum() == 1
+    chosen = table[table["chosen"]].iloc[0]
+    assert na.ratio == chosen["ratio"]
+    ok = table[table["meets_floor"]]
+    if len(ok):
+        assert chosen["forget"] == ok["forget"].min() and chosen["meets_floor"]
+    back = NeuronAdjust.load(na.save(tmp_path / "na"))
+    assert back.tuning_["ratio"].tolist() == table["ratio"].tolist()
+    with pytest.raises(ValueError, match="keep is empty"):
+        tune_neuron_adjust(llama_like, *model_stats, F[:4], {})

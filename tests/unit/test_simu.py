@@ -19,7 +19,7 @@ from mechunlearn.interventions import (
 )
 from mechunlearn.interventions.weights import WeightEdit, w_out
 from mechunlearn.sites import hook_name
-from tests.conftest import LEGACY, make_tiny_llama
+from tests.tiny_models import LEGACY, make_tiny_llama
 
 F = Skill.from_texts(
     "f", [f"Q: {i}+{i + 1}?" for i in range(8)], [f" {2 * i + 1}" for i in range(8)]

@@ -1,0 +1,142 @@
+"""Skill or format? Does Key Space Detection, fitted on GSM8K questions, detect GSM8K *problems* or
+a text style?
+
+Unseen GSM8K questions and non-maths controls (MBPP tasks, MMLU questions, Wikipedia sentences)
+are each wrapped in the formats of :mod:`mechunlearn.data.variants`: bare (``plain``), GSM8K's own
+``Question: ... Answer:`` layout, inside a Python docstring or comment, after an unrelated paragraph
+of English text, as a four-way multiple-choice question, in the default model's chat template, and
+(GSM8K) with its numbers changed. KSD and the ellipsoid detector at their default settings are
+fitted on the GSM8K probe questions (GSM8K's own layout) with the package's calibration questions
+as negatives (:func:`mechunlearn.calibration_skill`); the detection rate of every variant is
+measured with a 95 % interval (a bootstrap over examples). A second fit on several formats (the
+probe questions in GSM8K's layout, plain, as a docstring and in the chat template) shows whether
+seeing formats fixes what one format misses (the formats it was fitted on are marked).
+
+Usage:
+    MECHUNLEARN_DATA=../shared/data python analysis/format_study.py [--n 60]
+
+Writes ``results/formats/``: ``detection.csv``, ``summary.md`` and ``detection.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import mechunlearn as mu
+from mechunlearn.data import format_variants
+from mechunlearn.io import write_text
+from mechunlearn.kernels.bootstrap import ratio_interval
+from mechunlearn.pipeline import RunConfig, load_model_for
+
+VARIANTS = ("plain", "question_prefix", "docstring", "comment", "after_paragraph",
+            "multiple_choice", "chat", "numbers_changed")  # fmt: skip
+CONTROLS = ("mbpp", "mmlu", "wikipedia")
+FIT_FORMATS = ("question_prefix", "plain", "docstring", "chat")
+
+
+def _wiki(n: int, seed: int, data_dir: str) -> mu.Skill:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from unlearning_study import wiki_skill
+
+    w = wiki_skill(n, seed, data_dir)  # first sentence as the prompt
+    return mu.Skill("wikipedia", [mu.Example(ex.prompt, "") for ex in w], source=w.source)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=60, help="held-out examples per skill")
+    parser.add_argument("--n-fit", type=int, default=100, help="GSM8K probe questions")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
+    parser.add_argument("--out", default="results/formats")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    if not args.data_dir:
+        sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model_for(RunConfig(quiet=args.quiet))
+    dd = args.data_dir
+    gsm = mu.load_skill("gsm8k", n=args.n_fit + args.n, seed=args.seed, data_dir=dd)
+    probe, held = gsm.split(args.n, seed=args.seed)
+    paragraphs = _wiki(200, args.seed + 1, dd).prompts  # other paragraphs than the controls
+    controls = {
+        "mbpp": mu.load_skill("mbpp", n=args.n, seed=args.seed, data_dir=dd),
+        "mmlu": mu.load_skill("mmlu", n=args.n, seed=args.seed, data_dir=dd, answer_format="text"),
+        "wikipedia": _wiki(args.n, args.seed, dd),
+    }
+    tok = model.tokenizer
+
+    def keys(skill):
+        return mu.collect_keys(model, skill, quiet=True)
+
+    negatives = keys(mu.calibration_skill())
+    fit_one = keys(probe)
+    fit_variants = format_variants(probe, names=FIT_FORMATS, paragraphs=paragraphs, tokenizer=tok)
+    fit_many = mu.KeyVectors.concat_all([keys(v) for v in fit_variants.values()])
+    detectors = {
+        "KSD": mu.KeySpaceDetector().fit(fit_one, negatives),
+        "Ellipsoid": mu.EllipsoidDetector().fit(fit_one, negatives),
+        "KSD, fitted on 4 formats": mu.KeySpaceDetector().fit(fit_many, negatives),
+    }
+    rows = []
+    for skill_name, skill in {"gsm8k": held, **controls}.items():
+        names = [v for v in VARIANTS if skill_name == "gsm8k" or v != "numbers_changed"]
+        for variant, wrapped in format_variants(
+            skill, names=names, paragraphs=paragraphs, tokenizer=tok, seed=args.seed
+        ).items():
+            k = keys(wrapped)
+            for det_name, det in detectors.items():
+                hits = det.detect_keys(k).detected.cpu().numpy().astype(float)
+                low, high = ratio_interval(hits, np.ones_like(hits), seed=args.seed)
+                rows.append({
+                    "detector": det_name, "skill": skill_name, "variant": variant,
+                    "rate": hits.mean(), "low": low, "high": high, "n": len(hits),
+                    "fitted_on_this_format": variant == "question_prefix"
+                    or (det_name.endswith("4 formats") and variant in FIT_FORMATS),
+                    "calibrated_fpr": det.fpr_,
+                })  # fmt: skip
+    table = pd.DataFrame(rows)
+    write_text(out / "detection.csv", table.to_csv(index=False))
+    fig = mu.plots.plot_detection_by_format(table)
+    mu.plots.save_figure(fig, out / "detection")
+    mu.plots.close(fig)
+    minutes = (time.perf_counter() - t0) / 60
+    write_text(out / "summary.md", summary(table) + f"\nRun time: {minutes:.0f} min.\n")
+    print(f"format study: {out / 'summary.md'} ({minutes:.0f} min)")
+
+
+def summary(table: pd.DataFrame) -> str:
+    """One table per detector: variants as rows, skills as columns, detection rate [95 % CI];
+    GSM8K is what should be detected, the others are false positives."""
+    parts = []
+    for det, part in table.groupby("detector", sort=False):
+        skills = list(dict.fromkeys(part["skill"]))
+        parts.append(f"**{det}** (detection rate [95 % CI]; gsm8k should be high, the rest low)\n")
+        parts.append("| variant | " + " | ".join(skills) + " |")
+        parts.append("|---" * (len(skills) + 1) + "|")
+        for variant, rows in part.groupby("variant", sort=False):
+            cells = []
+            for s in skills:
+                r = rows[rows["skill"] == s]
+                if r.empty:
+                    cells.append("")
+                    continue
+                r = r.iloc[0]
+                mark = "*" if r["fitted_on_this_format"] and s == "gsm8k" else ""
+                cells.append(f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]{mark}")
+            parts.append(f"| {variant} | " + " | ".join(cells) + " |")
+        parts.append("\n\\* the format the detector was fitted on.\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Benchmark: what fitting each method costs on the default model, from the same texts.
+
+Forget GSM8K, retain MBPP (``--n`` examples each, real text), every fit starting from the skills:
+
+* ``na``: Neuron Adjust, 3 %: ``collect`` of both skills' ``hook_pre`` statistics, then ``fit``;
+* ``lunar``: LUNAR at a fixed layer (16), closed form: direction and the normal equations;
+* ``lunar_auto``: LUNAR with ``layer="auto"`` over five candidate layers (each scored);
+* ``simu``: SIMU as the unlearning study runs it (last six layers, two integrated-gradient steps,
+  ten masked SophiaH updates).
+
+Each fit runs in a fresh subprocess (Linux): its wall time, and its peak memory above the RSS after
+the model is loaded (VmHWM reset there). The ratios to NA's fit, all measured in one run, go to
+``benchmarks/results/fit.json``.
+
+Usage:
+    MECHUNLEARN_DATA=../shared/data python benchmarks/bench_fit.py [--n 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from memory import reset_peak_rss, status_mb
+
+import mechunlearn as mu
+from mechunlearn.io import write_json
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ("na", "lunar", "lunar_auto", "simu")
+
+
+def child(args) -> None:
+    model = mu.load_model(device="cpu", quiet=True)
+    forget = mu.load_skill("gsm8k", n=args.n, seed=0, data_dir=args.data_dir)
+    retain = mu.load_skill("mbpp", n=args.n, seed=0, data_dir=args.data_dir)
+    reset_peak_rss()
+    base = status_mb("VmRSS")
+    t0 = time.perf_counter()
+    if args.child == "na":
+        f = mu.collect(model, forget, quiet=True)
+        r = mu.collect(model, retain, quiet=True)
+        mu.NeuronAdjust(ratio=0.03).fit(f, r)
+    elif args.child == "lunar":
+        mu.Lunar(layer=16).fit(model, forget, retain)
+    elif args.child == "lunar_auto":
+        mu.Lunar(layer="auto", candidates=[6, 11, 16, 21, 26]).fit(model, forget, retain)
+    else:
+        mu.Simu(layers=list(range(24, 30)), steps=2, max_steps=10, batch_size=8).fit(
+            model, forget, retain, quiet=True
+        )
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "peak_over_model_mb": status_mb("VmHWM") - base}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16, help="examples per skill")
+    parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not args.data_dir:
+        sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    if args.child:
+        return child(args)
+    measured = {}
+    for method in args.methods:
+        cmd = [sys.executable, __file__, "--child", method, "--n", str(args.n),
+               "--data-dir", args.data_dir]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        measured[method] = json.loads(out.strip().splitlines()[-1])
+        print(f"{method:11s} {measured[method]['seconds']:8.1f} s  "
+              f"{measured[method]['peak_over_model_mb']:8.0f} MB", flush=True)  # fmt: skip
+    result = {"n_per_skill": args.n, "device": "cpu", "fits": measured}
+    if "na" in measured:
+        na = measured["na"]
+        result["ratios_to_na"] = {
+            m: {
+                "time": v["seconds"] / na["seconds"],
+                "peak_memory": v["peak_over_model_mb"] / max(na["peak_over_model_mb"], 1e-9),
+            }
+            for m, v in measured.items()
+            if m != "na"
+        }
+    write_json(RESULTS / "fit.json", result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

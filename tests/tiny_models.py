@@ -1,0 +1,132 @@
+"""The tiny random models of the tests, built from local configs (no network): a character-level
+tokenizer, a Llama-style and a GPT-2-style ``TransformerBridge``, and a legacy Llama-style
+``HookedTransformer`` where this TransformerLens has one.
+
+Plain factories, imported by tests/conftest.py (the fixtures) and by the repository's root
+conftest.py (the doctests' namespace), and by tests that need a model of another size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def make_char_tokenizer(folder: Path):
+    """A character-level tokenizer with BOS/EOS/PAD, saved and reloaded so that
+    TransformerLens can rebuild it (it needs name_or_path)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for c in [chr(i) for i in range(32, 127)] + ["\n", "\t"]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        add_bos_token=True,
+    )
+    tok.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def make_tiny_llama(tokenizer, device="cpu", n_layers=3, d_mlp=48, seed=0):
+    """A tiny random Llama-style (gated MLP) TransformerBridge."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    hf = LlamaForCausalLM(cfg).eval()
+    return TransformerBridge.boot_transformers(
+        "tiny-llama", hf_model=hf, tokenizer=tokenizer, device=device
+    ).eval()
+
+
+def make_tiny_gpt2(tokenizer, device="cpu", n_layers=2, seed=0):
+    """A tiny random GPT-2-style (GELU MLP, d_mlp = 4 * d_model = 128) TransformerBridge."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=n_layers,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    hf = GPT2LMHeadModel(cfg).eval()
+    return TransformerBridge.boot_transformers(
+        "tiny-gpt2", hf_model=hf, tokenizer=tokenizer, device=device
+    ).eval()
+
+
+def legacy_available() -> bool:
+    """Whether this TransformerLens still ships the legacy ``HookedTransformer`` (3.x does, 4.x
+    removed it). CI's transformer-lens 3.x job sets ``MECHUNLEARN_EXPECT_LEGACY=1`` so that its
+    absence fails instead of skipping."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        if os.environ.get("MECHUNLEARN_EXPECT_LEGACY") == "1":
+            raise
+        return False
+    return True
+
+
+LEGACY = legacy_available()
+
+
+def make_tiny_legacy_llama(tokenizer, device="cpu", n_layers=3, d_mlp=48, seed=0):
+    """A tiny random Llama-style legacy ``HookedTransformer`` (gated MLP, RMSNorm, rotary,
+    grouped-query attention) from a local config."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=d_mlp,
+        d_vocab=len(tokenizer),
+        n_ctx=256,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        final_rms=True,
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        seed=seed,
+        device=device,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return HookedTransformer(cfg, tokenizer=tokenizer).eval()
