@@ -103,10 +103,11 @@ def _keys(n: int, shift: float, seed: int) -> KeyVectors:
 def test_detection_shows_the_calibrated_rate(cls):
     keys_f, keys_r = _keys(40, 0.0, 0), _keys(40, 4.0, 1)
     det = cls().fit(keys_f, keys_r)
-    assert det.fpr_ == 0.01 and det.layers_ == [0, 1] and det.rule == "any"
+    assert det.fpr_ == 0.001 and det.layers_ == [0, 1] and det.rule == "all"  # the defaults
     d = det.detect_keys(keys_r)
-    assert d.fpr == 0.01 and "calibrated fpr=0.01)" in repr(d)
-    assert d.to("cpu").fpr == 0.01
+    assert d.fpr == 0.001 and "calibrated fpr=0.001)" in repr(d)
+    assert d.to("cpu").fpr == 0.001
+    assert "false positives calibrated at 0.001 (0 on held-out negatives)" in repr(det)
     assert list(d.to_frame().columns) == [
         "detected", "score", "fired_layers", "margin_L0", "margin_L1"
     ]  # fmt: skip
