@@ -47,11 +47,12 @@ def test_defaults_detect_the_skill_and_let_other_questions_through(keys, cls):
     assert found.fpr == 0.001  # the calibrated rate travels with every Detection
     rate = {name: det.detect_keys(keys[name]).rate for name in ("held_out", "mmlu", "mbpp")}
     # The study (100 fit questions) detected 0.93 [0.86, 0.97] (cube) and 0.99 [0.95, 1.00]
-    # (ellipsoid) of 100 held-out questions in this format; 0.85 leaves room for the smaller
-    # fit set and another sample.
+    # (ellipsoid) of 100 held-out questions in this format (here: 0.93 and 0.98 of 60); 0.85
+    # leaves room for the smaller fit set and another sample.
     assert rate["held_out"] >= 0.85, rate
     # The study measured 0 of 30 MMLU and 0 of 30 MBPP test questions in this format for both
-    # defaults (pooled over five domains: <= 0.01 [0.00, 0.05]). 0.10 (6 of 60) would be
+    # defaults (pooled over five domains: <= 0.01 [0.00, 0.05]); on this test's sample they
+    # refused 3 (box) and 2 (ellipsoid) of 60 MMLU, 0 of 60 MBPP. 0.10 (6 of 60) would be
     # exceeded by a true rate of 5 % only about 4 % of the time (binomial), yet catches the
     # over-blocking of issue 16 (0.37-0.50 of MMLU questions in this format without negatives).
     assert rate["mmlu"] <= 0.10, rate
