@@ -59,15 +59,7 @@ NEEDS_DATA: set[str] = {
 
 # Examples not yet rewritten for this namespace (their module is being changed elsewhere): run,
 # but expected to fail. Remove a name once its example passes (pytest then reports XPASS).
-PENDING: set[str] = {
-    "mechunlearn.interventions.key_space.DetectionRecord",
-    "mechunlearn.interventions.key_space.EllipsoidDetector",
-    "mechunlearn.interventions.key_space.KeyRegionDetector.detect",
-    "mechunlearn.interventions.key_space.KeyRegionDetector.detect_keys",
-    "mechunlearn.interventions.key_space.KeyRegionDetector.generate",
-    "mechunlearn.interventions.key_space.KeyRegionDetector.hooks",
-    "mechunlearn.interventions.key_space.KeySpaceDetector",
-}
+PENDING: set[str] = set()
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,7 @@ def main() -> None:
     na = NeuronAdjust(ratio=0.03).fit(stats_f, stats_r)
     sp = mu.SelectivePruning(ratio=0.015).fit(probe_f.importance, probe_r.importance)
     lunar = mu.Lunar(layer=16).fit(model, forget, retain)
-    ksd = KeySpaceDetector(h=2.0).fit(keys_f)
+    ksd = KeySpaceDetector(h=2.0, layers=-1).fit(keys_f)  # the authors' last layer
     ksd_all = KeySpaceDetector(h=2.0, layers=None, rule="any").fit(keys_f)
     print(na)
     print(ksd)

@@ -20,7 +20,7 @@ the benchmark data or minutes of compute are marked ``# doctest: +SKIP``.
 from . import analysis
 from ._version import __version__
 from .collect import Probe, collect, collect_importance, collect_keys
-from .data import Example, Skill, SkillNotFoundError, load_skill
+from .data import Example, Skill, SkillNotFoundError, calibration_skill, load_skill
 from .evaluation import evaluate, relative_table
 from .interventions import (
     REFUSAL,
@@ -63,6 +63,7 @@ __all__ = [
     "SkillNotFoundError",
     "__version__",
     "analysis",
+    "calibration_skill",
     "collect",
     "collect_importance",
     "collect_keys",

@@ -831,7 +831,7 @@ def run(
                 "index.html",
                 lambda p: write_report(
                     folder.out, config.settings(), result.table, figures or [], environment(),
-                    folder.timings,
+                    folder.timings, {name: repr(iv) for name, iv in result.fitted.items()},
                 ),
             )  # fmt: skip
             result.index = folder.path("index.html")

@@ -91,6 +91,7 @@ def write_report(
     figures: Sequence[tuple[str, str]],
     environment: dict[str, str] | None = None,
     timings: dict[str, float] | None = None,
+    methods: dict[str, str] | None = None,
 ) -> Path:
     """Write ``out/index.html`` and return its path.
 
@@ -101,6 +102,9 @@ def write_report(
         figures: ``(relative path, one-line caption)`` pairs.
         environment: package versions and machine.
         timings: seconds per stage.
+        methods: one line per fitted method (its ``repr``: for the detectors, the
+            false-positive rate alpha was calibrated for and the rate measured on held-out
+            negatives).
     """
     out = Path(out)
     timings = dict(timings or {})
@@ -151,6 +155,8 @@ padding. The normality tests treat the reservoir's tokens as independent, althou
 one text are correlated: they reject more often than they would for independent draws.</p>
 {figs or "<p>No figures (run <code>mechunlearn analyze</code>).</p>"}
 
+<h2>Fitted methods</h2>
+{grid(methods or {})}
 <h2>Settings</h2>
 {grid(settings)}
 <h2>Timings ({total:.0f} s in all)</h2>

@@ -13,6 +13,8 @@ The bottom layer of mechunlearn (it imports nothing else from the package). One 
 - :mod:`~mechunlearn.data.prompts`: few-shot prompts (GSM8K 8-shot, MMLU 5-shot);
 - :mod:`~mechunlearn.data.variants`: format variants of a skill's prompts (docstring, comment,
   chat template, multiple choice, numbers changed, ...) for the "skill or format?" study;
+- :mod:`~mechunlearn.data.calibration`: :func:`calibration_skill`, the shipped general
+  questions (negatives for a detector's false-positive calibration);
 - :mod:`~mechunlearn.data.checks`: the argument checks shared by these modules.
 
 Example:
@@ -34,6 +36,7 @@ from .benchmarks import (
     multiple_choice_prompt,
     resolve_mmlu_subjects,
 )
+from .calibration import calibration_skill
 from .files import DataFileError, load_file
 from .prompts import (
     few_shot_prompt,
@@ -64,6 +67,7 @@ __all__ = [
     "RecordError",
     "Skill",
     "SkillNotFoundError",
+    "calibration_skill",
     "few_shot_prompt",
     "format_variants",
     "gsm8k_few_shot_prompts",

@@ -12,7 +12,7 @@ Example:
     >>> logits = model.run_with_hooks(tokens, fwd_hooks=na.hooks(model))
     >>> ksd = KeySpaceDetector().fit(keys_f, keys_r)   # alpha calibrated on the negatives
     >>> ksd.fpr_
-    0.05
+    0.001
     >>> out = ksd.generate(model, ["3+4=", "copy b:"], max_new_tokens=8)
     >>> out[0]                                         # a forget-skill prompt: refused
     'Sorry, your query is not valid'

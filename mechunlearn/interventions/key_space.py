@@ -16,10 +16,37 @@ as stated in docs/methods.md ("Key Space Detection"):
 
 Beyond the paper:
 
-* **Layers and rules.** The authors check only the last layer (``layers=-1``, the default). Any
-  set of layers can be combined with ``rule="any"`` (detected when inside at one layer or
-  more), ``"all"``, or an int ``k`` (inside at ``k`` layers or more).
-* **Automatic alpha.** ``fit(keys_f, keys_r, fpr=0.05)`` splits F into a fit part and a
+* **Layers and rules.** The authors check only the last layer (``layers=-1``). Any set of
+  layers can be combined with ``rule="any"`` (detected when inside at one layer or more),
+  ``"all"``, or an int ``k`` (inside at ``k`` layers or more).
+* **Defaults (issue 16).** Every collected layer (``layers=None``), ``rule="all"``,
+  ``fpr=0.001`` (no calibration negative inside), for both regions: chosen in
+  ``analysis/ksd_defaults.py`` on probe data only (GSM8K probe questions; the shipped
+  calibration questions; probe halves of MMLU, MBPP, Wikipedia sentences, XQuAD questions and
+  HumanEval), among the every-layer candidates, since a fixed layer number would not carry to
+  a model of another depth. Measured on the default model on data never used for fitting or
+  choosing (100 held-out GSM8K questions; test halves of 30 questions per other domain; 95 %
+  Wilson intervals), fitted on 100 GSM8K questions and ``mu.calibration_skill()``:
+
+  - ``EllipsoidDetector()`` meets the issue's goal on these numbers: held-out GSM8K detected
+    1.00 [0.96, 1.00] (fitted on bare questions) and 0.99 [0.95, 1.00] (fitted on
+    ``"Question: ...\\nAnswer:"``); false positives at most 1 of 30 on every other domain and
+    format (worst 0.03 [0.01, 0.17]), pooled over the five domains <= 0.01 [0.00, 0.05].
+  - ``KeySpaceDetector()`` does not quite: detection 0.94 [0.88, 0.97] and
+    0.93 [0.86, 0.97]; pooled false positives <= 0.02 [0.01, 0.06], but 0.07 [0.02, 0.21]
+    (2 of 30) on bare XQuAD questions when fitted on bare questions.
+  - The authors' last layer (``layers=-1``, ``fpr=0.01``) detects 0.96 / 0.86 with up to
+    0.10 [0.03, 0.26] false positives on a domain; fitted without negatives (``h=2``, the
+    issue's call) it refuses up to 0.77 [0.59, 0.88] of a domain's questions.
+
+  Thirty questions per domain cannot show a rate below 5 %: the upper bounds say only that a
+  domain's rate is below about 11-17 %. Detection is tied to the prompt format: fitted on one
+  format, neither default detects a GSM8K question in another (0.00 in the other formats
+  and in the chat template); fit on every format you need to catch.
+* **Negatives are required.** ``fit(keys_f)`` alone (no ``h``/``alpha``) is refused: a
+  region fitted on the forget skill alone refuses ordinary questions at an unmeasured rate.
+  :func:`mechunlearn.calibration_skill` ships general questions to calibrate on.
+* **Automatic alpha.** ``fit(keys_f, keys_r)`` splits F into a fit part and a
   held-out part, and R into a calibration part and a test part. The region is fitted on the
   F fit part. ``alpha_max`` is the largest per-layer alpha that keeps the rule-level
   false-positive rate on the R calibration part ``<= fpr``: layers share one rank, each
@@ -44,7 +71,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -84,6 +111,8 @@ class Detection:
             NaN margins count as outside (``inf``).
         layers: the model layers, in column order.
         rule: the rule.
+        fpr: the false-positive rate the detector's alpha was calibrated for (its ``fpr_``),
+            or None when alpha came from ``h``/``alpha`` and nobody measured it.
     """
 
     detected: Bool[Tensor, " n"]
@@ -92,6 +121,7 @@ class Detection:
     score: Float[Tensor, " n"]
     layers: list[int]
     rule: str | int
+    fpr: float | None = None
 
     def __len__(self) -> int:
         return int(self.detected.shape[0])
@@ -110,6 +140,7 @@ class Detection:
             self.score.to(device),
             list(self.layers),
             self.rule,
+            self.fpr,
         )
 
     def to_frame(self):
@@ -132,7 +163,11 @@ class Detection:
         return frame
 
     def __repr__(self) -> str:
-        return f"Detection(n={len(self)}, detected={int(self.detected.sum())}, rule={self.rule!r})"
+        fpr = "unmeasured" if self.fpr is None else f"{self.fpr:g}"
+        return (
+            f"Detection(n={len(self)}, detected={int(self.detected.sum())}, rule={self.rule!r}, "
+            f"calibrated fpr={fpr})"
+        )
 
 
 class DetectionRecord:
@@ -143,8 +178,9 @@ class DetectionRecord:
     synchronises.
 
     Example:
-        >>> model.run_with_hooks(tokens, fwd_hooks=ksd.hooks())
+        >>> _ = model.run_with_hooks(tokens, fwd_hooks=ksd.hooks())
         >>> ksd.record.detected      # [batch] bool, on the model's device
+        tensor([False, False])
     """
 
     def __init__(self, detector: KeyRegionDetector):
@@ -185,15 +221,19 @@ class KeyRegionDetector(Intervention):
     largest fit distance) and :meth:`_distance_row` (one layer, ``[b, d] -> [b]``).
 
     Args:
-        h: alpha as a multiple of ``k_min`` (authors: 2 for GSM8K, 1.4 for MBPP). When neither
-            ``h`` nor ``alpha`` is given, ``fit(keys_f)`` uses ``h = 2`` and
-            ``fit(keys_f, keys_r)`` chooses alpha automatically.
+        h: alpha as a multiple of ``k_min`` (authors: 2 for GSM8K, 1.4 for MBPP), for a region
+            fitted without negatives (its false-positive rate is then unmeasured). When
+            neither ``h`` nor ``alpha`` is given, ``fit(keys_f, keys_r)`` chooses alpha
+            automatically and ``fit(keys_f)`` alone is refused.
         alpha: an absolute alpha (the same for every layer).
         layers: model layers to check (negative counts from the last collected layer);
-            ``None`` for every layer of the key vectors. Default ``-1``, the authors' choice.
-        rule: ``"any"``, ``"all"`` or an int ``k`` (detected when inside at ``>= k`` layers).
+            ``None`` (the default) for every layer of the key vectors; ``-1`` for the
+            authors' last layer only.
+        rule: ``"any"``, ``"all"`` (the default) or an int ``k`` (detected when inside at
+            ``>= k`` layers).
         fpr: with ``fit(keys_f, keys_r)``, the cap on the rule-level false-positive rate on
-            the negatives' calibration part, in (0, 1).
+            the negatives' calibration part, in (0, 1); default 0.001, i.e. no calibration
+            negative inside (with fewer than 1000 of them).
         test_size: the held-out share of F and of the negatives in that calibration (a
             fraction, rounded up, or a count).
         seed: seed of the calibration's two splits.
@@ -210,16 +250,15 @@ class KeyRegionDetector(Intervention):
     """
 
     _fitted_attrs = Intervention._fitted_attrs + ("region_", "alpha_", "k_min_")
-    _default_h: ClassVar[float] = 2.0
     changes_outputs = False  # the hooks record detections and return activations untouched
 
     def __init__(
         self,
         h: float | None = None,
         alpha: float | None = None,
-        layers: int | Sequence[int] | None = -1,
-        rule: str | int = "any",
-        fpr: float = 0.05,
+        layers: int | Sequence[int] | None = None,
+        rule: str | int = "all",
+        fpr: float = 0.001,
         test_size: float | int = 0.5,
         seed: int = 0,
     ):
@@ -259,24 +298,51 @@ class KeyRegionDetector(Intervention):
         raise NotImplementedError
 
     # --------------------------------------------------------------------------------- fit
-    def fit(self, keys_f: KeyVectors, keys_r: KeyVectors | None = None) -> KeyRegionDetector:
+    def fit(
+        self,
+        keys_f: KeyVectors,
+        keys_r: KeyVectors | Sequence[KeyVectors] | None = None,
+    ) -> KeyRegionDetector:
         """Fit the forget skill's region; alpha from ``h``/``alpha``, or calibrated on negatives.
 
         Args:
             keys_f: forget-skill key vectors (:func:`mechunlearn.collect_keys`).
             keys_r: key vectors of what must *not* be detected (retain skills, ordinary text:
-                :func:`mechunlearn.data.calibration_skill` ships a general set); alpha is then
-                chosen automatically under the false-positive cap ``fpr`` (see the module
-                docstring), and ``h``/``alpha`` must not be set. Without ``keys_r``, ``h`` or
-                ``alpha`` must be given: such a detector's false-positive rate is unmeasured.
+                :func:`mechunlearn.calibration_skill` ships a general set), or a list of them
+                (concatenated); alpha is then chosen automatically under the false-positive
+                cap ``fpr`` (see the module docstring), and ``h``/``alpha`` must not be set.
+                Without ``keys_r``, ``h`` or ``alpha`` must be given: such a detector's
+                false-positive rate is unmeasured. Give negatives in the prompt format of the
+                forget keys (``calibration_skill()`` has two formats by default).
 
         Returns:
             self.
 
         Raises:
             ValueError: neither negatives nor ``h``/``alpha`` (the message shows the call).
+
+        Example:
+            >>> ksd = mu.KeySpaceDetector(fpr=0.1).fit(keys_f, keys_r)  # tiny model: add vs copy
+            >>> ksd.fpr_, ksd.layers_, ksd.calibration_["fpr_r_test"]
+            (0.1, [0, 1, 2], 0.0)
+            >>> mu.KeySpaceDetector().fit(keys_f)
+            Traceback (most recent call last):
+            ...
+            ValueError: KeySpaceDetector().fit(keys_f) alone would give ...
+
+            On the real model, with the shipped general questions as negatives:
+
+            >>> keys_f = mu.collect_keys(model, mu.load_skill("gsm8k", n=100))  # doctest: +SKIP
+            >>> keys_cal = mu.collect_keys(model, mu.calibration_skill())  # doctest: +SKIP
+            >>> ksd = mu.KeySpaceDetector().fit(keys_f, keys_cal)  # doctest: +SKIP
         """
         check_type(keys_f, KeyVectors, "keys_f", "Collect them with mu.collect_keys(model, skill).")
+        if isinstance(keys_r, (list, tuple)):
+            if not keys_r:
+                raise ValueError("keys_r is an empty list: pass key vectors, or None.")
+            for i, part in enumerate(keys_r):
+                check_type(part, KeyVectors, f"keys_r[{i}]", "Collect them with mu.collect_keys.")
+            keys_r = KeyVectors.concat_all(list(keys_r))
         if keys_r is None and self.h is None and self.alpha is None:
             raise ValueError(
                 f"{type(self).__name__}().fit(keys_f) alone would give a detector whose "
@@ -411,13 +477,16 @@ class KeyRegionDetector(Intervention):
     def _detection(self, margin: Tensor) -> Detection:
         detected, score = self._combine(margin)
         fired = torch.nan_to_num(margin, nan=torch.inf) <= 1
-        return Detection(detected, fired, margin, score, list(self.layers_), self.rule)
+        return Detection(detected, fired, margin, score, list(self.layers_), self.rule, self.fpr_)
 
     def detect_keys(self, keys: KeyVectors) -> Detection:
         """Detection of already-collected key vectors (no model run).
 
         Example:
-            >>> ksd.detect_keys(mu.collect_keys(model, mbpp)).rate   # false-positive rate
+            >>> ksd.detect_keys(keys_r)     # false positives on the retain skill
+            Detection(n=30, detected=0, rule='all', calibrated fpr=unmeasured)
+            >>> ksd.detect_keys(keys_f).rate
+            1.0
         """
         self._check_fitted()
         if keys.d_mlp != self.d_mlp_:
@@ -445,8 +514,10 @@ class KeyRegionDetector(Intervention):
         Positions: none changes (the hooks only read the last prompt token's key vector).
 
         Example:
-            >>> model.run_with_hooks(tokens, fwd_hooks=ksd.hooks(), stop_at_layer=L + 1)
+            >>> last = max(ksd.layers_)
+            >>> _ = model.run_with_hooks(tokens, fwd_hooks=ksd.hooks(), stop_at_layer=last + 1)
             >>> ksd.record.detected     # on the device until read
+            tensor([False, False])
         """
         self._check_fitted()
         if model is not None:
@@ -513,8 +584,11 @@ class KeyRegionDetector(Intervention):
             A :class:`Detection` on the CPU, in the prompts' order.
 
         Example:
-            >>> det = ksd.detect(model, mu.load_skill("mbpp", n=50))
-            >>> det.rate, det.to_frame().head()
+            >>> det = ksd.detect(model, ["3+4=", "copy b:"])
+            >>> det.rate, det.detected.tolist()
+            (0.5, [True, False])
+            >>> list(det.to_frame().columns)
+            ['detected', 'score', 'fired_layers', 'margin_L0', 'margin_L1', 'margin_L2']
         """
         self.check_model(model)
         prompts = _prompt_list(prompts)
@@ -567,8 +641,9 @@ class KeyRegionDetector(Intervention):
             refusal; with ``return_detection``, ``(texts, detection)``.
 
         Example:
-            >>> ksd.generate(model, ["Q: 2+3?", "def add(a, b):"], max_new_tokens=32)
-            ['Sorry, your query is not valid', '\\n    return a + b']
+            >>> texts = ksd.generate(model, ["3+4=", "copy b:"], max_new_tokens=3)
+            >>> texts[0]                  # detected: the refusal, no generation
+            'Sorry, your query is not valid'
         """
         check_int("max_new_tokens", max_new_tokens, min_val=1)
         prompts = _prompt_list(prompts)
@@ -594,7 +669,13 @@ class KeyRegionDetector(Intervention):
     # --------------------------------------------------------------------------- reports
     def _fitted_summary(self) -> str:
         alpha = ", ".join(f"{a:.3g}" for a in self.alpha_.tolist())
-        fpr = "unmeasured" if self.fpr_ is None else f"calibrated at {self.fpr_:g}"
+        if self.fpr_ is None:
+            fpr = "unmeasured"
+        else:
+            fpr = f"calibrated at {self.fpr_:g}"
+            held = (self.calibration_ or {}).get("fpr_r_test")
+            if held is not None:
+                fpr += f" ({held:.3g} on held-out negatives)"
         return f"layers {self.layers_}, alpha [{alpha}], rule {self.rule!r}, false positives {fpr}"
 
     # ------------------------------------------------------------------------- save / load
@@ -628,9 +709,16 @@ class KeySpaceDetector(KeyRegionDetector):
     last layer), a sigma floor instead of a division by zero, and an optional automatic alpha.
 
     Example:
-        >>> keys_f = mu.collect_keys(model, mu.load_skill("gsm8k", n=200))
-        >>> ksd = KeySpaceDetector(h=2.0).fit(keys_f)
-        >>> ksd.generate(model, ["Natalia sold clips to 48 of her friends...", "def f(x):"])
+        >>> ksd = mu.KeySpaceDetector(fpr=0.1).fit(keys_f, keys_r)
+        >>> ksd.cube_.mu.shape        # [layer, d_mlp]: every layer by default
+        torch.Size([3, 48])
+        >>> ksd.detect(model, ["3+4=", "copy b:"]).detected.tolist()
+        [True, False]
+        >>> forget = mu.load_skill("gsm8k", n=200)                   # doctest: +SKIP
+        >>> keys_cal = mu.collect_keys(model, mu.calibration_skill())  # doctest: +SKIP
+        >>> ksd = KeySpaceDetector().fit(mu.collect_keys(model, forget), keys_cal)  # doctest: +SKIP
+        >>> prompts = ["Natalia sold clips to 48 of her friends...", "def f(x):"]
+        >>> ksd.generate(model, prompts)  # doctest: +SKIP
     """
 
     def _fit_region(self, x: Float[Tensor, "n layer d"]) -> dict[str, Tensor]:
@@ -680,17 +768,20 @@ class EllipsoidDetector(KeyRegionDetector):
         h, alpha, layers, rule: as for :class:`KeyRegionDetector`.
 
     Example:
-        >>> ell = EllipsoidDetector(h=1.5, layers=[-3, -2, -1], rule=2).fit(keys_f)
-        >>> ell.detect(model, mu.load_skill("mbpp", n=50)).rate
+        >>> ell = mu.EllipsoidDetector(h=1.5, layers=[-3, -2, -1], rule=2).fit(keys_f)
+        >>> ell.detect(model, ["3+4=", "copy b:"]).detected.tolist()
+        [True, False]
+        >>> ell.detect_keys(keys_r).rate
+        0.0
     """
 
     def __init__(
         self,
         h: float | None = None,
         alpha: float | None = None,
-        layers: int | Sequence[int] | None = -1,
-        rule: str | int = "any",
-        fpr: float = 0.05,
+        layers: int | Sequence[int] | None = None,
+        rule: str | int = "all",
+        fpr: float = 0.001,
         test_size: float | int = 0.5,
         seed: int = 0,
         shrinkage: float | None = None,

@@ -335,7 +335,12 @@ def mahalanobis(
     v: Float[Tensor, "... d"], u: Tensor, coef: Tensor, iso: Tensor
 ) -> Float[Tensor, "..."]:
     """``sqrt(v^T Sigma^-1 v)`` with ``Sigma^-1 = (I - U diag(coef) U^T) / iso``
-    (:func:`fit_ellipsoid`'s Woodbury form; ``u`` ``[d, r]`` or broadcast per layer)."""
-    proj = (v.unsqueeze(-2) @ u).squeeze(-2)  # [..., r]
+    (:func:`fit_ellipsoid`'s Woodbury form; ``u`` ``[d, r]``, or ``[layer, d, r]`` with ``v``
+    ``[..., layer, d]``)."""
+    if u.ndim == 2:
+        proj = v @ u  # [..., r]
+    else:
+        # One [m, d] x [d, r] product per layer: a broadcast matmul would copy u once per row.
+        proj = torch.einsum("...ld,ldr->...lr", v, u)
     sq = (v.square().sum(-1) - (coef * proj.square()).sum(-1)) / iso
     return sq.clamp(min=0).sqrt()

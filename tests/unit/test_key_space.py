@@ -96,9 +96,16 @@ def test_rules_any_all_k():
         assert torch.equal(det.detected, expected)
     with pytest.raises(ValueError, match="asks for 4 layers"):
         KeySpaceDetector(h=1.0, layers=None, rule=4).fit(keys)
-    last = KeySpaceDetector(h=1.0).fit(keys)  # default: the last layer, as the authors
+    last = KeySpaceDetector(h=1.0, layers=-1).fit(keys)  # the authors' last layer
     assert last.layers_ == [2]
     assert torch.equal(last.detect_keys(probe).detected, fired[:, 2])
+    # The defaults (issue 16, analysis/ksd_defaults.py): every collected layer, rule "all",
+    # fpr 0.001; the ellipsoid's too.
+    default = KeySpaceDetector(h=1.0).fit(keys)
+    assert default.layers_ == [0, 1, 2] and default.rule == "all" and default.fpr == 0.001
+    assert torch.equal(default.detect_keys(probe).detected, counts == 3)
+    params = EllipsoidDetector().get_params()
+    assert (params["layers"], params["rule"], params["fpr"]) == (None, "all", 0.001)
 
 
 def _count_forwards(model):
