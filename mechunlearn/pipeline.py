@@ -67,6 +67,8 @@ METHOD_NAMES = {
 }
 """How each method is named in tables (full names: a CSV reader takes "NA" for missing)."""
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+CALIBRATION = "calibration"
+"""The probe role of :func:`mechunlearn.calibration_skill`'s keys (the detectors' negatives)."""
 
 
 class PipelineError(Exception):
@@ -79,7 +81,8 @@ class RunConfig:
     """Every setting of a run: skills, sizes, seed and each method's hyperparameters.
 
     The methods' settings are the estimators' own (``na_*`` for :class:`NeuronAdjust`,
-    ``ksd_fpr`` for both detectors, which check the last layer as the authors do, ``sp_ratio``,
+    ``ksd_fpr`` for both detectors, which keep their default layers and rule and calibrate
+    on every other probed skill plus :func:`mechunlearn.calibration_skill`, ``sp_ratio``,
     ``lunar_*``, ``simu_*``); ``lunar_layer="auto"`` tries every third layer.
 
     Saved as ``config.json`` in the output folder. Settings that change results make the
@@ -108,7 +111,7 @@ class RunConfig:
     na_ratio: float = 0.03
     na_score: str = "mean_diff"
     na_mode: str = "reflect"
-    ksd_fpr: float = 0.05
+    ksd_fpr: float = 0.001
     sp_ratio: float = 0.015
     lunar_layer: str | int = "auto"
     lunar_coef: float = 2.0
@@ -135,7 +138,7 @@ class RunConfig:
 
     def key(self) -> str:
         """The resume key: a hash of :meth:`settings` and the file format."""
-        blob = json.dumps({"settings": self.settings(), "format": 2}, sort_keys=True)
+        blob = json.dumps({"settings": self.settings(), "format": 3}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
@@ -489,7 +492,8 @@ def _one_line(err: BaseException) -> str:
 # ------------------------------------------------------------------------------------ stages
 @dataclass
 class Probes:
-    """What :func:`probe` collected per probed role (``forget``, ``retain:<name>``, ``general``).
+    """What :func:`probe` collected per probed role (``forget``, ``retain:<name>``, ``general``,
+    and ``calibration``: the keys of :func:`mechunlearn.calibration_skill` when a detector runs).
 
     Attributes:
         pre: NeuronStats of ``hook_pre`` (forget and retain skills).
@@ -513,8 +517,15 @@ def probe(config: RunConfig, model, skills: Skills, folder: RunFolder) -> Probes
 
     kinds = {"pre": NeuronStats, "keys": KeyVectors, "importance": Importance}
     out = Probes()
-    for role, skill in skills.probed().items():
-        wanted = ("keys",) if role == "general" else ("pre", "keys", "importance")
+    jobs = {
+        role: (skill, ("keys",) if role == "general" else ("pre", "keys", "importance"))
+        for role, skill in skills.probed().items()
+    }
+    if {"KSD", "Ellipsoid"} & set(config.methods):  # the detectors' shipped negatives
+        from .data import calibration_skill
+
+        jobs[CALIBRATION] = (calibration_skill(), ("keys",))
+    for role, (skill, wanted) in jobs.items():
         paths = {w: f"stats/{_slug(role)}.{w}.safetensors" for w in wanted}
         loaded: dict[str, Any] = {}
         for w, rel in paths.items():
@@ -546,7 +557,11 @@ def analyze(config: RunConfig, probes: Probes, skills: Skills, folder: RunFolder
 
     retain = f"retain:{skills.first_retain}"
     forget_name = skills.forget[0].name
-    others = {skills.probed()[r].name: k for r, k in probes.keys.items() if r != "forget"}
+    others = {
+        skills.probed()[r].name: k
+        for r, k in probes.keys.items()
+        if r not in ("forget", CALIBRATION)
+    }
     figures: list[tuple[str, str]] = []
 
     def figure(fig, name: str, caption: str) -> None:
@@ -620,7 +635,8 @@ def analyze(config: RunConfig, probes: Probes, skills: Skills, folder: RunFolder
 
 
 def _negatives(probes: Probes):
-    """Key vectors of every probed skill but the forget skill (KSD's calibration negatives)."""
+    """Key vectors of every probed skill but the forget skill, and of the shipped calibration
+    questions (the detectors' negatives)."""
     from .stats import KeyVectors
 
     return KeyVectors.concat_all([k for r, k in probes.keys.items() if r != "forget"])
@@ -644,13 +660,13 @@ def _builders(config: RunConfig, model, skills: Skills, probes: Probes) -> dict[
         ),
         "KSD": (
             iv.KeySpaceDetector,
-            lambda: iv.KeySpaceDetector(layers=-1, fpr=config.ksd_fpr, seed=config.seed).fit(
+            lambda: iv.KeySpaceDetector(fpr=config.ksd_fpr, seed=config.seed).fit(
                 probes.keys["forget"], _negatives(probes)
             ),
         ),
         "Ellipsoid": (
             iv.EllipsoidDetector,
-            lambda: iv.EllipsoidDetector(layers=-1, fpr=config.ksd_fpr, seed=config.seed).fit(
+            lambda: iv.EllipsoidDetector(fpr=config.ksd_fpr, seed=config.seed).fit(
                 probes.keys["forget"], _negatives(probes)
             ),
         ),
