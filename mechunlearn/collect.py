@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from ._version import __version__
 from .batching import EncodedBatch, check_batching, forward_until, iter_batches
-from .data import Skill
+from .data import Skill, special_token_flags
 from .kernels.moments import example_seeds, token_keys
 from .models import check_model, d_mlp, model_device, model_meta
 from .sites import check_positions, check_site, hook_name
@@ -446,12 +446,6 @@ def collect_importance(
 
 
 # ---------------------------------------------------------------------------------- helpers
-def special_token_flags(skill: Skill) -> list[bool]:
-    """Per example, whether its text holds real special tokens (chat-formatted prompts; see
-    :func:`~mechunlearn.batching.tokenize_examples`)."""
-    return [bool(ex.meta.get("special_tokens", False)) for ex in skill]
-
-
 def _merge_ranks(stats: NeuronStats) -> NeuronStats:
     """One process's statistics: this rank's shard merged with every other rank's."""
     if distributed.world()[1] == 1:

@@ -56,8 +56,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .batching import check_batching, forward_until, iter_batches, tokenize_examples
-from .collect import as_skill, special_token_flags
-from .data import Skill, gsm8k_few_shot_prompts, mmlu_few_shot_prompts
+from .collect import as_skill
+from .data import Skill, gsm8k_few_shot_prompts, mmlu_few_shot_prompts, special_token_flags
 from .generation import greedy_generate
 from .kernels.bootstrap import N_BOOT, paired_ratio_interval, ratio_interval
 from .models import check_model, model_device
@@ -439,13 +439,16 @@ def _generation_correct(
                 for j, ex_i in enumerate(batch.example_index.cpu().numpy()):
                     correct[keep[ex_i]] = float(last[j] == int(examples[ex_i].meta["label"]))
     elif sub is not None:
-        if kind == "gsm8k":
-            prompts, budget = gsm8k_few_shot_prompts(sub), max_new_tokens or 256
+        flags = special_token_flags(sub)
+        if kind == "gsm8k":  # a few-shot text prompt around each question
+            prompts, budget, flags = gsm8k_few_shot_prompts(sub), max_new_tokens or 256, False
         elif kind in ("xquad", "mlqa"):
             prompts, budget = sub.prompts, max_new_tokens or 24
         else:
             prompts, budget = sub.prompts, max_new_tokens or 256
-        texts = greedy_generate(model, prompts, budget, hooks, batch_size=max(1, batch_size // 2))
+        texts = greedy_generate(
+            model, prompts, budget, hooks, batch_size=max(1, batch_size // 2), special_tokens=flags
+        )
         for j, (ex, text) in enumerate(
             tqdm(
                 list(zip(examples, texts, strict=True)),

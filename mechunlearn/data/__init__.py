@@ -46,7 +46,7 @@ from .prompts import (
     mmlu_header,
     mmlu_shots,
 )
-from .skill import Example, Skill, split_sizes
+from .skill import Example, Skill, special_token_flags, split_sizes
 from .sources import DATA_ENV_VAR, SOURCES, SkillNotFoundError, load_skill
 from .variants import VARIANTS, make_variant, question_text
 from .variants import variants as format_variants
@@ -69,6 +69,7 @@ __all__ = [
     "SkillNotFoundError",
     "calibration_skill",
     "few_shot_prompt",
+    "special_token_flags",
     "format_variants",
     "gsm8k_few_shot_prompts",
     "gsm8k_shots",

@@ -457,3 +457,12 @@ class Skill:
         """
         note = ", ".join(f"{k}={v}" if k in ("n", "seed") else f"{k} {v}" for k, v in items.items())
         return f"{self.source} [{note}]" if self.source else f"[{note}]"
+
+
+def special_token_flags(skill: Skill) -> list[bool]:
+    """Per example, whether its text holds real special tokens (chat-formatted prompts, marked
+    ``meta["special_tokens"]`` by :mod:`mechunlearn.data.variants`; see
+    :func:`mechunlearn.batching.tokenize_examples`). Every path that tokenises a Skill passes
+    these flags, so a chat-formatted skill is tokenised the same way when it is collected,
+    fitted on, detected and scored."""
+    return [bool(ex.meta.get("special_tokens", False)) for ex in skill]

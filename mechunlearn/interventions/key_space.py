@@ -78,6 +78,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..batching import forward_until, iter_batches, tokenize_examples
+from ..data import Skill, special_token_flags
 from ..generation import generate_from_tokens
 from ..kernels.regions import (
     Cube,
@@ -591,13 +592,14 @@ class KeyRegionDetector(Intervention):
             ['detected', 'score', 'fired_layers', 'margin_L0', 'margin_L1', 'margin_L2']
         """
         self.check_model(model)
-        prompts = _prompt_list(prompts)
+        prompts, flags = _prompts_and_flags(prompts)
         margin = torch.empty((len(prompts), len(self.layers_)), dtype=torch.float64)
         last = hook_name("key", max(self.layers_))
         with torch.inference_mode():
             for batch in iter_batches(
-                model, prompts, None, batch_size=batch_size, max_length=max_length
-            ):
+                model, prompts, None, batch_size=batch_size, max_length=max_length,
+                special_tokens=flags,
+            ):  # fmt: skip
                 record = DetectionRecord(self)
                 hooks = self.hooks(positions=batch.last_prompt, record=record)
                 # Stop right after the last detection layer's key vector: the rest of the
@@ -646,16 +648,21 @@ class KeyRegionDetector(Intervention):
             'Sorry, your query is not valid'
         """
         check_int("max_new_tokens", max_new_tokens, min_val=1)
-        prompts = _prompt_list(prompts)
+        skill = prompts if isinstance(prompts, Skill) else None
+        prompts, flags = _prompts_and_flags(prompts)
         n = len(prompts)
-        detection = self.detect(model, prompts, batch_size=batch_size or 16, max_length=max_length)
+        detection = self.detect(
+            model, skill if skill is not None else prompts, batch_size=batch_size or 16,
+            max_length=max_length,
+        )  # fmt: skip
         bs = batch_size or n
         keep = torch.nonzero(~detection.detected).flatten().tolist()
         texts = [refusal] * n
         if keep:
             items = tokenize_examples(
-                model, [prompts[i] for i in keep], [""] * len(keep), max_length
-            )
+                model, [prompts[i] for i in keep], [""] * len(keep), max_length,
+                special_tokens=[flags[i] for i in keep],
+            )  # fmt: skip
             kwargs = {"do_sample": False, "verbose": False, **generate_kwargs}
             for start in range(0, len(keep), bs):
                 chunk = list(range(start, min(start + bs, len(keep))))
@@ -837,14 +844,14 @@ def _region_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _prompt_list(prompts) -> list[str]:
-    from ..data import Skill
-
+def _prompts_and_flags(prompts) -> tuple[list[str], list[bool]]:
+    """The prompts as strings, and per prompt whether it holds real special tokens (only a
+    chat-formatted Skill does; plain strings are text)."""
     if isinstance(prompts, Skill):
-        return list(prompts.prompts)
+        return list(prompts.prompts), special_token_flags(prompts)
     if isinstance(prompts, str):
-        return [prompts]
+        return [prompts], [False]
     out = [str(p) for p in prompts]
     if not out:
         raise ValueError("No prompts given.")
-    return out
+    return out, [False] * len(out)

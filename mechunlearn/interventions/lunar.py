@@ -90,7 +90,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..batching import EncodedBatch, forward_until, iter_batches
-from ..data import Example, Skill
+from ..data import Example, Skill, special_token_flags
 from ..models import d_mlp, model_device, model_meta
 from ..sites import hook_name
 from ..validation import check_int, model_keys, resolve_layers
@@ -227,14 +227,14 @@ class _Normal:
 
 def _pass(
     model,
-    prompts: Sequence[str],
+    skill: Skill,
     batch_size: int,
     resid_layers: Sequence[int] = (),
     normal: dict[int, _Normal] | None = None,
     forget: bool = False,
     keep_rows: bool = False,
 ) -> Float[Tensor, "layer d_model"]:
-    """One streaming pass over the prompts (no answers), batch by batch.
+    """One streaming pass over the skill's prompts (no answers), batch by batch.
 
     * ``resid_layers``: returns the sum over the prompts of ``resid_post`` at the last prompt
       token, per layer (float64).
@@ -301,7 +301,9 @@ def _pass(
     layer, kind = max(depth)
     stop = resid_post_hook(layer) if kind == 2 else mlp_out_hook(layer)
     with torch.no_grad():
-        for batch in iter_batches(model, list(prompts), batch_size=batch_size):
+        for batch in iter_batches(
+            model, skill.prompts, batch_size=batch_size, special_tokens=special_token_flags(skill)
+        ):
             forward_until(model, batch, step(batch), stop)
     return sums
 
@@ -640,7 +642,7 @@ class Lunar(Intervention):
                     )
             fit_f, probe_f = _hold_out(forget, held_out, self.seed, "forget")
             probe_r = _hold_out(retain, held_out, self.seed, "retain")[1]
-        ref_mean = _pass(model, reference.prompts, batch_size, candidates) / len(reference)
+        ref_mean = _pass(model, reference, batch_size, candidates) / len(reference)
 
         device = model_device(model)
         keep = self.solver == "adam"
@@ -650,9 +652,9 @@ class Lunar(Intervention):
             # held-back parts: a layer is chosen for what its edit does, to both skills.
             fit_r = _hold_out(retain, held_out, self.seed, "retain")[0]
             trial = {layer: _Normal.empty(width, device) for layer in candidates}
-            sums_fit = _pass(model, fit_f.prompts, batch_size, candidates, trial, True)
-            _pass(model, fit_r.prompts, batch_size, (), trial, False)
-            sums_probe = _pass(model, probe_f.prompts, batch_size, candidates)
+            sums_fit = _pass(model, fit_f, batch_size, candidates, trial, True)
+            _pass(model, fit_r, batch_size, (), trial, False)
+            sums_probe = _pass(model, probe_f, batch_size, candidates)
             sweep_dirs = ref_mean - sums_fit / len(fit_f)
             edits = {}
             for i, layer in enumerate(candidates):
@@ -665,11 +667,11 @@ class Lunar(Intervention):
             rows = [candidates.index(layers[0])]
             sums, ref_mean = (sums_fit + sums_probe)[rows], ref_mean[rows]
             normal = {layer: _Normal.empty(width, device) for layer in layers}
-            _pass(model, forget.prompts, batch_size, (), normal, True, keep)
+            _pass(model, forget, batch_size, (), normal, True, keep)
         else:
             layers = candidates
             normal = {layer: _Normal.empty(width, device) for layer in layers}
-            sums = _pass(model, forget.prompts, batch_size, layers, normal, True, keep)
+            sums = _pass(model, forget, batch_size, layers, normal, True, keep)
         directions = {layer: ref_mean[i] - sums[i] / len(forget) for i, layer in enumerate(layers)}
         for layer, r in directions.items():
             if not bool(torch.isfinite(r).all()):
@@ -682,7 +684,7 @@ class Lunar(Intervention):
                     f"The direction at layer {layer} is zero: the reference prompts must differ "
                     "from the forget prompts."
                 )
-        _pass(model, retain.prompts, batch_size, (), normal, False, keep)
+        _pass(model, retain, batch_size, (), normal, False, keep)
 
         deltas, diagnostics, losses = {}, [], {}
         for layer in layers:

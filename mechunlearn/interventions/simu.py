@@ -115,7 +115,7 @@ from ..batching import (
     pad_batch,
     tokenize_examples,
 )
-from ..data import Skill
+from ..data import Skill, special_token_flags
 from ..models import d_mlp, model_device, model_meta
 from ..sites import hook_name
 from ..validation import check_int, model_keys, resolve_layers
@@ -249,8 +249,9 @@ def neuron_attribution(
     names = [hook_name("key", layer) for layer in layers]
     alphas = [(j + 1) / steps for j in range(steps)]
     batches = iter_batches(
-        model, skill.prompts, skill.answers, batch_size=batch_size, max_length=max_length
-    )
+        model, skill.prompts, skill.answers, batch_size=batch_size, max_length=max_length,
+        special_tokens=special_token_flags(skill),
+    )  # fmt: skip
     bar = tqdm(total=len(skill), desc=f"SIMU attribution {skill.name}", disable=quiet, leave=False)
     with _frozen(model):
         for batch in batches:
@@ -951,7 +952,9 @@ class Simu(Intervention):
 
 def _tokens(model, skill: Skill, max_length: int | None, role: str) -> list[tuple[list[int], int]]:
     """Tokenised examples; raise if none has an answer token."""
-    items = tokenize_examples(model, skill.prompts, skill.answers, max_length)
+    items = tokenize_examples(
+        model, skill.prompts, skill.answers, max_length, special_tokens=special_token_flags(skill)
+    )
     if not any(len(ids) > n_head for ids, n_head in items):
         raise ValueError(
             f"The {role} skill {skill.name!r} has no answer tokens: SIMU's losses are on the "

@@ -272,3 +272,20 @@ def test_generate_without_a_mask_falls_back_to_one_unpadded_prompt_at_a_time(lla
     assert alone == batched
     n_kept = len(MIXED) - int(ksd.detect(llama_like, MIXED).detected.sum())
     assert wrapped.batch_sizes == [1] * n_kept
+
+
+def test_a_chat_formatted_skill_is_detected_as_it_was_collected(llama_like, keys):
+    """Prompts marked ``special_tokens`` (chat variants) keep their real special tokens in
+    detect() and generate(), as in collect_keys(); the same strings given as plain text are
+    tokenised as characters and land elsewhere."""
+    from mechunlearn import Example
+
+    ksd = KeySpaceDetector(h=2.0, layers=None).fit(keys[0])
+    marker = llama_like.tokenizer.eos_token
+    texts = [f"{marker}Q: {i}+{i + 1}?{marker}" for i in range(4)]
+    chat = Skill("chat", [Example(t, "", {"special_tokens": True}) for t in texts])
+    collected = ksd.detect_keys(collect_keys(llama_like, chat, quiet=True)).margin
+    torch.testing.assert_close(ksd.detect(llama_like, chat).margin, collected)
+    assert not torch.allclose(ksd.detect(llama_like, texts).margin, collected)
+    _, detection = ksd.generate(llama_like, chat, max_new_tokens=1, return_detection=True)
+    torch.testing.assert_close(detection.margin, collected)
