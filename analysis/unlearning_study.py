@@ -9,12 +9,21 @@ Tasks (each probes one half of every skill and scores the other half; the split 
 * ``xquad-de``: forget German reading comprehension (XQuAD de), keep English, Spanish and Chinese
   (``--xquad-keep``), general MMLU.
 
-Usage (the README's tables come from these commands):
+Methods: NA at several ratios; KSD with the authors' fixed ``h = 2`` and no negatives, KSD and the
+ellipsoid on the authors' last layer with alpha calibrated at a false-positive cap, and both
+detectors with the library's defaults ("default": every layer, rule "all", fpr 0.001); the
+detectors' negatives are the retain and general skills' probe keys plus
+:func:`mechunlearn.calibration_skill`'s; SP at two ratios; LUNAR (layer chosen among every third
+layer) and SIMU (settings below, for the CPU budget).
+
+Usage (the README's tables come from these commands; LUNAR and SIMU, the costly ones, on seed 0):
 
     MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \\
-        --tasks gsm8k-vs-mbpp mbpp-vs-gsm8k --seeds 0 1 2 --n 32
+        --tasks gsm8k-vs-mbpp mbpp-vs-gsm8k --seeds 0 --n 32
     MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \\
-        --tasks xquad-de --seeds 0 1 2 --n 16
+        --tasks gsm8k-vs-mbpp mbpp-vs-gsm8k --seeds 1 2 --n 32 --methods NA KSD Ellipsoid SP
+    MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \\
+        --tasks xquad-de --seeds 0 --n 16 --methods NA KSD Ellipsoid SP
     python analysis/unlearning_study.py --summarize-only
 
 Everything goes through the public pipeline (:mod:`mechunlearn.pipeline`): each task and seed is a
@@ -100,12 +109,20 @@ def sweep(config: RunConfig, model, skills, probes, args) -> dict[str, tuple[typ
                     probes.keys["forget"], negatives
                 ),
             )
+        out["KSD default"] = (  # every layer, rule "all", fpr 0.001 (analysis/ksd_defaults.py)
+            mu.KeySpaceDetector,
+            lambda: mu.KeySpaceDetector(seed=config.seed).fit(probes.keys["forget"], negatives),
+        )
     if "Ellipsoid" in methods:
         out["Ellipsoid auto fpr=0.05"] = (
             mu.EllipsoidDetector,
             lambda: mu.EllipsoidDetector(layers=-1, fpr=0.05, seed=config.seed).fit(
                 probes.keys["forget"], negatives
             ),
+        )
+        out["Ellipsoid default"] = (
+            mu.EllipsoidDetector,
+            lambda: mu.EllipsoidDetector(seed=config.seed).fit(probes.keys["forget"], negatives),
         )
     if "SP" in methods:
         for r in SP_RATIOS:
