@@ -62,9 +62,9 @@ SP_RATIOS = (0.015, 0.05)
 #: LUNAR's candidate layers for layer="auto" (every third layer: each costs two scoring passes).
 LUNAR_CANDIDATES = tuple(range(2, 30, 3))
 #: SIMU on the last six layers, two integrated-gradient steps, at most ten updates (CPU budget);
-#: texts cut at 256 tokens (the longest MBPP example, ~1,500 tokens, took > 15 GB of memory in a
-#: Hessian step and ~10 minutes per update on 2 cores).
-SIMU_PARAMS = dict(layers=list(range(24, 30)), steps=2, max_steps=10, batch_size=8, max_length=256)
+#: texts cut at 512 tokens (the longest MBPP example, ~1,500 tokens, took > 15 GB of memory in a
+#: Hessian step and ~10 minutes per update on 2 cores; the longest prompt has 317 tokens).
+SIMU_PARAMS = dict(layers=list(range(24, 30)), steps=2, max_steps=10, batch_size=8, max_length=512)
 
 
 def wiki_skill(n: int, seed: int, data_dir: str | None) -> mu.Skill:

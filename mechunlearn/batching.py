@@ -121,9 +121,10 @@ def tokenize_examples(
         # A text that already starts with BOS (a chat template's first marker) gets no second.
         head = ([bos] if bos is not None and p[0] != bos else []) + list(p)
         if len(head) > limit:
+            where = "the model's context" if max_length is None else "max_length"
             raise ValueError(
-                f"Example {i}'s prompt is {len(head)} tokens, longer than the model's context "
-                f"({limit}): shorten it or pass a larger max_length."
+                f"Example {i}'s prompt is {len(head)} tokens, longer than {where} ({limit}): "
+                "shorten it or pass a larger max_length."
             )
         ids = head + list(a)
         if len(ids) > limit:

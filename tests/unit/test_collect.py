@@ -247,6 +247,8 @@ def test_bad_input_errors(tiny_llama, skill):
         collect(tiny_llama, "gsm8k", quiet=True)
     with pytest.raises(ValueError, match="longer than the model's context"):
         collect(tiny_llama, Skill.from_texts("long", ["a" * 400]), quiet=True)
+    with pytest.raises(ValueError, match=r"longer than max_length \(8\)"):
+        collect(tiny_llama, Skill.from_texts("long", ["a" * 20]), max_length=8, quiet=True)
     with pytest.warns(UserWarning, match="truncated from the right"):
         stats = collect(tiny_llama, Skill.from_texts("long", ["a" * 10], ["b" * 400]), quiet=True)
     assert stats.n_tokens == tiny_llama.cfg.n_ctx - 1  # BOS not counted
