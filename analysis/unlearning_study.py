@@ -141,13 +141,26 @@ def sweep(config: RunConfig, model, skills, probes, args) -> dict[str, tuple[typ
             ),
         )
     if "SIMU" in methods:
+        limit = SIMU_PARAMS["max_length"]
         out["SIMU"] = (
             mu.Simu,
             lambda: mu.Simu(seed=config.seed, **SIMU_PARAMS).fit(
-                model, skills.forget[0], retain_probe, quiet=config.quiet
+                model, short_prompts(model, skills.forget[0], limit),
+                short_prompts(model, retain_probe, limit), quiet=config.quiet,
             ),
-        )
+        )  # fmt: skip
     return out
+
+
+def short_prompts(model, skill: mu.Skill, limit: int) -> mu.Skill:
+    """The examples whose prompt fits in ``limit`` tokens (SIMU trains on these; a longer one,
+    such as a 3,712-token MBPP prompt, cannot be cut without losing its question)."""
+    lengths = [len(ids) for ids in model.tokenizer(list(skill.prompts))["input_ids"]]
+    keep = [i for i, n in enumerate(lengths) if n < limit]
+    if len(keep) < len(skill):
+        print(f"SIMU: {len(skill) - len(keep)} of {len(skill)} {skill.name} probe prompts are "
+              f"longer than {limit} tokens and left out of its training.")  # fmt: skip
+    return skill[keep]
 
 
 def _slug(name: str) -> str:
