@@ -52,7 +52,16 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--out", default="results/assumptions")
+    parser.add_argument(
+        "--from-run", metavar="FOLDER",
+        help="only write the claims table from an existing run folder (e.g. `make run`'s report/)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.from_run:
+        text = claims(Path(args.from_run), f"mechunlearn run --out {args.from_run}")
+        write_text(Path(args.out) / "claims_from_run.md", text)
+        print(text)
+        return
     if not args.data_dir:
         sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
     for name in args.studies:
@@ -73,7 +82,11 @@ def main() -> None:
 def claims(folder: Path, study: str) -> str:
     """The paper's claims (Llama-3-8B) beside the verdicts measured in ``folder``."""
     tables = folder / "tables"
-    cmd = f"`python analysis/assumption_studies.py --studies {study}`"
+    cmd = (
+        f"`{study}`"
+        if study.startswith("mechunlearn")
+        else f"`python analysis/assumption_studies.py --studies {study}`"
+    )
     gauss = pd.read_csv(tables / "gaussian_by_layer.csv")
     share = gauss["share_gaussian"].mean()
     sep = pd.read_csv(tables / "separation_by_layer.csv")
@@ -84,7 +97,8 @@ def claims(folder: Path, study: str) -> str:
     others = {
         k.meta["skill"]: k
         for p in sorted((folder / "stats").glob("*.keys.safetensors"))
-        if p.name != "forget.keys.safetensors" and (k := mu.KeyVectors.load(p))
+        if p.name not in ("forget.keys.safetensors", "calibration.keys.safetensors")
+        and (k := mu.KeyVectors.load(p))
     }
     cube = mu.analysis.hypercube(keys_f, others)
     at15 = cube.inclusion([15.0])
