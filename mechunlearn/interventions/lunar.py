@@ -95,7 +95,7 @@ from ..models import d_mlp, model_device, model_meta
 from ..sites import hook_name
 from ..validation import check_int, model_keys, resolve_layers
 from .base import Hook, Intervention, check_positive
-from .weights import WeightEdit, w_out
+from .weights import WeightEdit, edit_w_out, w_out
 
 SOLVERS = ("closed_form", "adam")
 REFERENCE_KINDS = ("fictitious", "refuse")
@@ -802,21 +802,13 @@ class Lunar(Intervention):
             (True, False)
         """
         self.check_model(model)
-        edit = WeightEdit(model)
-        try:
-            for layer in self.layers_:
-                weight = w_out(model, layer)
-                delta = self.delta_w_out_[layer].to(weight.device, weight.dtype)
-                edit.apply(weight, lambda w, d=delta: w.add_(d))
-                if not torch.equal(w_out(model, layer), weight):
-                    raise NotImplementedError(
-                        f"blocks[{layer}].mlp.W_out is not a view of the model's weight here, "
-                        "so it cannot be edited in place: use hooks() instead."
-                    )
-        except BaseException:
-            edit.undo()
-            raise
-        return edit
+        return edit_w_out(
+            model,
+            {
+                layer: lambda w, d=self.delta_w_out_[layer]: w.add_(d.to(w.device, w.dtype))
+                for layer in self.layers_
+            },
+        )
 
     # --------------------------------------------------------------------------- reports
     def _fitted_summary(self) -> str:

@@ -27,7 +27,7 @@ from ..sites import hook_name
 from ..stats import Importance, NeuronStats
 from ..validation import check_compatible, check_type, model_keys
 from .base import Hook, Intervention, check_fraction, check_positive
-from .weights import WeightEdit, w_out
+from .weights import WeightEdit, edit_w_out
 
 
 class SelectivePruning(Intervention):
@@ -188,21 +188,13 @@ class SelectivePruning(Intervention):
             True
         """
         self.check_model(model)
-        edit = WeightEdit(model)
-        try:  # a failure at a later layer must not leave the earlier ones pruned
-            for layer, idx in self._index.items():
-                weight = w_out(model, layer)
-                idx = idx.to(weight.device)
-                edit.apply(weight, lambda w, idx=idx: w.index_fill_(0, idx, 0.0))
-                if bool(w_out(model, layer)[idx].any()):
-                    raise NotImplementedError(
-                        f"blocks[{layer}].mlp.W_out is not a view of the model's weight here, "
-                        "so it cannot be edited in place: use hooks() instead."
-                    )
-        except BaseException:
-            edit.undo()
-            raise
-        return edit
+        return edit_w_out(
+            model,
+            {
+                layer: lambda w, idx=idx: w.index_fill_(0, idx.to(w.device), 0.0)
+                for layer, idx in self._index.items()
+            },
+        )
 
     # --------------------------------------------------------------------------- reports
     def _fitted_summary(self) -> str:

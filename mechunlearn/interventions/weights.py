@@ -7,7 +7,7 @@ exception.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -78,3 +78,32 @@ class WeightEdit:
 
     def __exit__(self, *exc) -> None:
         self.undo()
+
+
+def edit_w_out(model, changes: Mapping[int, Callable[[Tensor], object]]) -> WeightEdit:
+    """Run ``changes[layer](W_out)`` (an in-place change) on each layer's ``W_out``.
+
+    Every change is checked by reading ``W_out`` again; if one does not land in the model (a
+    ``W_out`` that is a copy) or anything fails, every layer already changed is restored before
+    the error propagates.
+
+    Returns:
+        The :class:`WeightEdit` that undoes all of them.
+
+    Raises:
+        NotImplementedError: ``W_out`` is not a view of the model's weight.
+    """
+    edit = WeightEdit(model)
+    try:
+        for layer, change in changes.items():
+            weight = w_out(model, layer)
+            edit.apply(weight, change)
+            if not torch.equal(w_out(model, layer), weight):
+                raise NotImplementedError(
+                    f"blocks[{layer}].mlp.W_out is not a view of the model's weight here, "
+                    "so it cannot be edited in place: use hooks() instead."
+                )
+    except BaseException:
+        edit.undo()
+        raise
+    return edit

@@ -280,11 +280,11 @@ def test_generation_with_hooks_equals_generation_with_edited_weights(llama_like)
 
 
 def test_weight_edit_refuses_a_copy(llama_like, fitted, monkeypatch):
-    import mechunlearn.interventions.lunar as lunar_module
+    import mechunlearn.interventions.weights as weights_module
 
     model = llama_like
-    real = lunar_module.w_out
-    monkeypatch.setattr(lunar_module, "w_out", lambda m, layer: real(m, layer).detach().clone())
+    real = weights_module.w_out
+    monkeypatch.setattr(weights_module, "w_out", lambda m, layer: real(m, layer).detach().clone())
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with pytest.raises(NotImplementedError, match="use hooks"):
         fitted.apply_to_weights(model)

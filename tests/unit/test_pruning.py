@@ -98,21 +98,21 @@ def test_hook_equals_weight_zeroing(tiny_model):
 
 
 def test_a_failing_weight_edit_restores_every_layer(tiny_model, monkeypatch):
-    from mechunlearn.interventions import pruning
+    from mechunlearn.interventions import weights
 
     model = tiny_model
     sp = SelectivePruning(ratio=0.2).fit(collect_importance(model, F), collect_importance(model, R))
     layers = [layer for layer, idx in sp._index.items() if len(idx)]
     assert len(layers) >= 2
     before = [model.blocks[layer].mlp.W_out.detach().clone() for layer in range(len(model.blocks))]
-    real = pruning.w_out
+    real = weights.w_out
 
     def failing(m, layer):
         if layer == layers[-1]:
             raise KeyboardInterrupt
         return real(m, layer)
 
-    monkeypatch.setattr(pruning, "w_out", failing)
+    monkeypatch.setattr(weights, "w_out", failing)
     with pytest.raises(KeyboardInterrupt):
         sp.apply_to_weights(model)
     for layer, weight in enumerate(before):
