@@ -42,7 +42,6 @@ def make_char_tokenizer(folder: Path):
 
 def make_tiny_llama(tokenizer, device="cpu", n_layers=3, d_mlp=48, seed=0):
     """A tiny random Llama-style (gated MLP) TransformerBridge."""
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -58,15 +57,11 @@ def make_tiny_llama(tokenizer, device="cpu", n_layers=3, d_mlp=48, seed=0):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    hf = LlamaForCausalLM(cfg).eval()
-    return TransformerBridge.boot_transformers(
-        "tiny-llama", hf_model=hf, tokenizer=tokenizer, device=device
-    ).eval()
+    return _bridge("tiny-llama", LlamaForCausalLM(cfg), tokenizer, device)
 
 
 def make_tiny_gpt2(tokenizer, device="cpu", n_layers=2, seed=0):
     """A tiny random GPT-2-style (GELU MLP, d_mlp = 4 * d_model = 128) TransformerBridge."""
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -79,9 +74,15 @@ def make_tiny_gpt2(tokenizer, device="cpu", n_layers=2, seed=0):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    hf = GPT2LMHeadModel(cfg).eval()
+    return _bridge("tiny-gpt2", GPT2LMHeadModel(cfg), tokenizer, device)
+
+
+def _bridge(name, hf_model, tokenizer, device):
+    """A random Hugging Face model wrapped as a TransformerBridge, in eval mode."""
+    from transformer_lens.model_bridge import TransformerBridge
+
     return TransformerBridge.boot_transformers(
-        "tiny-gpt2", hf_model=hf, tokenizer=tokenizer, device=device
+        name, hf_model=hf_model.eval(), tokenizer=tokenizer, device=device
     ).eval()
 
 
@@ -104,9 +105,7 @@ LEGACY = legacy_available()
 def make_tiny_legacy_llama(tokenizer, device="cpu", n_layers=3, d_mlp=48, seed=0):
     """A tiny random Llama-style legacy ``HookedTransformer`` (gated MLP, RMSNorm, rotary,
     grouped-query attention) from a local config."""
-    import warnings
-
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
@@ -126,18 +125,13 @@ def make_tiny_legacy_llama(tokenizer, device="cpu", n_layers=3, d_mlp=48, seed=0
         seed=seed,
         device=device,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    return _legacy(cfg, tokenizer)
 
 
 def make_tiny_legacy_gpt2(tokenizer, device="cpu", n_layers=2, seed=0):
     """A tiny random GPT-2-style legacy ``HookedTransformer`` (GELU MLP, LayerNorm, learned
     positional embeddings added to the residual stream) from a local config."""
-    import warnings
-
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
@@ -153,6 +147,15 @@ def make_tiny_legacy_gpt2(tokenizer, device="cpu", n_layers=2, seed=0):
         seed=seed,
         device=device,
     )
+    return _legacy(cfg, tokenizer)
+
+
+def _legacy(cfg, tokenizer):
+    """A legacy HookedTransformer from ``cfg`` (its deprecation warnings silenced), in eval mode."""
+    import warnings
+
+    from transformer_lens import HookedTransformer
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
