@@ -87,7 +87,7 @@ def sweep(config: RunConfig, model, skills, probes, args) -> dict[str, tuple[typ
     """``{method name: (class, make)}`` of the study's grid (the families in ``args.methods``)."""
     methods = args.methods
     retain = f"retain:{skills.first_retain}"
-    negatives = mu.KeyVectors.concat_all([k for r, k in probes.keys.items() if r != "forget"])
+    negatives = probes.negatives()
     out: dict[str, tuple[type, Callable]] = {}
     if "NA" in methods:
         for r in args.na_ratios:

@@ -197,8 +197,8 @@ def load_tensors(
         for key in [k for k in info if k not in known]:
             warnings.warn(f"{path}: unknown metadata key {key!r} dropped.", stacklevel=3)
             info.pop(key)
-    if str(device) != "cpu":  # opened on the CPU: a bad device is not a damaged file
-        tensors = {name: t.to(device) for name, t in tensors.items()}
+    # Opened on the CPU above, so that a device that is not there is not called a damaged file.
+    tensors = {name: t.to(device) for name, t in tensors.items()}
     return tensors, info
 
 

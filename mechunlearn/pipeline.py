@@ -508,6 +508,13 @@ class Probes:
     keys: dict[str, Any] = field(default_factory=dict)
     importance: dict[str, Any] = field(default_factory=dict)
 
+    def negatives(self):
+        """The detectors' negatives: key vectors of every probed role but the forget skill
+        (retain and general skills, and the shipped calibration questions when collected)."""
+        from .stats import KeyVectors
+
+        return KeyVectors.concat_all([k for r, k in self.keys.items() if r != "forget"])
+
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
@@ -637,14 +644,6 @@ def analyze(config: RunConfig, probes: Probes, skills: Skills, folder: RunFolder
     return {"figures": figures, "summary": summary}
 
 
-def _negatives(probes: Probes):
-    """Key vectors of every probed skill but the forget skill, and of the shipped calibration
-    questions (the detectors' negatives)."""
-    from .stats import KeyVectors
-
-    return KeyVectors.concat_all([k for r, k in probes.keys.items() if r != "forget"])
-
-
 def _builders(config: RunConfig, model, skills: Skills, probes: Probes) -> dict[str, Any]:
     """``{method: (class, make)}`` for every method of the config."""
     from . import interventions as iv
@@ -664,13 +663,13 @@ def _builders(config: RunConfig, model, skills: Skills, probes: Probes) -> dict[
         "KSD": (
             iv.KeySpaceDetector,
             lambda: iv.KeySpaceDetector(fpr=config.ksd_fpr, seed=config.seed).fit(
-                probes.keys["forget"], _negatives(probes)
+                probes.keys["forget"], probes.negatives()
             ),
         ),
         "Ellipsoid": (
             iv.EllipsoidDetector,
             lambda: iv.EllipsoidDetector(fpr=config.ksd_fpr, seed=config.seed).fit(
-                probes.keys["forget"], _negatives(probes)
+                probes.keys["forget"], probes.negatives()
             ),
         ),
         "SP": (
