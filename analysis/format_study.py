@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 import mechunlearn as mu
+from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.data import format_variants
 from mechunlearn.io import write_text
 from mechunlearn.kernels.bootstrap import ratio_interval
@@ -63,6 +64,7 @@ def main() -> None:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
     model = load_model_for(RunConfig(quiet=args.quiet))
     dd = args.data_dir
     gsm = mu.load_skill("gsm8k", n=args.n_fit + args.n, seed=args.seed, data_dir=dd)

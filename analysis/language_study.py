@@ -34,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 import mechunlearn as mu
+from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.evaluation import format_interval
 from mechunlearn.io import write_text
 from mechunlearn.pipeline import RunConfig, load_model_for
@@ -70,6 +71,7 @@ def main() -> None:
     out = Path(args.out)
     (out / "probes").mkdir(parents=True, exist_ok=True)
     (out / "methods").mkdir(parents=True, exist_ok=True)
+    reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
     model = load_model_for(RunConfig(quiet=args.quiet))
     names = [f"xquad:{lang}" for lang in args.langs] + ["mmlu"]
     halves = {}

@@ -46,6 +46,7 @@ from typing import Any
 import pandas as pd
 
 import mechunlearn as mu
+from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.io import write_json, write_text
 from mechunlearn.pipeline import RunConfig, RunFolder, load_model_for, load_skills, probe
 
@@ -298,6 +299,7 @@ def main() -> None:
         return
     if not args.data_dir:
         sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
     model: Any = load_model_for(RunConfig(device=args.device, quiet=args.quiet))
     for name in args.tasks:
         for seed in args.seeds:
