@@ -108,17 +108,6 @@ ADAM_LR_DECAY = 0.9
 _REFERENCE_FILE = "reference_prompts.jsonl"
 
 
-def mlp_out_hook(layer: int) -> str:
-    """The hook after layer ``layer``'s MLP: ``blocks.{layer}.hook_mlp_out`` (``[.., d_model]``)."""
-    return f"blocks.{layer}.hook_mlp_out"
-
-
-def resid_post_hook(layer: int) -> str:
-    """The residual stream after block ``layer``: ``blocks.{layer}.hook_resid_post``."""
-    return f"blocks.{layer}.hook_resid_post"
-
-
-# ------------------------------------------------------------------------ reference prompts
 def reference_prompts(kind: str | None = None, template: str = "{prompt}") -> Skill:
     """The reference prompts shipped with mechunlearn: prompts a model declines to answer.
 
@@ -260,7 +249,7 @@ def _pass(
                 sums[i] += picked.sum(0, dtype=torch.float64).to(sums.device)
                 return activation
 
-            hooks.append((resid_post_hook(layer), last_token))
+            hooks.append((hook_name("resid_post", layer), last_token))
         if not normal:
             return hooks
         real = batch.attention_mask.bool()
@@ -293,13 +282,13 @@ def _pass(
 
             hooks.append((hook_name("key", layer), record))
             if check:
-                hooks.append((mlp_out_hook(layer), _linear_check(model, layer, ne, seen)))
+                hooks.append((hook_name("mlp_out", layer), _linear_check(model, layer, ne, seen)))
         return hooks
 
     # Within a block: hook_post, then hook_mlp_out, then hook_resid_post.
     depth = [(layer, 2) for layer in resid_layers] + [(layer, 1) for layer in normal]
     layer, kind = max(depth)
-    stop = resid_post_hook(layer) if kind == 2 else mlp_out_hook(layer)
+    stop = hook_name("resid_post", layer) if kind == 2 else hook_name("mlp_out", layer)
     with torch.no_grad():
         for batch in iter_batches(
             model, skill.prompts, batch_size=batch_size, special_tokens=special_token_flags(skill)
@@ -424,7 +413,7 @@ class _Edit:
             delta = self.delta.to(activation.device, activation.dtype)
             return activation + slot.pop("key").to(activation.dtype) @ delta
 
-        return [(hook_name("key", self.layer), record), (mlp_out_hook(self.layer), add)]
+        return [(hook_name("key", self.layer), record), (hook_name("mlp_out", self.layer), add)]
 
 
 def _sweep(model, edits: dict[int, Tensor], probe_f: Skill, probe_r: Skill, batch_size: int):
@@ -757,7 +746,7 @@ class Lunar(Intervention):
         for layer in self.layers_:
             slot: dict[str, Tensor] = {}
             hooks.append((hook_name("key", layer), self._record(layer, slot)))
-            hooks.append((mlp_out_hook(layer), self._add(layer, slot)))
+            hooks.append((hook_name("mlp_out", layer), self._add(layer, slot)))
         return hooks
 
     def _record(self, layer: int, slot: dict[str, Tensor]):
@@ -775,7 +764,8 @@ class Lunar(Intervention):
             key = slot.pop("key", None)
             if key is None:
                 raise RuntimeError(
-                    f"Lunar's hook at {mlp_out_hook(layer)} ran without the key vector from "
+                    f"Lunar's hook at {hook_name('mlp_out', layer)} ran without the key vector "
+                    "from "
                     f"{hook_name('key', layer)}: pass the whole list from hooks() together."
                 )
             delta = self._on(activation.device, activation.dtype)[layer]

@@ -22,7 +22,7 @@ from mechunlearn import (
 )
 from mechunlearn.batching import forward, iter_batches, tokenize_examples
 from mechunlearn.evaluation import teacher_forced
-from mechunlearn.interventions.lunar import choose_layer, mlp_out_hook, resid_post_hook
+from mechunlearn.interventions.lunar import choose_layer
 from mechunlearn.sites import hook_name
 from tests.tiny_models import make_tiny_llama
 
@@ -67,7 +67,7 @@ def _single_runs(model, prompts, names):
 
 def _brute_force(model, layer, coef, ridge, reference=REF):
     """Direction, rows and the ridge solution, from single unbatched runs (float64, numpy)."""
-    res, key = resid_post_hook(layer), hook_name("key", layer)
+    res, key = hook_name("resid_post", layer), hook_name("key", layer)
     ref = np.mean([r[res][-1].numpy() for r in _single_runs(model, reference.prompts, [res])], 0)
     runs_f = _single_runs(model, F.prompts, [res, key])
     runs_r = _single_runs(model, R.prompts, [key])
@@ -150,7 +150,7 @@ def test_forget_moves_by_c_r_and_retain_stays(char_tokenizer, device):
     assert info["forget_redirect"] == pytest.approx(1.0, abs=1e-6)
     assert info["kept_shift"] < 1e-6
     shift = (1.5 * lunar.direction_[LAYER]).float()
-    name = mlp_out_hook(LAYER)
+    name = hook_name("mlp_out", LAYER)
     scale = float(shift.norm())
     for skill, moved in ((forget, True), (retain, False)):
         for ids, _ in tokenize_examples(model, skill.prompts, [""] * len(skill)):
@@ -292,7 +292,7 @@ def test_weight_edit_refuses_a_copy(llama_like, fitted, monkeypatch):
 
 
 def test_hook_without_its_partner_raises(llama_like, fitted):
-    add_only = [h for h in fitted.hooks(llama_like) if h[0] == mlp_out_hook(LAYER)]
+    add_only = [h for h in fitted.hooks(llama_like) if h[0] == hook_name("mlp_out", LAYER)]
     tokens = llama_like.to_tokens(["Q: 1+2?"])
     with pytest.raises(RuntimeError, match="whole list"):
         llama_like.run_with_hooks(tokens, fwd_hooks=add_only)
