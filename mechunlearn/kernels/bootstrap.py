@@ -27,13 +27,42 @@ import numpy as np
 N_BOOT = 2000
 
 
+#: Indices drawn per block of resamples (8 M int64 = 64 MB), whatever the number of examples.
+BLOCK_ELEMENTS = 1 << 23
+
+
 def bootstrap_indices(n: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
     """``[n_boot, n]`` example indices drawn with replacement, reproducible from ``seed``."""
+    return np.concatenate(list(_index_blocks(n, n_boot, seed)))
+
+
+def _index_blocks(n: int, n_boot: int, seed: int, block_elements: int = BLOCK_ELEMENTS):
+    """The rows of :func:`bootstrap_indices` in blocks of at most ``block_elements`` indices
+    (one row at least); the same generator stream, so the rows are the same."""
     if n < 1:
         raise ValueError("Nothing to resample: no examples.")
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}.")
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    rng = np.random.default_rng(seed)
+    rows = max(1, block_elements // n)
+    for start in range(0, n_boot, rows):
+        yield rng.integers(0, n, size=(min(rows, n_boot - start), n))
+
+
+def resampled_sums(*values: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> list[np.ndarray]:
+    """For each 1-D array of per-example values, its sum over each of ``n_boot`` resamples of
+    the examples (the same draws for every array: a paired bootstrap).
+
+    Example:
+        >>> a, b = resampled_sums(np.ones(5), np.arange(5.0), n_boot=3)
+        >>> a.tolist()   # every resample has 5 examples
+        [5.0, 5.0, 5.0]
+    """
+    sums: list[list[np.ndarray]] = [[] for _ in values]
+    for idx in _index_blocks(len(values[0]), n_boot, seed):
+        for out, v in zip(sums, values, strict=True):
+            out.append(v[idx].sum(1))
+    return [np.concatenate(s) for s in sums]
 
 
 def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
@@ -50,9 +79,9 @@ def ratio_interval(
 ) -> tuple[float, float]:
     """Percentile interval of ``sum(correct) / sum(total)`` over resampled examples."""
     c, t = np.asarray(correct, np.float64), np.asarray(total, np.float64)
-    idx = bootstrap_indices(len(c), n_boot, seed)
+    sc, st = resampled_sums(c, t, n_boot=n_boot, seed=seed)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return _percentiles(c[idx].sum(1) / t[idx].sum(1), level)
+        return _percentiles(sc / st, level)
 
 
 def paired_ratio_interval(
@@ -89,8 +118,7 @@ def paired_ratio_interval(
         )
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}.")
-    idx = bootstrap_indices(len(a), n_boot, seed)
-    tt = t[idx].sum(1)
+    sa, sb, st = resampled_sums(a, b, t, n_boot=n_boot, seed=seed)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = (a[idx].sum(1) / tt) / (b[idx].sum(1) / tt)
+        ratio = (sa / st) / (sb / st)
     return _percentiles(ratio, level)
