@@ -15,7 +15,8 @@ seeing formats fixes what one format misses (the formats it was fitted on are ma
 Usage:
     MECHUNLEARN_DATA=../shared/data python analysis/format_study.py [--n 60]
 
-Writes ``results/formats/``: ``detection.csv``, ``summary.md`` and ``detection.png``.
+Writes ``results/formats/``: ``detection.csv``, ``summary.md`` and ``detection.png``; the key
+vectors of every wrapped set are cached under ``keys/``, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ VARIANTS = ("plain", "question_prefix", "docstring", "comment", "after_paragraph
             "multiple_choice", "chat", "numbers_changed")  # fmt: skip
 CONTROLS = ("mbpp", "mmlu", "wikipedia")
 FIT_FORMATS = ("question_prefix", "plain", "docstring", "chat")
+#: Variants a control cannot take: only GSM8K has numbers to change, and a Wikipedia sentence has
+#: no answer to offer among choices.
+SKIPPED = {
+    "mbpp": ("numbers_changed",),
+    "mmlu": ("numbers_changed",),
+    "wikipedia": ("numbers_changed", "multiple_choice"),
+}
 
 
 def _wiki(n: int, seed: int, data_dir: str) -> mu.Skill:
@@ -77,13 +85,18 @@ def main() -> None:
     }
     tok = model.tokenizer
 
-    def keys(skill):
-        return mu.collect_keys(model, skill, quiet=True)
+    def keys(skill, tag: str) -> mu.KeyVectors:  # cached: a rerun resumes
+        path = out / "keys" / f"{tag}.safetensors"
+        if path.exists():
+            return mu.KeyVectors.load(path)
+        k = mu.collect_keys(model, skill, quiet=True)
+        k.save(path)
+        return k
 
-    negatives = keys(mu.calibration_skill())
-    fit_one = keys(probe)
+    negatives = keys(mu.calibration_skill(), "calibration")
+    fit_one = keys(probe, "fit.question_prefix")
     fit_variants = format_variants(probe, names=FIT_FORMATS, paragraphs=paragraphs, tokenizer=tok)
-    fit_many = mu.KeyVectors.concat_all([keys(v) for v in fit_variants.values()])
+    fit_many = mu.KeyVectors.concat_all([keys(v, f"fit.{n}") for n, v in fit_variants.items()])
     detectors = {
         "KSD": mu.KeySpaceDetector().fit(fit_one, negatives),
         "Ellipsoid": mu.EllipsoidDetector().fit(fit_one, negatives),
@@ -91,11 +104,11 @@ def main() -> None:
     }
     rows = []
     for skill_name, skill in {"gsm8k": held, **controls}.items():
-        names = [v for v in VARIANTS if skill_name == "gsm8k" or v != "numbers_changed"]
+        names = [v for v in VARIANTS if v not in SKIPPED.get(skill_name, ())]
         for variant, wrapped in format_variants(
             skill, names=names, paragraphs=paragraphs, tokenizer=tok, seed=args.seed
         ).items():
-            k = keys(wrapped)
+            k = keys(wrapped, f"{skill_name}.{variant}")
             for det_name, det in detectors.items():
                 hits = det.detect_keys(k).detected.cpu().numpy().astype(float)
                 low, high = ratio_interval(hits, np.ones_like(hits), seed=args.seed)
