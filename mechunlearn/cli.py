@@ -93,7 +93,7 @@ def reuse_freed_buffers(threshold_bytes: int = 1 << 30) -> bool:
 
     By default glibc serves every allocation above 32 MiB with a fresh ``mmap`` and returns it to
     the system when freed, so each forward pass over a batch of a few thousand tokens page-faults
-    its activation buffers in again (millions of minor faults, a third of the CPU time spent in the
+    its activation buffers in again (the default main job spent a fifth of its CPU time in the
     kernel on 2 cores). Raising the mmap and trim thresholds keeps them in the heap: the default
     main job on 2 cores went from 4 min 43 s to 3 min 30 s with the same results (README,
     "Timing"). Freed memory then stays with the process until it exits (its resident size no

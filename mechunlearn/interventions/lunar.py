@@ -108,6 +108,7 @@ ADAM_LR_DECAY = 0.9
 _REFERENCE_FILE = "reference_prompts.jsonl"
 
 
+# ------------------------------------------------------------------------ reference prompts
 def reference_prompts(kind: str | None = None, template: str = "{prompt}") -> Skill:
     """The reference prompts shipped with mechunlearn: prompts a model declines to answer.
 
@@ -765,8 +766,7 @@ class Lunar(Intervention):
             if key is None:
                 raise RuntimeError(
                     f"Lunar's hook at {hook_name('mlp_out', layer)} ran without the key vector "
-                    "from "
-                    f"{hook_name('key', layer)}: pass the whole list from hooks() together."
+                    f"from {hook_name('key', layer)}: pass the whole list from hooks() together."
                 )
             delta = self._on(activation.device, activation.dtype)[layer]
             return activation + key.to(activation.dtype) @ delta
