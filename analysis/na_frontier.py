@@ -86,31 +86,25 @@ def run(task: str, args, model) -> pd.DataFrame:
         )
     pooled = s[retain_name].merge(s["wikipedia-en"])
     f, r = s[forget_name], s[retain_name]
-    grid: dict[str, mu.NeuronAdjust] = {}
-    for ratio in args.ratios:
+
+    def variants(ratio: float) -> dict[str, mu.NeuronAdjust]:
         base = dict(ratio=ratio, seed=args.seed)
-        grid[f"mean_diff ratio={ratio}"] = mu.NeuronAdjust(**base).fit(f, r)
-        for score in SCORES:
-            grid[f"{score} ratio={ratio}"] = mu.NeuronAdjust(score=score, **base).fit(f, r)
-        grid[f"pooled ratio={ratio}"] = mu.NeuronAdjust(**base).fit(f, pooled)
-        grid[f"multi-retain ratio={ratio}"] = mu.NeuronAdjust(**base).fit(
-            f, {retain_name: r, "wikipedia-en": s["wikipedia-en"]}
-        )
-        grid[f"map ratio={ratio}"] = mu.NeuronAdjust(mode="map", **base).fit(f, r)
-        grid[f"answer-only ratio={ratio}"] = mu.NeuronAdjust(**base).fit(
-            s[forget_name + "/answer"], s[retain_name + "/answer"]
-        )
-    # NA auto: statistics on 3/4 of the probe halves, the ratio chosen on the last quarter.
-    parts = {n: halves[n][0].split(0.25, seed=args.seed) for n in (forget_name, retain_name)}
-    f_stats = _stats(model, parts[forget_name][0], out / "stats" / f"{forget_name}.3q.safetensors")
-    r_stats = _stats(model, parts[retain_name][0], out / "stats" / f"{retain_name}.3q.safetensors")
-    keep = {retain_name: parts[retain_name][1], "wikipedia-en": halves["wikipedia-en"][0][:8]}
-    auto = mu.tune_neuron_adjust(
-        model, f_stats, r_stats, parts[forget_name][1], keep, ratios=args.ratios, floor=0.9,
-        batch_size=args.batch_size, seed=args.seed,
-    )  # fmt: skip
-    write_text(out / "auto_tuning.csv", auto.tuning_.to_csv(index=False))
-    grid[f"auto (chose {auto.ratio})"] = auto
+        return {
+            f"mean_diff ratio={ratio}": mu.NeuronAdjust(**base).fit(f, r),
+            **{
+                f"{score} ratio={ratio}": mu.NeuronAdjust(score=score, **base).fit(f, r)
+                for score in SCORES
+            },
+            f"pooled ratio={ratio}": mu.NeuronAdjust(**base).fit(f, pooled),
+            f"multi-retain ratio={ratio}": mu.NeuronAdjust(**base).fit(
+                f, {retain_name: r, "wikipedia-en": s["wikipedia-en"]}
+            ),
+            f"map ratio={ratio}": mu.NeuronAdjust(mode="map", **base).fit(f, r),
+            f"answer-only ratio={ratio}": mu.NeuronAdjust(**base).fit(
+                s[forget_name + "/answer"], s[retain_name + "/answer"]
+            ),
+        }
+
     held = {name: h for name, (_, h) in halves.items()}
     roles = {
         forget_name: "forget",
@@ -118,9 +112,50 @@ def run(task: str, args, model) -> pd.DataFrame:
         "mmlu": "general",
         "wikipedia-en": "general",
     }
-    table = mu.evaluate(
-        model, held, grid, batch_size=args.batch_size, quiet=args.quiet, roles=roles, seed=args.seed
-    )
+    # Scored one ratio at a time (the bare pass is repeated per chunk: ~1/9 more passes), each
+    # chunk written at once, so an interrupted run resumes where it stopped.
+    chunks = out / "chunks"
+    chunks.mkdir(exist_ok=True)
+
+    def scored(name: str, grid) -> pd.DataFrame:
+        path = chunks / f"n{args.n}-seed{args.seed}-{name}.csv"
+        if path.exists():
+            return pd.read_csv(path)
+        part = mu.evaluate(
+            model, held, grid(), batch_size=args.batch_size, quiet=args.quiet, roles=roles,
+            seed=args.seed,
+        )  # fmt: skip
+        write_text(path, part.to_csv(index=False))
+        return part
+
+    parts = [scored(f"ratio={ratio}", lambda ratio=ratio: variants(ratio)) for ratio in args.ratios]
+
+    # NA auto: statistics on 3/4 of the probe halves, the ratio chosen on the last quarter.
+    def auto_grid() -> dict[str, mu.NeuronAdjust]:
+        quarters = {n: halves[n][0].split(0.25, seed=args.seed) for n in (forget_name, retain_name)}
+        f3 = _stats(
+            model, quarters[forget_name][0], out / "stats" / f"{forget_name}.3q.safetensors"
+        )
+        r3 = _stats(
+            model, quarters[retain_name][0], out / "stats" / f"{retain_name}.3q.safetensors"
+        )
+        keep = {
+            retain_name: quarters[retain_name][1],
+            "wikipedia-en": halves["wikipedia-en"][0][:8],
+        }
+        auto = mu.tune_neuron_adjust(
+            model, f3, r3, quarters[forget_name][1], keep, ratios=args.ratios, floor=0.9,
+            batch_size=args.batch_size, seed=args.seed,
+        )  # fmt: skip
+        write_text(out / "auto_tuning.csv", auto.tuning_.to_csv(index=False))
+        return {f"auto (chose {auto.ratio})": auto}
+
+    parts.append(scored("auto-" + "-".join(map(str, sorted(args.ratios))), auto_grid))
+    # The bare model's rows once (every chunk scored it, identically).
+    table = pd.concat([parts[0], *(p[p["method"] != "base"] for p in parts[1:])], ignore_index=True)
+    order = {name: i for i, name in enumerate(held)}
+    table = table.sort_values("skill", key=lambda c: c.map(order), kind="stable")
+    table = table.reset_index(drop=True)
     table.insert(0, "task", task)
     write_text(out / "frontier.csv", table.to_csv(index=False))
     fig = mu.plots.plot_tradeoff(  # one line per variant (the method name's first word)
