@@ -144,13 +144,13 @@ def run(task: str, args, model) -> pd.DataFrame:
             "wikipedia-en": halves["wikipedia-en"][0][:8],
         }
         auto = mu.tune_neuron_adjust(
-            model, f3, r3, quarters[forget_name][1], keep, ratios=args.ratios, floor=0.9,
+            model, f3, r3, quarters[forget_name][1], keep, ratios=args.auto_ratios, floor=0.9,
             batch_size=args.batch_size, seed=args.seed,
         )  # fmt: skip
         write_text(out / "auto_tuning.csv", auto.tuning_.to_csv(index=False))
         return {f"auto (chose {auto.ratio})": auto}
 
-    parts.append(scored("auto-" + "-".join(map(str, sorted(args.ratios))), auto_grid))
+    parts.append(scored("auto-" + "-".join(map(str, sorted(args.auto_ratios))), auto_grid))
     # The bare model's rows once (every chunk scored it, identically).
     table = pd.concat([parts[0], *(p[p["method"] != "base"] for p in parts[1:])], ignore_index=True)
     order = {name: i for i, name in enumerate(held)}
@@ -192,6 +192,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    parser.add_argument(
+        "--auto-ratios", type=float, nargs="+", default=list(RATIOS),
+        help="the ratios NA auto chooses from (on held-back probe examples; cheap)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--out", default="results/na_frontier")
