@@ -47,6 +47,7 @@ import pandas as pd
 
 import mechunlearn as mu
 from mechunlearn.cli import reuse_freed_buffers
+from mechunlearn.interventions.lunar import every_third_layer
 from mechunlearn.io import write_json, write_text
 from mechunlearn.pipeline import RunConfig, RunFolder, load_model_for, load_skills, probe
 
@@ -60,8 +61,6 @@ TASKS = {
 NA_RATIOS = (0.01, 0.03, 0.1)
 KSD_FPR = (0.01, 0.05)
 SP_RATIOS = (0.015, 0.05)
-#: LUNAR's candidate layers for layer="auto" (every third layer: each costs two scoring passes).
-LUNAR_CANDIDATES = tuple(range(2, 30, 3))
 #: SIMU on the last six layers, two integrated-gradient steps, at most ten updates (CPU budget);
 #: texts cut at 512 tokens (the longest MBPP example, ~1,500 tokens, took > 15 GB of memory in a
 #: Hessian step and ~10 minutes per update on 2 cores; the longest prompt has 317 tokens).
@@ -137,9 +136,9 @@ def sweep(config: RunConfig, model, skills, probes, args) -> dict[str, tuple[typ
     if "LUNAR" in methods:
         out["LUNAR auto"] = (
             mu.Lunar,
-            lambda: mu.Lunar(layer="auto", candidates=list(LUNAR_CANDIDATES), seed=config.seed).fit(
-                model, skills.forget[0], retain_probe, batch_size=config.batch_size
-            ),
+            lambda: mu.Lunar(
+                layer="auto", candidates=every_third_layer(model), seed=config.seed
+            ).fit(model, skills.forget[0], retain_probe, batch_size=config.batch_size),
         )
     if "SIMU" in methods:
         limit = SIMU_PARAMS["max_length"]

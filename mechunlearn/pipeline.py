@@ -647,7 +647,7 @@ def analyze(config: RunConfig, probes: Probes, skills: Skills, folder: RunFolder
 def _builders(config: RunConfig, model, skills: Skills, probes: Probes) -> dict[str, Any]:
     """``{method: (class, make)}`` for every method of the config."""
     from . import interventions as iv
-    from .models import n_layers
+    from .interventions.lunar import every_third_layer
 
     retain = f"retain:{skills.first_retain}"
     out: dict[str, Any] = {
@@ -679,8 +679,7 @@ def _builders(config: RunConfig, model, skills: Skills, probes: Probes) -> dict[
             ),
         ),
     }
-    # layer="auto" tries every third layer (each candidate costs two scoring passes).
-    candidates = list(range(2, n_layers(model), 3)) if config.lunar_layer == "auto" else None
+    candidates = every_third_layer(model) if config.lunar_layer == "auto" else None
     out["LUNAR"] = (
         iv.Lunar,
         lambda: iv.Lunar(

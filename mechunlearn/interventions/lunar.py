@@ -91,7 +91,7 @@ from torch import Tensor
 
 from ..batching import EncodedBatch, forward_until, iter_batches
 from ..data import Example, Skill, special_token_flags
-from ..models import d_mlp, model_device, model_meta
+from ..models import d_mlp, model_device, model_meta, n_layers
 from ..sites import hook_name
 from ..validation import check_int, model_keys, resolve_layers
 from .base import Hook, Intervention, check_positive
@@ -456,6 +456,20 @@ def _check_skill(name: str, skill: Any, hint: str) -> Skill:
     if len(skill) == 0:
         raise ValueError(f"The {name} skill {skill.name!r} is empty: {hint}")
     return skill
+
+
+def every_third_layer(model) -> list[int]:
+    """A cheap candidate set for ``Lunar(layer="auto")``: layers 2, 5, 8, ... of ``model``.
+
+    Each candidate costs two teacher-forced passes over the held-back examples, so the run
+    pipeline and the unlearning study sweep every third layer instead of all of them.
+
+    Example:
+        >>> from mechunlearn.interventions.lunar import every_third_layer
+        >>> every_third_layer(model), model.cfg.n_layers
+        ([2], 3)
+    """
+    return list(range(2, n_layers(model), 3))
 
 
 def _int_list(value: Any) -> list[int] | None:
