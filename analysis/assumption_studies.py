@@ -138,15 +138,17 @@ def claims(folder: Path, study: str) -> str:
     summary = Path(folder).parents[1] / "unlearning" / "summary.csv"
     if summary.exists():
         t = pd.read_csv(summary, keep_default_na=False, na_values=[""])
-        ksd = t[t["method"] == "KSD auto fpr=0.05"]
+        ksd = t[t["method"] == "KSD default"]  # the library's defaults
         per = ksd.groupby(["task", "role"])["relative"].agg(["mean", "min", "max"])
         forget = per.xs("forget", level="role")
         kept = ksd[ksd["role"] != "forget"]["relative"]
+        seeds = t["seed"].nunique() if "seed" in t else 1
         rows.append((
             "KSD: > 80 % forgetting with < 10 % loss elsewhere",
-            f"KSD auto (5 % cap): forget relative {forget['mean'].min():.2f}-"
-            f"{forget['mean'].max():.2f} (mean over seeds, per task); kept skills "
-            f"{kept.min():.2f}-{kept.max():.2f}",
+            f"KSD with the library's defaults: forget relative {forget['mean'].min():.2f}-"
+            f"{forget['mean'].max():.2f} on the tasks {', '.join(forget.index)} "
+            f"({seeds} seed{'s' if seeds > 1 else ''}); kept skills {kept.min():.2f}-"
+            f"{kept.max():.2f}",
             "yes" if forget["mean"].max() < 0.2 and kept.min() > 0.9 else "partly",
             "`python analysis/unlearning_study.py`",
         ))  # fmt: skip
