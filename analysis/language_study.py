@@ -17,6 +17,7 @@ intervals.
 
 Usage:
     MECHUNLEARN_DATA=../shared/data python analysis/language_study.py [--n 16] [--seed 0]
+        [--methods "KSD auto fpr=0.05" "Ellipsoid auto fpr=0.05"]   # the detectors only
 
 Writes ``results/languages/``: ``matrix.csv`` (forget x method x skill), ``summary.md``,
 ``heatmap_<method>.png`` (drawn by :func:`mechunlearn.plots.plot_language_matrix`), the probes
@@ -59,6 +60,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16, help="probe and held-out examples per skill")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--langs", nargs="+", default=list(LANGS), choices=LANGS)
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=METHODS,
+        help="which methods to fit and score (the detectors cost one bare pass per skill; NA "
+        "one pass per skill per forgotten language, most of the run time)",
+    )  # fmt: skip
     parser.add_argument("--na-ratios", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
@@ -86,7 +92,7 @@ def main() -> None:
             out / "probes" / f"{slug}.keys.safetensors", mu.KeyVectors,
             lambda p=probe_half: mu.collect_keys(model, p, batch_size=args.batch_size, quiet=True),
         )  # fmt: skip
-        if name != "mmlu":
+        if name != "mmlu" and METHODS[2] in args.methods:
             # NA's statistics come from 3/4 of the probe half; the last 1/4 is held back to
             # choose its ratio (never the scored held-out half).
             stats_part, heldback[name] = probe_half.split(0.25, seed=args.seed)
@@ -103,6 +109,8 @@ def main() -> None:
             METHODS[:2], (mu.KeySpaceDetector, mu.EllipsoidDetector), ("ksd", "ellipsoid"),
             strict=True,
         ):  # fmt: skip
+            if method not in args.methods:
+                continue
             methods[(lang, method)] = _load_or(
                 out / "methods" / f"{lang}.{slug}.safetensors", cls,
                 lambda cls=cls, f=forget, neg=negatives: cls(
@@ -117,6 +125,8 @@ def main() -> None:
                 ratios=args.na_ratios, floor=0.9, batch_size=args.batch_size, seed=args.seed,
             )  # fmt: skip
 
+        if METHODS[2] not in args.methods:
+            continue
         path = out / "methods" / f"{lang}.na.safetensors"
         na = _load_or(path, mu.NeuronAdjust, tuned)
         methods[(lang, METHODS[2])] = na
@@ -133,8 +143,9 @@ def main() -> None:
     rows["forgotten"] = rows["skill"] == rows["forget"]
     write_text(out / "matrix.csv", rows.to_csv(index=False))
     write_text(out / "base.csv", table[table["method"] == "base"].to_csv(index=False))
-    write_text(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
-    for m in METHODS:
+    if tuning:
+        write_text(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
+    for m in args.methods:
         fig = mu.plots.plot_language_matrix(rows, m)
         mu.plots.save_figure(fig, out / f"heatmap_{m.split()[0].lower()}")
         mu.plots.close(fig)
