@@ -8,7 +8,7 @@ of English text, as a four-way multiple-choice question, in the default model's 
 (GSM8K) with its numbers changed. KSD and the ellipsoid detector at their default settings are
 fitted on the GSM8K probe questions (GSM8K's own layout) with the package's calibration questions
 as negatives (:func:`mechunlearn.calibration_skill`); the detection rate of every variant is
-measured with a 95 % interval (a bootstrap over examples). A second fit on several formats (the
+measured with a 95 % Wilson interval. A second fit on several formats (the
 probe questions in GSM8K's layout, plain, as a docstring and in the chat template) shows whether
 seeing formats fixes what one format misses (the formats it was fitted on are marked).
 
@@ -27,14 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 import mechunlearn as mu
 from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.data import format_variants
 from mechunlearn.io import write_text
-from mechunlearn.kernels.bootstrap import ratio_interval
+from mechunlearn.kernels.bootstrap import wilson_interval
 from mechunlearn.pipeline import RunConfig, load_model_for
 
 VARIANTS = ("plain", "question_prefix", "docstring", "comment", "after_paragraph",
@@ -111,7 +110,7 @@ def main() -> None:
             k = keys(wrapped, f"{skill_name}.{variant}")
             for det_name, det in detectors.items():
                 hits = det.detect_keys(k).detected.cpu().numpy().astype(float)
-                low, high = ratio_interval(hits, np.ones_like(hits), seed=args.seed)
+                low, high = wilson_interval(int(hits.sum()), len(hits))
                 rows.append({
                     "detector": det_name, "skill": skill_name, "variant": variant,
                     "rate": hits.mean(), "low": low, "high": high, "n": len(hits),

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -62,6 +61,7 @@ import torch
 
 import mechunlearn as mu
 from mechunlearn.data import make_variant
+from mechunlearn.kernels.bootstrap import wilson_interval
 
 FORMATS = ("plain", "question_prefix", "chat")
 FIT_FORMATS = ("plain", "question_prefix")  # the selection must hold for both
@@ -276,19 +276,8 @@ def cand_of(row) -> dict:
 
 
 # ---------------------------------------------------------------------------------- tests
-def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``k / n`` (95 % by default)."""
-    if n == 0:
-        return math.nan, math.nan
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
 def _row(name, ff, test, fmt, k, n) -> dict:
-    low, high = wilson(k, n)
+    low, high = wilson_interval(k, n)
     kind = "detection" if test.startswith("gsm8k") else "false_positive"
     return {"detector": name, "fit_format": ff, "test_set": test, "format": fmt, "kind": kind,
             "rate": k / n, "low": low, "high": high, "k": k, "n": n}  # fmt: skip

@@ -8,6 +8,10 @@ examples' difficulty cancels), ``n_boot`` times, and takes the percentile interv
 resample is one row of an index matrix: one gather and a few sums, no Python loop over
 resamples.
 
+A detection rate over independent yes/no outcomes gets :func:`wilson_interval` instead: at 0 or
+``n`` detections every resample is 0 or ``n`` too, and the percentile interval collapses to a
+point.
+
 Example:
     >>> before = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1])  # correct per example (total 1 each)
     >>> after = np.array([0, 1, 0, 0, 1, 0, 0, 1, 1, 0])
@@ -19,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -122,3 +127,25 @@ def paired_ratio_interval(
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = (sa / st) / (sb / st)
     return _percentiles(ratio, level)
+
+
+def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (NaN, NaN when ``n == 0``).
+
+    Example:
+        >>> low, high = wilson_interval(0, 30)   # 0 of 30 detected: still up to 11 %
+        >>> round(low, 3), round(high, 3)
+        (0.0, 0.114)
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson_interval needs 0 <= k <= n, got k={k}, n={n}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}.")
+    if n == 0:
+        return math.nan, math.nan
+    z = float(NormalDist().inv_cdf(0.5 + level / 2))
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)

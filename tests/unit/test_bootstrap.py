@@ -11,6 +11,7 @@ from mechunlearn.kernels.bootstrap import (
     paired_ratio_interval,
     ratio_interval,
     resampled_sums,
+    wilson_interval,
 )
 
 
@@ -92,8 +93,24 @@ def test_undefined_resamples_are_left_out_and_all_undefined_is_nan():
         (lambda: paired_ratio_interval([1], [1], [1], level=1.0), "level must lie in"),
         (lambda: ratio_interval([], []), "no examples"),
         (lambda: bootstrap_indices(3, n_boot=0), "n_boot must be at least 1"),
+        (lambda: wilson_interval(5, 3), "0 <= k <= n"),
+        (lambda: wilson_interval(1, 3, level=0), "level must lie in"),
     ],
 )
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_wilson_interval_matches_the_closed_form_and_covers():
+    # 0 of 30 and 30 of 30: one-sided bounds z^2 / (n + z^2) from the formula, not a point.
+    z2 = 1.959963984540054**2
+    assert wilson_interval(0, 30) == (0.0, pytest.approx(z2 / (30 + z2)))
+    low, high = wilson_interval(30, 30)
+    assert high == 1.0 and low == pytest.approx(30 / (30 + z2))
+    assert np.isnan(wilson_interval(0, 0)).all()
+    # coverage of p = 0.1 with n = 60 over 2,000 draws: near 95 %
+    rng = np.random.default_rng(0)
+    ks = rng.binomial(60, 0.1, size=2000)
+    cover = np.mean([lo <= 0.1 <= hi for lo, hi in (wilson_interval(int(k), 60) for k in ks)])
+    assert 0.92 <= cover <= 0.98
