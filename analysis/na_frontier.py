@@ -150,7 +150,8 @@ def run(task: str, args, model) -> pd.DataFrame:
         write_text(out / "auto_tuning.csv", auto.tuning_.to_csv(index=False))
         return {f"auto (chose {auto.ratio})": auto}
 
-    parts.append(scored("auto-" + "-".join(map(str, sorted(args.auto_ratios))), auto_grid))
+    if not args.no_auto:
+        parts.append(scored("auto-" + "-".join(map(str, sorted(args.auto_ratios))), auto_grid))
     # The bare model's rows once (every chunk scored it, identically).
     table = pd.concat([parts[0], *(p[p["method"] != "base"] for p in parts[1:])], ignore_index=True)
     order = {name: i for i, name in enumerate(held)}
@@ -196,6 +197,7 @@ def main() -> None:
         "--auto-ratios", type=float, nargs="+", default=list(RATIOS),
         help="the ratios NA auto chooses from (on held-back probe examples; cheap)",
     )  # fmt: skip
+    parser.add_argument("--no-auto", action="store_true", help="leave NA auto out")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--out", default="results/na_frontier")
