@@ -70,6 +70,11 @@ def resampled_sums(*values: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> 
     return [np.concatenate(s) for s in sums]
 
 
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}.")
+
+
 def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     finite = values[np.isfinite(values)]
     if finite.size == 0:
@@ -121,8 +126,7 @@ def paired_ratio_interval(
             f"correct_after, correct_before and total must be 1-D of one length, got shapes "
             f"{a.shape}, {b.shape}, {t.shape}."
         )
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must lie in (0, 1), got {level}.")
+    _check_level(level)
     sa, sb, st = resampled_sums(a, b, t, n_boot=n_boot, seed=seed)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = (sa / st) / (sb / st)
@@ -139,8 +143,7 @@ def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """
     if not 0 <= k <= n:
         raise ValueError(f"wilson_interval needs 0 <= k <= n, got k={k}, n={n}.")
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}.")
+    _check_level(level)
     if n == 0:
         return math.nan, math.nan
     z = float(NormalDist().inv_cdf(0.5 + level / 2))
