@@ -23,7 +23,9 @@ Usage:
 
 Writes ``results/na_frontier/<task>/``: ``frontier.csv`` (every setting x skill), ``frontier.png``
 and ``summary.md`` (the best setting of each variant, and whether any meets forget <= 0.5 with every
-kept skill >= 0.9).
+kept skill >= 0.9); ``chunks/`` holds each ratio's scores as soon as they are measured (a rerun
+reads them instead of scoring again), ``stats/`` the statistics and ``auto_tuning.csv`` NA auto's
+choice.
 """
 
 from __future__ import annotations
