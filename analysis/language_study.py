@@ -11,17 +11,23 @@ For every forgotten language L:
   L that keeps every other language at >= 90 % of its base score; candidates ``--na-ratios``).
 
 Every method is scored on the held-out halves of all seven languages and MMLU (the correct choice's
-text, teacher-forced) in one :func:`mechunlearn.evaluate` call: one bare pass per skill (the
-detectors' keys come from it) and one pass per NA edit. Cells carry 95 % paired-bootstrap
+text, teacher-forced) by :func:`mechunlearn.evaluate`, in chunks cached under ``chunks/``: one for
+the detectors (a bare pass per skill; their keys come from it) and one per language NA forgets (its
+own bare pass and one edited pass per skill). A stopped study resumes from the last finished chunk,
+and commands with different ``--forget`` run side by side. Cells carry 95 % paired-bootstrap
 intervals.
 
 Usage:
     MECHUNLEARN_DATA=../shared/data python analysis/language_study.py [--n 16] [--seed 0]
         [--methods "KSD auto fpr=0.05" "Ellipsoid auto fpr=0.05"]   # the detectors only
+        [--forget en es]                                           # NA for these languages
 
-Writes ``results/languages/``: ``matrix.csv`` (forget x method x skill), ``summary.md``,
-``heatmap_<method>.png`` (drawn by :func:`mechunlearn.plots.plot_language_matrix`), the probes
-and fitted methods (resumable).
+Writes ``results/languages/``: ``matrix.csv`` (forget x method x skill), ``base.csv``,
+``tuning.csv`` (NA's chosen ratio per language), ``summary.md`` (with the compute time of each
+chunk), ``heatmap_<method>.png`` (drawn by :func:`mechunlearn.plots.plot_language_matrix`; a
+method's rows are the languages scored so far), and the probes, fitted methods and chunks it
+resumes from. The settings (``--n``, ``--seed``, ``--langs``, ``--na-ratios``) are recorded in
+``settings.json``; a folder made with other settings is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import pandas as pd
 import mechunlearn as mu
 from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.evaluation import format_interval
-from mechunlearn.io import write_text
+from mechunlearn.io import read_json, write_json, write_text
 from mechunlearn.pipeline import RunConfig, load_model_for
 
 LANGS = ("en", "es", "hi", "de", "zh", "vi", "ar")
@@ -61,6 +67,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--langs", nargs="+", default=list(LANGS), choices=LANGS)
     parser.add_argument(
+        "--forget", nargs="+", default=None, choices=LANGS,
+        help="the languages NA forgets in this command (default: all of --langs); each is its own "
+        "resumable chunk, so commands with different --forget can run side by side",
+    )  # fmt: skip
+    parser.add_argument(
         "--methods", nargs="+", default=list(METHODS), choices=METHODS,
         help="which methods to fit and score (the detectors cost one bare pass per skill; NA "
         "one pass per skill per forgotten language, most of the run time)",
@@ -71,12 +82,22 @@ def main() -> None:
     parser.add_argument("--out", default="results/languages")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    args.forget = args.forget or args.langs
+    if not set(args.forget) <= set(args.langs):
+        sys.exit(f"--forget {args.forget} must be among the scored languages --langs {args.langs}.")
     if not args.data_dir:
         sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
-    t0 = time.perf_counter()
     out = Path(args.out)
     (out / "probes").mkdir(parents=True, exist_ok=True)
     (out / "methods").mkdir(parents=True, exist_ok=True)
+    # Cached probes, methods and chunks hold only for the settings that made them.
+    settings = {"n": args.n, "seed": args.seed, "langs": args.langs, "na_ratios": args.na_ratios}
+    if (out / "settings.json").exists() and read_json(out / "settings.json") != settings:
+        sys.exit(
+            f"{out} holds a study run with {read_json(out / 'settings.json')}, not {settings}: "
+            "pass another --out (or delete the folder) to run these settings."
+        )
+    write_json(out / "settings.json", settings)
     reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
     model = load_model_for(RunConfig(quiet=args.quiet))
     names = [f"xquad:{lang}" for lang in args.langs] + ["mmlu"]
@@ -100,23 +121,50 @@ def main() -> None:
                 out / "probes" / f"{slug}.pre.safetensors", mu.NeuronStats,
                 lambda p=stats_part: mu.collect(model, p, batch_size=args.batch_size, quiet=True),
             )  # fmt: skip
-    methods, tuning = {}, []
-    for lang in args.langs:
+    held = {name: h for name, (_, h) in halves.items()}
+    roles = {name: "general" if name == "mmlu" else "retain" for name in held}
+    chunks = out / "chunks"
+    chunks.mkdir(exist_ok=True)
+
+    def scored(name: str, interventions: dict) -> pd.DataFrame:
+        """One evaluate call over every held-out skill, cached as ``chunks/<name>.csv``."""
+        path = chunks / f"{name}.csv"
+        if not path.exists():
+            began = time.perf_counter()
+            table = mu.evaluate(
+                model, held, interventions, batch_size=args.batch_size, quiet=args.quiet,
+                roles=roles, seed=args.seed,
+            )  # fmt: skip
+            write_text(path, table.to_csv(index=False))
+            write_json(chunks / f"{name}.json", {"seconds": time.perf_counter() - began})
+        return pd.read_csv(path)
+
+    tables = []
+    detectors = [m for m in METHODS[:2] if m in args.methods]
+    if detectors:
+        fitted = {}
+        for lang in args.langs:
+            forget = f"xquad:{lang}"
+            negatives = mu.KeyVectors.concat_all([keys[n] for n in names if n != forget])
+            for method, cls, slug in zip(
+                METHODS[:2], (mu.KeySpaceDetector, mu.EllipsoidDetector), ("ksd", "ellipsoid"),
+                strict=True,
+            ):  # fmt: skip
+                if method in detectors:
+                    fitted[f"{lang} | {method}"] = _load_or(
+                        out / "methods" / f"{lang}.{slug}.safetensors", cls,
+                        lambda cls=cls, f=forget, neg=negatives: cls(
+                            layers=-1, fpr=0.05, seed=args.seed
+                        ).fit(keys[f], neg),
+                    )  # fmt: skip
+        # The detectors only read the bare pass's keys: one pass per skill for all of them.
+        tables.append(scored("detectors", fitted))
+    tuning = []
+    for lang in args.langs if METHODS[2] in args.methods else []:
+        if lang not in args.forget and not (chunks / f"{lang}.na.csv").exists():
+            continue  # left to another command's --forget
         forget = f"xquad:{lang}"
         others = [n for n in names if n not in (forget, "mmlu")]
-        negatives = mu.KeyVectors.concat_all([keys[n] for n in names if n != forget])
-        for method, cls, slug in zip(
-            METHODS[:2], (mu.KeySpaceDetector, mu.EllipsoidDetector), ("ksd", "ellipsoid"),
-            strict=True,
-        ):  # fmt: skip
-            if method not in args.methods:
-                continue
-            methods[(lang, method)] = _load_or(
-                out / "methods" / f"{lang}.{slug}.safetensors", cls,
-                lambda cls=cls, f=forget, neg=negatives: cls(
-                    layers=-1, fpr=0.05, seed=args.seed
-                ).fit(keys[f], neg),
-            )  # fmt: skip
 
         def tuned(f=forget, others=others):
             keep = {n: heldback[n] for n in others}
@@ -125,36 +173,35 @@ def main() -> None:
                 ratios=args.na_ratios, floor=0.9, batch_size=args.batch_size, seed=args.seed,
             )  # fmt: skip
 
-        if METHODS[2] not in args.methods:
-            continue
-        path = out / "methods" / f"{lang}.na.safetensors"
+        began, path = time.perf_counter(), out / "methods" / f"{lang}.na.safetensors"
+        fresh = not path.exists()
         na = _load_or(path, mu.NeuronAdjust, tuned)
-        methods[(lang, METHODS[2])] = na
+        if fresh:
+            write_json(chunks / f"{lang}.na.tuning.json", {"seconds": time.perf_counter() - began})
+        # One chunk per forgotten language (its own bare pass): a stopped study resumes here.
+        tables.append(scored(f"{lang}.na", {f"{lang} | {METHODS[2]}": na}))
         tuning.append({"forget": lang, "ratio": na.ratio, "n_selected": sum(na.n_selected_)})
-    held = {name: h for name, (_, h) in halves.items()}
-    roles = {name: "general" if name == "mmlu" else "retain" for name in held}
-    flat = {f"{lang} | {m}": iv for (lang, m), iv in methods.items()}
-    table = mu.evaluate(
-        model, held, flat, batch_size=args.batch_size, quiet=args.quiet, roles=roles, seed=args.seed
-    )
+    table = pd.concat(tables, ignore_index=True)
     rows = table[table["method"] != "base"].copy()
     rows[["forget", "method"]] = rows["method"].str.split(" \\| ", expand=True)
     rows["skill"] = rows["skill"].str.replace("xquad:", "", regex=False)
     rows["forgotten"] = rows["skill"] == rows["forget"]
     write_text(out / "matrix.csv", rows.to_csv(index=False))
-    write_text(out / "base.csv", table[table["method"] == "base"].to_csv(index=False))
+    base = table[table["method"] == "base"].drop_duplicates("skill")
+    write_text(out / "base.csv", base.to_csv(index=False))
     if tuning:
         write_text(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
     for m in args.methods:
         fig = mu.plots.plot_language_matrix(rows, m)
         mu.plots.save_figure(fig, out / f"heatmap_{m.split()[0].lower()}")
         mu.plots.close(fig)
-    write_text(out / "summary.md", summary(rows, table, time.perf_counter() - t0))
+    write_text(out / "summary.md", summary(rows, base, chunks))
     print(f"language study: {out / 'summary.md'}, matrix.csv and heatmap_*.png")
 
 
-def summary(rows: pd.DataFrame, table: pd.DataFrame, seconds: float) -> str:
-    """Per method: the forgotten language's relative performance and the worst kept language."""
+def summary(rows: pd.DataFrame, base: pd.DataFrame, chunks: Path) -> str:
+    """Per method: the forgotten language's relative performance and the worst kept language;
+    the base scores and the compute time the chunks recorded."""
     lines = ["| method | forgotten language | relative on it | worst other language | mmlu |",
              "|---|---|---|---|---|"]  # fmt: skip
     for m, part in rows.groupby("method", sort=False):
@@ -168,9 +215,13 @@ def summary(rows: pd.DataFrame, table: pd.DataFrame, seconds: float) -> str:
                 f"| {m} | {lang} | {cell} | {worst.skill}: {worst.relative:.2f} "
                 f"| {mmlu.relative:.2f} |"
             )
-    base = table[table["method"] == "base"]
     scores = ", ".join(f"{r.skill} {r.score:.3f}" for r in base.itertuples())
-    return "\n".join(lines) + f"\n\nBase scores: {scores}. Run time: {seconds / 60:.0f} min.\n"
+    times = {p.name.removesuffix(".json"): read_json(p)["seconds"] for p in chunks.glob("*.json")}
+    spent = ", ".join(f"{name} {sec / 60:.0f}" for name, sec in sorted(times.items()))
+    return "\n".join(lines) + (
+        f"\n\nBase scores: {scores}.\n\nCompute time per chunk (minutes, probes not counted): "
+        f"{spent or 'not recorded'}.\n"
+    )
 
 
 if __name__ == "__main__":
