@@ -3,6 +3,8 @@
 #   make test   the whole test suite (unit, integration on the real default model, notebooks)
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# What ruff checks and formats: the package, its tests, benchmarks, studies and notebooks.
+LINTED := mechunlearn tests benchmarks analysis notebooks conftest.py
 
 .PHONY: run test test-fast test-tl3 lint setup docs doctest
 
@@ -16,13 +18,13 @@ run: $(PY)
 	$(VENV)/bin/mechunlearn run $(ARGS)
 
 test: $(PY)
-	$(PY) -m ruff check mechunlearn tests benchmarks analysis conftest.py
-	$(PY) -m ruff format --check mechunlearn tests benchmarks analysis conftest.py
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # While developing: lint and the unit tests on tiny models, without the slow ones (about a minute).
 test-fast: $(PY)
-	$(PY) -m ruff check mechunlearn tests benchmarks analysis conftest.py
+	$(PY) -m ruff check $(LINTED)
 	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest tests/unit -m "not slow" -q $(PYTEST_ARGS)
 
 # The unit tests (hook level, tiny models, legacy HookedTransformer included) against
@@ -33,8 +35,8 @@ test-tl3:
 	MECHUNLEARN_EXPECT_LEGACY=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(TL3_VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(PY)
-	$(PY) -m ruff check --fix mechunlearn tests benchmarks analysis conftest.py
-	$(PY) -m ruff format mechunlearn tests benchmarks analysis conftest.py
+	$(PY) -m ruff check --fix $(LINTED)
+	$(PY) -m ruff format $(LINTED)
 
 # The documentation site (docs/, mkdocs.yml) into site/: methods page and API reference from the
 # docstrings. Installs the `docs` extra on first use; --strict fails on any warning.
