@@ -145,10 +145,13 @@ def claims(folder: Path, study: str) -> str:
         seeds = t["seed"].nunique() if "seed" in t else 1
         rows.append((
             "KSD: > 80 % forgetting with < 10 % loss elsewhere",
-            f"KSD with the library's defaults: forget relative {forget['mean'].min():.2f}-"
-            f"{forget['mean'].max():.2f} on the tasks {', '.join(forget.index)} "
-            f"({seeds} seed{'s' if seeds > 1 else ''}); kept skills {kept.min():.2f}-"
-            f"{kept.max():.2f}",
+            "KSD with the library's defaults, forget skill left (mean over "
+            f"{seeds} seed{'s' if seeds > 1 else ''}, range): "
+            + "; ".join(
+                f"{task} {r['mean']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+                for task, r in forget.iterrows()
+            )
+            + f"; kept skills {kept.min():.2f}-{kept.max():.2f}",
             "yes" if forget["mean"].max() < 0.2 and kept.min() > 0.9 else "partly",
             "`python analysis/unlearning_study.py`",
         ))  # fmt: skip
