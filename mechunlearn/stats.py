@@ -486,16 +486,23 @@ class KeyVectors:
         idx = torch.as_tensor(index, dtype=torch.long, device=self.values.device)
         return KeyVectors(self.values.index_select(0, idx), list(self.layers), dict(self.meta))
 
+    def split_indices(
+        self, test_size: float | int = 0.5, seed: int = 0
+    ) -> tuple[Int[Tensor, " n_fit"], Int[Tensor, " n_test"]]:
+        """The row indices of :meth:`split`'s (fit, held-out) parts, each ascending."""
+        n_test = split_sizes(len(self), test_size)[1]
+        check_int("seed", seed, min_val=None)
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return perm[n_test:].sort().values, perm[:n_test].sort().values
+
     def split(self, test_size: float | int = 0.5, seed: int = 0) -> tuple[KeyVectors, KeyVectors]:
         """Random disjoint (fit, held-out) parts.
 
         ``test_size`` is a fraction in (0, 1), rounded up (the rule of
         :func:`mechunlearn.data.split_sizes`, as ``Skill.split``), or a count.
         """
-        n_test = split_sizes(len(self), test_size)[1]
-        check_int("seed", seed, min_val=None)
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        return self.subset(perm[n_test:].sort().values), self.subset(perm[:n_test].sort().values)
+        fit, test = self.split_indices(test_size, seed)
+        return self.subset(fit), self.subset(test)
 
     def concat(self, other: KeyVectors) -> KeyVectors:
         """Rows of both (same model and layers)."""

@@ -56,7 +56,12 @@ Beyond the paper:
   ``t * alpha_max`` with ``t`` in ``[t_min, 1]`` (``t_min``: where the last detected held-out
   forget query enters). We take the middle, ``t = (t_min + 1) / 2``: the best held-out
   detection under the cap, with a margin on both sides. The held-out rates (detection of held-out
-  F, false positives on the R calibration and test parts) are in ``calibration_``.
+  F, false positives on the R calibration and test parts) are in ``calibration_``, with
+  ``capping_negatives``: the rows of ``keys_r`` that one rank further would be inside, i.e. the
+  negatives that decided alpha. When held-out detection falls below 50 %, ``fit`` warns and
+  names them. (On the default model, an MMLU elementary-mathematics word problem among the
+  negatives of a GSM8K detector did exactly that on one of three seeds: held-out detection
+  12 %.)
 * **A region that is not a box.** :class:`EllipsoidDetector` uses the Mahalanobis distance
   under a Ledoit-Wolf shrinkage covariance, with the same interface (one base class,
   :class:`KeyRegionDetector`).
@@ -69,6 +74,7 @@ prompts only, left-padded in one batch; detected prompts cost no generation step
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +101,9 @@ from .base import Hook, Intervention, check_positive
 
 REFUSAL = "Sorry, your query is not valid"
 """The authors' refusal text."""
+#: ``fit(keys_f, keys_r)`` warns when the calibrated region detects less than this share of the
+#: held-out forget queries (the false-positive cap, not the skill, decided alpha).
+LOW_DETECTION = 0.5
 
 
 # ------------------------------------------------------------------------------ results
@@ -386,7 +395,8 @@ class KeyRegionDetector(Intervention):
         if keys_r.d_mlp != keys_f.d_mlp:
             raise ValueError(f"keys_r has d_mlp={keys_r.d_mlp}, keys_f {keys_f.d_mlp}.")
         fit_f, held_f = keys_f.split(test_size, seed)
-        cal_r, test_r = keys_r.split(test_size, seed)
+        cal_idx, test_idx = keys_r.split_indices(test_size, seed)
+        cal_r, test_r = keys_r.subset(cal_idx), keys_r.subset(test_idx)
         if len(fit_f) < 2:
             raise ValueError("The fit part of keys_f needs at least 2 vectors: lower test_size.")
         x_fit = self._select(fit_f, layers)
@@ -410,12 +420,19 @@ class KeyRegionDetector(Intervention):
 
         # Compare counts, not float rates: 1/10 in float32 is 0.10000000149 > fpr=0.1.
         allowed = math.floor(float(fpr) * m + 1e-9)
-        best = 0
+        best, stop = 0, None  # j = 0 always meets the cap: every box ends below its nearest
         for j in range(m):  # m is small (hundreds); the count is monotone in j
             if int(_detect(d_cal / alphas(j), rule_k).sum()) <= allowed:
                 best = j
             else:
+                stop = j
                 break
+        # The calibration negatives the cap stops short of: one rank further they are inside.
+        capping = []
+        if stop is not None:
+            inside_next = _detect(d_cal / alphas(stop), rule_k)
+            entering = inside_next & ~_detect(d_cal / alphas(best), rule_k)
+            capping = cal_idx[entering.cpu()].tolist()
         alpha_max = alphas(best).clamp(min=0)
         # Held-out forget query i is detected at alpha = t * alpha_max iff t >= s_i, its
         # rule-relevant margin at alpha_max. Every t in [t_min, 1] gives the best detection
@@ -447,8 +464,23 @@ class KeyRegionDetector(Intervention):
             "detect_f": rate(d_held, self.alpha_),
             "fpr_r_cal": rate(d_cal, self.alpha_),
             "fpr_r_test": rate(d_test, self.alpha_),
+            "capping_negatives": capping,
             "per_layer": per_layer,
         }
+        detect_f = self.calibration_["detect_f"]
+        if detect_f < LOW_DETECTION:
+            why = (
+                f"keys_r rows {capping} lie near the forget skill (one rank further they would "
+                "be detected) and cap alpha: inspect them (they may belong to the skill) and drop "
+                "them, or raise fpr"
+                if capping
+                else "raise fpr or fit on more forget queries"
+            )
+            warnings.warn(
+                f"{type(self).__name__}: at fpr={fpr} the calibrated region detects only "
+                f"{detect_f:.0%} of the {len(held_f)} held-out forget queries: {why}.",
+                stacklevel=3,
+            )
 
     def _resolve_layers(self, keys: KeyVectors) -> list[int]:
         if self.layers is None:

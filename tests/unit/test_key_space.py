@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -182,6 +184,38 @@ def test_automatic_alpha_meets_the_cap(keys):
         KeySpaceDetector(h=2.0).fit(keys_f, keys_r)
     with pytest.raises(ValueError, match="fpr"):
         KeySpaceDetector(fpr=0.0)
+
+
+@pytest.mark.parametrize("cls", [KeySpaceDetector, EllipsoidDetector])
+def test_a_negative_inside_the_skill_caps_alpha_and_fit_names_it(cls):
+    """One negative among the forget queries at every layer: with no false positive allowed,
+    every box stops short of it, held-out detection collapses, and fit warns with its row."""
+    gen = torch.Generator().manual_seed(3)
+    meta = {"n_layers": 2, "d_mlp": 8}
+    keys_f = KeyVectors(torch.randn(40, 2, 8, generator=gen), [0, 1], meta)
+    far = torch.randn(60, 2, 8, generator=gen) + 6.0
+    clean = KeyVectors(far, [0, 1], meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean calibration does not warn
+        ok = cls().fit(keys_f, clean)
+    assert ok.calibration_["detect_f"] >= 0.5
+    intruder = int(clean.split_indices(0.5, 0)[0][0])  # a row of the calibration part
+    values = far.clone()
+    values[intruder] = 0.0  # the forget queries' centre, at every layer
+    with pytest.warns(UserWarning, match=rf"detects only \d+% .* keys_r rows \[{intruder}\]"):
+        capped = cls().fit(keys_f, KeyVectors(values, [0, 1], meta))
+    assert capped.calibration_["capping_negatives"] == [intruder]
+    assert capped.calibration_["detect_f"] < 0.5
+    assert capped.calibration_["fpr_r_cal"] == 0.0  # the cap itself still holds
+
+
+def test_split_indices_are_the_split():
+    keys = KeyVectors(torch.arange(10.0).reshape(10, 1, 1), [0], {"n_layers": 1, "d_mlp": 1})
+    fit_idx, test_idx = keys.split_indices(0.3, seed=4)
+    fit, test = keys.split(0.3, seed=4)
+    assert torch.equal(fit.values.flatten(), fit_idx.float())
+    assert torch.equal(test.values.flatten(), test_idx.float())
+    assert sorted(fit_idx.tolist() + test_idx.tolist()) == list(range(10)) and len(test_idx) == 3
 
 
 def test_alpha_absolute_and_h():
