@@ -21,6 +21,7 @@ Usage:
     MECHUNLEARN_DATA=../shared/data python analysis/language_study.py [--n 16] [--seed 0]
         [--methods "KSD auto fpr=0.05" "Ellipsoid auto fpr=0.05"]   # the detectors only
         [--forget en es]                                           # NA for these languages
+    python analysis/language_study.py --summarize-only   # the tables and figures from the chunks
 
 Writes ``results/languages/``: ``matrix.csv`` (forget x method x skill), ``base.csv``,
 ``tuning.csv`` (NA's chosen ratio per language), ``summary.md`` (with the compute time of each
@@ -81,7 +82,14 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--out", default="results/languages")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--summarize-only", action="store_true",
+        help="write the matrix, heatmaps and summary from the chunks scored so far; score nothing",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.summarize_only:
+        assemble(Path(args.out), args.langs, args.methods)
+        return
     args.forget = args.forget or args.langs
     if not set(args.forget) <= set(args.langs):
         sys.exit(f"--forget {args.forget} must be among the scored languages --langs {args.langs}.")
@@ -126,7 +134,7 @@ def main() -> None:
     chunks = out / "chunks"
     chunks.mkdir(exist_ok=True)
 
-    def scored(name: str, interventions: dict) -> pd.DataFrame:
+    def scored(name: str, interventions: dict) -> None:
         """One evaluate call over every held-out skill, cached as ``chunks/<name>.csv``."""
         path = chunks / f"{name}.csv"
         if not path.exists():
@@ -137,9 +145,7 @@ def main() -> None:
             )  # fmt: skip
             write_text(path, table.to_csv(index=False))
             write_json(chunks / f"{name}.json", {"seconds": time.perf_counter() - began})
-        return pd.read_csv(path)
 
-    tables = []
     detectors = [m for m in METHODS[:2] if m in args.methods]
     if detectors:
         fitted = {}
@@ -158,11 +164,8 @@ def main() -> None:
                         ).fit(keys[f], neg),
                     )  # fmt: skip
         # The detectors only read the bare pass's keys: one pass per skill for all of them.
-        tables.append(scored("detectors", fitted))
-    tuning = []
-    for lang in args.langs if METHODS[2] in args.methods else []:
-        if lang not in args.forget and not (chunks / f"{lang}.na.csv").exists():
-            continue  # left to another command's --forget
+        scored("detectors", fitted)
+    for lang in args.forget if METHODS[2] in args.methods else []:
         forget = f"xquad:{lang}"
         others = [n for n in names if n not in (forget, "mmlu")]
 
@@ -179,23 +182,48 @@ def main() -> None:
         if fresh:
             write_json(chunks / f"{lang}.na.tuning.json", {"seconds": time.perf_counter() - began})
         # One chunk per forgotten language (its own bare pass): a stopped study resumes here.
-        tables.append(scored(f"{lang}.na", {f"{lang} | {METHODS[2]}": na}))
-        tuning.append({"forget": lang, "ratio": na.ratio, "n_selected": sum(na.n_selected_)})
+        scored(f"{lang}.na", {f"{lang} | {METHODS[2]}": na})
+    assemble(out, args.langs, args.methods)
+
+
+def assemble(out: Path, langs: list[str], methods: list[str]) -> None:
+    """``matrix.csv``, ``base.csv``, ``tuning.csv``, the heatmaps and ``summary.md`` from the
+    chunks scored so far (by this command or any other with the same ``--out``)."""
+    chunks = out / "chunks"
+    tables, tuning = [], []
+    if set(METHODS[:2]) & set(methods) and (chunks / "detectors.csv").exists():
+        tables.append(pd.read_csv(chunks / "detectors.csv"))
+    for lang in langs if METHODS[2] in methods else []:
+        if (chunks / f"{lang}.na.csv").exists():
+            tables.append(pd.read_csv(chunks / f"{lang}.na.csv"))
+            na = mu.NeuronAdjust.load(out / "methods" / f"{lang}.na.safetensors")
+            tuning.append({"forget": lang, "ratio": na.ratio, "n_selected": sum(na.n_selected_)})
+    if not tables:
+        sys.exit(f"No scored chunks under {chunks} for {methods}: run the study first.")
     table = pd.concat(tables, ignore_index=True)
     rows = table[table["method"] != "base"].copy()
     rows[["forget", "method"]] = rows["method"].str.split(" \\| ", expand=True)
     rows["skill"] = rows["skill"].str.replace("xquad:", "", regex=False)
     rows["forgotten"] = rows["skill"] == rows["forget"]
+    rows = rows[rows["method"].isin(methods)]
     write_text(out / "matrix.csv", rows.to_csv(index=False))
     base = table[table["method"] == "base"].drop_duplicates("skill")
     write_text(out / "base.csv", base.to_csv(index=False))
     if tuning:
         write_text(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
-    for m in args.methods:
+    for m in dict.fromkeys(rows["method"]):
         fig = mu.plots.plot_language_matrix(rows, m)
         mu.plots.save_figure(fig, out / f"heatmap_{m.split()[0].lower()}")
         mu.plots.close(fig)
-    write_text(out / "summary.md", summary(rows, base, chunks))
+    missing = []
+    for m in methods:
+        done = set(rows.loc[rows["method"] == m, "forget"])
+        if set(langs) - done:
+            missing.append(f"{m}: {', '.join(x for x in langs if x not in done)}")
+    text = summary(rows, base, chunks)
+    if missing:
+        text += f"\nNot scored yet (rerun the study to add them): {'; '.join(missing)}.\n"
+    write_text(out / "summary.md", text)
     print(f"language study: {out / 'summary.md'}, matrix.csv and heatmap_*.png")
 
 
