@@ -142,7 +142,7 @@ def claims(folder: Path, study: str) -> str:
         per = ksd.groupby(["task", "role"])["relative"].agg(["mean", "min", "max"])
         forget = per.xs("forget", level="role")
         kept = ksd[ksd["role"] != "forget"]["relative"]
-        seeds = t["seed"].nunique() if "seed" in t else 1
+        seeds = ksd["seed"].nunique() if "seed" in ksd else 1
         rows.append((
             "KSD: > 80 % forgetting with < 10 % loss elsewhere",
             "KSD with the library's defaults, forget skill left (mean over "

@@ -14,8 +14,9 @@ Every method is scored on the held-out halves of all seven languages and MMLU (t
 text, teacher-forced) by :func:`mechunlearn.evaluate`, in chunks cached under ``chunks/``: one for
 the detectors (a bare pass per skill; their keys come from it) and one per language NA forgets (its
 own bare pass and one edited pass per skill). A stopped study resumes from the last finished chunk,
-and commands with different ``--forget`` run side by side. Cells carry 95 % paired-bootstrap
-intervals.
+and commands with different ``--forget`` run side by side (run the detectors first, e.g. with the
+first command alone until NA's tuning starts: commands that start together each collect the
+probes and score the detectors' chunk). Cells carry 95 % paired-bootstrap intervals.
 
 Usage:
     MECHUNLEARN_DATA=../shared/data python analysis/language_study.py [--n 16] [--seed 0]
@@ -88,7 +89,9 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     if args.summarize_only:
-        assemble(Path(args.out), args.langs, args.methods)
+        recorded = Path(args.out) / "settings.json"
+        langs = read_json(recorded)["langs"] if recorded.exists() else args.langs
+        assemble(Path(args.out), [x for x in langs if x in args.langs], args.methods)
         return
     args.forget = args.forget or args.langs
     if not set(args.forget) <= set(args.langs):
@@ -135,9 +138,10 @@ def main() -> None:
     chunks.mkdir(exist_ok=True)
 
     def scored(name: str, interventions: dict) -> None:
-        """One evaluate call over every held-out skill, cached as ``chunks/<name>.csv``."""
+        """One evaluate call over every held-out skill, cached as ``chunks/<name>.csv`` (scored
+        again if the cached chunk lacks one of ``interventions``)."""
         path = chunks / f"{name}.csv"
-        if not path.exists():
+        if not path.exists() or set(interventions) - set(pd.read_csv(path)["method"]):
             began = time.perf_counter()
             table = mu.evaluate(
                 model, held, interventions, batch_size=args.batch_size, quiet=args.quiet,
@@ -183,7 +187,8 @@ def main() -> None:
             write_json(chunks / f"{lang}.na.tuning.json", {"seconds": time.perf_counter() - began})
         # One chunk per forgotten language (its own bare pass): a stopped study resumes here.
         scored(f"{lang}.na", {f"{lang} | {METHODS[2]}": na})
-    assemble(out, args.langs, args.methods)
+    # Every method scored so far, by this command or another one side by side.
+    assemble(out, args.langs, list(METHODS))
 
 
 def assemble(out: Path, langs: list[str], methods: list[str]) -> None:
@@ -196,8 +201,14 @@ def assemble(out: Path, langs: list[str], methods: list[str]) -> None:
     for lang in langs if METHODS[2] in methods else []:
         if (chunks / f"{lang}.na.csv").exists():
             tables.append(pd.read_csv(chunks / f"{lang}.na.csv"))
-            na = mu.NeuronAdjust.load(out / "methods" / f"{lang}.na.safetensors")
-            tuning.append({"forget": lang, "ratio": na.ratio, "n_selected": sum(na.n_selected_)})
+            path = out / "methods" / f"{lang}.na.safetensors"
+            if path.exists():
+                na = mu.NeuronAdjust.load(path)
+                tuning.append(
+                    {"forget": lang, "ratio": na.ratio, "n_selected": sum(na.n_selected_)}
+                )
+            else:
+                print(f"{path} is missing: NA's ratio for {lang} left out of tuning.csv")
     if not tables:
         sys.exit(f"No scored chunks under {chunks} for {methods}: run the study first.")
     table = pd.concat(tables, ignore_index=True)
@@ -205,7 +216,7 @@ def assemble(out: Path, langs: list[str], methods: list[str]) -> None:
     rows[["forget", "method"]] = rows["method"].str.split(" \\| ", expand=True)
     rows["skill"] = rows["skill"].str.replace("xquad:", "", regex=False)
     rows["forgotten"] = rows["skill"] == rows["forget"]
-    rows = rows[rows["method"].isin(methods)]
+    rows = rows[rows["method"].isin(methods) & rows["forget"].isin(langs)]
     write_text(out / "matrix.csv", rows.to_csv(index=False))
     base = table[table["method"] == "base"].drop_duplicates("skill")
     write_text(out / "base.csv", base.to_csv(index=False))

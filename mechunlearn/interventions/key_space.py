@@ -57,11 +57,11 @@ Beyond the paper:
   forget query enters). We take the middle, ``t = (t_min + 1) / 2``: the best held-out
   detection under the cap, with a margin on both sides. The held-out rates (detection of held-out
   F, false positives on the R calibration and test parts) are in ``calibration_``, with
-  ``capping_negatives``: the rows of ``keys_r`` that one rank further would be inside, i.e. the
-  negatives that decided alpha. When held-out detection falls below 50 %, ``fit`` warns and
-  names them. (On the default model, an MMLU elementary-mathematics word problem among the
-  negatives of a GSM8K detector did exactly that on one of three seeds: held-out detection
-  12 %.)
+  ``capping_negatives``: the rows of ``keys_r`` (of the concatenation, when it is a list) that one
+  rank further would be inside, i.e. the negatives that decided alpha. When held-out detection
+  falls below 50 %, ``fit`` warns and names them. (On the default model, an MMLU
+  elementary-mathematics word problem among the negatives of a GSM8K detector did exactly that
+  on one of three seeds: held-out detection 12 %.)
 * **A region that is not a box.** :class:`EllipsoidDetector` uses the Mahalanobis distance
   under a Ledoit-Wolf shrinkage covariance, with the same interface (one base class,
   :class:`KeyRegionDetector`).
@@ -474,7 +474,8 @@ class KeyRegionDetector(Intervention):
                 "be detected) and cap alpha: inspect them (they may belong to the skill) and drop "
                 "them, or raise fpr"
                 if capping
-                else "raise fpr or fit on more forget queries"
+                else "no negative limits alpha (it already reaches the farthest): the held-out "
+                "forget queries lie outside the region; fit on more, or more varied, forget queries"
             )
             warnings.warn(
                 f"{type(self).__name__}: at fpr={fpr} the calibrated region detects only "
