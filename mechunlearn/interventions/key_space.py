@@ -420,19 +420,15 @@ class KeyRegionDetector(Intervention):
 
         # Compare counts, not float rates: 1/10 in float32 is 0.10000000149 > fpr=0.1.
         allowed = math.floor(float(fpr) * m + 1e-9)
-        best, stop = 0, None  # j = 0 always meets the cap: every box ends below its nearest
+        best, inside_best = 0, None  # j = 0 always meets the cap: every box ends below its nearest
+        capping = []  # the calibration negatives the cap stops short of (inside one rank further)
         for j in range(m):  # m is small (hundreds); the count is monotone in j
-            if int(_detect(d_cal / alphas(j), rule_k).sum()) <= allowed:
-                best = j
+            inside = _detect(d_cal / alphas(j), rule_k)
+            if int(inside.sum()) <= allowed:
+                best, inside_best = j, inside
             else:
-                stop = j
+                capping = cal_idx[(inside & ~inside_best).cpu()].tolist()
                 break
-        # The calibration negatives the cap stops short of: one rank further they are inside.
-        capping = []
-        if stop is not None:
-            inside_next = _detect(d_cal / alphas(stop), rule_k)
-            entering = inside_next & ~_detect(d_cal / alphas(best), rule_k)
-            capping = cal_idx[entering.cpu()].tolist()
         alpha_max = alphas(best).clamp(min=0)
         # Held-out forget query i is detected at alpha = t * alpha_max iff t >= s_i, its
         # rule-relevant margin at alpha_max. Every t in [t_min, 1] gives the best detection
