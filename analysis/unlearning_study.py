@@ -23,15 +23,18 @@ Usage (the README's tables come from these commands; LUNAR and SIMU, the costly 
     MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \\
         --tasks gsm8k-vs-mbpp mbpp-vs-gsm8k --seeds 1 2 --n 32 --methods NA KSD Ellipsoid SP
     MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \\
-        --tasks xquad-de --seeds 0 --n 16 --methods NA KSD Ellipsoid SP
+        --tasks xquad-de --seeds 0 --n 16 --methods LUNAR SIMU
+    MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \\
+        --tasks xquad-de --seeds 0 1 2 --n 16 --methods NA KSD Ellipsoid SP
     python analysis/unlearning_study.py --summarize-only
 
 Everything goes through the public pipeline (:mod:`mechunlearn.pipeline`): each task and seed is a
-resumable run folder ``results/unlearning/<task>/seed<k>/`` (probes, fitted methods, tables), so an
-interrupted study resumes and tasks can run as parallel commands. Per folder: ``sweep.csv`` (every
-method x held-out skill with its paired-bootstrap interval) and ``tradeoff.png``. Over every
-folder: ``results/unlearning/summary.csv`` and ``summary.md`` (per task: mean +- sd across seeds,
-and seed 0's 95 % interval).
+resumable run folder ``results/unlearning/<task>/seed<k>/`` (probes, fitted methods, tables;
+``seed<k>-<families>/`` for a ``--methods`` subset), so an interrupted study resumes, tasks and
+seeds can run as parallel commands, and a subset adds methods beside a finished run. Per folder:
+``sweep.csv`` (every method x held-out skill with its paired-bootstrap interval) and
+``tradeoff.png``. Over every folder: ``results/unlearning/summary.csv`` and ``summary.md`` (per
+task: mean +- sd across seeds, and seed 0's 95 % interval; the folders' base rows must agree).
 """
 
 from __future__ import annotations
@@ -65,6 +68,21 @@ SP_RATIOS = (0.015, 0.05)
 #: texts cut at 512 tokens (the longest MBPP example, ~1,500 tokens, took > 15 GB of memory in a
 #: Hessian step and ~10 minutes per update on 2 cores; the longest prompt has 317 tokens).
 SIMU_PARAMS = dict(layers=list(range(24, 30)), steps=2, max_steps=10, batch_size=8, max_length=512)
+METHODS = ("NA", "KSD", "Ellipsoid", "SP", "LUNAR", "SIMU")
+
+
+def run_folder_name(seed: int, methods: list[str]) -> str:
+    """``seed<k>`` for every method family, ``seed<k>-<families>`` for a subset (its own resumable
+    run folder: a subset run beside a full one, or two subsets, never clash).
+
+    Example:
+        >>> run_folder_name(1, ["NA", "KSD"])
+        'seed1-NA-KSD'
+        >>> run_folder_name(0, list(METHODS))
+        'seed0'
+    """
+    families = [m for m in METHODS if m in methods]
+    return f"seed{seed}" if families == list(METHODS) else f"seed{seed}-" + "-".join(families)
 
 
 def wiki_skill(n: int, seed: int, data_dir: str | None) -> mu.Skill:
@@ -178,7 +196,7 @@ def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
         methods=tuple(args.methods), data_dir=args.data_dir, batch_size=args.batch_size,
         quiet=args.quiet, device=args.device,
     )  # fmt: skip
-    out = Path(args.out) / name / f"seed{seed}"
+    out = Path(args.out) / name / run_folder_name(seed, args.methods)
     folder = RunFolder(out, config)
     skills = load_skills(config)
     try:
@@ -260,17 +278,41 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
+def merge_sweeps(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """One table from several run folders' ``sweep.csv``: each folder scores ``base`` again, so a
+    task and seed's base rows must agree (same split, same model) and are kept once; any other row
+    found twice is an error (the same method scored in two folders).
+
+    Raises:
+        SystemExit: base rows that disagree, or a method scored twice for one task and seed.
+    """
+    order = {name: i for i, name in enumerate(TASKS)}
+    tables = sorted(tables, key=lambda t: (order.get(t["task"].iloc[0], 99), t["seed"].iloc[0]))
+    merged = pd.concat(tables, ignore_index=True)
+    key = ["task", "seed", "method", "skill"]
+    base = merged[merged["method"] == "base"]
+    spread = base.groupby(key)["score"].agg(lambda s: s.max() - s.min())
+    if (spread > 1e-6).any():
+        raise SystemExit(
+            f"run folders disagree on the base score of {list(spread[spread > 1e-6].index)}: "
+            "they were made with other settings (n, data, model); rerun one of them."
+        )
+    merged = merged[~((merged["method"] == "base") & merged.duplicated(key))]
+    twice = merged[merged.duplicated(key, keep=False)]
+    if len(twice):
+        raise SystemExit(
+            f"{sorted(set(map(tuple, twice[['task', 'seed', 'method']].values.tolist())))} "
+            "scored in two run folders: remove one of them."
+        )
+    return merged.reset_index(drop=True)
+
+
 def summarize(out: Path) -> Path:
     """``summary.csv`` and ``summary.md`` from every task and seed folder's ``sweep.csv``."""
     sweeps = sorted(out.glob("*/seed*/sweep.csv"))
     if not sweeps:
         raise SystemExit(f"no task results under {out} (no */seed*/sweep.csv)")
-    order = {name: i for i, name in enumerate(TASKS)}
-    tables = sorted(
-        (pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in sweeps),
-        key=lambda t: (order.get(t["task"][0], 99), t["seed"][0]),
-    )
-    summary = pd.concat(tables, ignore_index=True)
+    summary = merge_sweeps([pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in sweeps])
     write_text(out / "summary.csv", summary.to_csv(index=False))
     write_text(out / "summary.md", summary_markdown(summary))
     return out / "summary.csv"
@@ -286,9 +328,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--out", default="results/unlearning")
     parser.add_argument("--quiet", action="store_true")
-    parser.add_argument(
-        "--methods", nargs="+", default=["NA", "KSD", "Ellipsoid", "SP", "LUNAR", "SIMU"]
-    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--na-ratios", type=float, nargs="+", default=list(NA_RATIOS))
     parser.add_argument("--xquad-keep", nargs="+", default=None, help="languages kept (XQuAD task)")
     parser.add_argument("--summarize-only", action="store_true")
