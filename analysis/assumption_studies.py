@@ -152,13 +152,31 @@ def claims(folder: Path, study: str) -> str:
                 for task, r in forget.iterrows()
             )
             + f"; kept skills {kept.min():.2f}-{kept.max():.2f}",
-            "yes" if forget["mean"].max() < 0.2 and kept.min() > 0.9 else "partly",
+            _ksd_verdict(ksd),
             "`python analysis/unlearning_study.py`",
         ))  # fmt: skip
     out = ["| the paper's claim (Llama-3-8B) | measured on the default model | verdict | command |",
            "|---|---|---|---|"]  # fmt: skip
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(out) + "\n"
+
+
+def _ksd_verdict(ksd: pd.DataFrame) -> str:
+    """Whether each task and seed meets the claim (forget skill <= 0.2 left, every kept skill
+    >= 0.9): "yes" (all), "no" (none) or "partly" with the count per task."""
+    met = ksd.groupby(["task", "seed"]).apply(
+        lambda g: bool(
+            g.loc[g["role"] == "forget", "relative"].max() <= 0.2
+            and g.loc[g["role"] != "forget", "relative"].min() >= 0.9
+        ),
+        include_groups=False,
+    )
+    if met.all() or not met.any():
+        return "yes" if met.all() else "no"
+    per_task = met.groupby(level="task", sort=False).agg(["sum", "size"])
+    return "partly: " + ", ".join(
+        f"{task} on {r['sum']} of {r['size']} seeds" for task, r in per_task.iterrows()
+    )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from mechunlearn.io import write_text
 from mechunlearn.kernels.bootstrap import wilson_interval
 from mechunlearn.pipeline import RunConfig, load_model_for
 
+from study_cache import load_or_make
+
 VARIANTS = ("plain", "question_prefix", "docstring", "comment", "after_paragraph",
             "multiple_choice", "chat", "numbers_changed")  # fmt: skip
 CONTROLS = ("mbpp", "mmlu", "wikipedia")
@@ -85,12 +87,10 @@ def main() -> None:
     tok = model.tokenizer
 
     def keys(skill, tag: str) -> mu.KeyVectors:  # cached: a rerun resumes
-        path = out / "keys" / f"{tag}.safetensors"
-        if path.exists():
-            return mu.KeyVectors.load(path)
-        k = mu.collect_keys(model, skill, quiet=True)
-        k.save(path)
-        return k
+        return load_or_make(
+            out / "keys" / f"{tag}.safetensors", mu.KeyVectors,
+            lambda: mu.collect_keys(model, skill, quiet=True),
+        )  # fmt: skip
 
     negatives = keys(mu.calibration_skill(), "calibration")
     fit_one = keys(probe, "fit.question_prefix")

@@ -48,19 +48,10 @@ from mechunlearn.evaluation import format_interval
 from mechunlearn.io import read_json, write_json, write_text
 from mechunlearn.pipeline import RunConfig, load_model_for
 
+from study_cache import cached_evaluate, load_or_make
+
 LANGS = ("en", "es", "hi", "de", "zh", "vi", "ar")
 METHODS = ("KSD auto fpr=0.05", "Ellipsoid auto fpr=0.05", "NA tuned")
-
-
-def _load_or(path: Path, cls, make):
-    if path.exists():
-        try:
-            return cls.load(path)
-        except (ValueError, OSError) as err:
-            print(f"{path} is damaged ({err}); computing it again", file=sys.stderr)
-    obj = make()
-    obj.save(path)
-    return obj
 
 
 def main() -> None:
@@ -120,7 +111,7 @@ def main() -> None:
     pre, keys, heldback = {}, {}, {}
     for name, (probe_half, _) in halves.items():
         slug = name.replace(":", "_")
-        keys[name] = _load_or(
+        keys[name] = load_or_make(
             out / "probes" / f"{slug}.keys.safetensors", mu.KeyVectors,
             lambda p=probe_half: mu.collect_keys(model, p, batch_size=args.batch_size, quiet=True),
         )  # fmt: skip
@@ -128,7 +119,7 @@ def main() -> None:
             # NA's statistics come from 3/4 of the probe half; the last 1/4 is held back to
             # choose its ratio (never the scored held-out half).
             stats_part, heldback[name] = probe_half.split(0.25, seed=args.seed)
-            pre[name] = _load_or(
+            pre[name] = load_or_make(
                 out / "probes" / f"{slug}.pre.safetensors", mu.NeuronStats,
                 lambda p=stats_part: mu.collect(model, p, batch_size=args.batch_size, quiet=True),
             )  # fmt: skip
@@ -138,17 +129,11 @@ def main() -> None:
     chunks.mkdir(exist_ok=True)
 
     def scored(name: str, interventions: dict) -> None:
-        """One evaluate call over every held-out skill, cached as ``chunks/<name>.csv`` (scored
-        again if the cached chunk lacks one of ``interventions``)."""
-        path = chunks / f"{name}.csv"
-        if not path.exists() or set(interventions) - set(pd.read_csv(path)["method"]):
-            began = time.perf_counter()
-            table = mu.evaluate(
-                model, held, interventions, batch_size=args.batch_size, quiet=args.quiet,
-                roles=roles, seed=args.seed,
-            )  # fmt: skip
-            write_text(path, table.to_csv(index=False))
-            write_json(chunks / f"{name}.json", {"seconds": time.perf_counter() - began})
+        """One evaluate call over every held-out skill, kept as ``chunks/<name>.csv``."""
+        cached_evaluate(
+            chunks / f"{name}.csv", model, held, lambda: interventions, methods=interventions,
+            batch_size=args.batch_size, quiet=args.quiet, roles=roles, seed=args.seed,
+        )  # fmt: skip
 
     detectors = [m for m in METHODS[:2] if m in args.methods]
     if detectors:
@@ -161,7 +146,7 @@ def main() -> None:
                 strict=True,
             ):  # fmt: skip
                 if method in detectors:
-                    fitted[f"{lang} | {method}"] = _load_or(
+                    fitted[f"{lang} | {method}"] = load_or_make(
                         out / "methods" / f"{lang}.{slug}.safetensors", cls,
                         lambda cls=cls, f=forget, neg=negatives: cls(
                             layers=-1, fpr=0.05, seed=args.seed
@@ -182,7 +167,7 @@ def main() -> None:
 
         began, path = time.perf_counter(), out / "methods" / f"{lang}.na.safetensors"
         fresh = not path.exists()
-        na = _load_or(path, mu.NeuronAdjust, tuned)
+        na = load_or_make(path, mu.NeuronAdjust, tuned)
         if fresh:
             write_json(chunks / f"{lang}.na.tuning.json", {"seconds": time.perf_counter() - began})
         # One chunk per forgotten language (its own bare pass): a stopped study resumes here.

@@ -43,6 +43,8 @@ from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.io import write_text
 from mechunlearn.pipeline import RunConfig, load_model_for
 
+from study_cache import cached_evaluate, load_or_make
+
 TASKS = {
     "gsm8k-vs-mbpp": ("gsm8k", "mbpp"),
     "mbpp-vs-gsm8k": ("mbpp", "gsm8k"),
@@ -59,11 +61,10 @@ def _wiki(n: int, seed: int, data_dir: str) -> mu.Skill:
 
 
 def _stats(model, skill, path: Path, positions: str = "all", batch_size: int = 16):
-    if path.exists():
-        return mu.NeuronStats.load(path)
-    stats = mu.collect(model, skill, positions=positions, batch_size=batch_size, quiet=True)
-    stats.save(path)
-    return stats
+    return load_or_make(
+        path, mu.NeuronStats,
+        lambda: mu.collect(model, skill, positions=positions, batch_size=batch_size, quiet=True),
+    )  # fmt: skip
 
 
 def run(task: str, args, model) -> pd.DataFrame:
@@ -120,15 +121,10 @@ def run(task: str, args, model) -> pd.DataFrame:
     chunks.mkdir(exist_ok=True)
 
     def scored(name: str, grid) -> pd.DataFrame:
-        path = chunks / f"n{args.n}-seed{args.seed}-{name}.csv"
-        if path.exists():
-            return pd.read_csv(path)
-        part = mu.evaluate(
-            model, held, grid(), batch_size=args.batch_size, quiet=args.quiet, roles=roles,
-            seed=args.seed,
+        return cached_evaluate(
+            chunks / f"n{args.n}-seed{args.seed}-{name}.csv", model, held, grid,
+            batch_size=args.batch_size, quiet=args.quiet, roles=roles, seed=args.seed,
         )  # fmt: skip
-        write_text(path, part.to_csv(index=False))
-        return part
 
     parts = [scored(f"ratio={ratio}", lambda ratio=ratio: variants(ratio)) for ratio in args.ratios]
 
@@ -213,7 +209,10 @@ def main() -> None:
         t0 = time.perf_counter()
         table = run(task, args, model)
         minutes = (time.perf_counter() - t0) / 60
-        text = summarize(table) + f"\n{task}: {minutes:.0f} min on this machine.\n"
+        text = summarize(table) + (
+            f"\n{task}: this command took {minutes:.0f} min on this machine (chunks an earlier "
+            "command scored are read back from chunks/, their times in chunks/*.json).\n"
+        )
         write_text(Path(args.out) / task / "summary.md", text)
         print(text)
 
