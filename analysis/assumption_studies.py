@@ -162,15 +162,12 @@ def claims(folder: Path, study: str) -> str:
 
 
 def _ksd_verdict(ksd: pd.DataFrame) -> str:
-    """Whether each task and seed meets the claim (forget skill <= 0.2 left, every kept skill
-    >= 0.9): "yes" (all), "no" (none) or "partly" with the count per task."""
-    met = ksd.groupby(["task", "seed"]).apply(
-        lambda g: bool(
-            g.loc[g["role"] == "forget", "relative"].max() <= 0.2
-            and g.loc[g["role"] != "forget", "relative"].min() >= 0.9
-        ),
-        include_groups=False,
-    )
+    """Whether each task and seed meets the claim (forget skill < 0.2 left, every kept skill
+    > 0.9): "yes" (all), "no" (none) or "partly" with the count per task."""
+    ksd = ksd.assign(seed=ksd["seed"] if "seed" in ksd else 0)
+    forget = ksd[ksd["role"] == "forget"].groupby(["task", "seed"], sort=False)["relative"].max()
+    kept = ksd[ksd["role"] != "forget"].groupby(["task", "seed"], sort=False)["relative"].min()
+    met = (forget < 0.2) & (kept.reindex(forget.index) > 0.9)
     if met.all() or not met.any():
         return "yes" if met.all() else "no"
     per_task = met.groupby(level="task", sort=False).agg(["sum", "size"])

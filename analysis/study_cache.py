@@ -57,9 +57,10 @@ def cached_evaluate(
 ) -> pd.DataFrame:
     """``mu.evaluate(model, skills, interventions(), **evaluate_kwargs)``, kept as ``path``.
 
-    The table is read back from ``path`` on a rerun, unless ``methods`` names one it lacks (then
-    it is scored again). The compute time goes to ``path`` with suffix ``.json``
-    (``{"seconds": ...}``).
+    The table is read back from ``path`` on a rerun, unless ``methods`` names one it lacks or the
+    file does not read back; then ``interventions()`` is scored again and replaces the file (a
+    method only the old file held is dropped). The compute time goes to ``path`` with suffix
+    ``.json`` (``{"seconds": ...}``).
 
     Args:
         path: the CSV.
@@ -67,16 +68,21 @@ def cached_evaluate(
         skills: the held-out skills, ``{name: Skill}``.
         interventions: builds ``{method name: intervention}`` (called only when scoring, so a
             cached chunk costs no fitting).
-        methods: the method names the cached table must hold (default: any cached table does).
+        methods: the method names the cached table must hold (default: any cached table does);
+            a dict's keys count.
         **evaluate_kwargs: passed to :func:`mechunlearn.evaluate` (``roles``, ``seed``, ...).
 
     Returns:
         The table (:func:`mechunlearn.evaluate`'s columns).
     """
+    wanted = {methods} if isinstance(methods, str) else set(methods or ())
     if path.exists():
-        table = pd.read_csv(path, keep_default_na=False, na_values=[""])
-        if not set(methods or ()) - set(table["method"]):
-            return table
+        try:
+            table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+            if not wanted - set(table["method"]):
+                return table
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError) as err:
+            print(f"{path} is damaged ({err!r}); scoring it again", file=sys.stderr)
     began = time.perf_counter()
     table = mu.evaluate(model, skills, interventions(), **evaluate_kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ resumable run folder ``results/unlearning/<task>/seed<k>/`` (probes, fitted meth
 seeds can run as parallel commands, and a subset adds methods beside a finished run. Per folder:
 ``sweep.csv`` (every method x held-out skill with its paired-bootstrap interval) and
 ``tradeoff.png``. Over every folder: ``results/unlearning/summary.csv`` and ``summary.md`` (per
-task: mean +- sd across seeds, and seed 0's 95 % interval; the folders' base rows must agree).
+task: mean +- sd across seeds, and the 95 % interval of the first seed that scored the method).
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ SP_RATIOS = (0.015, 0.05)
 #: Hessian step and ~10 minutes per update on 2 cores; the longest prompt has 317 tokens).
 SIMU_PARAMS = dict(layers=list(range(24, 30)), steps=2, max_steps=10, batch_size=8, max_length=512)
 METHODS = ("NA", "KSD", "Ellipsoid", "SP", "LUNAR", "SIMU")
+
+
+def family(method: str) -> int:
+    """The position of a method's family in :data:`METHODS` (``"base"`` first): the tables'
+    row order, whatever order the run folders were merged in."""
+    name = method.split()[0]
+    return -1 if method == "base" else METHODS.index(name) if name in METHODS else len(METHODS)
 
 
 def run_folder_name(seed: int, methods: list[str]) -> str:
@@ -193,7 +200,8 @@ def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
         keep = [f"xquad:{lang}" for lang in args.xquad_keep]
     config = RunConfig(
         forget=spec["forget"], retain=tuple(keep), general=spec["general"], n=args.n, seed=seed,
-        methods=tuple(args.methods), data_dir=args.data_dir, batch_size=args.batch_size,
+        methods=tuple(m for m in METHODS if m in args.methods), data_dir=args.data_dir,
+        batch_size=args.batch_size,
         quiet=args.quiet, device=args.device,
     )  # fmt: skip
     out = Path(args.out) / name / run_folder_name(seed, args.methods)
@@ -243,12 +251,12 @@ def _cell(values: pd.Series, low: float, high: float) -> str:
 def summary_markdown(summary: pd.DataFrame) -> str:
     """One Markdown table per task: methods as rows, held-out skills as columns (forget first);
     cells ``mean ± sd [low, high]``: mean and sd of relative performance across seeds, and the
-    95 % paired-bootstrap interval of the first seed."""
+    95 % paired-bootstrap interval of the first seed that scored the method (``(k seeds)`` after
+    a cell that fewer seeds than the task's scored)."""
     parts = []
     for task, table in summary.groupby("task", sort=False):
         seeds = sorted(table["seed"].unique())
-        first = table[table["seed"] == seeds[0]].set_index(["method", "skill"])
-        methods = [m for m in dict.fromkeys(table["method"]) if m != "base"]
+        methods = sorted((m for m in dict.fromkeys(table["method"]) if m != "base"), key=family)
         role = table.drop_duplicates("skill").set_index("skill")["role"]
         order = {"forget": 0, "retain": 1, "general": 2}
         skills = sorted(role.index, key=lambda s: (order.get(role[s], 3), s))
@@ -263,8 +271,9 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         for m in methods:
             cells = []
             for s in skills:
-                values = table[(table["method"] == m) & (table["skill"] == s)]["relative"]
-                lo, hi = first.loc[(m, s), ["relative_low", "relative_high"]]
+                rows = table[(table["method"] == m) & (table["skill"] == s)].sort_values("seed")
+                values = rows["relative"]
+                lo, hi = rows[["relative_low", "relative_high"]].iloc[0]
                 short = f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
                 cells.append(_cell(values, lo, hi) + (short if len(values) < len(seeds) else ""))
             parts.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -343,7 +352,10 @@ def main() -> None:
     for name in args.tasks:
         for seed in args.seeds:
             run_task(name, seed, args, model)
-            summarize(Path(args.out))
+            try:  # the summary so far; a folder that does not merge must not stop the next run
+                summarize(Path(args.out))
+            except SystemExit as err:
+                print(f"summary not written: {err}", file=sys.stderr)
     print(f"unlearning study: {Path(args.out) / 'summary.md'} and <task>/seed<k>/tradeoff.png")
 
 

@@ -57,3 +57,9 @@ def test_cached_evaluate_reads_back_and_rescores_a_missing_method(tiny_llama, sk
         path, tiny_llama, skills, lambda: grid(("NA", "NA again")), methods=["NA again"], quiet=True
     )
     assert len(calls) == 2 and set(both["method"]) == {"base", "NA", "NA again"}
+    # A dict's keys name the methods; a damaged file is scored again.
+    cached_evaluate(path, tiny_llama, skills, grid, methods={"NA": na}, quiet=True)
+    assert len(calls) == 2
+    path.write_text("")
+    cached_evaluate(path, tiny_llama, skills, grid, methods={"NA": na}, quiet=True)
+    assert len(calls) == 3

@@ -9,17 +9,27 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "analysis"))
-from unlearning_study import METHODS, merge_sweeps, run_folder_name  # noqa: E402
+from unlearning_study import (  # noqa: E402
+    METHODS,
+    merge_sweeps,
+    run_folder_name,
+    summary_markdown,
+)
 
 
 def sweep(seed: int, methods: list[str], base: float = 0.5) -> pd.DataFrame:
     rows = []
     for skill, role in [("gsm8k", "forget"), ("mbpp", "retain")]:
-        rows.append(dict(task="gsm8k-vs-mbpp", seed=seed, method="base", skill=skill, role=role,
-                         score=base, relative=1.0))  # fmt: skip
+        rows.append(dict(task="gsm8k-vs-mbpp", seed=seed, method="base", skill=skill,
+                         role=role, score=base, relative=1.0, relative_low=1.0,
+                         relative_high=1.0))  # fmt: skip
         for m in methods:
+            rel = 0.5 + seed / 10
             rows.append(dict(task="gsm8k-vs-mbpp", seed=seed, method=m, skill=skill, role=role,
-                             score=base / 2, relative=0.5))  # fmt: skip
+                             score=base * rel, relative=rel, relative_low=rel - 0.05,
+                             relative_high=rel + 0.05))  # fmt: skip
+    for row in rows:
+        row.update(n=4, score_low=0.0, score_high=1.0, chance=0.0)
     return pd.DataFrame(rows)
 
 
@@ -31,11 +41,25 @@ def test_folder_names_tell_subsets_apart():
 
 
 def test_merge_keeps_base_once_and_every_method():
-    merged = merge_sweeps([sweep(0, ["LUNAR auto"]), sweep(0, ["NA ratio=0.03"]), sweep(1, ["NA"])])
+    merged = merge_sweeps(
+        [sweep(1, ["NA ratio=0.03"]), sweep(0, ["LUNAR auto"]), sweep(0, ["NA ratio=0.03"])]
+    )
     seed0 = merged[merged["seed"] == 0]
     assert (seed0["method"] == "base").sum() == 2  # one row per skill, not per folder
     assert set(seed0["method"]) == {"base", "LUNAR auto", "NA ratio=0.03"}
     assert merged["seed"].tolist() == sorted(merged["seed"])
+
+
+def test_summary_rows_in_family_order_with_each_methods_own_first_seed():
+    merged = merge_sweeps(
+        [sweep(0, ["LUNAR auto"]), sweep(1, ["NA ratio=0.03"]), sweep(2, ["NA ratio=0.03"])]
+    )
+    lines = summary_markdown(merged).splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "method" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| NA ratio=0.03", "| LUNAR auto"]
+    # NA: mean and sd of seeds 1 and 2 (0.6, 0.7), the interval of seed 1, two of three seeds.
+    assert "| 0.65 ± 0.07 [0.55, 0.65] (2 seeds) |" in rows[0]
+    assert "| 0.50 [0.45, 0.55] (1 seed) |" in rows[1]
 
 
 def test_merge_rejects_disagreeing_base_scores():
