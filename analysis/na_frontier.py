@@ -23,9 +23,9 @@ Usage:
 
 Writes ``results/na_frontier/<task>/``: ``frontier.csv`` (every setting x skill), ``frontier.png``
 and ``summary.md`` (the best setting of each variant, and whether any meets forget <= 0.5 with every
-kept skill >= 0.9); ``chunks/`` holds each ratio's scores as soon as they are measured (a rerun
-reads them instead of scoring again), ``stats/`` the statistics and ``auto_tuning.csv`` NA auto's
-choice.
+kept skill >= 0.9); ``chunks/`` holds each ratio's scores as soon as they are measured, with
+their compute time (a rerun reads them instead of scoring again), ``stats/`` the statistics and
+``auto_tuning.csv`` NA auto's choice.
 """
 
 from __future__ import annotations
@@ -211,7 +211,8 @@ def main() -> None:
         minutes = (time.perf_counter() - t0) / 60
         text = summarize(table) + (
             f"\n{task}: this command took {minutes:.0f} min on this machine (chunks an earlier "
-            "command scored are read back from chunks/, their times in chunks/*.json).\n"
+            "command scored are read back from chunks/, not timed here; each chunk's compute time "
+            "is in chunks/<chunk>.json when it was recorded).\n"
         )
         write_text(Path(args.out) / task / "summary.md", text)
         print(text)
