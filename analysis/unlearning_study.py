@@ -264,7 +264,8 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         seed_list = ", ".join(map(str, seeds))
         parts.append(
             f"**{task}** ({n} held-out examples per skill and seed; seeds {seed_list}; "
-            f"cells: mean ± sd over seeds [95 % interval of seed {seeds[0]}])\n"
+            "cells: mean ± sd over seeds [95 % interval of the first seed that scored the "
+            f"method, seed {seeds[0]} unless marked])\n"
         )
         parts.append("| method | " + " | ".join(f"{s} ({role[s]})" for s in skills) + " |")
         parts.append("|---" * (len(skills) + 1) + "|")
