@@ -201,8 +201,7 @@ def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
     config = RunConfig(
         forget=spec["forget"], retain=tuple(keep), general=spec["general"], n=args.n, seed=seed,
         methods=tuple(m for m in METHODS if m in args.methods), data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        quiet=args.quiet, device=args.device,
+        batch_size=args.batch_size, quiet=args.quiet, device=args.device,
     )  # fmt: skip
     out = Path(args.out) / name / run_folder_name(seed, args.methods)
     folder = RunFolder(out, config)
