@@ -20,13 +20,15 @@ from typing import Any, TypeVar
 import pandas as pd
 
 import mechunlearn as mu
+from mechunlearn import io
 from mechunlearn.io import write_json, write_text
 
 T = TypeVar("T")
 
 
 def load_or_make(path: Path, cls: Any, make: Callable[[], T]) -> T:
-    """``cls.load(path)`` when ``path`` exists and reads back, else ``make()`` saved to ``path``.
+    """``cls.load(path)`` when ``path`` exists and reads back, else ``make()`` saved to ``path``
+    (:func:`mechunlearn.io.load_or_make` with the class's own ``load`` and ``save``).
 
     Args:
         path: where the object is kept.
@@ -36,15 +38,7 @@ def load_or_make(path: Path, cls: Any, make: Callable[[], T]) -> T:
     Returns:
         The loaded or the new object.
     """
-    if path.exists():
-        try:
-            return cls.load(path)
-        except (ValueError, OSError) as err:
-            print(f"{path} is damaged ({err}); computing it again", file=sys.stderr)
-    obj = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj.save(path)
-    return obj
+    return io.load_or_make(path, cls.load, make, lambda obj, p: obj.save(p))
 
 
 def cached_evaluate(

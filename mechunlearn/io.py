@@ -94,6 +94,37 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def load_or_make(
+    path: str | Path,
+    load: Callable[[Path], Any],
+    make: Callable[[], Any],
+    save: Callable[[Any, Path], Any],
+) -> Any:
+    """``load(path)`` if the file exists and reads back; else ``make()``, saved by ``save``.
+
+    A damaged file (:class:`DamagedFileError`, or any ``ValueError``/``OSError`` on reading) is
+    named in a warning and made again, so a cache of results resumes instead of failing.
+
+    Args:
+        path: where the object is kept.
+        load: reads it, e.g. ``NeuronStats.load``.
+        make: computes it.
+        save: ``save(obj, path)`` writes it, e.g. ``NeuronStats.save``.
+
+    Returns:
+        The loaded or the new object.
+    """
+    path = Path(path)
+    if path.exists():
+        try:
+            return load(path)
+        except (ValueError, OSError) as err:  # DamagedFileError is a ValueError
+            warnings.warn(f"{path} is damaged ({err}); computing it again.", stacklevel=2)
+    obj = make()
+    save(obj, path)
+    return obj
+
+
 def read_json(path: str | Path, what: str = "file") -> Any:
     """Read a JSON file; a damaged one raises :class:`DamagedFileError` naming it."""
     path = Path(path)

@@ -47,7 +47,7 @@ from typing import Any
 
 from . import distributed
 from ._version import __version__
-from .io import DamagedFileError, read_json, write_json, write_text
+from .io import DamagedFileError, load_or_make, read_json, write_json, write_text
 from .validation import check_choice, check_fraction, check_int, check_probability
 
 MARKER = ".mechunlearn-report.json"
@@ -391,21 +391,19 @@ class RunFolder:
     ) -> Any:
         """``load(path)`` if a saved artefact exists and reads back; else ``make()`` and save it.
 
-        A damaged artefact is named in a warning and made again.
+        A damaged artefact is named in a warning and made again
+        (:func:`mechunlearn.io.load_or_make`).
         """
-        path = self.out / rel
-        if path.exists():
-            try:
-                return load(path)
-            except (DamagedFileError, ValueError, OSError) as err:
-                warnings.warn(f"{path} is damaged ({err}); computing it again.", stacklevel=2)
-        if timer:
+
+        def made() -> Any:
+            if not timer:
+                return make()
             with self.timer(timer):
-                obj = make()
-        else:
-            obj = make()
-        self.write(rel, lambda p: save(obj, p))
-        return obj
+                return make()
+
+        return load_or_make(
+            self.out / rel, load, made, lambda obj, _: self.write(rel, lambda p: save(obj, p))
+        )
 
 
 def _few(names: Sequence[str], k: int = 3) -> str:
