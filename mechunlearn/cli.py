@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
+import json
 import os
 import platform
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from .pipeline import MARKER, METHODS, STAGES, PipelineError, RunConfig, run
+from .interventions import methods as registered_methods
+from .pipeline import DEFAULT_METHODS, MARKER, STAGES, PipelineError, RunConfig, run
 
-__all__ = ["MARKER", "main", "config_from_args", "parser"]
+__all__ = ["MARKER", "main", "config_from_args", "method_settings", "parse_setting", "parser"]
 
 _DEFAULT = RunConfig()
 
@@ -36,15 +40,22 @@ def parser() -> argparse.ArgumentParser:
     add("--general", default=_DEFAULT.general, help="general-knowledge skill ('none' for none)")
     add("--n", type=int, default=_DEFAULT.n,
         help="examples per skill for probing, and as many held out for scoring")  # fmt: skip
-    add("--methods", nargs="+", default=list(_DEFAULT.methods), choices=METHODS,
-        help="methods to fit and score (default: %(default)s)")  # fmt: skip
+    names = [spec.name for spec in registered_methods()]
+    add("--methods", nargs="+", default=None, metavar="NAME",
+        help=f"methods to fit and score, with their default settings: {', '.join(names)} "
+        f"(default: {' '.join(DEFAULT_METHODS)})")  # fmt: skip
+    add("--method", nargs="+", action="append", default=[], metavar=("NAME", "SETTING=VALUE"),
+        help="a method and its settings (the estimator's constructor arguments), e.g. "
+        "--method NA ratio=0.05 --method LUNAR layer=8; values are JSON (numbers, lists, "
+        "true, null) or plain text. Repeat for several methods. Without --methods, the run "
+        "fits exactly the methods named here")  # fmt: skip
+    add("--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="a Python module to import first, e.g. one that registers your own method with "
+        "mechunlearn.register_method (repeatable)")  # fmt: skip
     add("--device", default=None, help="auto, cpu, cuda, cuda:1, mps (default: auto)")
     add("--dtype", default=_DEFAULT.dtype, help="float32, bfloat16, float16, float64")
     add("--mmlu-format", default=_DEFAULT.mmlu_format, choices=("text", "letter"),
         help="score MMLU on the correct choice's text (default) or its letter")  # fmt: skip
-    add("--na-ratio", type=float, default=_DEFAULT.na_ratio, help="Neuron Adjust's ratio")
-    add("--ksd-fpr", type=float, default=_DEFAULT.ksd_fpr, help="KSD's false-positive cap")
-    add("--sp-ratio", type=float, default=_DEFAULT.sp_ratio, help="Selective Pruning's ratio")
     add("--out", default="report", help="output folder (default: %(default)s)")
     add("--seed", type=int, default=_DEFAULT.seed)
     add("--data-dir", default=None, help="local benchmark folder (default: $MECHUNLEARN_DATA)")
@@ -65,6 +76,39 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``"ratio=0.05"`` -> ``("ratio", 0.05)``: the value read as JSON, else kept as text.
+
+    Raises:
+        PipelineError: no ``=``, or an empty name.
+
+    Example:
+        >>> parse_setting("layers=[28, 29]"), parse_setting("layer=auto")
+        (('layers', [28, 29]), ('layer', 'auto'))
+    """
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise PipelineError(
+            f"A method setting is NAME=VALUE (e.g. ratio=0.05), got {text!r}: check the "
+            "arguments after --method NAME."
+        )
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return name.strip(), parsed
+
+
+def method_settings(chosen: Sequence[str] | None, given: Sequence[Sequence[str]]) -> dict:
+    """``RunConfig.methods`` from ``--methods`` (names) and each ``--method NAME k=v ...``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in chosen if chosen is not None else ([] if given else DEFAULT_METHODS):
+        out[name] = {}
+    for name, *settings in given:
+        out.setdefault(name, {}).update(parse_setting(s) for s in settings)
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The :class:`RunConfig` the parsed arguments describe."""
     general = None if str(args.general).lower() in ("none", "") else args.general
@@ -77,10 +121,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         seed=args.seed,
         dtype=args.dtype,
         mmlu_format=args.mmlu_format,
-        methods=tuple(args.methods),
-        na_ratio=args.na_ratio,
-        ksd_fpr=args.ksd_fpr,
-        sp_ratio=args.sp_ratio,
+        methods=method_settings(args.methods, args.method),
         device=args.device,
         data_dir=args.data_dir,
         batch_size=args.batch_size,
@@ -129,6 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import distributed
 
     try:
+        for module in args.imports:
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise PipelineError(
+                    f"--import {module}: {err} (is the module on PYTHONPATH?)"
+                ) from None
         config = config_from_args(args)
         if args.n < 4:
             raise PipelineError("--n must be at least 4 (each skill is split in halves).")

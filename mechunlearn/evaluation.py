@@ -15,12 +15,14 @@ Two metric families (docs/methods.md, "Evaluation"):
 
 **No work twice.** :func:`evaluate` runs each skill's bare forward once and each
 output-changing method's forward once; a pass stops at the final residual stream and unembeds
-only the positions that are scored. Detectors (``changes_outputs = False``) only watch: every
-prompt they let through gets the bare model's answer, so each is scored as the bare model's
+only the positions that are scored. Detectors (:class:`~mechunlearn.interventions.Detector`)
+only watch: every prompt they let through gets the bare model's answer, so each is scored as
+the bare model's
 per-example results with its abstentions zeroed, its key vectors read during the bare pass (at
 the last prompt token, no extra pass). An abstained example scores 0 (its answer tokens count
-as wrong) and is left out of the NLL. Methods that edit weights (``applies_by = "weights"``,
-e.g. SIMU) are scored inside their ``apply_to_weights`` context.
+as wrong) and is left out of the NLL. Methods that edit weights
+(:class:`~mechunlearn.interventions.WeightIntervention`, e.g. SIMU) are scored inside their
+``apply_to_weights`` context.
 
 **Uncertainty.** Every score and every relative performance (after / before) carries a 95 %
 interval from a paired bootstrap over examples (:mod:`mechunlearn.kernels.bootstrap`: after and
@@ -59,6 +61,7 @@ from .batching import check_batching, forward_until, iter_batches, tokenize_exam
 from .collect import as_skill
 from .data import Skill, gsm8k_few_shot_prompts, mmlu_few_shot_prompts, special_token_flags
 from .generation import greedy_generate
+from .interventions.base import Detector, WeightIntervention
 from .kernels.bootstrap import N_BOOT, paired_ratio_interval, ratio_interval
 from .models import check_model, model_device
 from .sites import hook_name
@@ -147,27 +150,27 @@ def _check_intervention(name: str, iv: Any) -> None:
 
 def abstentions(model, intervention, prompts: Sequence[str], batch_size: int = 16) -> np.ndarray:
     """Which prompts ``intervention`` abstains on (all False for one that never abstains)."""
-    if intervention is None or not hasattr(intervention, "detect"):
+    if not isinstance(intervention, Detector):
         return np.zeros(len(prompts), dtype=bool)
     detection = intervention.detect(model, list(prompts), batch_size=batch_size)
     return detection.detected.cpu().numpy().astype(bool)
 
 
 def _changes_outputs(intervention) -> bool:
-    return intervention is not None and getattr(intervention, "changes_outputs", True)
+    return intervention is not None and not isinstance(intervention, Detector)
 
 
 @contextlib.contextmanager
 def applied(model, intervention):
     """Run the block with ``intervention`` applied; yields the hooks to pass to each forward.
 
-    Hooks for most methods (yielded, not attached); a weight edit for methods that apply by
-    editing weights (``applies_by == "weights"``), undone on exit even after an exception; nothing
-    for detectors, whose hooks only watch.
+    Hooks for most methods (yielded, not attached); a weight edit for a
+    :class:`~mechunlearn.interventions.WeightIntervention`, undone on exit even after an
+    exception; nothing for detectors, whose hooks only watch.
     """
     if not _changes_outputs(intervention):
         yield []
-    elif getattr(intervention, "applies_by", "hooks") == "weights":
+    elif isinstance(intervention, WeightIntervention):
         with intervention.apply_to_weights(model):
             yield []
     else:
@@ -567,11 +570,11 @@ def evaluate(
     detectors = {
         m: iv
         for m, iv in interventions.items()
-        if not _changes_outputs(iv) and hasattr(iv, "detect_keys")
+        if isinstance(iv, Detector) and iv.key_layers() is not None
     }
     for iv in detectors.values():
         iv.check_model(model)
-    key_layers = sorted({layer for iv in detectors.values() for layer in iv.layers_})
+    key_layers = sorted({layer for iv in detectors.values() for layer in iv.key_layers()})
     rows = []
     bar = tqdm(
         total=len(named) * len(methods), desc="evaluate",

@@ -2,11 +2,23 @@
 
 Used by the generation protocols of :mod:`mechunlearn.evaluation` and by
 :meth:`KeySpaceDetector.generate <mechunlearn.interventions.KeyRegionDetector.generate>`.
+
+**The key-value cache.** ``model.generate`` reuses the keys and values of earlier positions
+(``use_past_kv_cache=True``, TransformerLens's default). With transformer-lens 4.3 and
+transformers 5.24 or newer that cache is silently empty: transformers renamed the attention
+modules' ``past_key_values`` argument to ``cache``, and the bridge's attention components only
+read the old name, so every step after the first attends to itself alone and greedy generation
+is garbage (``' ---------'`` for "What is 17 * 3?" on the default model). ``pyproject.toml``
+therefore asks for ``transformers<5.24``; and before its first generation on a model,
+:func:`kv_cache_agrees` compares three cached steps with three uncached ones, and where they
+differ mechunlearn generates without the cache (one full forward per new token), with a warning.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +27,72 @@ from torch import Tensor
 
 from .batching import check_batching, pad_batch, tokenize_examples
 from .models import model_device
+
+_CACHE_AGREES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Token ids of the check's prompt (any ids the vocabulary holds; special ones are avoided).
+_CHECK_IDS = (10, 11, 12, 13, 14, 15, 16, 17)
+
+
+def kv_cache_agrees(model, steps: int = 3, rtol: float = 1e-3) -> bool:
+    """Whether ``model.generate`` gives the same greedy steps with and without its key-value
+    cache (checked once per model, then remembered).
+
+    Three greedy steps from a fixed 8-token prompt, cached and uncached: the logits of every
+    step must agree to ``rtol`` of their scale (the token ids where ``generate`` returns no
+    logits). Any hooks attached to the model run in both; :func:`greedy_generate` checks before
+    attaching its own.
+
+    Args:
+        model: a TransformerBridge or HookedTransformer.
+        steps: generation steps compared.
+        rtol: tolerance relative to the largest absolute logit.
+
+    Returns:
+        True where the cache can be used (also when ``generate`` has no cache to choose).
+
+    Example:
+        >>> kv_cache_agrees(model)
+        True
+    """
+    params = inspect.signature(model.generate).parameters
+    if "use_past_kv_cache" not in params:
+        return True
+    known = _CACHE_AGREES.get(model)
+    if known is not None:
+        return known
+    vocab = int(model.cfg.d_vocab)
+    tokens = torch.tensor([[i % vocab for i in _CHECK_IDS]], device=model_device(model))
+    kwargs: dict[str, Any] = {"max_new_tokens": steps, "do_sample": False, "verbose": False,
+                              "stop_at_eos": False, "return_type": "tokens"}  # fmt: skip
+    logits = "output_logits" in params
+    if logits:
+        kwargs["output_logits"] = True
+    with torch.inference_mode():
+        cached = model.generate(tokens, use_past_kv_cache=True, **kwargs)
+        plain = model.generate(tokens, use_past_kv_cache=False, **kwargs)
+    if logits:
+        a, b = torch.stack(list(cached.logits)), torch.stack(list(plain.logits))
+        scale = b.abs().max().clamp_min(1e-6)
+        agrees = bool(((a - b).abs().max() <= rtol * scale).item())
+    else:
+        agrees = torch.equal(cached, plain)
+    if not agrees:
+        from importlib.metadata import version
+
+        import transformers
+
+        warnings.warn(
+            "model.generate's key-value cache gives other tokens than generation without it on "
+            f"this model (transformer-lens {version('transformer-lens')}, transformers "
+            f"{transformers.__version__}: the bridge's attention ignores transformers' renamed "
+            "`cache` argument from 5.24 on). mechunlearn generates without the cache (one full "
+            "forward per new token, slower for long continuations); `pip install "
+            "'transformers<5.24'` restores it. Call model.generate(..., "
+            "use_past_kv_cache=False) yourself for the same reason.",
+            stacklevel=3,
+        )
+    _CACHE_AGREES[model] = agrees
+    return agrees
 
 
 def generate_from_tokens(
@@ -25,7 +103,8 @@ def generate_from_tokens(
     ``model.generate`` gets the attention mask where it takes one (TransformerBridge); a legacy
     HookedTransformer infers it from left-padded pad tokens, used only where it would infer
     exactly this mask, else one prompt at a time. Each continuation is decoded without the
-    prompt and cut at the first stop token (unless ``stop_at_eos=False``).
+    prompt and cut at the first stop token (unless ``stop_at_eos=False``). The key-value cache
+    is used where :func:`kv_cache_agrees` (unless ``use_past_kv_cache`` is passed).
 
     Args:
         model: the model (any hooks attached to it run at every step).
@@ -44,6 +123,8 @@ def generate_from_tokens(
     mask = batch.attention_mask.to(tokens.device)
     params = inspect.signature(model.generate).parameters
     kwargs = {**kwargs, "max_new_tokens": max_new_tokens, "return_type": "tokens"}
+    if "use_past_kv_cache" in params and "use_past_kv_cache" not in kwargs:
+        kwargs["use_past_kv_cache"] = kv_cache_agrees(model)
     if "attention_mask" in params:
         out = model.generate(tokens, attention_mask=mask, **kwargs)
         new = [row[tokens.shape[1] :] for row in out]
@@ -121,6 +202,7 @@ def greedy_generate(
         (2, True)
     """
     check_batching(batch_size)
+    kv_cache_agrees(model)  # checked on the bare model, before the hooks are attached
     items = tokenize_examples(model, list(prompts), [""] * len(prompts), None, special_tokens)
     out: list[str] = []
     with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):

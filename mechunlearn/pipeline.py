@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -48,58 +49,93 @@ from typing import Any
 from . import distributed
 from ._version import __version__
 from .io import DamagedFileError, load_or_make, read_json, write_json, write_text
-from .validation import check_choice, check_fraction, check_int, check_probability
+from .validation import check_choice, check_int
 
 MARKER = ".mechunlearn-report.json"
 LOCK = ".mechunlearn.lock"
 CONFIG = "config.json"
 STAGES = ("collect", "analyze", "unlearn", "evaluate")
-METHODS = ("NA", "KSD", "Ellipsoid", "SP", "LUNAR", "SIMU")
-"""Methods a run can fit: Neuron Adjust, Key Space Detection, the ellipsoid detector,
-Selective Pruning, LUNAR and SIMU."""
-METHOD_NAMES = {
-    "NA": "NeuronAdjust",
-    "KSD": "KeySpaceDetection",
-    "Ellipsoid": "EllipsoidDetection",
-    "SP": "SelectivePruning",
-    "LUNAR": "Lunar",
-    "SIMU": "Simu",
-}
-"""How each method is named in tables (full names: a CSV reader takes "NA" for missing)."""
+DEFAULT_METHODS = ("NA", "KSD", "SP")
+"""The methods a run fits when none are named: the paper's comparison (a few minutes on 2 CPU
+cores). Every registered method can run (:func:`mechunlearn.methods`)."""
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 CALIBRATION = "calibration"
 """The probe role of :func:`mechunlearn.calibration_skill`'s keys (the detectors' negatives)."""
+_KEY_FORMAT = 4
+"""Bumped when the resume key's content changes (4: per-method settings from the registry)."""
+#: The flat method settings of mechunlearn 0.2's RunConfig: ``{field: (method, setting)}``.
+_LEGACY_SETTINGS = {
+    "na_ratio": (("NA",), "ratio"),
+    "na_score": (("NA",), "score"),
+    "na_mode": (("NA",), "mode"),
+    "ksd_fpr": (("KSD", "Ellipsoid"), "fpr"),
+    "sp_ratio": (("SP",), "ratio"),
+    "lunar_layer": (("LUNAR",), "layer"),
+    "lunar_coef": (("LUNAR",), "coef"),
+    "simu_threshold": (("SIMU",), "threshold"),
+    "simu_gamma": (("SIMU",), "gamma"),
+    "simu_max_steps": (("SIMU",), "max_steps"),
+}
 
 
 class PipelineError(Exception):
     """A problem with the run's settings or folder, reported in one line without a traceback."""
 
 
+def _method_settings(methods: Any) -> dict[str, dict[str, Any]]:
+    """``{name: {setting: value}}`` from a mapping, or from a sequence of names (no settings)."""
+    if isinstance(methods, Mapping):
+        out = {}
+        for name, settings in methods.items():
+            if settings is None:
+                settings = {}
+            if not isinstance(settings, Mapping):
+                raise PipelineError(
+                    f"methods[{name!r}] must be a mapping of settings such as {{'ratio': 0.03}}, "
+                    f"got {settings!r}."
+                )
+            out[name] = dict(settings)
+        return out
+    if isinstance(methods, str) or not isinstance(methods, Sequence):
+        raise PipelineError(
+            f"methods must be a list of method names or a mapping {{name: settings}}, got "
+            f"{methods!r}."
+        )
+    return {name: {} for name in methods}
+
+
 # ------------------------------------------------------------------------------------ config
 @dataclass(frozen=True)
 class RunConfig:
-    """Every setting of a run: skills, sizes, seed and each method's hyperparameters.
+    """Every setting of a run: skills, sizes, seed and each method's settings.
 
-    ``methods`` defaults to the paper's comparison, NA, KSD and SP (a few minutes on 2 CPU
-    cores); LUNAR and SIMU train on the model and take longer (``methods=(..., "LUNAR",
-    "SIMU")``, ``--methods`` on the command line). The methods' settings are the estimators'
-    own (``na_*`` for :class:`NeuronAdjust`; ``ksd_fpr`` for both detectors, which keep their
-    default layers and rule and calibrate on every other probed skill plus
-    :func:`mechunlearn.calibration_skill`; ``sp_ratio``; ``lunar_*``; ``simu_*``);
-    ``lunar_layer="auto"`` tries every third layer.
+    ``methods`` maps each method's registered name (:func:`mechunlearn.methods`) to its
+    settings, the estimator's constructor arguments: ``{"NA": {"ratio": 0.03}, "LUNAR":
+    {"layer": 8}}``; a list of names takes each method's defaults. The default is the paper's
+    comparison, NA, KSD and SP (a few minutes on 2 CPU cores); LUNAR and SIMU train on the
+    model and take longer. Where a method's constructor takes a ``seed`` and its settings do
+    not, the run's ``seed`` is used. The detectors calibrate on every other probed skill plus
+    :func:`mechunlearn.calibration_skill`.
 
     Saved as ``config.json`` in the output folder. Settings that change results make the
-    resume key (:meth:`key`); ``device``, ``data_dir``, ``batch_size`` and ``quiet`` do not.
-    Validated as a whole by :meth:`validate` before any work.
+    resume key (:meth:`key`; each method's settings resolved to every constructor argument);
+    ``device``, ``data_dir``, ``batch_size`` and ``quiet`` do not. Validated as a whole by
+    :meth:`validate` before any work. A ``config.json`` of mechunlearn 0.2 (flat settings such
+    as ``na_ratio``) loads with :meth:`from_json`, and its folder resumes.
 
     Example:
         >>> cfg = RunConfig(forget="gsm8k", retain=("mbpp",), general="mmlu", n=32)
+        >>> list(cfg.methods)
+        ['NA', 'KSD', 'SP']
         >>> len(cfg.key())                                   # a 16-hex-digit hash
         16
         >>> cfg.key() == dataclasses.replace(cfg, device="cuda").key()   # not result-relevant
         True
-        >>> cfg.key() == dataclasses.replace(cfg, n=64).key()
+        >>> cfg.key() == RunConfig(forget="gsm8k", retain=("mbpp",), general="mmlu", n=32,
+        ...                        methods={"NA": {"ratio": 0.05}, "KSD": {}, "SP": {}}).key()
         False
+        >>> cfg.setting("NA", "ratio")
+        0.03
     """
 
     model: str | None = None
@@ -110,17 +146,9 @@ class RunConfig:
     seed: int = 0
     dtype: str = "float32"
     mmlu_format: str = "text"
-    methods: tuple[str, ...] = ("NA", "KSD", "SP")
-    na_ratio: float = 0.03
-    na_score: str = "mean_diff"
-    na_mode: str = "reflect"
-    ksd_fpr: float = 0.001
-    sp_ratio: float = 0.015
-    lunar_layer: str | int = "auto"
-    lunar_coef: float = 2.0
-    simu_threshold: float = 0.3
-    simu_gamma: float = 2.0
-    simu_max_steps: int = 10
+    methods: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: {m: {} for m in DEFAULT_METHODS}
+    )
     separation_metric: str = "cohens_d"
     n_boot: int = 2000
     # Not part of the resume key:
@@ -131,34 +159,74 @@ class RunConfig:
 
     _NOT_KEYED = ("device", "data_dir", "batch_size", "quiet")
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", _method_settings(self.methods))
+        if isinstance(self.retain, str):
+            object.__setattr__(self, "retain", (self.retain,))
+        else:
+            object.__setattr__(self, "retain", tuple(self.retain))
+
+    def spec(self, method: str):
+        """The registration of ``method`` (:class:`~mechunlearn.interventions.MethodSpec`)."""
+        from .interventions import get_method
+
+        try:
+            return get_method(method)
+        except ValueError as err:
+            raise PipelineError(str(err)) from None
+
+    def make(self, method: str):
+        """The unfitted estimator of ``method`` with this run's settings and seed."""
+        try:
+            return self.spec(method).make(self.methods.get(method), seed=self.seed)
+        except (TypeError, ValueError) as err:
+            raise PipelineError(str(err)) from None
+
+    def setting(self, method: str, name: str) -> Any:
+        """One setting of ``method`` as the run uses it (the user's, else the run default)."""
+        return {**self.spec(method).settings(), **self.methods.get(method, {})}[name]
+
     def settings(self) -> dict[str, Any]:
-        """The result-relevant settings (what the resume key hashes)."""
+        """The result-relevant settings (what the resume key hashes); each method's settings
+        resolved to every constructor argument."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NOT_KEYED}
         out["model"] = self.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
         out["retain"] = list(self.retain)
-        out["methods"] = list(self.methods)
-        return out
+        out["methods"] = {m: self.make(m).get_params() for m in self.methods}
+        return json.loads(json.dumps(out, default=repr))
 
     def key(self) -> str:
         """The resume key: a hash of :meth:`settings` and the file format."""
-        blob = json.dumps({"settings": self.settings(), "format": 3}, sort_keys=True)
+        blob = json.dumps({"settings": self.settings(), "format": _KEY_FORMAT}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["retain"], out["methods"] = list(self.retain), list(self.methods)
+        out["retain"] = list(self.retain)
+        out["methods"] = {m: dict(s) for m, s in self.methods.items()}
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunConfig:
+        """A config from :meth:`to_json`'s dict, or from mechunlearn 0.2's (flat method
+        settings such as ``na_ratio`` become ``methods={"NA": {"ratio": ...}}``)."""
+        data = dict(data)
+        legacy = {k: data.pop(k) for k in list(data) if k in _LEGACY_SETTINGS}
+        if legacy or isinstance(data.get("methods"), (list, tuple)):
+            methods = _method_settings(data.get("methods", DEFAULT_METHODS))
+            for key, value in legacy.items():
+                names, setting = _LEGACY_SETTINGS[key]
+                for name in names:
+                    if name in methods:
+                        methods[name][setting] = value
+            data["methods"] = methods
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             warnings.warn(f"config: unknown settings {unknown} ignored.", stacklevel=2)
         kw = {k: v for k, v in data.items() if k in names}
-        for k in ("retain", "methods"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
+        if "retain" in kw:
+            kw["retain"] = tuple(kw["retain"])
         return cls(**kw)
 
     def validate(self) -> RunConfig:
@@ -170,39 +238,20 @@ class RunConfig:
             check_int("n_boot", self.n_boot, min_val=1)
             check_choice(self.dtype, DTYPES, "dtype")
             check_choice(self.mmlu_format, ("text", "letter"), "mmlu_format")
-            check_fraction("na_ratio", self.na_ratio)
-            check_fraction("sp_ratio", self.sp_ratio)
-            check_probability("ksd_fpr", self.ksd_fpr)
-            check_probability("simu_threshold", self.simu_threshold)
-            check_int("simu_max_steps", self.simu_max_steps, min_val=1)
-            check_choice(self.na_mode, ("reflect", "map"), "na_mode")
             if not self.methods:
-                raise ValueError("methods is empty: choose among " + ", ".join(METHODS) + ".")
+                from .interventions import methods
+
+                names = ", ".join(m.name for m in methods())
+                raise ValueError(f"methods is empty: choose among {names}.")
             for m in self.methods:
-                check_choice(m, METHODS, "method")
-            if len(set(self.methods)) != len(self.methods):
-                raise ValueError(f"methods repeat: {list(self.methods)}.")
+                self.make(m)  # the name is registered; the constructor checks the settings
             if not self.retain:
                 raise ValueError("retain is empty: name at least one skill to keep.")
             names = [self.forget, *self.retain] + ([self.general] if self.general else [])
             if len(set(names)) != len(names):
                 raise ValueError(f"a skill appears twice among forget/retain/general: {names}.")
-            if self.lunar_layer != "auto":
-                check_int("lunar_layer", self.lunar_layer, min_val=None)
-            # The estimators' own constructors check the rest of their settings (one place).
-            from . import interventions as iv
-
-            for prefix, make in (
-                ("lunar_", lambda: iv.Lunar(layer=self.lunar_layer, coef=self.lunar_coef)),
-                ("simu_", lambda: iv.Simu(threshold=self.simu_threshold, gamma=self.simu_gamma)),
-            ):
-                try:
-                    make()
-                except (TypeError, ValueError) as err:
-                    raise type(err)(f"{prefix}{err}") from None
             from .kernels.separation import METRICS
 
-            check_choice(self.na_score, METRICS, "na_score")
             check_choice(self.separation_metric, METRICS, "separation_metric")
             from .models import check_device
 
@@ -306,7 +355,7 @@ class RunFolder:
                     f"{self.out} is not a mechunlearn report (it holds {_few(foreign)}, which "
                     "mechunlearn did not write): choose another --out."
                 )
-        elif marker.get("key") != self.config.key() and listed:
+        elif not _same_run(marker, self.config) and listed:
             if not self.force:
                 old = marker.get("settings", {})
                 new = self.config.settings()
@@ -327,7 +376,7 @@ class RunFolder:
                 if sub.is_dir() and not any(sub.iterdir()):
                     sub.rmdir()
             listed = set()
-        elif marker.get("key") == self.config.key():
+        elif _same_run(marker, self.config):
             self.files = [f for f in marker.get("files", []) if (self.out / f).exists()]
             self.timings = dict(marker.get("timings", {}))
         write_json(self.out / CONFIG, self.config.to_json())
@@ -404,6 +453,22 @@ class RunFolder:
         return load_or_make(
             self.out / rel, load, made, lambda obj, _: self.write(rel, lambda p: save(obj, p))
         )
+
+
+def _same_run(marker: Mapping[str, Any], config: RunConfig) -> bool:
+    """Whether a folder's marker records a run of ``config``: the same resume key, or a marker
+    of mechunlearn 0.2 (flat method settings) whose settings convert to this config's."""
+    if marker.get("key") == config.key():
+        return True
+    old = marker.get("settings")
+    if not (isinstance(old, Mapping) and set(old) & set(_LEGACY_SETTINGS)):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return RunConfig.from_json(old).key() == config.key()
+    except (PipelineError, TypeError, ValueError):
+        return False
 
 
 def _few(names: Sequence[str], k: int = 3) -> str:
@@ -529,7 +594,7 @@ def probe(config: RunConfig, model, skills: Skills, folder: RunFolder) -> Probes
         role: (skill, ("keys",) if role == "general" else ("pre", "keys", "importance"))
         for role, skill in skills.probed().items()
     }
-    if {"KSD", "Ellipsoid"} & set(config.methods):  # the detectors' shipped negatives
+    if any(config.spec(m).fits_on == "keys" for m in config.methods):  # detectors' negatives
         from .data import calibration_skill
 
         jobs[CALIBRATION] = (calibration_skill(), ("keys",))
@@ -592,6 +657,7 @@ def analyze(config: RunConfig, probes: Probes, skills: Skills, folder: RunFolder
             "correlated, so they reject more often than for independent draws.",
         )
     with folder.timer("analyze separation"):
+        na_ratio = config.setting("NA", "ratio")
         sep = separation(probes.pre["forget"], probes.pre[retain], metric=config.separation_metric)
         table(sep.top(k=200), "separation_top200", index=False)
         table(sep.layer_summary(), "separation_by_layer")
@@ -602,10 +668,10 @@ def analyze(config: RunConfig, probes: Probes, skills: Skills, folder: RunFolder
             f"({config.separation_metric}), with the fitted Gaussians (the paper's Figure 3).",
         )
         figure(
-            plots.plot_separation_by_layer(sep, ratio=config.na_ratio),
+            plots.plot_separation_by_layer(sep, ratio=na_ratio),
             "separation_by_layer",
             f"Where the separating neurons are: the separation metric by layer, and how many "
-            f"of the top {config.na_ratio:.1%} neurons each layer holds.",
+            f"of the top {na_ratio:.1%} neurons each layer holds.",
         )
     with folder.timer("analyze hypercube"):
         cube = hypercube(probes.keys["forget"], others, seed=config.seed)
@@ -642,60 +708,32 @@ def analyze(config: RunConfig, probes: Probes, skills: Skills, folder: RunFolder
     return {"figures": figures, "summary": summary}
 
 
-def _builders(config: RunConfig, model, skills: Skills, probes: Probes) -> dict[str, Any]:
-    """``{method: (class, make)}`` for every method of the config."""
-    from . import interventions as iv
-    from .interventions.lunar import every_third_layer
+def fit_method(config: RunConfig, method: str, model, skills: Skills, probes: Probes) -> Any:
+    """Fit one registered method on the probe halves, as its registration says (``fits_on``).
 
+    ``"pre"`` and ``"importance"`` methods fit on the forget skill's and the first retain
+    skill's statistics; ``"keys"`` methods on the forget skill's key vectors with every other
+    probed skill's (and the calibration questions') as negatives; ``"model"`` methods on the
+    model and the probe halves (every retain skill where the method takes several, else the
+    first), with the run's ``batch_size`` where ``fit`` takes one.
+
+    Returns:
+        The fitted estimator.
+    """
+    spec = config.spec(method)
+    estimator = config.make(method)
     retain = f"retain:{skills.first_retain}"
-    out: dict[str, Any] = {
-        "NA": (
-            iv.NeuronAdjust,
-            lambda: iv.NeuronAdjust(
-                ratio=config.na_ratio,
-                score=config.na_score,
-                mode=config.na_mode,
-                seed=config.seed,
-            ).fit(probes.pre["forget"], probes.pre[retain]),
-        ),
-        "KSD": (
-            iv.KeySpaceDetector,
-            lambda: iv.KeySpaceDetector(fpr=config.ksd_fpr, seed=config.seed).fit(
-                probes.keys["forget"], probes.negatives()
-            ),
-        ),
-        "Ellipsoid": (
-            iv.EllipsoidDetector,
-            lambda: iv.EllipsoidDetector(fpr=config.ksd_fpr, seed=config.seed).fit(
-                probes.keys["forget"], probes.negatives()
-            ),
-        ),
-        "SP": (
-            iv.SelectivePruning,
-            lambda: iv.SelectivePruning(ratio=config.sp_ratio).fit(
-                probes.importance["forget"], probes.importance[retain]
-            ),
-        ),
-    }
-    candidates = every_third_layer(model) if config.lunar_layer == "auto" else None
-    out["LUNAR"] = (
-        iv.Lunar,
-        lambda: iv.Lunar(
-            layer=config.lunar_layer, coef=config.lunar_coef, seed=config.seed,
-            candidates=candidates,
-        ).fit(
-            model, skills.forget[0], skills.retain[skills.first_retain][0],
-            batch_size=config.batch_size,
-        ),
-    )  # fmt: skip
-    out["SIMU"] = (
-        iv.Simu,
-        lambda: iv.Simu(
-            threshold=config.simu_threshold, gamma=config.simu_gamma,
-            max_steps=config.simu_max_steps, seed=config.seed,
-        ).fit(model, skills.forget[0], skills.retain[skills.first_retain][0]),
-    )  # fmt: skip
-    return out
+    if spec.fits_on == "pre":
+        return estimator.fit(probes.pre["forget"], probes.pre[retain])
+    if spec.fits_on == "importance":
+        return estimator.fit(probes.importance["forget"], probes.importance[retain])
+    if spec.fits_on == "keys":
+        return estimator.fit(probes.keys["forget"], probes.negatives())
+    kept = [halves[0] for halves in skills.retain.values()]
+    kwargs = {}
+    if "batch_size" in inspect.signature(estimator.fit).parameters:
+        kwargs["batch_size"] = config.batch_size
+    return estimator.fit(model, skills.forget[0], kept if spec.multi_retain else kept[0], **kwargs)
 
 
 def fit_methods(
@@ -704,19 +742,17 @@ def fit_methods(
     """Fit every method of ``config.methods`` on the probe halves (resumable).
 
     Returns:
-        ``{table name: fitted intervention}`` (e.g. ``"NeuronAdjust"``).
+        ``{table name: fitted intervention}`` (the registration's ``full_name``, e.g.
+        ``"NeuronAdjust"``).
     """
-    builders = _builders(config, model, skills, probes)
     fitted = {}
     for method in config.methods:
-        if method not in builders:
-            raise PipelineError(f"Method {method!r} is not available in this mechunlearn.")
-        cls, make = builders[method]
-        name = METHOD_NAMES[method]
+        spec = config.spec(method)
+        name = spec.full_name
         fitted[name] = folder.load_or_make(
-            f"interventions/{name}.safetensors",
-            cls.load,
-            make,
+            f"interventions/{_slug(name)}.safetensors",
+            spec.cls.load,
+            lambda method=method: fit_method(config, method, model, skills, probes),
             lambda obj, p: obj.save(p),
             timer=f"fit {name}",
         )

@@ -25,6 +25,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .interventions import methods
+
 if TYPE_CHECKING:
     from .analysis.gaussian import GaussianFit
     from .analysis.separation import Separation
@@ -577,19 +579,11 @@ def tradeoff_points(results: pd.DataFrame, keep: str = "mean") -> pd.DataFrame:
     return points
 
 
-_KIND_SHORT = {
-    "NeuronAdjust": "NA",
-    "KeySpaceDetector": "KSD",
-    "EllipsoidDetector": "Ellipsoid",
-    "SelectivePruning": "SP",
-    "Lunar": "LUNAR",
-    "Simu": "SIMU",
-}
-
-
 def _short_kind(kind: Any, method: str) -> str:
-    if isinstance(kind, str) and kind in _KIND_SHORT:
-        return _KIND_SHORT[kind]
+    """A method's short registered name ("NA") from its class name in a results table."""
+    short = {spec.cls.__name__: spec.name for spec in methods()}
+    if isinstance(kind, str) and kind in short:
+        return short[kind]
     return _family(method)
 
 

@@ -1,5 +1,8 @@
 """Interventions: Neuron Adjust, Key Space Detection, Selective Pruning, LUNAR and SIMU.
 
+Each method is one module holding its class and its registration (:mod:`.registry`,
+``@register_method("NA", fits_on="pre")``); :func:`methods` lists them.
+
 Every intervention follows scikit-learn's estimator contract (:mod:`.base`): the constructor
 stores hyperparameters, ``fit(...)`` returns ``self``, fitted state ends in ``_``,
 ``hooks(model=None)`` gives ``[(hook_name, fn), ...]``, and ``save``/``load`` round-trip.
@@ -18,8 +21,13 @@ Example:
     'Sorry, your query is not valid'
 """
 
+# isort: off
+# The registration order is the order of every table: the paper's methods, then the others.
+from . import neuron_adjust, key_space, pruning, lunar, simu  # noqa: F401
+
+# isort: on
 from ..stats import Importance
-from .base import Intervention, NotFittedError
+from .base import Detector, HookIntervention, Intervention, NotFittedError, WeightIntervention
 from .key_space import (
     REFUSAL,
     Detection,
@@ -31,6 +39,14 @@ from .key_space import (
 from .lunar import Lunar, reference_prompts
 from .neuron_adjust import NeuronAdjust, layer_seed, sweep_ratio
 from .pruning import SelectivePruning
+from .registry import (
+    MethodSpec,
+    get_method,
+    methods,
+    register_method,
+    spec_of,
+    unregister_method,
+)
 from .simu import Attribution, MaskedSophiaH, Simu, critical_neurons, neuron_attribution
 from .weights import WeightEdit, w_out
 
@@ -40,6 +56,15 @@ __all__ = [
     "MaskedSophiaH",
     "Detection",
     "DetectionRecord",
+    "Detector",
+    "HookIntervention",
+    "MethodSpec",
+    "WeightIntervention",
+    "get_method",
+    "methods",
+    "register_method",
+    "spec_of",
+    "unregister_method",
     "EllipsoidDetector",
     "Importance",
     "Intervention",

@@ -9,6 +9,16 @@
 * ``save(path)`` / ``cls.load(path)`` round-trip the hyperparameters and the fitted state through
   one safetensors file (:mod:`mechunlearn.io`).
 
+Every method is one of three **kinds**, each a base class that evaluation, the pipeline and
+the attacks dispatch on with ``isinstance``:
+
+* :class:`HookIntervention`: forward hooks that change the outputs (Neuron Adjust, Selective
+  Pruning, LUNAR);
+* :class:`WeightIntervention`: a weight edit, ``with est.apply_to_weights(model): ...``, undone
+  on exit (SIMU and the trained baselines); its ``hooks()`` raises;
+* :class:`Detector`: hooks that only watch, and abstention (``detect``, ``generate``): the key
+  space detectors.
+
 Hooks follow three rules, so that they cost little on a GPU and work in any batch:
 
 1. They never read a tensor's value on the host (no ``.item()``, ``bool(tensor)``,
@@ -39,8 +49,11 @@ from ..models import check_same_model, n_layers
 from ..validation import check_fraction, check_positive
 
 __all__ = [
+    "Detector",
     "Hook",
+    "HookIntervention",
     "Intervention",
+    "WeightIntervention",
     "NotFittedError",
     "BosGuard",
     "check_fraction",
@@ -75,12 +88,6 @@ class Intervention:
     """
 
     _fitted_attrs: ClassVar[tuple[str, ...]] = ("layers_", "d_mlp_", "meta_")
-    #: False for interventions whose hooks only watch (detectors): the model's outputs are
-    #: unchanged, so scoring reuses the bare model's per-example results.
-    changes_outputs: ClassVar[bool] = True
-    #: ``"hooks"``: apply with :meth:`hooks`; ``"weights"``: apply with ``apply_to_weights(model)``
-    #: (a weight edit undone on exit), for methods whose change has no exact cheap hook (SIMU).
-    applies_by: ClassVar[str] = "hooks"
 
     # ------------------------------------------------------------------ hyperparameters
     @classmethod
@@ -263,6 +270,62 @@ class Intervention:
             ) from None
         obj._clear_cache()
         return obj
+
+
+class HookIntervention(Intervention):
+    """An intervention applied by forward hooks that change the model's outputs.
+
+    ``model.run_with_hooks(tokens, fwd_hooks=est.hooks(model))``, or
+    ``with model.hooks(fwd_hooks=est.hooks(model)): ...``.
+    """
+
+
+class WeightIntervention(Intervention):
+    """An intervention applied by editing the model's weights, undone on exit.
+
+    ``with est.apply_to_weights(model): ...`` (a :class:`~.weights.WeightEdit` that restores
+    every edited tensor bit for bit, even after an exception). For methods whose change no cheap
+    forward hook reproduces (SIMU's attention deltas, the trained baselines): :meth:`hooks`
+    raises, saying so.
+    """
+
+    def apply_to_weights(self, model):
+        """Edit ``model``'s weights in place; returns the edit, a context manager that undoes
+        it on exit."""
+        raise NotImplementedError
+
+    def _make_hooks(self, model=None) -> list[Hook]:
+        name = type(self).__name__
+        raise NotImplementedError(
+            f"{name} changes the model's weights, which no cheap forward hook reproduces: run "
+            f"the model inside `with {name.lower()}.apply_to_weights(model):` instead."
+        )
+
+
+class Detector(Intervention):
+    """An intervention that watches and abstains: its hooks record detections and return the
+    activations untouched, so the model's outputs are unchanged where it lets a prompt through.
+
+    Subclasses give ``detect(model, prompts)`` (which prompts it abstains on; its result has a
+    boolean ``detected`` tensor) and ``generate`` (answers or the refusal); a detector that
+    decides from MLP key vectors at the last prompt token also gives ``detect_keys(keys)`` and
+    names its layers in :meth:`key_layers`, so that evaluation reads the keys during the bare
+    pass instead of running ``detect``. Evaluation scores a detector as the bare model with its
+    abstentions counted wrong.
+    """
+
+    def detect(self, model, prompts, batch_size: int = 16):
+        """Which prompts the detector abstains on (``.detected``: a bool tensor)."""
+        raise NotImplementedError
+
+    def key_layers(self) -> list[int] | None:
+        """Layers whose last-prompt-token key vectors :meth:`detect_keys` reads; None (the
+        default) when detection needs :meth:`detect`'s own pass."""
+        return None
+
+    def detect_keys(self, keys):
+        """Detection from collected :class:`~mechunlearn.stats.KeyVectors`."""
+        raise NotImplementedError
 
 
 def _move(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:

@@ -97,7 +97,8 @@ from ..kernels.regions import (
 from ..sites import hook_name
 from ..stats import KeyVectors
 from ..validation import check_compatible, check_int, check_probability, check_type, model_keys
-from .base import Hook, Intervention, check_positive
+from .base import Detector, Hook, check_positive
+from .registry import register_method
 
 REFUSAL = "Sorry, your query is not valid"
 """The authors' refusal text."""
@@ -223,7 +224,7 @@ class DetectionRecord:
 
 
 # ------------------------------------------------------------------------------ base class
-class KeyRegionDetector(Intervention):
+class KeyRegionDetector(Detector):
     """Shared machinery of key-space detectors: fit, alpha, rules, hooks, detect, generate.
 
     A subclass defines the region: :meth:`_fit_region` (per-layer tensors from fit vectors),
@@ -259,8 +260,7 @@ class KeyRegionDetector(Intervention):
             came from ``h``/``alpha`` and no false-positive rate was measured.
     """
 
-    _fitted_attrs = Intervention._fitted_attrs + ("region_", "alpha_", "k_min_")
-    changes_outputs = False  # the hooks record detections and return activations untouched
+    _fitted_attrs = Detector._fitted_attrs + ("region_", "alpha_", "k_min_")
 
     def __init__(
         self,
@@ -509,6 +509,11 @@ class KeyRegionDetector(Intervention):
         fired = torch.nan_to_num(margin, nan=torch.inf) <= 1
         return Detection(detected, fired, margin, score, list(self.layers_), self.rule, self.fpr_)
 
+    def key_layers(self) -> list[int]:
+        """The layers whose key vectors :meth:`detect_keys` reads (``layers_``)."""
+        self._check_fitted()
+        return list(self.layers_)
+
     def detect_keys(self, keys: KeyVectors) -> Detection:
         """Detection of already-collected key vectors (no model run).
 
@@ -734,6 +739,7 @@ class KeyRegionDetector(Intervention):
 
 
 # ------------------------------------------------------------------------------ the cube
+@register_method("KSD", fits_on="keys", full_name="KeySpaceDetection")
 class KeySpaceDetector(KeyRegionDetector):
     """The paper's detector: an axis-aligned cube ``mu +- alpha * sigma`` per layer.
 
@@ -786,6 +792,7 @@ class KeySpaceDetector(KeyRegionDetector):
 # ------------------------------------------------------------------------------ the ellipsoid
 
 
+@register_method("Ellipsoid", fits_on="keys", full_name="EllipsoidDetection")
 class EllipsoidDetector(KeyRegionDetector):
     """A detector whose region is an ellipsoid: Mahalanobis distance under a shrunk covariance.
 

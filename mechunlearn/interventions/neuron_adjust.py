@@ -68,7 +68,8 @@ from ..models import model_bos_id
 from ..sites import hook_name
 from ..stats import NeuronStats
 from ..validation import check_bool, check_choice, check_compatible, check_int, model_keys
-from .base import BosGuard, Hook, Intervention, check_fraction, compute_dtype
+from .base import BosGuard, Hook, HookIntervention, check_fraction, compute_dtype
+from .registry import register_method
 
 MODES = ("reflect", "map")
 
@@ -88,7 +89,8 @@ def _valid_neurons(stats: NeuronStats) -> Tensor:
     return torch.isfinite(stats.mean) & torch.isfinite(std) & (std > 0)
 
 
-class NeuronAdjust(Intervention):
+@register_method("NA", fits_on="pre")
+class NeuronAdjust(HookIntervention):
     """Neuron Adjust as TransformerLens hooks (see the module docstring for the method).
 
     Args:
@@ -131,7 +133,7 @@ class NeuronAdjust(Intervention):
         torch.Size([2, 10, 101])
     """
 
-    _fitted_attrs = Intervention._fitted_attrs + ("site_", "selected_", "mu_f_")
+    _fitted_attrs = HookIntervention._fitted_attrs + ("site_", "selected_", "mu_f_")
 
     def __init__(
         self,

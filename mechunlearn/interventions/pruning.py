@@ -26,11 +26,13 @@ from ..kernels.separation import top_neurons
 from ..sites import hook_name
 from ..stats import Importance, NeuronStats
 from ..validation import check_compatible, check_type, model_keys
-from .base import Hook, Intervention, check_fraction, check_positive
+from .base import Hook, HookIntervention, check_fraction, check_positive
+from .registry import register_method
 from .weights import WeightEdit, edit_w_out
 
 
-class SelectivePruning(Intervention):
+@register_method("SP", fits_on="importance")
+class SelectivePruning(HookIntervention):
     """Selective Pruning of MLP neurons (the key site), as hooks or as a weight edit.
 
     Positions: the hooks zero the pruned neurons' key values at **every** position, BOS
@@ -61,7 +63,7 @@ class SelectivePruning(Intervention):
         (3, 9)
     """
 
-    _fitted_attrs = Intervention._fitted_attrs + ("selected_", "scores_")
+    _fitted_attrs = HookIntervention._fitted_attrs + ("selected_", "scores_")
 
     def __init__(self, ratio: float = 0.015, eps: float = 1e-6):
         self.ratio = check_fraction("ratio", ratio)

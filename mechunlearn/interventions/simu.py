@@ -119,7 +119,8 @@ from ..data import Skill, special_token_flags
 from ..models import d_mlp, model_device, model_meta
 from ..sites import hook_name
 from ..validation import check_int, model_keys, resolve_layers
-from .base import Hook, Intervention, check_positive
+from .base import Hook, WeightIntervention, check_positive
+from .registry import register_method
 from .weights import WeightEdit, w_out
 
 STOP_REASONS = ("max_steps", "forget_loss_target")
@@ -486,7 +487,8 @@ def _epochs(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int]
             yield order[start : start + batch_size]
 
 
-class Simu(Intervention):
+@register_method("SIMU", fits_on="model", defaults={"max_steps": 10})
+class Simu(WeightIntervention):
     """SIMU: neuron attribution, then masked SophiaH GradDiff unlearning (module docstring).
 
     Args:
@@ -534,9 +536,7 @@ class Simu(Intervention):
         ...     scores = teacher_forced(model, forget_test)
     """
 
-    applies_by = "weights"  # attention deltas have no cheap exact hook
-
-    _fitted_attrs = Intervention._fitted_attrs + ("attribution_", "critical_", "deltas_")
+    _fitted_attrs = WeightIntervention._fitted_attrs + ("attribution_", "critical_", "deltas_")
 
     def __init__(
         self,

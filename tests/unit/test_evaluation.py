@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechunlearn import KeySpaceDetector, Skill, collect_keys
+from mechunlearn import Detector, KeySpaceDetector, Skill, collect_keys
 from mechunlearn.batching import tokenize_examples
 from mechunlearn.evaluation import (
     choice_tokens,
@@ -62,8 +62,9 @@ class _Zero:
         return [(hook_name("key", 0), lambda a, hook: a * 0.0)]
 
 
-class _Abstain:
-    """Abstains on the prompts whose index is in `which`."""
+class _Abstain(Detector):
+    """Abstains on the prompts whose index is in `which` (a Detector: evaluation dispatches on
+    the kind)."""
 
     def __init__(self, which):
         self.which = which

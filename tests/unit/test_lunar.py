@@ -321,9 +321,11 @@ def test_layer_auto_sweeps_on_held_back_examples(llama_like):
     some = Lunar(layer="auto", candidates=(2, 0)).fit(model, F, R, REF)
     assert [row["layer"] for row in some.layer_sweep_] == [0, 2]
     assert some.get_params()["candidates"] == [2, 0]
-    lunar = Lunar(layer="auto", seed=1).fit(model, F, R, REF, held_out=0.25)
+    assert [r["layer"] for r in Lunar(layer="auto").fit(model, F, R, REF).layer_sweep_] == [2]
+    every = list(range(model.cfg.n_layers))  # the default sweeps every third layer only
+    lunar = Lunar(layer="auto", seed=1, candidates=every).fit(model, F, R, REF, held_out=0.25)
     sweep = lunar.layer_sweep_
-    assert [row["layer"] for row in sweep] == list(range(model.cfg.n_layers))
+    assert [row["layer"] for row in sweep] == every
     assert lunar.layers_ == [choose_layer(sweep)]
     probe_f, probe_r = F.split(0.25, seed=1)[1], R.split(0.25, seed=1)[1]
     assert all(row["n_probe_forget"] == len(probe_f) == 2 for row in sweep)
