@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import importlib
 import json
 import os
@@ -162,8 +163,40 @@ def reuse_freed_buffers(threshold_bytes: int = 1 << 30) -> bool:
     return bool(ok_mmap and ok_trim)
 
 
+_OS_ADVICE = {
+    errno.EROFS: "the file system is read-only: choose an --out on a writable disk",
+    errno.ENOSPC: "the disk is full: free some space (or choose an --out on another disk), then "
+    "run the same command again to resume",
+    errno.EDQUOT: "the disk quota is used up: free some space (or choose an --out on another "
+    "disk), then run the same command again to resume",
+    errno.EACCES: "permission denied: choose an --out you can write to",
+    errno.EPERM: "permission denied: choose an --out you can write to",
+    errno.EISDIR: "a folder stands where mechunlearn writes a file: move it away, then run the "
+    "same command again",
+}
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an ``OSError``: what failed (the file named) and what to do."""
+    if err.filename is not None and err.strerror:
+        what = f"Cannot write {err.filename}: {err.strerror}"
+    else:
+        what = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    advice = _OS_ADVICE.get(err.errno, "check --out and the disk, then run the same command again")
+    return f"{what.rstrip('.')}; {advice}."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mechunlearn`` command."""
+    """Entry point of the ``mechunlearn`` command.
+
+    Errors are one line on stderr (``mechunlearn: error: ...``) saying what to do, with exit
+    status 2 (130 when interrupted): bad settings or folder, unknown skills, and the file
+    system's errors (read-only, full, a folder where a file goes). A leading ``--`` (as in
+    ``torchrun ... -m mechunlearn.cli -- run ...``) is ignored.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     reuse_freed_buffers()
@@ -187,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LookupError, ValueError, FileNotFoundError, TypeError) as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
         print(f"mechunlearn: error: {' '.join(lines[:6])}", file=sys.stderr)
+        return 2
+    except OSError as err:  # read-only or full disk, a folder where a file goes, ...
+        print(f"mechunlearn: error: {_os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

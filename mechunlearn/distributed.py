@@ -14,7 +14,7 @@ timeout (``$MECHUNLEARN_DIST_TIMEOUT`` seconds, default 600), so a rank that die
 others fail instead of hang (torchrun also stops the other ranks when one fails).
 
 Example:
-    $ torchrun --nproc_per_node 2 -m mechunlearn.cli run --out report
+    $ torchrun --nproc_per_node 2 -m mechunlearn.cli -- run --out report
 """
 
 from __future__ import annotations

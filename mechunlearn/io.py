@@ -1,8 +1,12 @@
 """Saving and loading: safetensors with JSON metadata in the header, JSON and text files.
 
-Every write is **atomic**: the file is written beside its target under a temporary name and
-moved into place with ``os.replace``, so an interrupted run never leaves a half-written file
-where a later run would read it.
+Every write is **atomic**: the file is written beside its target under a temporary name
+(``.<name>.<8 random characters>.tmp``, :func:`is_temporary`) and moved into place with
+``os.replace``, so an interrupted run never leaves a half-written file where a later run would
+read it; a run killed mid-write leaves at most such a temporary, which
+:class:`mechunlearn.pipeline.RunFolder` removes when it next locks the folder. A failed write
+raises ``OSError`` naming the target and keeping the ``errno`` (a full disk, a read-only file
+system), whatever library wrote the file.
 
 Every mechunlearn file records ``kind`` (the class it holds), ``format_version`` (the layout of
 its tensors and metadata, :data:`FORMAT_VERSION`) and the package ``version`` that wrote it.
@@ -16,8 +20,10 @@ metadata (see their ``load`` methods).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -32,6 +38,9 @@ from ._version import __version__
 META_KEY = "mechunlearn"
 FORMAT_VERSION = 1
 """Layout version of the files this mechunlearn writes."""
+TEMP_SUFFIX = ".tmp"
+# ``.<target name>.<tempfile's 8 random characters>.tmp``: what atomic_write's mkstemp makes.
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
 
 
 class DamagedFileError(ValueError):
@@ -49,31 +58,66 @@ def _check_target(path: Path) -> Path:
     if str(path) in ("", ".") or path.name in ("", ".safetensors"):
         raise ValueError(f"Cannot save to {str(path)!r}: give a file name, e.g. 'na_gsm8k'.")
     if path.exists() and path.is_dir():
-        raise IsADirectoryError(f"Cannot save to {path}: it is a folder; give a file name.")
+        err = IsADirectoryError(f"Cannot save to {path}: it is a folder; give a file name.")
+        err.errno = errno.EISDIR
+        raise err
     return path
+
+
+def is_temporary(path: str | Path) -> bool:
+    """Whether ``path`` is named like the temporary files :func:`atomic_write` makes.
+
+    Example:
+        >>> is_temporary("stats/.forget.pre.safetensors.k2x_9qz1.tmp"), is_temporary("a.tmp")
+        (True, False)
+    """
+    return _TEMPORARY.match(Path(path).name) is not None
+
+
+def write_error(path: str | Path, err: BaseException) -> OSError | None:
+    """The ``OSError`` to raise when writing ``path`` failed with ``err``, or None.
+
+    The message names ``path``; the ``errno`` (``err.errno``, or the ``os error N`` of a
+    safetensors I/O error) is kept so that callers can tell a full disk from a read-only one.
+    None when ``err`` is not an I/O error.
+    """
+    if isinstance(err, OSError):
+        code, reason = err.errno, err.strerror or str(err)
+    else:
+        found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(err))
+        if found is None:
+            return None
+        code, reason = int(found.group(2)), found.group(1)
+    out = (type(err) if isinstance(err, OSError) else OSError)(
+        f"Cannot write {path}: {str(reason).rstrip('.')}."
+    )
+    out.errno = code
+    return out
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``.
 
     Raises:
-        OSError: the folder cannot be created or written; the message names ``path``.
+        OSError: the folder cannot be created or written (also a safetensors I/O error); the
+            message names ``path`` and ``errno`` is kept (:func:`write_error`).
     """
     path = _check_target(Path(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         os.close(fd)
     except OSError as err:
-        raise OSError(f"Cannot write {path}: {err.strerror or err}.") from None
+        raise write_error(path, err) from None
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; files get the usual mode
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OSError(f"Cannot write {path}: {err.strerror or err}.") from None
+        failure = write_error(path, err)
+        if failure is not None:
+            raise failure from None
         raise
     return path
 

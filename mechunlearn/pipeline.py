@@ -19,8 +19,12 @@ resume key is the hash of the config's result-relevant fields), so an interrupte
 folder is locked while a run writes to it (``fcntl.flock``: freed on exit and after a crash); a
 second run fails with one line naming the holder. ``force=True`` (``--force``) starts a folder
 of other settings over by deleting exactly the files the marker lists; it refuses a folder that
-holds files mechunlearn did not write. Every file is written atomically (:mod:`mechunlearn.io`);
-a damaged artefact is named in a warning and computed again.
+holds files mechunlearn did not write, and a marker that lists a path outside the folder (``..``,
+an absolute path, a symlink leading out: each entry is resolved and must lie inside the resolved
+folder). Every file is written atomically (:mod:`mechunlearn.io`) and listed in the marker
+before it appears, so a killed run leaves nothing unlisted; its temporaries are removed by the
+next run. A damaged artefact (or statistics of another skill) is named in a warning and computed
+again; a missing or damaged marker is rebuilt from ``config.json``.
 
 Example:
     >>> cfg = RunConfig(forget="gsm8k", retain=("mbpp",), general="mmlu", n=32)
@@ -48,7 +52,15 @@ from typing import Any
 
 from . import distributed
 from ._version import __version__
-from .io import DamagedFileError, load_or_make, read_json, write_json, write_text
+from .io import (
+    DamagedFileError,
+    is_temporary,
+    load_or_make,
+    read_json,
+    write_error,
+    write_json,
+    write_text,
+)
 from .validation import check_choice, check_int
 
 MARKER = ".mechunlearn-report.json"
@@ -266,6 +278,17 @@ class RunFolder:
     """The output folder of one run: lock, marker (settings + files written), atomic writes.
 
     Only the main process (rank 0 under torchrun) locks and writes; the others read.
+
+    **The marker** (``.mechunlearn-report.json``) lists every file the run wrote, relative to
+    the folder. A file is listed *before* it appears (the marker is rewritten, then the file is
+    moved into place), so a run killed at any point leaves no file of its own unlisted: at most
+    a listed file that is missing and a temporary of :func:`mechunlearn.io.atomic_write`, which
+    the next run removes when it takes the lock. ``--force`` deletes exactly the listed files,
+    and only after checking each of them: an entry that does not resolve inside the folder
+    (``..``, an absolute path, or a symlink leading out, resolved like the folder itself) is
+    refused with one line naming it, and nothing is deleted. A missing or damaged marker is
+    rebuilt from ``config.json`` and the files present at the paths the pipeline writes for
+    that config (:func:`own_files`), so such a folder still resumes or starts over.
     """
 
     def __init__(self, out: str | Path, config: RunConfig, force: bool = False):
@@ -284,9 +307,12 @@ class RunFolder:
             return
         if self.out.exists() and not self.out.is_dir():
             raise PipelineError(f"--out {self.out} is a file: choose a folder.")
-        self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise write_error(path, err) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -307,46 +333,109 @@ class RunFolder:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _temporaries(self) -> list[Path]:
+        """Temporaries of :func:`mechunlearn.io.atomic_write` left by a killed run (only in a
+        folder a mechunlearn run has locked before)."""
+        if not (self.out / LOCK).exists():
+            return []
+        return [p for p in self.out.rglob("*") if p.is_file() and is_temporary(p)]
+
     # -- marker
     def _marker(self) -> dict[str, Any] | None:
+        """The marker, checked; rebuilt from ``config.json`` when it is damaged."""
         path = self.out / MARKER
         if not path.exists():
             return None
         try:
             data = read_json(path, "report marker")
-        except DamagedFileError as err:
-            raise PipelineError(f"{err} (or choose another --out)") from None
-        if not isinstance(data, dict):
-            raise PipelineError(f"The report marker {path} is damaged: delete it.")
+            files = data.get("files", []) if isinstance(data, dict) else None
+            if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+                raise DamagedFileError("it is not a dict with a list of file names")
+        except DamagedFileError:
+            rebuilt = self._rebuilt()
+            if rebuilt is None:
+                raise PipelineError(
+                    f"The report marker {path} is damaged and {CONFIG} is missing or damaged, "
+                    "so the folder's settings are unknown: move the files you want to keep out "
+                    f"of {self.out}, or choose another --out."
+                ) from None
+            warnings.warn(
+                f"The report marker {path} is damaged; rebuilt it from {CONFIG} and the "
+                f"{len(rebuilt['files'])} files present at the paths mechunlearn writes.",
+                stacklevel=3,
+            )
+            return rebuilt
+        self._check_inside(files)
         return data
+
+    def _check_inside(self, files: Sequence[str]) -> None:
+        """Refuse a marker entry that does not resolve inside the folder (symlinks followed)."""
+        root = self.out.resolve()
+        for rel in files:
+            target = (self.out / rel).resolve()
+            if target == root or not target.is_relative_to(root):
+                raise PipelineError(
+                    f"The report marker {self.out / MARKER} lists {rel!r}, which lies outside "
+                    f"{self.out}: mechunlearn never writes there, so nothing was deleted; remove "
+                    f"that entry (or delete the marker: it is rebuilt from {CONFIG})."
+                )
+
+    def _rebuilt(self) -> dict[str, Any] | None:
+        """A marker rebuilt from ``config.json``: its settings, and the files present at the
+        paths the pipeline writes for them. None when ``config.json`` is missing, damaged or not
+        a run's settings."""
+        path = self.out / CONFIG
+        if not path.is_file():
+            return None
+        try:
+            data = read_json(path, "run config")
+            names = {f.name for f in dataclasses.fields(RunConfig)}
+            if not isinstance(data, dict) or "forget" not in data or set(data) - names:
+                return None
+            config = RunConfig.from_json(data)
+            files = [f for f in sorted(own_files(config)) if (self.out / f).is_file()]
+            return {"key": config.key(), "settings": config.settings(), "files": files}
+        except (DamagedFileError, OSError, TypeError, ValueError):
+            return None
 
     def _foreign(self, listed: set[str]) -> list[str]:
         ours = listed | {MARKER, LOCK, CONFIG}
+        temporaries = set(self._temporaries())
         found = []
         for p in sorted(self.out.rglob("*")):
             rel = p.relative_to(self.out).as_posix()
-            if p.is_file() and rel not in ours:
+            if p.is_file() and rel not in ours and p not in temporaries:
                 found.append(rel)
         return found
 
     def prepare(self) -> None:
         """Lock, check the folder against the config, clear it on ``force``, write the marker.
 
+        Temporaries a killed run left are removed once the lock is held; a missing or damaged
+        marker is rebuilt from ``config.json``.
+
         Raises:
-            PipelineError: the folder holds another run's results (without ``force``), or
-                files mechunlearn did not write.
+            PipelineError: the folder holds another run's results (without ``force``), files
+                mechunlearn did not write, or a marker listing a path outside the folder.
         """
         if not self.main:
             return
         if self.out.is_dir() and not (self.out / MARKER).exists():
-            foreign = self._foreign(set())
+            rebuilt = self._rebuilt()
+            foreign = self._foreign(set(rebuilt["files"]) if rebuilt else set())
             if foreign:  # checked before the lock file is created: nothing is added there
                 raise PipelineError(
                     f"{self.out} is not a mechunlearn report (it holds {_few(foreign)}, which "
                     "mechunlearn did not write): choose another --out."
                 )
         self.lock()
+        for tmp in self._temporaries():
+            tmp.unlink(missing_ok=True)
+        for rel in sorted(own_files(self.config)):  # before any work: not after an hour's probe
+            self._check_not_folder(rel)
         marker = self._marker()
+        if marker is None:
+            marker = self._rebuilt()
         listed = set(marker.get("files", [])) if marker else set()
         if marker is None:
             foreign = self._foreign(set())
@@ -371,9 +460,10 @@ class RunFolder:
                     "mechunlearn did not write: move them away or choose another --out."
                 )
             for rel in sorted(listed):
-                (self.out / rel).unlink(missing_ok=True)
+                if not (self.out / rel).is_dir() or (self.out / rel).is_symlink():
+                    (self.out / rel).unlink(missing_ok=True)
             for sub in sorted(self.out.rglob("*"), reverse=True):
-                if sub.is_dir() and not any(sub.iterdir()):
+                if sub.is_dir() and not sub.is_symlink() and not any(sub.iterdir()):
                     sub.rmdir()
             listed = set()
         elif _same_run(marker, self.config):
@@ -396,26 +486,45 @@ class RunFolder:
     def path(self, rel: str) -> Path:
         return self.out / rel
 
-    def record(self, rel: str | Path) -> None:
-        """Note that the run wrote ``rel`` (relative path), in the marker."""
+    def _check_not_folder(self, rel: str) -> None:
+        if (self.out / rel).is_dir():
+            raise PipelineError(
+                f"{self.out / rel} is a folder where mechunlearn writes a file: move it away, "
+                "then run the same command again."
+            )
+
+    def record(self, *rels: str | Path) -> None:
+        """Note in the marker that the run writes (or wrote) ``rels`` (paths in the folder)."""
         if not self.main:
             return
-        rel = Path(rel).relative_to(self.out).as_posix() if Path(rel).is_absolute() else str(rel)
-        if rel not in self.files:
-            self.files.append(rel)
+        new = []
+        for rel in rels:
+            rel = Path(rel).relative_to(self.out).as_posix() if Path(rel).is_absolute() else rel
+            if str(rel) not in self.files and str(rel) not in new:
+                new.append(str(rel))
+        if new:
+            self.files.extend(new)
             self._write_marker()
 
-    def write(self, rel: str, writer: Callable[[Path], Any]) -> None:
-        """Run ``writer(path)`` on the main process and record the file (and companions it
-        writes beside it with the same stem, e.g. a figure's SVG)."""
+    def write(self, rel: str, writer: Callable[[Path], Any], also: Sequence[str] = ()) -> None:
+        """Run ``writer(path)`` on the main process; the file is recorded in the marker first.
+
+        Args:
+            rel: the file, relative to the folder.
+            writer: writes it (atomically: :mod:`mechunlearn.io`).
+            also: companions the writer makes beside it (e.g. a figure's SVG), recorded first
+                too; any other path the writer returns is recorded after it.
+        """
         if not self.main:
             return
+        for name in (rel, *also):
+            self._check_not_folder(name)
+        self.record(rel, *also)  # listed before it becomes visible: a kill leaves nothing unlisted
         path = self.out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         result = writer(path)
         written = result if isinstance(result, list | tuple) else [result or path]
-        for p in written:
-            self.record(Path(p).resolve().relative_to(self.out.resolve()))
+        self.record(*(Path(p).resolve().relative_to(self.out.resolve()) for p in written))
 
     @contextmanager
     def timer(self, name: str) -> Iterator[None]:
@@ -441,7 +550,8 @@ class RunFolder:
         """``load(path)`` if a saved artefact exists and reads back; else ``make()`` and save it.
 
         A damaged artefact is named in a warning and made again
-        (:func:`mechunlearn.io.load_or_make`).
+        (:func:`mechunlearn.io.load_or_make`); one that loads is recorded in the marker (a run
+        killed by an older mechunlearn may have left it unlisted).
         """
 
         def made() -> Any:
@@ -450,8 +560,13 @@ class RunFolder:
             with self.timer(timer):
                 return make()
 
+        def loaded(path: Path) -> Any:
+            obj = load(path)
+            self.record(rel)
+            return obj
+
         return load_or_make(
-            self.out / rel, load, made, lambda obj, _: self.write(rel, lambda p: save(obj, p))
+            self.out / rel, loaded, made, lambda obj, _: self.write(rel, lambda p: save(obj, p))
         )
 
 
@@ -583,6 +698,56 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
+ANALYSIS_FILES = (
+    *(f"tables/{name}.csv" for name in (
+        "gaussian_by_layer", "separation_top200", "separation_by_layer", "hypercube_by_layer",
+        "hypercube_centres", "hypercube_trends", "convexity_by_layer", "linear_separability",
+    )),
+    "tables/analysis_summary.json",
+    "tables/figures.json",
+    *(f"figures/{name}.{ext}" for name in (
+        "gaussian_summary", "separation_histograms", "separation_by_layer",
+        "hypercube_inclusion", "hypercube_geometry", "convexity",
+    ) for ext in ("png", "svg")),
+)  # fmt: skip
+"""What :func:`analyze` writes (tables and figures)."""
+EVALUATION_FILES = (
+    "tables/evaluation.csv",
+    "tables/evaluation.json",
+    "tables/relative_performance.csv",
+    "index.html",
+)
+"""What :func:`evaluate_methods` and the report write."""
+
+
+def _probe_jobs(config: RunConfig) -> dict[str, tuple[str, ...]]:
+    """``{probed role: what probe collects for it}`` (the keys of :meth:`Skills.probed`, and
+    ``calibration`` when a detector runs)."""
+    roles = ["forget", *(f"retain:{name}" for name in config.retain)]
+    jobs = {role: ("pre", "keys", "importance") for role in roles}
+    if config.general:
+        jobs["general"] = ("keys",)
+    if any(config.spec(m).fits_on == "keys" for m in config.methods):  # detectors' negatives
+        jobs[CALIBRATION] = ("keys",)
+    return jobs
+
+
+def _method_file(full_name: str) -> str:
+    return f"interventions/{_slug(full_name)}.safetensors"
+
+
+def _stats_file(role: str, what: str) -> str:
+    return f"stats/{_slug(role)}.{what}.safetensors"
+
+
+def own_files(config: RunConfig) -> set[str]:
+    """Every path (relative to the output folder) that a run of ``config`` writes, besides
+    ``config.json`` and the marker: what a rebuilt marker may list."""
+    stats = {_stats_file(role, w) for role, wanted in _probe_jobs(config).items() for w in wanted}
+    methods = {_method_file(config.spec(m).full_name) for m in config.methods}
+    return stats | methods | set(ANALYSIS_FILES) | set(EVALUATION_FILES)
+
+
 def probe(config: RunConfig, model, skills: Skills, folder: RunFolder) -> Probes:
     """One forward pass per probed skill: statistics, key vectors and importances (resumable)."""
     from .collect import collect
@@ -590,24 +755,33 @@ def probe(config: RunConfig, model, skills: Skills, folder: RunFolder) -> Probes
 
     kinds = {"pre": NeuronStats, "keys": KeyVectors, "importance": Importance}
     out = Probes()
-    jobs = {
-        role: (skill, ("keys",) if role == "general" else ("pre", "keys", "importance"))
-        for role, skill in skills.probed().items()
-    }
-    if any(config.spec(m).fits_on == "keys" for m in config.methods):  # detectors' negatives
+    skill_of = dict(skills.probed())
+    if CALIBRATION in _probe_jobs(config):
         from .data import calibration_skill
 
-        jobs[CALIBRATION] = (calibration_skill(), ("keys",))
-    for role, (skill, wanted) in jobs.items():
-        paths = {w: f"stats/{_slug(role)}.{w}.safetensors" for w in wanted}
+        skill_of[CALIBRATION] = calibration_skill()
+    for role, wanted in _probe_jobs(config).items():
+        skill = skill_of[role]
+        paths = {w: _stats_file(role, w) for w in wanted}
         loaded: dict[str, Any] = {}
         for w, rel in paths.items():
             path = folder.path(rel)
             if path.exists():
                 try:
-                    loaded[w] = kinds[w].load(path)
+                    got = kinds[w].load(path)
                 except (DamagedFileError, ValueError) as err:
                     warnings.warn(f"{path} is damaged ({err}); collecting it again.", stacklevel=2)
+                    continue
+                found = got.meta.get("skill")
+                if found is not None and found != skill.name:  # e.g. another role's file copied
+                    warnings.warn(
+                        f"{path} holds statistics of the skill {found!r}, not {skill.name!r} "
+                        f"({role}): it is damaged; collecting it again.",
+                        stacklevel=2,
+                    )
+                    continue
+                loaded[w] = got
+                folder.record(rel)  # listed if a run of an older mechunlearn left it unlisted
         missing = tuple(w for w in wanted if w not in loaded)
         if missing:
             with folder.timer(f"collect {role}"):
@@ -638,7 +812,11 @@ def analyze(config: RunConfig, probes: Probes, skills: Skills, folder: RunFolder
     figures: list[tuple[str, str]] = []
 
     def figure(fig, name: str, caption: str) -> None:
-        folder.write(f"figures/{name}.png", lambda p: plots.save_figure(fig, p.with_suffix("")))
+        folder.write(
+            f"figures/{name}.png",
+            lambda p: plots.save_figure(fig, p.with_suffix("")),
+            also=(f"figures/{name}.svg",),
+        )
         figures.append((f"figures/{name}.png", caption))
         plots.close(fig)
 
@@ -750,7 +928,7 @@ def fit_methods(
         spec = config.spec(method)
         name = spec.full_name
         fitted[name] = folder.load_or_make(
-            f"interventions/{_slug(name)}.safetensors",
+            _method_file(name),
             spec.cls.load,
             lambda method=method: fit_method(config, method, model, skills, probes),
             lambda obj, p: obj.save(p),

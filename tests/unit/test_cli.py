@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -263,3 +264,272 @@ def test_reuse_freed_buffers_stops_page_faulting_large_buffers_in_again():
     # 20 x 64 MiB fresh mappings fault in ~20 x 16k pages; reused buffers fault once.
     assert default > 100_000
     assert reused < default / 5
+
+
+# -------------------------------------------------------------- the run folder's reliability
+def own_state(out: Path) -> tuple[set[str], set[str], list[Path]]:
+    """(files the marker lists, files on disk but the marker/lock/config, temporaries left)."""
+    from mechunlearn.io import is_temporary
+
+    listed = set(json.loads((out / MARKER).read_text())["files"])
+    on_disk = {
+        p.relative_to(out).as_posix()
+        for p in out.rglob("*")
+        if p.is_file() and p.name not in (MARKER, LOCK, "config.json")
+    }
+    return listed, on_disk, [p for p in out.rglob("*") if is_temporary(p)]
+
+
+def test_the_marker_lists_exactly_the_paths_the_pipeline_writes(done):
+    from mechunlearn.pipeline import own_files
+
+    out, _ = done
+    config = RunConfig.from_json(json.loads((out / "config.json").read_text()))
+    assert own_state(out)[0] == own_files(config)  # what a rebuilt marker may claim
+
+
+def test_force_refuses_marker_entries_outside_the_folder(setup, tmp_path, capsys):
+    out = tmp_path / "a" / "rep"
+    assert main(argv(setup, out, command="collect")) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victims = [elsewhere / f"victim{i}.txt" for i in range(3)]
+    for v in victims:
+        v.write_text("precious")
+    (out / "stats" / "link.txt").symlink_to(victims[2])
+    marker = json.loads((out / MARKER).read_text())
+    before = sorted(p for p in out.rglob("*") if p.is_file())
+    for entry in ("../../elsewhere/victim0.txt", str(victims[1]), "stats/link.txt"):
+        edited = {**marker, "files": [*marker["files"], entry]}
+        (out / MARKER).write_text(json.dumps(edited))
+        assert main(argv(setup, out, "--seed", "1", "--force", command="collect")) == 2
+        line = one_line_error(capsys)
+        assert repr(entry) in line and "outside" in line and "nothing was deleted" in line
+        assert all(v.read_text() == "precious" for v in victims)
+        assert sorted(p for p in out.rglob("*") if p.is_file()) == before  # nothing deleted
+
+
+_KILL = """
+import os, sys
+from pathlib import Path
+
+point, argv = sys.argv[1], sys.argv[2:]
+replace = os.replace
+
+
+def dying_replace(src, dst, *args, **kwargs):  # kill -9 at the named point of a write
+    dst = Path(dst)
+    if point == "stats" and dst.name == "forget.pre.safetensors":
+        os._exit(9)
+    if point == "marker" and dst.name == ".mechunlearn-report.json" and (
+        dst.parent / "interventions"
+    ).exists():
+        os._exit(9)
+    replace(src, dst, *args, **kwargs)
+    if point == "renamed" and dst.name == "SelectivePruning.safetensors":
+        os._exit(9)
+
+
+os.replace = dying_replace
+from mechunlearn.cli import main
+
+sys.exit(main(argv))
+"""
+
+
+@pytest.mark.parametrize(
+    "point, left",
+    [
+        ("stats", "stats/.forget.pre.safetensors.*.tmp"),  # during the statistics write
+        ("marker", "..mechunlearn-report.json.*.tmp"),  # during a marker write
+        ("renamed", "interventions/SelectivePruning.safetensors"),  # after a file's rename
+    ],
+)
+def test_a_killed_run_never_blocks_the_next_one(setup, tmp_path, point, left):
+    import shutil
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL, point, *argv(setup, out, command="unlearn")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode == 9, killed.stderr[-800:]
+    assert list(out.glob(left)), f"the kill left no {left}"
+    listed, on_disk, _ = own_state(out)
+    assert on_disk - {p.relative_to(out).as_posix() for p in out.glob("**/.*.tmp")} <= listed
+    # Rerun with the same settings: resumes, and leaves a consistent folder.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed, symlinks=True)
+    assert main(argv(setup, resumed, command="unlearn")) == 0
+    listed, on_disk, temporaries = own_state(resumed)
+    assert listed == on_disk and not temporaries
+    assert (resumed / "interventions" / "SelectivePruning.safetensors").exists()
+    # Or start over with other settings: --force is not refused, and nothing old is left.
+    assert main(argv(setup, out, "--seed", "1", "--force", command="collect")) == 0
+    listed, on_disk, temporaries = own_state(out)
+    assert listed == on_disk and not temporaries
+    assert not (out / "interventions").exists()
+    assert json.loads((out / MARKER).read_text())["settings"]["seed"] == 1
+
+
+def test_a_rerun_records_an_unlisted_file_it_loads(done, setup, tmp_path):
+    import shutil
+
+    out = tmp_path / "unlisted"
+    shutil.copytree(done[0], out)
+    marker = json.loads((out / MARKER).read_text())
+    lost = {"interventions/SelectivePruning.safetensors", "stats/forget.pre.safetensors"}
+    (out / MARKER).write_text(json.dumps({**marker, "files": sorted(set(marker["files"]) - lost)}))
+    mtimes = {rel: (out / rel).stat().st_mtime_ns for rel in lost}
+    assert main(argv(setup, out, command="unlearn")) == 0
+    assert {rel: (out / rel).stat().st_mtime_ns for rel in lost} == mtimes  # loaded, not redone
+    assert lost <= own_state(out)[0]
+
+
+def test_statistics_of_another_skill_are_collected_again(done, setup, tmp_path):
+    import shutil
+
+    from mechunlearn import NeuronStats
+
+    out = tmp_path / "swapped"
+    shutil.copytree(done[0], out)
+    forget = out / "stats" / "forget.pre.safetensors"
+    (retain,) = (out / "stats").glob("retain_*.pre.safetensors")
+    right, wrong = NeuronStats.load(forget).meta["skill"], NeuronStats.load(retain).meta["skill"]
+    assert right != wrong
+    shutil.copyfile(retain, forget)
+    with pytest.warns(
+        UserWarning, match="forget.pre.safetensors holds statistics of the skill"
+    ) as w:
+        assert main(argv(setup, out, command="unlearn")) == 0
+    message = next(str(x.message) for x in w if "holds statistics" in str(x.message))
+    assert repr(right) in message and repr(wrong) in message
+    assert NeuronStats.load(forget).meta["skill"] == right
+
+
+@pytest.mark.parametrize("how", ["deleted", "damaged"])
+def test_a_lost_marker_is_rebuilt_from_the_config(done, setup, tmp_path, how):
+    import shutil
+
+    out = tmp_path / how
+    shutil.copytree(done[0], out)
+    listed = own_state(out)[0]
+    if how == "deleted":
+        (out / MARKER).unlink()
+    else:
+        (out / MARKER).write_text('{"key": "x", "files": [')
+    saved = {p.name: p.stat().st_mtime_ns for p in (out / "stats").iterdir()}
+    again = tmp_path / f"{how}-force"
+    shutil.copytree(out, again)
+    with pytest.warns(UserWarning, match="rebuilt") if how == "damaged" else nullcontext():
+        assert main(argv(setup, out, command="unlearn")) == 0  # resumes
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "stats").iterdir()} == saved
+    assert own_state(out)[0] == listed
+    # --force with other settings now starts it over instead of "not a mechunlearn report".
+    with pytest.warns(UserWarning, match="rebuilt") if how == "damaged" else nullcontext():
+        assert main(argv(setup, again, "--seed", "1", "--force", command="collect")) == 0
+    listed, on_disk, _ = own_state(again)
+    assert listed == on_disk and not (again / "index.html").exists()
+
+
+def test_a_damaged_marker_without_config_says_what_recovers_the_folder(setup, tmp_path, capsys):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / MARKER).write_text('{"key": "x", "files": [')
+    assert main(argv(setup, out, command="collect")) == 2
+    line = one_line_error(capsys)
+    assert MARKER in line and "config.json is missing" in line and "delete it" not in line
+
+
+def _raise(err: BaseException):
+    def fail(*args, **kwargs):
+        raise err
+
+    return fail
+
+
+@pytest.mark.parametrize("fault", ["read-only mkdir", "read-only lock", "full disk"])
+def test_disk_errors_are_one_line_saying_what_to_do(setup, tmp_path, capsys, monkeypatch, fault):
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    out = tmp_path / "r"
+    if fault == "read-only mkdir":
+        mkdir = Path.mkdir
+
+        def read_only(self, *args, **kwargs):
+            if self == out:
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", read_only)
+        expected = ("Read-only file system", "choose an --out on a writable disk")
+    elif fault == "read-only lock":
+        opened = os.open
+
+        def read_only(path, *args, **kwargs):
+            if Path(path).name == LOCK:
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return opened(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", read_only)
+        expected = (LOCK, "Read-only file system", "choose an --out on a writable disk")
+    else:
+        err = SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+        monkeypatch.setattr(safetensors.torch, "save_file", _raise(err))
+        expected = ("forget.pre.safetensors", "No space left on device", "free some space")
+    assert main(argv(setup, out, command="collect")) == 2
+    line = one_line_error(capsys)
+    assert all(part in line for part in expected), line
+
+
+def test_a_folder_where_a_statistics_file_goes_is_one_line(setup, tmp_path, capsys):
+    out = tmp_path / "r"
+    (out / "stats" / "forget.pre.safetensors").mkdir(parents=True)
+    assert main(argv(setup, out, command="collect")) == 2
+    line = one_line_error(capsys)
+    assert "forget.pre.safetensors is a folder" in line and "move it away" in line
+
+
+def test_an_os_error_anywhere_is_one_line(setup, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import mechunlearn.pipeline
+
+    err = IsADirectoryError(errno.EISDIR, "Is a directory", str(tmp_path / "x"))
+    monkeypatch.setattr(mechunlearn.pipeline, "load_model_for", _raise(err))
+    assert main(argv(setup, tmp_path / "r", command="collect")) == 2
+    line = one_line_error(capsys)
+    assert str(tmp_path / "x") in line and "move it away" in line
+
+
+def test_the_readme_torchrun_commands_parse():
+    from torch.distributed.run import parse_args
+
+    from mechunlearn.cli import parser
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = readme.replace("\\\n", " ")  # shell line continuations
+    lines = [s.strip() for s in readme.splitlines() if s.strip().startswith("torchrun ")]
+    assert len(lines) >= 2
+    for line in lines:
+        assert "-m mechunlearn.cli -- " in line, line
+        args = parse_args(line.split()[1:])
+        assert args.module and args.training_script == "mechunlearn.cli"
+        parsed = parser().parse_args(args.training_script_args)
+        assert parsed.command in ("run", "collect")
+    # torchrun would stop at "--n" without the "--"; with it, mechunlearn gets the flags.
+    args = parse_args(
+        ["--nproc_per_node", "2", "-m", "mechunlearn.cli", "--", "collect", "--n", "4"]
+    )
+    assert parser().parse_args(args.training_script_args).n == 4
+
+
+def test_a_leading_double_dash_is_accepted(tmp_path, capsys):
+    assert main(["--", "collect", "--forget", "gsm9k", "--n", "4", "--out", str(tmp_path)]) == 2
+    assert "gsm9k" in one_line_error(capsys)  # parsed: the skill is the error, not the "--"

@@ -136,3 +136,33 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         stats.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_temporaries_are_named_as_is_temporary_expects(tmp_path):
+    """The run folder removes a killed run's temporaries by this name: it must match them."""
+    from mechunlearn.io import atomic_write, is_temporary
+
+    seen = []
+    for name in ("forget.pre.safetensors", ".mechunlearn-report.json", "index.html"):
+        atomic_write(tmp_path / name, lambda tmp: (seen.append(tmp), tmp.write_text("x")))
+    assert len(seen) == 3 and all(is_temporary(p) for p in seen)
+    assert not any(is_temporary(tmp_path / name) for name in ("index.html", "x.tmp", ".a.tmp"))
+
+
+def test_a_failed_write_names_the_file_and_keeps_errno(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    stats = mu.NeuronStats.load(FIXTURES / "stats_forget")
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(OSError, match="Cannot write .*s.safetensors: No space left") as info:
+        stats.save(tmp_path / "s")
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []

@@ -215,6 +215,7 @@ def test_the_command_line_runs_a_registered_method(
     import mechunlearn.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "load_model_for", lambda config, folder=None: tiny_llama)
+
     def argv(out, *method):
         return [
             "unlearn", "--forget", skill_files["arith"], "--retain", skill_files["code"],
