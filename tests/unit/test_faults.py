@@ -1,0 +1,77 @@
+"""Faults that used to give wrong results without a word (issue #28, item 2): weight edits undone
+out of order or reused, SIMU updates that blow up, damaged files, contaminated splits, and the
+other cases that do not fit a row of test_bad_input.py's table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechunlearn as mu
+from mechunlearn import Lunar, SelectivePruning, Simu, Skill
+
+F = Skill.from_texts(
+    "f", [f"Q: {i}+{i + 1}?" for i in range(8)], [f" {2 * i + 1}" for i in range(8)]
+)
+R = Skill.from_texts(
+    "r", [f"def f{i}(x):" for i in range(8)], [f"\n  return x*{i}" for i in range(8)]
+)
+REF = Skill.from_texts("ref", [f"Who is Zorb {c}?" for c in "ABCDEFGH"])
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(model, before: dict[str, torch.Tensor]) -> list[str]:
+    return [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+
+
+@pytest.fixture(scope="module")
+def edits(tiny_llama):
+    m = tiny_llama
+    simu = Simu(layers=[1], max_steps=2, lr=0.05, batch_size=4, forget_loss_factor=None)
+    simu.fit(m, F, R, quiet=True)
+    sp = SelectivePruning(ratio=0.2).fit(
+        mu.collect_importance(m, F, quiet=True), mu.collect_importance(m, R, quiet=True)
+    )
+    return {"simu": simu, "sp": sp, "lunar": Lunar(layer=1).fit(m, F, R, REF)}
+
+
+# ------------------------------------------------------------------------------ weight edits
+@pytest.mark.parametrize("first", ["simu", "sp"])
+def test_weight_edits_undone_in_creation_order_restore_every_bit(tiny_llama, edits, first):
+    m, lunar = tiny_llama, edits["lunar"]
+    before = _params(m)
+    with lunar.apply_to_weights(m):
+        lunar_only = _params(m)
+    assert _changed(m, before) == []
+
+    e1 = edits[first].apply_to_weights(m)
+    e2 = lunar.apply_to_weights(m)
+    assert any("layers.1." in n and "down_proj" in n for n in _changed(m, before))
+    e1.undo()  # the older edit first: exactly LUNAR's edit stays
+    assert _changed(m, lunar_only) == []
+    e2.undo()
+    assert _changed(m, before) == []
+
+
+@pytest.mark.parametrize("first", ["simu", "sp"])
+def test_weight_edits_undone_in_reverse_order_restore_every_bit(tiny_llama, edits, first):
+    m = tiny_llama
+    before = _params(m)
+    with edits[first].apply_to_weights(m), edits["lunar"].apply_to_weights(m):
+        assert any("layers.1." in n and "down_proj" in n for n in _changed(m, before))
+    assert _changed(m, before) == []
+
+
+def test_a_spent_weight_edit_is_refused(tiny_llama, edits):
+    m = tiny_llama
+    before = _params(m)
+    edit = edits["lunar"].apply_to_weights(m)
+    with edit:
+        assert _changed(m, before)
+    with pytest.raises(RuntimeError, match="undone already .*apply_to_weights\\(model\\) again"):
+        with edit:
+            pass
+    assert _changed(m, before) == []
