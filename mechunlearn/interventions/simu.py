@@ -73,8 +73,9 @@ code), as stated in docs/methods.md ("SIMU"):
 
    Training runs ``max_steps`` steps at most and stops early once a step's forget loss reaches
    ``forget_loss_factor`` times the initial loss of the same examples (measured before
-   training, in the attribution pass). A non-finite loss stops it with a FloatingPointError
-   that names the step. On any exit (finished, error, KeyboardInterrupt) the model's weights
+   training, in the attribution pass). A non-finite loss, or an update that makes a trained
+   weight non-finite, stops it with a FloatingPointError that names the step (``non-finite at
+   step k``). On any exit (finished, error, KeyboardInterrupt) the model's weights
    and ``requires_grad`` flags are restored bit-identically: :meth:`Simu.fit` leaves the model
    exactly as it found it and keeps the result as weight deltas.
 
@@ -643,7 +644,8 @@ class Simu(Intervention):
         Raises:
             TypeError: a skill is not a Skill.
             ValueError: an empty skill, one without answer tokens, or a layer out of range.
-            FloatingPointError: the loss became NaN or infinite (the step is named).
+            FloatingPointError: the loss, or a trained weight after an update, became NaN or
+                infinite (the step is named; the model's weights are restored).
         """
         forget = _check_skill(forget, "forget")
         retain = _check_skill(retain, "retain")
@@ -778,6 +780,14 @@ class Simu(Intervention):
                         p.grad = g
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                    bad = [name for name, p in trained if not bool(torch.isfinite(p).all())]
+                    if bad:
+                        raise FloatingPointError(
+                            f"SIMU stopped: non-finite at step {step}: its update made "
+                            f"{', '.join(bad)} NaN or infinite. The model's weights were "
+                            f"restored and nothing was kept; lower lr (now {self.lr}) or "
+                            "optimizer_kwargs['p']."
+                        )
                     bar.update()
                 deltas = {
                     name: (p.detach() - originals[id(p)])
@@ -787,6 +797,13 @@ class Simu(Intervention):
                 for layer, (_, _, idx) in rows.items():
                     deltas[f"blocks.{layer}.mlp.W_out"] = (
                         w_out(model, layer).detach()[idx] - old_rows[layer]
+                    )
+                bad = [name for name, d in deltas.items() if not bool(torch.isfinite(d).all())]
+                if bad:
+                    raise FloatingPointError(
+                        f"SIMU stopped: non-finite at step {len(history) - 1}: the weight deltas "
+                        f"of {', '.join(bad)} overflow. The model's weights were restored and "
+                        f"nothing was kept; lower lr (now {self.lr})."
                     )
         finally:
             bar.close()

@@ -75,3 +75,13 @@ def test_a_spent_weight_edit_is_refused(tiny_llama, edits):
         with edit:
             pass
     assert _changed(m, before) == []
+
+
+# ------------------------------------------------------------------------------------- SIMU
+def test_a_simu_update_that_blows_up_stops_and_restores(tiny_llama):
+    before = _params(tiny_llama)
+    simu = Simu(lr=1e30, optimizer_kwargs={"p": 1e30}, max_steps=1, forget_loss_factor=None)
+    with pytest.raises(FloatingPointError, match="non-finite at step 0: .*weights were restored"):
+        simu.fit(tiny_llama, F, R, quiet=True)
+    assert _changed(tiny_llama, before) == []
+    assert not simu.is_fitted
