@@ -132,6 +132,11 @@ class NeuronAdjust(Intervention):
     """
 
     _fitted_attrs = Intervention._fitted_attrs + ("site_", "selected_", "mu_f_")
+    _index_tensors = ("selected", "retain_index")
+    _nonfinite_tensors = ("scores",)  # -inf where a neuron cannot be scored
+    # An unselected neuron's Gaussian may be undefined (no finite value seen); the hooks read
+    # only the selected ones'.
+    _finite_where = {name: "selected" for name in ("mu_f", "sigma_f", "mu_r", "sigma_r")}
 
     def __init__(
         self,

@@ -62,6 +62,8 @@ class SelectivePruning(Intervention):
     """
 
     _fitted_attrs = Intervention._fitted_attrs + ("selected_", "scores_")
+    _index_tensors = ("selected",)
+    _nonfinite_tensors = ("scores",)  # -inf where pruned earlier
 
     def __init__(self, ratio: float = 0.015, eps: float = 1e-6):
         self.ratio = check_fraction("ratio", ratio)

@@ -538,6 +538,7 @@ class Simu(Intervention):
     applies_by = "weights"  # attention deltas have no cheap exact hook
 
     _fitted_attrs = Intervention._fitted_attrs + ("attribution_", "critical_", "deltas_")
+    _index_tensors = ("critical",)
 
     def __init__(
         self,

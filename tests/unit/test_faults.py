@@ -85,3 +85,59 @@ def test_a_simu_update_that_blows_up_stops_and_restores(tiny_llama):
         simu.fit(tiny_llama, F, R, quiet=True)
     assert _changed(tiny_llama, before) == []
     assert not simu.is_fitted
+
+
+# ---------------------------------------------------------------------------- damaged files
+def _tamper(path, name, change):
+    """Rewrite tensor ``name`` of a saved file as ``change(tensor)``, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_llama, edits):
+    pf = mu.collect(tiny_llama, F, what=("pre", "keys"), quiet=True)
+    pr = mu.collect(tiny_llama, R, what=("pre", "keys"), quiet=True)
+    return {
+        "na": mu.NeuronAdjust(ratio=0.1).fit(pf.pre, pr.pre),
+        "ksd": mu.KeySpaceDetector(h=2.0).fit(pf.keys),
+        **edits,
+    }
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    "kind, tensor, change, fragment",
+    [
+        ("lunar", "delta_w_out.1", lambda t: t.fill_(NAN), "'delta_w_out.1' holds 1536 NaN"),
+        ("ksd", "alpha", lambda t: t.fill_(NAN), "'alpha' holds 3 NaN"),
+        ("ksd", "region.mu", lambda t: t.fill_(float("inf")), "'region.mu' holds"),
+        ("na", "mu_r", lambda t: t.fill_(NAN), "'mu_r' holds 14 NaN"),
+        ("simu", "delta:blocks.1.mlp.W_out", lambda t: t.fill_(NAN), "'delta:blocks.1.mlp.W_out'"),
+        ("na", "selected", lambda t: t.float() * 0.5, "'selected' holds indices but is torch.f"),
+        ("sp", "selected", lambda t: t.float(), "'selected' holds indices but is torch.float32"),
+    ],
+)  # fmt: skip
+def test_a_file_with_nan_or_float_indices_is_damaged(
+    fitted, tmp_path, kind, tensor, change, fragment
+):
+    path = fitted[kind].save(tmp_path / kind)
+    type(fitted[kind]).load(path)  # the file as saved loads
+    _tamper(path, tensor, change)
+    with pytest.raises(mu.DamagedFileError, match="^" + str(path).replace(".", r"\.")) as info:
+        type(fitted[kind]).load(path)
+    assert fragment in str(info.value) and "fit the" in str(info.value)
+
+
+def test_nan_in_an_unselected_neurons_gaussian_still_loads(fitted, tmp_path):
+    na = fitted["na"]
+    path = na.save(tmp_path / "na")
+    _tamper(path, "mu_f", lambda t: t.masked_fill(~na.selected_, NAN))
+    assert torch.equal(type(na).load(path).selected_, na.selected_)
