@@ -141,3 +141,31 @@ def test_nan_in_an_unselected_neurons_gaussian_still_loads(fitted, tmp_path):
     path = na.save(tmp_path / "na")
     _tamper(path, "mu_f", lambda t: t.masked_fill(~na.selected_, NAN))
     assert torch.equal(type(na).load(path).selected_, na.selected_)
+
+
+# ---------------------------------------------------------------------------------- splits
+def test_split_keeps_every_copy_of_a_prompt_in_one_part():
+    prompts = [f"p{i}" for i in range(10)] * 2 + ["solo"]
+    skill = Skill.from_texts("dup", prompts, [f" a{i}" for i in range(21)])
+    for seed in range(20):
+        fit, held = skill.split(0.3, seed=seed)
+        assert not set(fit.prompts) & set(held.prompts), seed
+        assert len(fit) + len(held) == 21 and len(held) >= 7
+        assert sorted(fit.prompts + held.prompts) == sorted(prompts)
+
+
+def test_split_of_unique_prompts_is_unchanged():
+    skill = Skill.from_texts("u", [str(i) for i in range(101)])
+    fit, held = skill.split(0.3, seed=4)
+    assert (len(fit), len(held)) == (70, 31)
+    # the first 31 of the hash order, as before copies were grouped
+    from mechunlearn.data.skill import _hash_order
+
+    expected = sorted(_hash_order(skill.examples, 4, salt="split")[:31])
+    assert held.prompts == [str(i) for i in expected]
+
+
+def test_split_that_copies_would_empty_is_refused():
+    skill = Skill.from_texts("same", ["q", "q", "q"], [" 1", " 2", " 3"])
+    with pytest.raises(ValueError, match="copies of a prompt stay in one part"):
+        skill.split(1, seed=0)
