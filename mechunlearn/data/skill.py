@@ -345,9 +345,9 @@ class Skill:
         prompt (a skill may hold one prompt twice, with different answers) go to the same
         part, so no held-out prompt is also a fit prompt: a prompt's copies follow its first
         copy in the hash order, and the held-out part may then hold a few more than
-        ``n_test`` examples (whole prompts are added until it has at least ``n_test``). Both parts keep
-        the original order of the examples and the skill's name; the part is noted in their
-        source (``[fit 100/200, seed=0]``).
+        ``n_test`` examples (whole prompts are added until it has at least ``n_test``). Both
+        parts keep the original order of the examples and the skill's name; the part is noted
+        in their source (``[fit 100/200, seed=0]``).
 
         Args:
             test_size: Fraction of examples held out (a float in (0, 1)) or their number

@@ -9,6 +9,7 @@ import torch
 
 import mechunlearn as mu
 from mechunlearn import Lunar, SelectivePruning, Simu, Skill
+from mechunlearn.data.files import DataFileError
 
 F = Skill.from_texts(
     "f", [f"Q: {i}+{i + 1}?" for i in range(8)], [f" {2 * i + 1}" for i in range(8)]
@@ -169,3 +170,40 @@ def test_split_that_copies_would_empty_is_refused():
     skill = Skill.from_texts("same", ["q", "q", "q"], [" 1", " 2", " 3"])
     with pytest.raises(ValueError, match="copies of a prompt stay in one part"):
         skill.split(1, seed=0)
+
+
+# ------------------------------------------------------------------------------ data files
+@pytest.mark.parametrize(
+    "name, content, line, fragment",
+    [
+        ("nan.jsonl", b'{"prompt": "a", "answer": "x"}\n{"prompt": "b", "answer": NaN}\n', 2,
+         "the value NaN is not standard JSON (it would become the text 'nan')"),
+        ("inf.jsonl", b'{"prompt": "a", "answer": Infinity}\n', 1,
+         "the value Infinity is not standard JSON"),
+        ("inf.json", b'[\n {"prompt": "a", "answer": 1},\n {"prompt": "b", "answer": -Infinity}\n]',
+         3, "the value -Infinity is not standard JSON"),
+        ("nul.csv", b"prompt,answer\nab,1\nc\x00d,2\n", 3, "a NUL byte at column 2"),
+        ("nul.jsonl", b'{"prompt": "a\x00"}\n', 1, "a NUL byte at column 14"),
+    ],
+)  # fmt: skip
+def test_a_data_file_with_nan_or_nul_is_refused_with_its_line(
+    tmp_path, name, content, line, fragment
+):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataFileError, match="re-save|quoted string") as info:
+        mu.load_skill(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: ") and fragment in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("content", [b"not gzip at all", None], ids=["not gzip", "truncated"])
+def test_a_damaged_gzip_file_is_refused_with_its_name(tmp_path, content):
+    import gzip
+
+    path = tmp_path / "qa.jsonl.gz"
+    whole = gzip.compress(b'{"prompt": "a", "answer": "b"}\n' * 50)
+    path.write_bytes(whole[: len(whole) // 2] if content is None else content)
+    with pytest.raises(DataFileError, match="not a complete gzip file .*download or copy it"):
+        mu.load_skill(str(path))
