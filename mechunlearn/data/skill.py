@@ -28,7 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, overload
 
-from .checks import check_count, check_seed
+from .checks import check_count, check_seed, check_texts
 
 __all__ = ["Example", "Skill", "check_text", "split_sizes"]
 
@@ -187,25 +187,6 @@ def _hash_order(examples: Sequence[Example], seed: int, salt: str) -> list[int]:
         return digest.digest(), i
 
     return sorted(range(len(examples)), key=key)
-
-
-def _strings(values: Any, what: str) -> list[str]:
-    """Materialise an iterable of strings once, refusing a lone string and non-strings."""
-    if isinstance(values, (str, bytes)):
-        raise TypeError(
-            f"{what} must be an iterable of strings, not one {type(values).__name__}; "
-            f"wrap it in a list: [{values!r:.40}]"
-        )
-    if not isinstance(values, Iterable):
-        raise TypeError(f"{what} must be an iterable of strings, got {type(values).__name__}")
-    out = list(values)
-    for i, v in enumerate(out):
-        if not isinstance(v, str):
-            raise TypeError(
-                f"{what}[{i}] is {type(v).__name__} {v!r:.60}, not a str; pass strings "
-                "(convert them with str() yourself if that is really meant)"
-            )
-    return out
 
 
 @dataclass(repr=False)
@@ -436,8 +417,8 @@ class Skill:
             >>> Skill.from_texts("gen", (f"q{i}" for i in range(3))).prompts
             ['q0', 'q1', 'q2']
         """
-        prompts = _strings(prompts, "prompts")
-        answers = [""] * len(prompts) if answers is None else _strings(answers, "answers")
+        prompts = check_texts(prompts, "prompts")
+        answers = [""] * len(prompts) if answers is None else check_texts(answers, "answers")
         if len(answers) != len(prompts):
             raise ValueError(
                 f"got {len(prompts)} prompts but {len(answers)} answers; give one answer per "

@@ -119,7 +119,14 @@ from ..batching import (
 from ..data import Skill, special_token_flags
 from ..models import d_mlp, model_device, model_meta
 from ..sites import hook_name
-from ..validation import check_int, model_keys, resolve_layers
+from ..validation import (
+    check_forget_retain,
+    check_int,
+    check_layers,
+    check_seed,
+    model_keys,
+    resolve_layers,
+)
 from .base import Hook, Intervention, check_positive
 from .weights import WeightEdit, w_out
 
@@ -555,12 +562,7 @@ class Simu(Intervention):
         seed: int = 0,
         optimizer_kwargs: dict[str, Any] | None = None,
     ):
-        if layers is not None and not isinstance(layers, int):
-            if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-                raise ValueError(f"layers must be None, an int or a list of ints, got {layers!r}.")
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-                raise ValueError(f"layers must be None, an int or a list of ints, got {layers!r}.")
-            layers = list(layers)
+        layers = check_layers(layers)
         check_int("steps", steps, min_val=1)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise ValueError(f"threshold must be a number in [0, 1), got {threshold!r}.")
@@ -587,10 +589,17 @@ class Simu(Intervention):
         check_int("batch_size", batch_size, min_val=1)
         if max_length is not None:
             check_int("max_length", max_length, min_val=2)
-        check_int("seed", seed, min_val=0)
+        check_seed(seed)
         if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
             raise ValueError(f"optimizer_kwargs must be a dict or None, got {optimizer_kwargs!r}.")
         kwargs = dict(optimizer_kwargs or {})
+        for key, value in kwargs.items():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(
+                        f"optimizer_kwargs[{key!r}] must be finite, got {value!r}: pass a finite "
+                        "number (or leave it out for SophiaH's default)."
+                    )
         for bad, why in (("lr", "use Simu(lr=...)"), ("params", "SIMU chooses them")):
             if bad in kwargs:
                 raise ValueError(f"optimizer_kwargs must not hold {bad!r}: {why}.")
@@ -650,6 +659,7 @@ class Simu(Intervention):
         """
         forget = _check_skill(forget, "forget")
         retain = _check_skill(retain, "retain")
+        check_forget_retain(forget, retain, ("forget", "retain"), "examples")
         layers = resolve_layers(model, self.layers)
         kw = dict(
             layers=layers, steps=self.steps, batch_size=self.batch_size,

@@ -207,3 +207,32 @@ def test_a_damaged_gzip_file_is_refused_with_its_name(tmp_path, content):
     path.write_bytes(whole[: len(whole) // 2] if content is None else content)
     with pytest.raises(DataFileError, match="not a complete gzip file .*download or copy it"):
         mu.load_skill(str(path))
+
+
+# ------------------------------------------------------------------ two models, one fit
+def test_statistics_of_another_model_of_the_same_shape_warn_naming_both(tiny_llama):
+    pf = mu.collect(tiny_llama, F, what=("pre", "keys", "importance"), quiet=True)
+    pr = mu.collect(tiny_llama, R, what=("pre", "keys", "importance"), quiet=True)
+    for part in (pr.pre, pr.keys, pr.importance):
+        part.meta["model"] = "tiny-llama-finetuned"
+    expected = "come from model 'tiny-llama' but .* from 'tiny-llama-finetuned'"
+    # Neuron Adjust's separation scores (check_same_source) refuse them outright.
+    with pytest.warns(UserWarning, match="stats_f " + expected):
+        with pytest.raises(ValueError, match="different models: model is 'tiny-llama' vs"):
+            mu.NeuronAdjust(ratio=0.1).fit(pf.pre, pr.pre)
+    with pytest.warns(UserWarning, match="importance_f " + expected):
+        mu.SelectivePruning(ratio=0.1).fit(pf.importance, pr.importance)
+    with pytest.warns(UserWarning, match="keys_f " + expected):
+        mu.KeySpaceDetector(fpr=0.3).fit(pf.keys, pr.keys)
+
+
+# ------------------------------------------------------------------------ generation length
+def test_generate_caps_new_tokens_at_the_context(tiny_llama, recwarn):
+    keys_f = mu.collect_keys(tiny_llama, F, quiet=True)
+    ksd = mu.KeySpaceDetector(h=1.0).fit(keys_f)
+    prompt = "def f9(x):"  # not detected
+    assert not ksd.detect(tiny_llama, [prompt]).detected.any()
+    # a character tokenizer: BOS and 10 prompt tokens leave 245 of the 256 positions
+    with pytest.warns(UserWarning, match="context of 256 tokens after a prompt of 11: .*245 new"):
+        (text,) = ksd.generate(tiny_llama, [prompt], max_new_tokens=10**9)
+    assert isinstance(text, str) and text
