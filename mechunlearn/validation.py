@@ -357,7 +357,7 @@ def check_has_values(obj: Any, name: str) -> None:
     ``meta`` device: shapes without values, which no fit can use.
 
     Example:
-        >>> check_has_values(stats.to("meta"), "stats_f")
+        >>> check_has_values(stats_f.to("meta"), "stats_f")
         Traceback (most recent call last):
         ...
         ValueError: stats_f is on the 'meta' device (shapes, no values): ...
