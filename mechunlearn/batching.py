@@ -84,6 +84,48 @@ def _max_length(model, max_length: int | None) -> int:
     return min(max_length, n_ctx) if n_ctx > 0 else max_length
 
 
+def cap_new_tokens(model, prompt_len: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, lowered (with a warning) so that a prompt of ``prompt_len`` tokens
+    plus the new ones fit the model's context (``model.cfg.n_ctx``).
+
+    Past the context a model with learned positions fails with a raw ``IndexError``, one with
+    rotary positions extrapolates silently, and a huge ``max_new_tokens`` runs for hours.
+
+    Args:
+        model: the model (its ``cfg.n_ctx``; no cap when it has none).
+        prompt_len: the longest prompt of the generation call, in tokens (padding included).
+        max_new_tokens: the length asked for.
+
+    Returns:
+        ``min(max_new_tokens, n_ctx - prompt_len)``.
+
+    Raises:
+        ValueError: the prompt alone fills the context.
+
+    Example:
+        >>> cap_new_tokens(model, 6, 400)   # tiny model: n_ctx 256
+        250
+    """
+    n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+    if n_ctx <= 0:
+        return max_new_tokens
+    room = n_ctx - int(prompt_len)
+    if room < 1:
+        raise ValueError(
+            f"A prompt of {prompt_len} tokens leaves no room in the model's context of {n_ctx} "
+            "tokens: shorten the prompts (max_length=...)."
+        )
+    if max_new_tokens > room:
+        warnings.warn(
+            f"max_new_tokens={max_new_tokens} runs past the model's context of {n_ctx} tokens "
+            f"after a prompt of {prompt_len}: generating at most {room} new tokens (pass "
+            f"max_new_tokens <= {room} to silence this).",
+            stacklevel=3,
+        )
+        return room
+    return max_new_tokens
+
+
 def tokenize_examples(
     model,
     prompts: Sequence[str],

@@ -22,7 +22,7 @@ exactly (:mod:`mechunlearn.distributed`); every rank returns the full result.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -40,7 +40,7 @@ from .kernels.moments import example_seeds, token_keys
 from .models import check_model, d_mlp, model_device, model_meta
 from .sites import check_positions, check_site, hook_name
 from .stats import Importance, KeyVectors, NeuronStats
-from .validation import check_int, resolve_layers
+from .validation import check_int, check_texts, resolve_layers
 
 WHAT: tuple[str, ...] = ("pre", "key", "keys", "importance")
 """What :func:`collect` can gather in one pass: ``"pre"``/``"key"`` (NeuronStats of
@@ -208,12 +208,11 @@ def as_skill(skill: Any, what: str = "skill") -> Skill:
             f"The {what} must be a Skill (or a list of texts), not a name: "
             f"use mu.load_skill({skill!r})."
         )
-    try:
-        texts = list(skill)
-    except TypeError:
+    if not isinstance(skill, Iterable):
         raise TypeError(
             f"The {what} must be a Skill or a list of texts, got {type(skill).__name__}."
-        ) from None
+        )
+    texts = check_texts(skill, f"The {what}")
     if not texts:
         raise ValueError(f"The {what} has no examples: nothing to run.")
     return Skill.from_texts("texts", texts)

@@ -136,6 +136,11 @@ def _as_skills(skills: Skill | Sequence[Skill] | Mapping[str, Skill]) -> dict[st
 
 
 def _check_intervention(name: str, iv: Any) -> None:
+    if isinstance(iv, type):
+        raise TypeError(
+            f"Intervention {name!r} is the class {iv.__name__}, not a fitted instance: pass "
+            f"mu.{iv.__name__}(...).fit(...) (or {iv.__name__}.load(path))."
+        )
     ok = iv is not None and (
         callable(getattr(iv, "hooks", None))
         or callable(getattr(iv, "detect", None))
@@ -649,7 +654,9 @@ def relative_table(results: pd.DataFrame, interval: bool = False) -> pd.DataFram
         interval: cells as text ``"0.55 [0.41, 0.68]"`` instead of numbers.
 
     Raises:
-        ValueError: not a table from :func:`evaluate` (columns missing) or an empty one.
+        ValueError: not a table from :func:`evaluate` (columns missing), an empty one, or one
+            with several rows for a skill and method (tables of several seeds stacked: pass
+            one at a time, or average them first).
 
     Example:
         >>> table = mu.evaluate(model, [forget, retain], {"KSD": ksd}, quiet=True)
@@ -667,6 +674,18 @@ def relative_table(results: pd.DataFrame, interval: bool = False) -> pd.DataFram
         raise ValueError(
             f"relative_table needs a non-empty table from mu.evaluate(...) (missing columns: "
             f"{missing or 'none, but it has no rows'})."
+        )
+    repeated = results.duplicated(["skill", "method"], keep=False)
+    if repeated.any():
+        first = results.loc[repeated].iloc[0]
+        count = int(
+            ((results["skill"] == first["skill"]) & (results["method"] == first["method"])).sum()
+        )
+        raise ValueError(
+            f"relative_table got {count} rows for skill {first['skill']!r} and method "
+            f"{first['method']!r} (tables of several seeds or runs stacked): pass one seed's "
+            "table at a time, or average first, e.g. results.groupby(['skill', 'method'], "
+            "as_index=False)['relative'].mean()."
         )
     order = list(dict.fromkeys(results["method"]))
     skills = list(dict.fromkeys(results["skill"]))

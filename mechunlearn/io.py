@@ -205,18 +205,23 @@ def load_tensors(
     Args:
         path: the file (``.safetensors`` may be left out).
         kind: the class name it must hold.
-        device: where to put the tensors.
+        device: where to put the tensors (checked with :func:`mechunlearn.models.check_device`:
+            a device this machine lacks raises a ValueError, not a damaged-file error).
         schema: ``{tensor name: dtype or dtypes}``; every name must be present with one of its
             dtypes (others are dropped with a warning).
         info_keys: the metadata keys that must be present (others are dropped with a warning).
 
     Raises:
+        ValueError: ``device`` is unknown or not on this machine.
         FileNotFoundError: no such file.
         DamagedFileError: not a readable mechunlearn file, another kind, a newer format, a
             missing or wrongly typed tensor or metadata key; the message names the file.
     """
     from safetensors import SafetensorError, safe_open
 
+    from .models import check_device
+
+    device = check_device(device)
     path = Path(path)
     if not path.exists() and _with_suffix(path).exists():
         path = _with_suffix(path)

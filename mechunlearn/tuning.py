@@ -72,6 +72,11 @@ def prune_iteratively(
         The fitted SelectivePruning.
     """
     ratio, step = check_fraction("ratio", ratio), check_fraction("step", step)
+    if step > ratio:
+        raise ValueError(
+            f"step={step} is larger than ratio={ratio}: a step cannot prune more than the total; "
+            "pass step <= ratio (step=ratio prunes everything in one step)."
+        )
     forget, retain = as_skill(forget, "forget skill"), as_skill(retain, "retain skill")
     layers = resolve_layers(model, layers)
     total = len(layers) * d_mlp(model)

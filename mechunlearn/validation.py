@@ -8,10 +8,17 @@ an int, a string is not a number, ``2.5`` is not a count, ``[1.7]`` is not a lay
 * :func:`check_fraction`, :func:`check_positive`, :func:`check_int`, :func:`check_probability`:
   the common special cases.
 * :func:`check_choice`, :func:`check_type`, :func:`check_bool`.
+* :func:`check_texts`: an iterable of strings (not one string, not a dict, no non-strings);
+  :func:`check_seed`: a seed torch and NumPy accept (from :mod:`mechunlearn.data.checks`).
+* :func:`check_test_size`: a held-out fraction in (0, 1) or count >= 1;
+  :func:`check_layers`: a layer selection before it meets a model (None, an int, or distinct
+  ints).
 * :func:`resolve_layers`: a layer selection (negative indices count from the end) against a
   number of layers.
 * :func:`check_compatible`, :func:`check_same_source`: that two collected objects come from
   the same model, site and layers, so that combining them means something.
+* :func:`check_forget_retain`: that a fit's retain data is not its forget data, and comes from
+  the same model; :func:`check_has_values`: that collected data is not on the ``meta`` device.
 
 Example:
     >>> check_fraction("ratio", 0.03)
@@ -27,6 +34,34 @@ import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+# The data package is the bottom layer (it imports nothing else from mechunlearn): its checks of
+# texts and seeds live there and are the ones every module uses.
+from .data.checks import MAX_SEED, check_seed, check_texts
+
+__all__ = [
+    "MAX_SEED",
+    "MODEL_KEYS",
+    "check_alpha",
+    "check_bool",
+    "check_choice",
+    "check_compatible",
+    "check_forget_retain",
+    "check_fraction",
+    "check_has_values",
+    "check_int",
+    "check_layers",
+    "check_positive",
+    "check_probability",
+    "check_same_source",
+    "check_scalar",
+    "check_seed",
+    "check_test_size",
+    "check_texts",
+    "check_type",
+    "model_keys",
+    "resolve_layers",
+]
 
 #: Metadata keys that describe a model's shape (what makes statistics of two models comparable).
 MODEL_KEYS: tuple[str, ...] = ("model", "n_layers", "d_mlp", "d_model")
@@ -147,6 +182,60 @@ def check_alpha(alpha: Any) -> float:
     return check_probability("alpha (a significance level)", alpha)
 
 
+def check_test_size(name: str, value: Any) -> float | int:
+    """A held-out share: a fraction in (0, 1), or a count (an int >= 1).
+
+    The number of items is not known yet; :func:`mechunlearn.data.split_sizes` checks the
+    count against it when the split is made.
+
+    Example:
+        >>> check_test_size("test_size", 0.5), check_test_size("test_size", 3)
+        (0.5, 3)
+    """
+    hint = "a fraction in (0, 1), e.g. 0.5, or a count >= 1 of held-out items"
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"{name} must be {hint}, got {value!r}.")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {hint}, got {_describe(value)}.")
+    if not 0.0 < float(value) < 1.0:  # also NaN and inf
+        raise ValueError(f"{name} must be {hint}, got {value!r}.")
+    return float(value)
+
+
+def check_layers(layers: Any, name: str = "layers") -> int | list[int] | None:
+    """A layer selection before it meets a model: None (every layer), an int, or a non-empty
+    sequence of distinct ints (negative counts from the end; :func:`resolve_layers` checks the
+    range, and repeats such as ``[-1, 29]``, against the model).
+
+    Raises:
+        TypeError: a bool, a float, a string, or a sequence holding one.
+        ValueError: an empty sequence, or a layer given twice.
+
+    Example:
+        >>> check_layers([0, -1]), check_layers(None), check_layers(2)
+        ([0, -1], None, 2)
+    """
+    if layers is None:
+        return None
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        return int(layers)
+    shape = f"{name} must be None, an int or a list of ints"
+    if isinstance(layers, (bool, str, bytes, Mapping)) or not isinstance(layers, Sequence | range):
+        raise TypeError(f"{shape}, got {_describe(layers)}.")
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise TypeError(f"Layers must be integers, got {_describe(layer)} in {list(layers)!r}.")
+        out.append(int(layer))
+    if not out:
+        raise ValueError(f"{name} is empty: pass None for every layer, or a list of indices.")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} {out} repeat a layer: give each layer once.")
+    return out
+
+
 def resolve_layers(n_layers: Any, layers: int | Sequence[int] | None) -> list[int]:
     """Normalise a layer selection to a sorted list of distinct non-negative indices.
 
@@ -250,6 +339,88 @@ def check_same_source(a: Any, b: Any, names: Sequence[str] = ("first", "second")
     da, db = getattr(a, "d_mlp", None), getattr(b, "d_mlp", None)
     if da is not None and db is not None and da != db:
         raise ValueError(f"{na} has {da} neurons per layer but {nb} has {db}.")
+
+
+def _content(obj: Any) -> Any:
+    """What makes two collected objects (or skills) the same data: a skill's texts, or the
+    tensors of statistics (counts, means, squared deviations), key vectors or importances."""
+    examples = getattr(obj, "examples", None)
+    if examples is not None:
+        return [(ex.prompt, ex.answer) for ex in examples]
+    names = ("mean", "m2", "count") if hasattr(obj, "mean") else ("values",)
+    tensors = tuple(getattr(obj, name, None) for name in names)
+    return None if any(t is None for t in tensors) else tensors
+
+
+def check_has_values(obj: Any, name: str) -> None:
+    """Raise a ValueError if collected data (NeuronStats, KeyVectors, Importance) sits on the
+    ``meta`` device: shapes without values, which no fit can use.
+
+    Example:
+        >>> check_has_values(stats_f.to("meta"), "stats_f")
+        Traceback (most recent call last):
+        ...
+        ValueError: stats_f is on the 'meta' device (shapes, no values): ...
+    """
+    value = _content(obj)
+    first = value[0] if isinstance(value, tuple) else None
+    if getattr(getattr(first, "device", None), "type", None) == "meta":
+        raise ValueError(
+            f"{name} is on the 'meta' device (shapes, no values): collect it again, or load "
+            "it from its file (.load(path)), onto 'cpu' or a GPU."
+        )
+
+
+def check_forget_retain(
+    forget: Any, retain: Any, names: Sequence[str] = ("forget", "retain"), what: str = "data"
+) -> None:
+    """Refuse a retain set that is the forget set; warn when the two come from two models.
+
+    A fit against itself selects nothing meaningful (every separation is zero) and says
+    nothing; two collections from different models of the same shape combine without an error
+    but compare different networks.
+
+    Args:
+        forget, retain: two skills, or two NeuronStats / KeyVectors / Importance.
+        names: how to call them in the messages, e.g. ``("stats_f", "stats_r")``.
+        what: what they are, for the message (``"statistics"``, ``"skill"``).
+
+    Raises:
+        ValueError: ``retain`` is ``forget``, or holds identical data, or either is on the
+            ``meta`` device (:func:`check_has_values`).
+
+    Example:
+        >>> check_forget_retain(stats_f, stats_f, ("stats_f", "stats_r"), "statistics")
+        Traceback (most recent call last):
+        ...
+        ValueError: stats_r is the same object as stats_f: ...
+    """
+    import torch
+
+    na, nb = names
+    check_has_values(forget, na)
+    check_has_values(retain, nb)
+    hint = f"pass the {what} of a skill to keep as {nb}, not those of the skill to forget."
+    if forget is retain:
+        raise ValueError(f"{nb} is the same object as {na}: {hint}")
+    a, b = _content(forget), _content(retain)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        same = all(
+            x.shape == y.shape and x.device == y.device and bool(torch.equal(x, y))
+            for x, y in zip(a, b, strict=True)
+        )
+    else:
+        same = a is not None and a == b
+    if same:
+        raise ValueError(f"{nb} holds exactly the same {what} as {na}: {hint}")
+    ma = (getattr(forget, "meta", None) or {}).get("model")
+    mb = (getattr(retain, "meta", None) or {}).get("model")
+    if ma is not None and mb is not None and ma != mb:
+        warnings.warn(
+            f"{na} come from model {ma!r} but {nb} from {mb!r} (same shape): the fit compares "
+            "two different networks; collect both on the same model.",
+            stacklevel=3,
+        )
 
 
 def model_keys(meta: Mapping[str, Any]) -> dict[str, Any]:

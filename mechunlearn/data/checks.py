@@ -17,7 +17,10 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["check_count", "check_seed", "did_you_mean"]
+__all__ = ["MAX_SEED", "check_count", "check_seed", "check_texts", "did_you_mean"]
+
+#: The largest seed: torch's generators take at most an unsigned 64-bit integer.
+MAX_SEED = 2**64 - 1
 
 
 def _is_int(x: Any) -> bool:
@@ -60,11 +63,12 @@ def check_count(n: Any, what: str = "n", allow_zero: bool = False) -> int:
 
 
 def check_seed(seed: Any, what: str = "seed") -> int:
-    """``seed`` as a non-negative int, or a one-line error.
+    """``seed`` as an int in ``[0, MAX_SEED]`` (what torch's generators take), or a one-line
+    error.
 
     Raises:
         TypeError: A bool, a float or a non-number.
-        ValueError: A negative int.
+        ValueError: A negative int, or one above :data:`MAX_SEED` (``2**64 - 1``).
 
     Example:
         >>> check_seed(0)
@@ -75,7 +79,49 @@ def check_seed(seed: Any, what: str = "seed") -> int:
     seed = int(seed)
     if seed < 0:
         raise ValueError(f"{what} must be a non-negative int, got {seed}; use e.g. {what}=0")
+    if seed > MAX_SEED:
+        raise ValueError(
+            f"{what}={seed} is larger than 2**64 - 1, the largest seed torch takes; use a "
+            f"smaller one, e.g. {what} % 2**64"
+        )
     return seed
+
+
+def check_texts(values: Any, what: str) -> list[str]:
+    """An iterable of strings, read once into a list; nothing is converted.
+
+    Refused: one string (``"abc"`` is not three texts), a dict (its keys would silently become
+    the texts), and any item that is not a ``str`` (``None``, ``123``, ``b"x"``), with its
+    index.
+
+    Raises:
+        TypeError: naming ``what`` and, for an item, its index.
+
+    Example:
+        >>> check_texts((t for t in ["a", "b"]), "prompts")
+        ['a', 'b']
+    """
+    if isinstance(values, (str, bytes)):
+        raise TypeError(
+            f"{what} must be an iterable of strings, not one {type(values).__name__}; "
+            f"wrap it in a list: [{values!r:.40}]"
+        )
+    if isinstance(values, Mapping):
+        raise TypeError(
+            f"{what} must be an iterable of strings, not a {type(values).__name__} (its keys "
+            "would become the texts); pass list(d) for the keys, or prompts and answers as two "
+            "lists: Skill.from_texts(name, list(d), list(d.values()))"
+        )
+    if not isinstance(values, Iterable):
+        raise TypeError(f"{what} must be an iterable of strings, got {type(values).__name__}")
+    out = list(values)
+    for i, v in enumerate(out):
+        if not isinstance(v, str):
+            raise TypeError(
+                f"{what}[{i}] is {type(v).__name__} {v!r:.60}, not a str; pass strings "
+                "(convert them with str() yourself if that is really meant)"
+            )
+    return out
 
 
 def did_you_mean(value: str, candidates: Iterable[str] | Mapping[str, str], n: int = 3) -> str:

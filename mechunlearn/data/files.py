@@ -24,6 +24,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -64,20 +65,62 @@ class DataFileError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+class _NonStandardConstant(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity`` in a JSON text (Python's json accepts them)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonStandardConstant(name)
+
+
+def _constant_problem(name: str) -> str:
+    return (
+        f"the value {name} is not standard JSON (it would become the text "
+        f"{str(float(name)).lower()!r}); write it as a quoted string, or fix or remove the record"
+    )
+
+
 def read_text(path: str | Path) -> str:
     """The whole file as text: UTF-8 (a BOM is dropped), gunzipped if it ends in ``.gz``.
 
     Universal newlines are **not** applied, so CSV quoting sees the file as written.
 
     Raises:
-        DataFileError: The bytes are not UTF-8 (the message gives the line and the byte).
+        DataFileError: The bytes are not UTF-8 (the message gives the line and the byte), the
+            text holds a NUL byte (a binary or UTF-16 file), or a ``.gz`` file is truncated or
+            not gzip.
 
     Example:
         >>> read_text(Path(data_dir) / "gsm8k" / "test.jsonl")[:11]
         '{"question"'
     """
     path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+            raise DataFileError(
+                path,
+                None,
+                f"not a complete gzip file ({type(err).__name__}: {err}); it is cut off or not "
+                "compressed: download or copy it again (check it with `gzip -t`), or drop the "
+                ".gz ending if it is plain text",
+            ) from None
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        line = raw[:nul].count(b"\n") + 1
+        column = nul - (raw.rfind(b"\n", 0, nul) + 1) + 1
+        raise DataFileError(
+            path,
+            line,
+            f"a NUL byte at column {column}: this is not a UTF-8 text file (binary, UTF-16, or "
+            "damaged); re-save it as UTF-8 text, or remove the NUL bytes",
+        )
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -115,7 +158,9 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield i, json.loads(line)
+            yield i, json.loads(line, parse_constant=_refuse_constant)
+        except _NonStandardConstant as err:
+            raise DataFileError(path, i, _constant_problem(err.name)) from None
         except json.JSONDecodeError as err:
             problem = _json_problem(err, "line")
             if line.strip() in ("[", "{") or line.lstrip().startswith("["):
@@ -135,7 +180,9 @@ def read_json(path: str | Path) -> Any:
     """
     text = read_text(path)
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_refuse_constant)
+    except _NonStandardConstant as err:
+        raise DataFileError(path, None, _constant_problem(err.name)) from None
     except json.JSONDecodeError as err:
         problem = (
             f"the JSON ends early ({err.msg}); the file is cut off: copy or download it again"
@@ -159,7 +206,7 @@ def iter_json_list(path: str | Path) -> Iterator[tuple[int, Any]]:
         [2, 3]
     """
     text = read_text(path)
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_constant=_refuse_constant)
 
     def fail(pos: int, problem: str) -> DataFileError:
         return DataFileError(path, text.count("\n", 0, pos) + 1, problem)
@@ -172,6 +219,8 @@ def iter_json_list(path: str | Path) -> Iterator[tuple[int, Any]]:
     def decode(pos: int) -> tuple[Any, int]:
         try:
             return decoder.raw_decode(text, pos)
+        except _NonStandardConstant as err:
+            raise fail(pos, _constant_problem(err.name)) from None
         except json.JSONDecodeError as err:
             if _cut_off(err, text):
                 raise fail(

@@ -28,7 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, overload
 
-from .checks import check_count, check_seed
+from .checks import check_count, check_seed, check_texts
 
 __all__ = ["Example", "Skill", "check_text", "split_sizes"]
 
@@ -189,25 +189,6 @@ def _hash_order(examples: Sequence[Example], seed: int, salt: str) -> list[int]:
     return sorted(range(len(examples)), key=key)
 
 
-def _strings(values: Any, what: str) -> list[str]:
-    """Materialise an iterable of strings once, refusing a lone string and non-strings."""
-    if isinstance(values, (str, bytes)):
-        raise TypeError(
-            f"{what} must be an iterable of strings, not one {type(values).__name__}; "
-            f"wrap it in a list: [{values!r:.40}]"
-        )
-    if not isinstance(values, Iterable):
-        raise TypeError(f"{what} must be an iterable of strings, got {type(values).__name__}")
-    out = list(values)
-    for i, v in enumerate(out):
-        if not isinstance(v, str):
-            raise TypeError(
-                f"{what}[{i}] is {type(v).__name__} {v!r:.60}, not a str; pass strings "
-                "(convert them with str() yourself if that is really meant)"
-            )
-    return out
-
-
 @dataclass(repr=False)
 class Skill:
     """A named list of :class:`Example` objects.
@@ -341,9 +322,13 @@ class Skill:
         ``test_size`` is the held-out count; a float is a fraction in (0, 1) and the held-out
         count is ``ceil(test_size * n)`` (rounded up, as scikit-learn does, on the decimal
         value: 0.3 of 101 holds out 31). Examples are ordered by a SHA-256 hash of
-        ``(seed, prompt, answer)``; the first ``n_test`` go to ``held_out``. Both parts keep
-        the original order of the examples and the skill's name; the part is noted in their
-        source (``[fit 100/200, seed=0]``).
+        ``(seed, prompt, answer)``; the first ``n_test`` go to ``held_out``. All copies of a
+        prompt (a skill may hold one prompt twice, with different answers) go to the same
+        part, so no held-out prompt is also a fit prompt: a prompt's copies follow its first
+        copy in the hash order, and the held-out part may then hold a few more than
+        ``n_test`` examples (whole prompts are added until it has at least ``n_test``). Both
+        parts keep the original order of the examples and the skill's name; the part is noted
+        in their source (``[fit 100/200, seed=0]``).
 
         Args:
             test_size: Fraction of examples held out (a float in (0, 1)) or their number
@@ -355,7 +340,8 @@ class Skill:
 
         Raises:
             TypeError: ``test_size`` is a bool or not a number; ``seed`` is not an int.
-            ValueError: Either part would be empty, or ``test_size`` is out of range.
+            ValueError: Either part would be empty (also when copies of one prompt would fill
+                both parts), or ``test_size`` is out of range.
 
         Example:
             >>> s = Skill.from_texts("toy", [str(i) for i in range(10)])
@@ -369,9 +355,29 @@ class Skill:
             n_fit, k = split_sizes(n, test_size)
         except ValueError as err:
             raise ValueError(f"split of skill {self.name!r}: {err}") from None
+        # Copies of a prompt (with the same or another answer) go to the same part, so that
+        # no held-out prompt was seen in the fit part. Each prompt's copies move together at
+        # the rank of its first copy in the hash order; with unique prompts this is exactly
+        # the first k examples of the hash order.
         order = _hash_order(self.examples, seed, salt="split")
-        held = sorted(order[:k])
-        fit = sorted(order[k:])
+        copies: dict[str, list[int]] = {}
+        for i in order:
+            copies.setdefault(self.examples[i].prompt, []).append(i)
+        held: list[int] = []
+        for group in copies.values():
+            if len(held) >= k:
+                break
+            held += group
+        if len(held) >= n:
+            raise ValueError(
+                f"split of skill {self.name!r}: test_size={test_size!r} holds out every example, "
+                "because copies of a prompt stay in one part; pass a smaller test_size or drop "
+                "the duplicate prompts"
+            )
+        k, n_fit = len(held), n - len(held)
+        held_set = set(held)
+        held = sorted(held)
+        fit = [i for i in range(n) if i not in held_set]
         fit_part = Skill(
             self.name,
             [self.examples[i] for i in fit],
@@ -411,8 +417,8 @@ class Skill:
             >>> Skill.from_texts("gen", (f"q{i}" for i in range(3))).prompts
             ['q0', 'q1', 'q2']
         """
-        prompts = _strings(prompts, "prompts")
-        answers = [""] * len(prompts) if answers is None else _strings(answers, "answers")
+        prompts = check_texts(prompts, "prompts")
+        answers = [""] * len(prompts) if answers is None else check_texts(answers, "answers")
         if len(answers) != len(prompts):
             raise ValueError(
                 f"got {len(prompts)} prompts but {len(answers)} answers; give one answer per "

@@ -88,6 +88,13 @@ class Intervention:
     """
 
     _fitted_attrs: ClassVar[tuple[str, ...]] = ("layers_", "d_mlp_", "meta_")
+    #: Saved tensors that hold indices or masks: a file must store them as bool or integers.
+    _index_tensors: ClassVar[tuple[str, ...]] = ()
+    #: Saved floating tensors that may hold NaN or inf (e.g. ``-inf`` scores of excluded
+    #: neurons); every other floating tensor must be finite, or finite where the mask named in
+    #: :attr:`_finite_where` is True (see :meth:`load`).
+    _nonfinite_tensors: ClassVar[tuple[str, ...]] = ()
+    _finite_where: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------ hyperparameters
     @classmethod
@@ -245,6 +252,7 @@ class Intervention:
         :class:`~mechunlearn.io.DamagedFileError` naming it.
         """
         tensors, info = load_tensors(path, cls.__name__, device)
+        cls._check_loaded(path, tensors)
         for key in ("params", "layers", "d_mlp", "meta"):
             if key not in info:
                 raise DamagedFileError(f"{path} lacks the metadata {key!r}: it is damaged.")
@@ -270,6 +278,37 @@ class Intervention:
             ) from None
         obj._clear_cache()
         return obj
+
+    @classmethod
+    def _check_loaded(cls, path: str | Path, tensors: dict[str, Tensor]) -> None:
+        """Refuse a file whose index tensors are not integers or whose values are not finite.
+
+        Every intervention's file passes through here: a NaN in a fitted tensor (LUNAR's
+        ``dW``, a detector's alpha, Neuron Adjust's Gaussians) would give NaN logits or a
+        detector that never fires, without a word.
+
+        Raises:
+            DamagedFileError: naming the file and the tensor.
+        """
+        for name in cls._index_tensors:
+            t = tensors.get(name)
+            if t is not None and (t.is_floating_point() or t.is_complex()):
+                raise DamagedFileError(
+                    f"{path}: tensor {name!r} holds indices but is {t.dtype}, not bool or "
+                    f"integer: the file is damaged; fit the {cls.__name__} again and save it."
+                )
+        for name, t in tensors.items():
+            if not t.is_floating_point() or name in cls._nonfinite_tensors:
+                continue
+            bad = ~torch.isfinite(t)
+            where = cls._finite_where.get(name)
+            if where is not None and where in tensors and tensors[where].shape == t.shape:
+                bad &= tensors[where].bool()
+            if bool(bad.any()):
+                raise DamagedFileError(
+                    f"{path}: tensor {name!r} holds {int(bad.sum())} NaN or infinite values: the "
+                    f"file is damaged; fit the {cls.__name__} again and save it."
+                )
 
 
 class HookIntervention(Intervention):

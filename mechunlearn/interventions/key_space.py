@@ -83,7 +83,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..batching import forward_until, iter_batches, tokenize_examples
+from ..batching import cap_new_tokens, forward_until, iter_batches, tokenize_examples
 from ..data import Skill, special_token_flags
 from ..generation import generate_from_tokens
 from ..kernels.regions import (
@@ -96,7 +96,19 @@ from ..kernels.regions import (
 )
 from ..sites import hook_name
 from ..stats import KeyVectors
-from ..validation import check_compatible, check_int, check_probability, check_type, model_keys
+from ..validation import (
+    MAX_SEED,
+    check_compatible,
+    check_forget_retain,
+    check_has_values,
+    check_int,
+    check_layers,
+    check_probability,
+    check_test_size,
+    check_texts,
+    check_type,
+    model_keys,
+)
 from .base import Detector, Hook, check_positive
 from .registry import register_method
 
@@ -279,23 +291,14 @@ class KeyRegionDetector(Detector):
         if alpha is not None:
             check_positive("alpha", alpha)
         _check_rule(rule)
-        if layers is not None:
-            single = isinstance(layers, int) and not isinstance(layers, bool)
-            items = [layers] if single else list(layers)
-            for x in items:
-                check_int("layer", x, min_val=None)
-            if not items:
-                raise ValueError("layers is empty: pass None for every layer.")
-            layers = layers if single else [int(x) for x in items]
+        layers = check_layers(layers)
         self.h = None if h is None else check_positive("h", h)
         self.alpha = None if alpha is None else check_positive("alpha", alpha)
         self.layers = layers
         self.rule = rule
         self.fpr = check_probability("fpr", fpr)
-        if isinstance(test_size, bool) or not isinstance(test_size, (int, float)):
-            raise TypeError(f"test_size must be a fraction or a count, got {test_size!r}.")
-        self.test_size = test_size
-        self.seed = check_int("seed", seed, min_val=None)
+        self.test_size = check_test_size("test_size", test_size)
+        self.seed = check_int("seed", seed, min_val=None, max_val=MAX_SEED)
 
     # --------------------------------------------------------------------- region (abstract)
     def _fit_region(self, x: Float[Tensor, "n layer d"]) -> dict[str, Tensor]:
@@ -347,6 +350,7 @@ class KeyRegionDetector(Detector):
             >>> ksd = mu.KeySpaceDetector().fit(keys_f, keys_cal)  # doctest: +SKIP
         """
         check_type(keys_f, KeyVectors, "keys_f", "Collect them with mu.collect_keys(model, skill).")
+        check_has_values(keys_f, "keys_f")
         if isinstance(keys_r, (list, tuple)):
             if not keys_r:
                 raise ValueError("keys_r is an empty list: pass key vectors, or None.")
@@ -391,6 +395,7 @@ class KeyRegionDetector(Detector):
                 "fit(keys_f, keys_r) chooses alpha automatically: construct the detector "
                 "without h or alpha, or call fit(keys_f) alone."
             )
+        check_forget_retain(keys_f, keys_r, ("keys_f", "keys_r"), "key vectors")
         check_compatible(keys_f.meta, keys_r.meta, ("n_layers", "d_mlp"), "KeyVectors")
         if keys_r.d_mlp != keys_f.d_mlp:
             raise ValueError(f"keys_r has d_mlp={keys_r.d_mlp}, keys_f {keys_f.d_mlp}.")
@@ -664,7 +669,9 @@ class KeyRegionDetector(Detector):
         Args:
             model: the model.
             prompts: a Skill (its prompts), a list of strings, or one string.
-            max_new_tokens: generation length.
+            max_new_tokens: generation length; lowered, with a warning, to what fits the
+                model's context after the longest prompt of a generation call
+                (:func:`mechunlearn.batching.cap_new_tokens`).
             refusal: the text returned for detected prompts (the authors' by default).
             batch_size: prompts per detection forward and per generation call (default: 16
                 per detection forward, and every kept prompt in one generation call).
@@ -700,8 +707,12 @@ class KeyRegionDetector(Detector):
             kwargs = {"do_sample": False, "verbose": False, **generate_kwargs}
             for start in range(0, len(keep), bs):
                 chunk = list(range(start, min(start + bs, len(keep))))
+                longest = max(len(items[i][0]) for i in chunk)
                 outs = generate_from_tokens(
-                    model, [items[i][0] for i in chunk], max_new_tokens, **kwargs
+                    model,
+                    [items[i][0] for i in chunk],
+                    cap_new_tokens(model, longest, max_new_tokens),
+                    **kwargs,
                 )
                 for i, out in zip(chunk, outs, strict=True):
                     texts[keep[i]] = out
@@ -887,7 +898,7 @@ def _prompts_and_flags(prompts) -> tuple[list[str], list[bool]]:
         return list(prompts.prompts), special_token_flags(prompts)
     if isinstance(prompts, str):
         return [prompts], [False]
-    out = [str(p) for p in prompts]
+    out = check_texts(prompts, "prompts")
     if not out:
         raise ValueError("No prompts given.")
     return out, [False] * len(out)

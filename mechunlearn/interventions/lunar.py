@@ -93,7 +93,7 @@ from ..batching import EncodedBatch, forward_until, iter_batches
 from ..data import Example, Skill, special_token_flags
 from ..models import d_mlp, model_device, model_meta, n_layers
 from ..sites import hook_name
-from ..validation import check_int, model_keys, resolve_layers
+from ..validation import MAX_SEED, check_forget_retain, check_int, model_keys, resolve_layers
 from .base import Hook, HookIntervention, check_positive
 from .registry import register_method
 from .weights import WeightEdit, edit_w_out, w_out
@@ -577,7 +577,7 @@ class Lunar(HookIntervention):
         self.ridge = float(ridge)
         self.epochs = check_int("epochs", epochs, min_val=1)
         self.lr = float(lr)
-        self.seed = check_int("seed", seed, min_val=0)
+        self.seed = check_int("seed", seed, min_val=0, max_val=MAX_SEED)
         if candidates is not None:
             if layer != "auto":
                 raise ValueError(
@@ -628,6 +628,7 @@ class Lunar(HookIntervention):
         retain = _check_skill(
             "retain", retain, "pass examples of a skill to keep (the edit must not move them)."
         )
+        check_forget_retain(forget, retain, ("forget", "retain"), "examples")
         if reference is None:
             reference = reference_prompts()
         reference = _check_skill(

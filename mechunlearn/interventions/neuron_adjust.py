@@ -67,7 +67,15 @@ from ..kernels.separation import METRICS, separation_scores, top_neurons
 from ..models import model_bos_id
 from ..sites import hook_name
 from ..stats import NeuronStats
-from ..validation import check_bool, check_choice, check_compatible, check_int, model_keys
+from ..validation import (
+    MAX_SEED,
+    check_bool,
+    check_choice,
+    check_compatible,
+    check_forget_retain,
+    check_int,
+    model_keys,
+)
 from .base import BosGuard, Hook, HookIntervention, check_fraction, compute_dtype
 from .registry import register_method
 
@@ -134,6 +142,11 @@ class NeuronAdjust(HookIntervention):
     """
 
     _fitted_attrs = HookIntervention._fitted_attrs + ("site_", "selected_", "mu_f_")
+    _index_tensors = ("selected", "retain_index")
+    _nonfinite_tensors = ("scores",)  # -inf where a neuron cannot be scored
+    # An unselected neuron's Gaussian may be undefined (no finite value seen); the hooks read
+    # only the selected ones'.
+    _finite_where = {name: "selected" for name in ("mu_f", "sigma_f", "mu_r", "sigma_r")}
 
     def __init__(
         self,
@@ -146,7 +159,7 @@ class NeuronAdjust(HookIntervention):
         self.ratio = check_fraction("ratio", ratio)
         self.score = check_choice(score, METRICS, "score (a separation metric)")
         self.mode = check_choice(mode, MODES, "mode")
-        self.seed = check_int("seed", seed)
+        self.seed = check_int("seed", seed, max_val=MAX_SEED)
         self.adjust_bos = check_bool("adjust_bos", adjust_bos)
 
     # --------------------------------------------------------------------------------- fit
@@ -178,6 +191,8 @@ class NeuronAdjust(HookIntervention):
                     f"got {type(s).__name__}."
                 )
         for name, r in retain:
+            label = "stats_r" if len(retain) == 1 else f"stats_r[{name!r}]"
+            check_forget_retain(stats_f, r, ("stats_f", label), "statistics")
             check_compatible(stats_f.meta, r.meta, ("n_layers", "d_mlp", "d_model"), "stats")
             if stats_f.site != r.site:
                 raise ValueError(

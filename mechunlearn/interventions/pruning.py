@@ -25,7 +25,7 @@ from torch import Tensor
 from ..kernels.separation import top_neurons
 from ..sites import hook_name
 from ..stats import Importance, NeuronStats
-from ..validation import check_compatible, check_type, model_keys
+from ..validation import check_compatible, check_forget_retain, check_type, model_keys
 from .base import Hook, HookIntervention, check_fraction, check_positive
 from .registry import register_method
 from .weights import WeightEdit, edit_w_out
@@ -64,6 +64,8 @@ class SelectivePruning(HookIntervention):
     """
 
     _fitted_attrs = HookIntervention._fitted_attrs + ("selected_", "scores_")
+    _index_tensors = ("selected",)
+    _nonfinite_tensors = ("scores",)  # -inf where pruned earlier
 
     def __init__(self, ratio: float = 0.015, eps: float = 1e-6):
         self.ratio = check_fraction("ratio", ratio)
@@ -97,6 +99,9 @@ class SelectivePruning(HookIntervention):
                     "use collect_importance(model, skill) for Selective Pruning."
                 )
             check_type(imp, Importance, name, "Use mu.collect_importance(model, skill).")
+        check_forget_retain(
+            importance_f, importance_r, ("importance_f", "importance_r"), "importances"
+        )
         check_compatible(importance_f.meta, importance_r.meta, ("n_layers", "d_mlp"), "importances")
         if list(importance_f.layers) != list(importance_r.layers):
             raise ValueError(

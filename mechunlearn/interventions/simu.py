@@ -73,8 +73,9 @@ code), as stated in docs/methods.md ("SIMU"):
 
    Training runs ``max_steps`` steps at most and stops early once a step's forget loss reaches
    ``forget_loss_factor`` times the initial loss of the same examples (measured before
-   training, in the attribution pass). A non-finite loss stops it with a FloatingPointError
-   that names the step. On any exit (finished, error, KeyboardInterrupt) the model's weights
+   training, in the attribution pass). A non-finite loss, or an update that makes a trained
+   weight non-finite, stops it with a FloatingPointError that names the step (``non-finite at
+   step k``). On any exit (finished, error, KeyboardInterrupt) the model's weights
    and ``requires_grad`` flags are restored bit-identically: :meth:`Simu.fit` leaves the model
    exactly as it found it and keeps the result as weight deltas.
 
@@ -118,7 +119,14 @@ from ..batching import (
 from ..data import Skill, special_token_flags
 from ..models import d_mlp, model_device, model_meta
 from ..sites import hook_name
-from ..validation import check_int, model_keys, resolve_layers
+from ..validation import (
+    check_forget_retain,
+    check_int,
+    check_layers,
+    check_seed,
+    model_keys,
+    resolve_layers,
+)
 from .base import Hook, WeightIntervention, check_positive
 from .registry import register_method
 from .weights import WeightEdit, w_out
@@ -537,6 +545,7 @@ class Simu(WeightIntervention):
     """
 
     _fitted_attrs = WeightIntervention._fitted_attrs + ("attribution_", "critical_", "deltas_")
+    _index_tensors = ("critical",)
 
     def __init__(
         self,
@@ -553,12 +562,7 @@ class Simu(WeightIntervention):
         seed: int = 0,
         optimizer_kwargs: dict[str, Any] | None = None,
     ):
-        if layers is not None and not isinstance(layers, int):
-            if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-                raise ValueError(f"layers must be None, an int or a list of ints, got {layers!r}.")
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-                raise ValueError(f"layers must be None, an int or a list of ints, got {layers!r}.")
-            layers = list(layers)
+        layers = check_layers(layers)
         check_int("steps", steps, min_val=1)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise ValueError(f"threshold must be a number in [0, 1), got {threshold!r}.")
@@ -585,10 +589,17 @@ class Simu(WeightIntervention):
         check_int("batch_size", batch_size, min_val=1)
         if max_length is not None:
             check_int("max_length", max_length, min_val=2)
-        check_int("seed", seed, min_val=0)
+        check_seed(seed)
         if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
             raise ValueError(f"optimizer_kwargs must be a dict or None, got {optimizer_kwargs!r}.")
         kwargs = dict(optimizer_kwargs or {})
+        for key, value in kwargs.items():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(
+                        f"optimizer_kwargs[{key!r}] must be finite, got {value!r}: pass a finite "
+                        "number (or leave it out for SophiaH's default)."
+                    )
         for bad, why in (("lr", "use Simu(lr=...)"), ("params", "SIMU chooses them")):
             if bad in kwargs:
                 raise ValueError(f"optimizer_kwargs must not hold {bad!r}: {why}.")
@@ -643,10 +654,12 @@ class Simu(WeightIntervention):
         Raises:
             TypeError: a skill is not a Skill.
             ValueError: an empty skill, one without answer tokens, or a layer out of range.
-            FloatingPointError: the loss became NaN or infinite (the step is named).
+            FloatingPointError: the loss, or a trained weight after an update, became NaN or
+                infinite (the step is named; the model's weights are restored).
         """
         forget = _check_skill(forget, "forget")
         retain = _check_skill(retain, "retain")
+        check_forget_retain(forget, retain, ("forget", "retain"), "examples")
         layers = resolve_layers(model, self.layers)
         kw = dict(
             layers=layers, steps=self.steps, batch_size=self.batch_size,
@@ -778,6 +791,14 @@ class Simu(WeightIntervention):
                         p.grad = g
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                    bad = [name for name, p in trained if not bool(torch.isfinite(p).all())]
+                    if bad:
+                        raise FloatingPointError(
+                            f"SIMU stopped: non-finite at step {step}: its update made "
+                            f"{', '.join(bad)} NaN or infinite. The model's weights were "
+                            f"restored and nothing was kept; lower lr (now {self.lr}) or "
+                            "optimizer_kwargs['p']."
+                        )
                     bar.update()
                 deltas = {
                     name: (p.detach() - originals[id(p)])
@@ -787,6 +808,13 @@ class Simu(WeightIntervention):
                 for layer, (_, _, idx) in rows.items():
                     deltas[f"blocks.{layer}.mlp.W_out"] = (
                         w_out(model, layer).detach()[idx] - old_rows[layer]
+                    )
+                bad = [name for name, d in deltas.items() if not bool(torch.isfinite(d).all())]
+                if bad:
+                    raise FloatingPointError(
+                        f"SIMU stopped: non-finite at step {len(history) - 1}: the weight deltas "
+                        f"of {', '.join(bad)} overflow. The model's weights were restored and "
+                        f"nothing was kept; lower lr (now {self.lr})."
                     )
         finally:
             bar.close()

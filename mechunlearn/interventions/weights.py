@@ -2,12 +2,13 @@
 
 A :class:`WeightEdit` remembers the original values of every tensor it changes and writes them
 back, bit for bit, on :meth:`~WeightEdit.undo` or when its ``with`` block ends, even after an
-exception.
+exception, and whatever the order in which several edits of the same weights are undone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,8 +30,56 @@ def w_out(model, layer: int) -> Tensor:
     return weight
 
 
+@dataclass(eq=False)
+class _Change:
+    """One in-place change: the tensor (the model's weight or a view of it), the change, and the
+    values the tensor held just before it."""
+
+    tensor: Tensor
+    change: Callable[[Tensor], object]
+    before: Tensor
+
+
+#: Per storage (the address of the memory a weight lives in), the changes still applied to it,
+#: oldest first: what lets an edit be undone exactly whatever the order.
+_APPLIED: dict[int, list[_Change]] = {}
+
+
+def _storage(tensor: Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _revert(done: _Change) -> None:
+    """Take ``done`` out of its tensor exactly, keeping every later change to the same memory.
+
+    The later changes are rolled back newest first (each from its own saved values), ``done``
+    is rolled back, and the later changes are made again, oldest first, each saving the values
+    it now starts from. The memory ends bit for bit as if ``done`` had never been made, and
+    undoing the later ones afterwards gives back the values from before ``done``.
+    """
+    stack = _APPLIED.get(_storage(done.tensor), [])
+    at = next((i for i, c in enumerate(stack) if c is done), None)
+    later = [] if at is None else stack[at + 1 :]
+    for change in reversed(later):
+        change.tensor.copy_(change.before)
+    done.tensor.copy_(done.before)
+    for change in later:
+        change.before = change.tensor.detach().clone()
+        change.change(change.tensor)
+    if at is not None:
+        del stack[at]
+        if not stack:
+            _APPLIED.pop(_storage(done.tensor), None)
+
+
 class WeightEdit:
     """Tensors edited in place, with their original values kept for :meth:`undo`.
+
+    Undoing is exact whatever the order: two edits of the same weight (``e1``, then ``e2``)
+    can be undone as ``e2, e1`` (nested ``with`` blocks) or as ``e1, e2``; undoing ``e1`` first
+    leaves exactly ``e2``'s change in place, and undoing both gives the original weights back
+    bit for bit. A handle is used once: after :meth:`undo` (the end of its ``with`` block) it
+    cannot be entered or applied again.
 
     Example:
         >>> base = model(tokens)
@@ -45,7 +94,7 @@ class WeightEdit:
 
     def __init__(self, model=None):
         self.model = model
-        self._saved: list[tuple[Tensor, Tensor]] | None = []
+        self._saved: list[_Change] | None = []
 
     @property
     def active(self) -> bool:
@@ -56,24 +105,42 @@ class WeightEdit:
         """Save ``tensor``'s values, then run ``edit(tensor)`` (an in-place change), without
         autograd. Pass the model's own weight or a view of it: an edit of a copy reaches nothing
         (callers check, e.g. by reading the weight again, as Selective Pruning does).
+
+        ``edit`` may run again later, on the values of that moment, when an older edit of the
+        same weight is undone first (see the class docstring): make it a pure in-place change.
+
+        Raises:
+            RuntimeError: this edit was undone already.
         """
         if self._saved is None:
-            raise RuntimeError("This WeightEdit was undone already: make a new one.")
+            raise RuntimeError(
+                "This weight edit was undone already: call apply_to_weights(model) again for a "
+                "new one."
+            )
         with torch.no_grad():
-            before = tensor.detach().clone()
-            self._saved.append((tensor, before))
+            done = _Change(tensor, edit, tensor.detach().clone())
+            self._saved.append(done)
+            _APPLIED.setdefault(_storage(tensor), []).append(done)
             edit(tensor)
 
     def undo(self) -> None:
-        """Write every original value back (a second call does nothing)."""
+        """Write every original value back (a second call does nothing).
+
+        Edits of the same weight made after this one stay in place (see the class docstring).
+        """
         if self._saved is None:
             return
         with torch.no_grad():
-            for tensor, before in reversed(self._saved):
-                tensor.copy_(before)
+            for done in reversed(self._saved):
+                _revert(done)
         self._saved = None
 
     def __enter__(self) -> WeightEdit:
+        if self._saved is None:
+            raise RuntimeError(
+                "This weight edit was undone already (its with block ended): a second `with` "
+                "would run the unedited model. Call apply_to_weights(model) again for a new edit."
+            )
         return self
 
     def __exit__(self, *exc) -> None:

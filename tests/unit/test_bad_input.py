@@ -4,6 +4,8 @@ nothing may be converted silently."""
 
 from __future__ import annotations
 
+import tempfile
+
 import pandas as pd
 import pytest
 import torch
@@ -29,7 +31,10 @@ def fitted(tiny_llama):
     return {
         "model": m,
         "stats": pf.pre,
+        "stats_r": pr.pre,
         "keys": pf.keys,
+        "keys_r": pr.keys,
+        "imp": pf.importance,
         "na": mu.NeuronAdjust(ratio=0.1).fit(pf.pre, pr.pre),
         "ksd": mu.KeySpaceDetector(h=2.0).fit(pf.keys),
         "sp": mu.SelectivePruning(ratio=0.1).fit(pf.importance, pr.importance),
@@ -95,7 +100,68 @@ CASES = [
     ("run config: settings that are not a mapping",
      lambda f: mu.pipeline.RunConfig(methods={"NA": 0.03}), PipelineError,
      "methods['NA'] must be a mapping of settings"),
+    # issue #28 item 2: fits against themselves, meta tensors
+    ("na: retain is forget", lambda f: mu.NeuronAdjust().fit(f["stats"], f["stats"]), ValueError,
+     "stats_r is the same object as stats_f: pass the statistics of a skill to keep"),
+    ("na: retain equals forget", lambda f: mu.NeuronAdjust().fit(f["stats"], f["stats"].to("cpu")),
+     ValueError, "stats_r holds exactly the same statistics as stats_f"),
+    ("sp: retain is forget", lambda f: mu.SelectivePruning().fit(f["imp"], f["imp"]), ValueError,
+     "importance_r is the same object as importance_f"),
+    ("ksd: negatives are the forget keys",
+     lambda f: mu.KeySpaceDetector().fit(f["keys"], f["keys"]), ValueError,
+     "keys_r is the same object as keys_f"),
+    ("lunar: retain is forget", lambda f: mu.Lunar(layer=0).fit(f["model"], S, S), ValueError,
+     "retain is the same object as forget"),
+    ("simu: retain equals forget",
+     lambda f: mu.Simu().fit(f["model"], S, mu.Skill("r", S.examples), quiet=True), ValueError,
+     "retain holds exactly the same examples as forget"),
+    ("stats on meta", lambda f: mu.NeuronAdjust().fit(f["stats"].to("meta"), f["stats_r"]),
+     ValueError, "stats_f is on the 'meta' device (shapes, no values): collect it again"),
+    ("prune step above ratio",
+     lambda f: mu.prune_iteratively(f["model"], S, R, ratio=0.02, step=0.05), ValueError,
+     "step=0.05 is larger than ratio=0.02"),
+    # constructors
+    ("ksd: negative test_size", lambda f: mu.KeySpaceDetector(test_size=-1), ValueError,
+     "test_size must be a fraction in (0, 1), e.g. 0.5, or a count >= 1"),
+    ("ksd: zero test_size", lambda f: mu.KeySpaceDetector(test_size=0), ValueError,
+     "or a count >= 1 of held-out items, got 0"),
+    ("ksd: test_size 2.5", lambda f: mu.KeySpaceDetector(test_size=2.5), ValueError,
+     "test_size must be a fraction in (0, 1)"),
+    ("ksd: NaN test_size", lambda f: mu.KeySpaceDetector(test_size=float("nan")), ValueError,
+     "got nan"),
+    ("ksd: repeated layers", lambda f: mu.KeySpaceDetector(layers=[0, 0]), ValueError,
+     "layers [0, 0] repeat a layer: give each layer once"),
+    ("simu: bool layers", lambda f: mu.Simu(layers=True), TypeError,
+     "layers must be None, an int or a list of ints, got True (bool)"),
+    ("simu: NaN optimizer p", lambda f: mu.Simu(optimizer_kwargs={"p": float("nan")}), ValueError,
+     "optimizer_kwargs['p'] must be finite"),
+    ("simu: huge seed", lambda f: mu.Simu(seed=2**70), ValueError,
+     "larger than 2**64 - 1, the largest seed torch takes"),
+    ("load onto a missing GPU",
+     lambda f: mu.NeuronAdjust.load(f["na"].save(tempfile.mkdtemp() + "/na"), device="cuda:7"),
+     ValueError, "CUDA GPU"),
+    # data
+    ("dict to load_skill", lambda f: mu.load_skill({"2+2=": " 4"}), TypeError,
+     "not a dict (its keys would become the texts)"),
+    ("dict to from_texts", lambda f: mu.Skill.from_texts("x", {"2+2=": " 4"}), TypeError,
+     "Skill.from_texts(name, list(d), list(d.values()))"),
+    ("dict to collect", lambda f: mu.collect(f["model"], {"2+2=": " 4"}), TypeError,
+     "not a dict"),
+    # evaluation (issue #29 items 7-8)
+    ("intervention class", lambda f: mu.evaluate(f["model"], [S], {"NA": mu.NeuronAdjust},
+                                                 quiet=True),
+     TypeError, "'NA' is the class NeuronAdjust, not a fitted instance"),
+    ("stacked seeds", lambda f: mu.relative_table(pd.concat([_TABLE, _TABLE])), ValueError,
+     "pass one seed's table at a time, or average first"),
+    ("detect None", lambda f: f["ksd"].detect(f["model"], [None]), TypeError,
+     "prompts[0] is NoneType None, not a str"),
+    ("detect int", lambda f: f["ksd"].detect(f["model"], [123]), TypeError,
+     "prompts[0] is int 123, not a str"),
+    ("detect bytes", lambda f: f["ksd"].detect(f["model"], [b"x"]), TypeError,
+     "prompts[0] is bytes b'x', not a str"),
 ]  # fmt: skip
+
+_TABLE = pd.DataFrame({"skill": ["s", "r"], "method": ["NA", "NA"], "relative": [0.5, 1.0]})
 
 
 @pytest.mark.parametrize("call, exc, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

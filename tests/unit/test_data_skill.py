@@ -169,7 +169,8 @@ def test_from_texts_accepts_any_iterable_once() -> None:
     assert skill.prompts == ["q0", "q1", "q2", "q3"]
     assert skill.answers == [" a0", " a1", " a2", " a3"]
     assert Skill.from_texts("t", ("a", "b")).prompts == ["a", "b"]
-    assert Skill.from_texts("d", {"k1": 1, "k2": 2}).prompts == ["k1", "k2"]  # keys, as iter()
+    with pytest.raises(TypeError, match="not a dict \\(its keys would become the texts\\)"):
+        Skill.from_texts("d", {"k1": 1, "k2": 2})  # issue #28: a dict is refused, not its keys
     assert load_skill(iter(["x", "y", "z"]), n=2, name="it").name == "it"
 
 

@@ -106,7 +106,7 @@ def test_bad_detector_params(cls):
             cls(fpr=fpr)
     with pytest.raises(TypeError, match="seed must be an integer"):
         cls(seed=1.5)
-    with pytest.raises(TypeError, match="layer must be an integer"):
+    with pytest.raises(TypeError, match="Layers must be integers"):
         cls(layers=[1.7])
     with pytest.raises(ValueError, match="not both"):
         cls(h=1.0, alpha=2.0)

@@ -149,7 +149,7 @@ def test_fit_checks_inputs(llama_like):
     with pytest.raises(TypeError, match="importance_r must be Importance"):
         SelectivePruning().fit(imp, "mbpp")
     with pytest.raises(TypeError, match="pruned must be SelectivePruning"):
-        SelectivePruning().fit(imp, imp, pruned="all")
+        SelectivePruning().fit(imp, toy_importance(torch.rand(2, 5)), pruned="all")
     other = toy_importance(torch.rand(3, 5))
     with pytest.raises(ValueError, match="n_layers"):
         SelectivePruning().fit(imp, other)
