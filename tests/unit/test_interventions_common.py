@@ -1,19 +1,30 @@
-"""The contract every intervention follows: validation, NotFittedError, model checks, hook hygiene,
-save/load."""
+"""The contract every registered method follows (scikit-learn's ``parametrize_with_checks``
+idea): validation, NotFittedError, model checks, hook and weight hygiene, save/load.
+
+The suite iterates the method registry (:func:`mechunlearn.methods`): a method registered in the
+package is checked here without being named. Each is fitted by the pipeline's own generic fit
+(:func:`mechunlearn.pipeline.fit_method`, from what its registration says it fits on), with the
+few settings in ``FAST`` that keep the trained methods quick on the tiny model."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 from mechunlearn import Skill, collect, collect_importance, collect_keys
 from mechunlearn.interventions import (
+    Detector,
     EllipsoidDetector,
     KeySpaceDetector,
     NeuronAdjust,
     NotFittedError,
     SelectivePruning,
+    WeightIntervention,
+    methods,
 )
+from mechunlearn.pipeline import Probes, RunConfig, Skills, fit_method
 from tests.tiny_models import make_tiny_llama
 
 F = Skill.from_texts(
@@ -22,21 +33,47 @@ F = Skill.from_texts(
 R = Skill.from_texts(
     "r", [f"def f{i}(x):" for i in range(8)], [f"\n  return x*{i}" for i in range(8)]
 )
-KINDS = ["na", "sp", "ksd", "ellipsoid"]
+KINDS = [spec.name for spec in methods()]
+#: Settings that keep each method's fit quick and its effect visible on the tiny model.
+FAST = {
+    "NA": {"ratio": 0.05, "seed": 7},
+    "SP": {"ratio": 0.05},
+    "KSD": {"layers": None, "rule": 2},
+    "Ellipsoid": {"layers": [0, 2]},
+    "LUNAR": {"layer": 1},
+    "SIMU": {"max_steps": 2, "steps": 1},
+}
 
 
 @pytest.fixture(scope="module")
 def fitted(llama_like):
+    """Every registered method, fitted by the pipeline's generic fit on the tiny model."""
     model = llama_like
-    pre = [collect(model, s, site="pre", quiet=True) for s in (F, R)]
-    keys_f = collect_keys(model, F, quiet=True)
-    imp = [collect_importance(model, s) for s in (F, R)]
-    return {
-        "na": NeuronAdjust(ratio=0.05, seed=7).fit(*pre),
-        "sp": SelectivePruning(ratio=0.05).fit(*imp),
-        "ksd": KeySpaceDetector(h=1.5, layers=None, rule=2).fit(keys_f),
-        "ellipsoid": EllipsoidDetector(h=1.5, layers=[0, 2]).fit(keys_f),
-    }
+    probes = Probes()
+    for role, skill in (("forget", F), ("retain:r", R)):
+        probes.pre[role] = collect(model, skill, site="pre", quiet=True)
+        probes.keys[role] = collect_keys(model, skill, quiet=True)
+        probes.importance[role] = collect_importance(model, skill)
+    skills = Skills(forget=(F, F), retain={"r": (R, R)})
+    out = {}
+    for name in KINDS:
+        config = RunConfig(forget="f", retain=("r",), methods={name: FAST.get(name, {})})
+        out[name] = fit_method(config, name, model, skills, probes)
+    return out
+
+
+@contextlib.contextmanager
+def applied(iv, model):
+    """Run the block with ``iv`` applied as its kind says; yields the hooks to pass."""
+    if isinstance(iv, WeightIntervention):
+        with iv.apply_to_weights(model):
+            yield []
+    else:
+        yield iv.hooks(model)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -51,23 +88,31 @@ def _tokens(model):
 
 def _outputs(iv, model, tokens):
     """What an intervention does to a forward: logits, and detection margins for detectors."""
-    with torch.no_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=iv.hooks(model))
-    margin = iv.record.margin if hasattr(iv, "record") else None
+    with torch.no_grad(), applied(iv, model) as hooks:
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    margin = iv.record.margin if isinstance(iv, Detector) else None
     return logits, margin
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: NeuronAdjust(),
-        lambda: SelectivePruning(),
-        lambda: KeySpaceDetector(),
-        lambda: EllipsoidDetector(),
-    ],
-)
-def test_unfitted_raises(make, llama_like):
-    iv = make()
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_registered_method_is_fitted_and_changes_or_watches(fitted, kind, llama_like):
+    iv = fitted[kind]
+    assert iv.is_fitted and all(hasattr(iv, a) for a in iv._fitted_attrs)
+    tokens = _tokens(llama_like)
+    with torch.no_grad():
+        base = llama_like(tokens)
+    logits, _ = _outputs(iv, llama_like, tokens)
+    if isinstance(iv, Detector):
+        assert torch.equal(logits, base)  # a detector only watches
+    else:
+        assert not torch.allclose(logits, base)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unfitted_raises_everywhere(kind, llama_like):
+    from mechunlearn import get_method
+
+    iv = get_method(kind).make()
     assert not iv.is_fitted
     with pytest.raises(NotFittedError, match="not fitted"):
         iv.hooks()
@@ -141,8 +186,13 @@ def test_repr_and_params(fitted, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_model_mismatch_raises(fitted, kind, other_model):
     iv = fitted[kind]
+    before = _weights(other_model)
     with pytest.raises(ValueError, match="d_mlp"):
-        iv.hooks(other_model)
+        with applied(iv, other_model):
+            pass
+    assert all(torch.equal(p, before[n]) for n, p in other_model.named_parameters())
+    if isinstance(iv, WeightIntervention):
+        return
     # without the model, the hook itself checks the activation's width
     tokens = _tokens(other_model)
     with pytest.raises(ValueError, match="d_mlp=48"):
@@ -154,13 +204,24 @@ def test_model_mismatch_raises(fitted, kind, other_model):
 def test_fewer_layers_raises(fitted, kind, char_tokenizer, device):
     shallow = make_tiny_llama(char_tokenizer, device, n_layers=2)
     with pytest.raises(ValueError, match="n_layers"):
-        fitted[kind].hooks(shallow)
+        with applied(fitted[kind], shallow):
+            pass
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_hooks_never_stay_attached(fitted, kind, llama_like):
     model = llama_like
     iv = fitted[kind]
+    if isinstance(iv, WeightIntervention):  # the weight edit is undone, bit for bit
+        before = _weights(model)
+        with pytest.raises(RuntimeError, match="boom"):
+            with iv.apply_to_weights(model):
+                assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+                raise RuntimeError("boom")
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        with pytest.raises(NotImplementedError, match="apply_to_weights"):
+            iv.hooks(model)
+        return
     hooks = iv.hooks(model)
     assert hooks and all(isinstance(name, str) and callable(fn) for name, fn in hooks)
     with pytest.raises(RuntimeError, match="boom"):
@@ -187,7 +248,7 @@ def test_save_load_round_trip(fitted, kind, llama_like, tmp_path, device):
     if margin_a is not None:
         assert torch.equal(margin_a, margin_b)
     with pytest.raises(ValueError, match="holds"):
-        (NeuronAdjust if kind != "na" else SelectivePruning).load(path)
+        (NeuronAdjust if kind != "NA" else SelectivePruning).load(path)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -195,13 +256,15 @@ def test_hooks_first_used_in_inference_mode_then_with_autograd(fitted, kind, lla
     # The hook-side tensors are cached on first use; a first use under inference_mode (as in
     # generation and evaluation) must not leave inference tensors that autograd then refuses.
     model = llama_like
+    if isinstance(fitted[kind], WeightIntervention):
+        pytest.skip("a weight edit has no hook-side cache")
     fresh = type(fitted[kind]).load(fitted[kind].save(tmp_path / kind))  # empty cache
     tokens = _tokens(model)
     with torch.inference_mode():
         first = model.run_with_hooks(tokens, fwd_hooks=fresh.hooks(model))
     again = model.run_with_hooks(tokens, fwd_hooks=fresh.hooks(model))
     assert again.requires_grad
-    if kind != "na":  # NA samples fresh uniforms on every pass
+    if kind != "NA":  # NA samples fresh uniforms on every pass
         assert torch.equal(first, again.detach())
 
 
@@ -209,7 +272,7 @@ def test_batched_matches_single_for_deterministic_hooks(fitted, llama_like):
     # hooks work in batches: one prompt alone gives the same logits as in an unpadded batch
     model = llama_like
     tokens = model.to_tokens(["Q: 3+4?", "Q: 5+6?"])
-    for kind in ("sp", "ksd"):
+    for kind in ("SP", "KSD"):
         hooks = fitted[kind].hooks(model)
         with torch.no_grad():
             both = model.run_with_hooks(tokens, fwd_hooks=hooks)
