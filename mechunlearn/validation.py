@@ -35,6 +35,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 # The data package is the bottom layer (it imports nothing else from mechunlearn): its checks of
 # texts and seeds live there and are the ones every module uses.
 from .data.checks import MAX_SEED, check_seed, check_texts
@@ -45,6 +47,7 @@ __all__ = [
     "check_alpha",
     "check_bool",
     "check_choice",
+    "check_device",
     "check_compatible",
     "check_forget_retain",
     "check_fraction",
@@ -59,6 +62,7 @@ __all__ = [
     "check_test_size",
     "check_texts",
     "check_type",
+    "default_device",
     "model_keys",
     "resolve_layers",
 ]
@@ -426,3 +430,41 @@ def check_forget_retain(
 def model_keys(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The model-shape part of a metadata dict (:data:`MODEL_KEYS` that are present)."""
     return {k: meta[k] for k in MODEL_KEYS if k in meta}
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: Any) -> str | None:
+    """A device the machine has: ``None``/``"auto"`` (-> :func:`default_device`), ``"cpu"``,
+    ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+
+    Raises:
+        ValueError: an unknown device, or one this machine does not have (never a silent CPU
+            fallback).
+    """
+    if device is None or device == "auto":
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"Unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device={device!r} but this machine has no CUDA GPU visible to torch: use "
+                "'cpu' (or 'auto')."
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={device!r} but only {count} CUDA GPU(s) are visible.")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"device={device!r} but MPS is not available here: use 'cpu'.")
+    elif dev.type != "cpu":
+        raise ValueError(f"Unsupported device {device!r}: use 'auto', 'cpu', 'cuda' or 'mps'.")
+    return str(dev)

@@ -92,6 +92,7 @@ from torch import Tensor
 from ..batching import EncodedBatch, forward_until, iter_batches
 from ..data import Example, Skill, special_token_flags
 from ..models import d_mlp, model_device, model_meta, n_layers
+from ..scoring import score_pass
 from ..sites import hook_name
 from ..validation import MAX_SEED, check_forget_retain, check_int, model_keys, resolve_layers
 from .base import Hook, HookIntervention, check_positive
@@ -417,15 +418,14 @@ class _Edit:
 
 
 def _sweep(model, edits: dict[int, Tensor], probe_f: Skill, probe_r: Skill, batch_size: int):
-    from ..evaluation import teacher_forced  # evaluation sits above interventions
+    def scored(skill: Skill, hooks: list[Hook]):
+        return score_pass(model, skill, hooks, batch_size, quiet=True)[0]
 
-    base_f = teacher_forced(model, probe_f, None, batch_size)
-    base_r = teacher_forced(model, probe_r, None, batch_size)
+    base_f, base_r = scored(probe_f, []), scored(probe_r, [])
     rows = []
     for layer, delta in edits.items():
-        edit = _Edit(layer, delta.float())
-        sf = teacher_forced(model, probe_f, edit, batch_size)
-        sr = teacher_forced(model, probe_r, edit, batch_size)
+        hooks = _Edit(layer, delta.float()).hooks()
+        sf, sr = scored(probe_f, hooks), scored(probe_r, hooks)
         rows.append(
             {
                 "layer": layer,

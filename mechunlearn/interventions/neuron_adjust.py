@@ -103,7 +103,8 @@ class NeuronAdjust(HookIntervention):
 
     Args:
         ratio: fraction of all neurons (over the fitted layers) to adjust, in (0, 1]
-            (paper: 0.005, 0.015, 0.03). :meth:`fit_auto` chooses it on held-back probe data.
+            (paper: 0.005, 0.015, 0.03). :func:`mechunlearn.tune_neuron_adjust` chooses it on
+            held-back probe data.
         score: separation metric for the selection, a metric name of
             :func:`mechunlearn.analysis.separation.separation_scores`; ``"mean_diff"`` is the
             signed ``mu_F - mu_R`` (the authors' choice: only neurons higher on F).
@@ -252,56 +253,6 @@ class NeuronAdjust(HookIntervention):
                 stacklevel=2,
             )
         self._after_fit()
-        return self
-
-    def fit_auto(
-        self,
-        model,
-        stats_f: NeuronStats,
-        stats_r: NeuronStats | Sequence[NeuronStats] | Mapping[str, NeuronStats],
-        forget,
-        keep: Mapping[str, Any],
-        ratios: Sequence[float] | None = None,
-        floor: float = 0.9,
-        batch_size: int = 16,
-    ) -> NeuronAdjust:
-        """Fit at an automatic ratio: the largest effect on the forget skill whose kept skills
-        stay at or above ``floor`` of their base score, chosen on held-back probe examples.
-
-        The choice is :func:`mechunlearn.tune_neuron_adjust` with this object's ``score``,
-        ``mode``, ``seed`` and ``adjust_bos``; ``ratio`` becomes the chosen one (so
-        ``get_params``, ``repr`` and ``save`` show it) and ``tuning_`` holds the table.
-
-        Args:
-            model: the model the statistics come from.
-            stats_f, stats_r: as for :meth:`fit`.
-            forget: held-back forget examples, NOT among those the statistics were collected on
-                and never the examples you will score.
-            keep: ``{name: held-back examples}`` of the skills to keep (at least one).
-            ratios: the ratios to try (default 0.5, 1, 2, 3, 5, 10 and 20 %).
-            floor: the kept skills' relative performance must stay at or above it.
-            batch_size: examples per forward pass.
-
-        Returns:
-            self.
-
-        Example:
-            >>> fit_part, held_back = forget.split(0.5)
-            >>> stats_f = mu.collect(model, fit_part, quiet=True)
-            >>> stats_r = mu.collect(model, retain, quiet=True)
-            >>> na = NeuronAdjust(score="cohens_d").fit_auto(
-            ...     model, stats_f, stats_r, held_back, {"copy": retain}, ratios=[0.01, 0.1])
-            >>> na.ratio in (0.01, 0.1), list(na.tuning_.columns)
-            (True, ['ratio', 'n_selected', 'forget', 'copy', 'meets_floor', 'chosen'])
-        """
-        from ..tuning import NA_RATIOS, tune_neuron_adjust
-
-        tuned = tune_neuron_adjust(
-            model, stats_f, stats_r, forget, keep,
-            ratios=NA_RATIOS if ratios is None else ratios, floor=floor, batch_size=batch_size,
-            score=self.score, mode=self.mode, seed=self.seed, adjust_bos=self.adjust_bos,
-        )  # fmt: skip
-        self.__dict__.update(tuned.__dict__)
         return self
 
     def _after_fit(self) -> None:

@@ -116,8 +116,9 @@ def test_intervention_hooks_read_nothing_on_the_host(llama_like, fitted):
 def test_collection_and_scoring_hooks_read_nothing_on_the_host(llama_like, monkeypatch):
     collect_module = importlib.import_module("mechunlearn.collect")
     evaluation_module = importlib.import_module("mechunlearn.evaluation")
+    scoring_module = importlib.import_module("mechunlearn.scoring")
     mode = HostReads()
-    for module in (collect_module, evaluation_module):
+    for module in (collect_module, scoring_module):
         original = module.forward_until
 
         def spy(model, batch, hooks, stop_after, original=original):

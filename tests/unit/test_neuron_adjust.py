@@ -355,14 +355,13 @@ def test_tuned_ratio_keeps_the_floor_and_is_saved(llama_like, model_stats, tmp_p
         tune_neuron_adjust(llama_like, *model_stats, F[:4], {})
 
 
-def test_fit_auto_is_the_tuned_fit_with_this_objects_settings(llama_like, model_stats):
-    from mechunlearn import tune_neuron_adjust
+def test_fit_never_changes_a_hyperparameter(llama_like, model_stats):
+    """The automatic choice is a search outside the estimator (tune_neuron_adjust), not a fit
+    that rewrites the estimator's settings (NeuronAdjust.fit_auto is gone)."""
+    na = NeuronAdjust(ratio=0.05, score="cohens_d")
+    params = na.get_params()
+    na.fit(*model_stats)
+    assert na.get_params() == params
+    assert not hasattr(NeuronAdjust, "fit_auto")
 
-    args = (llama_like, *model_stats, F[:4], {"r": R[:4]})
-    tuned = tune_neuron_adjust(*args, ratios=[0.01, 0.05, 0.2], floor=0.5, score="cohens_d")
-    na = NeuronAdjust(score="cohens_d", ratio=0.5)
-    assert na.fit_auto(*args, ratios=[0.01, 0.05, 0.2], floor=0.5) is na
-    assert na.ratio == tuned.ratio and na.score == "cohens_d"
-    assert torch.equal(na.selected_, tuned.selected_)
-    assert na.tuning_.equals(tuned.tuning_)
-    assert na.get_params()["ratio"] == tuned.ratio
+
