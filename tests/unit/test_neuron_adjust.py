@@ -363,5 +363,3 @@ def test_fit_never_changes_a_hyperparameter(llama_like, model_stats):
     na.fit(*model_stats)
     assert na.get_params() == params
     assert not hasattr(NeuronAdjust, "fit_auto")
-
-
