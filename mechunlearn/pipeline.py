@@ -892,8 +892,9 @@ def fit_method(config: RunConfig, method: str, model, skills: Skills, probes: Pr
     ``"pre"`` and ``"importance"`` methods fit on the forget skill's and the first retain
     skill's statistics; ``"keys"`` methods on the forget skill's key vectors with every other
     probed skill's (and the calibration questions') as negatives; ``"model"`` methods on the
-    model and the probe halves (every retain skill where the method takes several, else the
-    first), with the run's ``batch_size`` where ``fit`` takes one.
+    model and the probe halves (every retain skill and the general skill where the method takes
+    several kept skills, else the first retain skill), with the run's ``batch_size`` where
+    ``fit`` takes one.
 
     Returns:
         The fitted estimator.
@@ -908,6 +909,8 @@ def fit_method(config: RunConfig, method: str, model, skills: Skills, probes: Pr
     if spec.fits_on == "keys":
         return estimator.fit(probes.keys["forget"], probes.negatives())
     kept = [halves[0] for halves in skills.retain.values()]
+    if spec.multi_retain and skills.general is not None:
+        kept.append(skills.general[0])  # general text as one more floor
     kwargs = {}
     if "batch_size" in inspect.signature(estimator.fit).parameters:
         kwargs["batch_size"] = config.batch_size

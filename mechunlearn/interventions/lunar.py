@@ -417,29 +417,46 @@ class _Edit:
         return [(hook_name("key", self.layer), record), (hook_name("mlp_out", self.layer), add)]
 
 
-def _sweep(model, edits: dict[int, Tensor], probe_f: Skill, probe_r: Skill, batch_size: int):
+def _sweep(
+    model, edits: dict[int, Tensor], probe_f: Skill, probe_rs: Sequence[Skill], batch_size: int
+):
+    """Score each candidate layer's edit on the held-back examples. With several kept skills,
+    ``retain``/``retain_base`` are those of the kept skill that keeps the smallest share of its
+    base score at that layer (so ``choose_layer``'s floor holds for every kept skill), and each
+    kept skill has its own ``retain[<name>]`` and ``retain_base[<name>]``."""
+
     def scored(skill: Skill, hooks: list[Hook]):
         return score_pass(model, skill, hooks, batch_size, quiet=True)[0]
 
-    base_f, base_r = scored(probe_f, []), scored(probe_r, [])
+    def share(after: float, before: float) -> float:
+        return after / before if before > 0 else (1.0 if after >= before else 0.0)
+
+    base_f = scored(probe_f, [])
+    base_rs = [scored(probe_r, []) for probe_r in probe_rs]
     rows = []
     for layer, delta in edits.items():
         hooks = _Edit(layer, delta.float()).hooks()
-        sf, sr = scored(probe_f, hooks), scored(probe_r, hooks)
-        rows.append(
-            {
-                "layer": layer,
-                "forget": sf.score,
-                "retain": sr.score,
-                "forget_base": base_f.score,
-                "retain_base": base_r.score,
-                "forget_nll": sf.mean_nll,
-                "retain_nll": sr.mean_nll,
-                "delta_norm": float(delta.norm()),
-                "n_probe_forget": len(probe_f),
-                "n_probe_retain": len(probe_r),
-            }
-        )
+        sf = scored(probe_f, hooks)
+        srs = [scored(probe_r, hooks) for probe_r in probe_rs]
+        worst = min(range(len(srs)), key=lambda i: (share(srs[i].score, base_rs[i].score), i))
+        row = {
+            "layer": layer,
+            "forget": sf.score,
+            "retain": srs[worst].score,
+            "forget_base": base_f.score,
+            "retain_base": base_rs[worst].score,
+            "forget_nll": sf.mean_nll,
+            "retain_nll": srs[worst].mean_nll,
+            "delta_norm": float(delta.norm()),
+            "n_probe_forget": len(probe_f),
+            "n_probe_retain": len(probe_rs[worst]),
+        }
+        if len(probe_rs) > 1:
+            row["worst_retain"] = probe_rs[worst].name
+            for probe_r, sr, br in zip(probe_rs, srs, base_rs, strict=True):
+                row[f"retain[{probe_r.name}]"] = sr.score
+                row[f"retain_base[{probe_r.name}]"] = br.score
+        rows.append(row)
     for row in rows:
         row["eligible"] = bool(row["retain"] >= RETAIN_FLOOR * row["retain_base"])
     return rows
@@ -493,7 +510,7 @@ def _check_layer(layer: Any) -> str | int | list[int]:
     return as_list
 
 
-@register_method("LUNAR", fits_on="model")
+@register_method("LUNAR", fits_on="model", multi_retain=True)
 class Lunar(HookIntervention):
     """LUNAR as a ``W_out`` edit, applied by hooks or in place (see the module docstring).
 
@@ -597,7 +614,7 @@ class Lunar(HookIntervention):
         self,
         model,
         forget: Skill,
-        retain: Skill,
+        retain: Skill | Sequence[Skill],
         reference: Skill | None = None,
         *,
         batch_size: int = 16,
@@ -608,7 +625,10 @@ class Lunar(HookIntervention):
         Args:
             model: a TransformerBridge or HookedTransformer.
             forget: the skill to unlearn (its prompts; its answers too for ``layer="auto"``).
-            retain: the skill to keep (likewise).
+            retain: the skill to keep (likewise), or a list of skills to keep: every one
+                enters the normal equations as "unchanged" rows, and ``layer="auto"`` keeps
+                every one at or above its floor (``RETAIN_FLOOR`` of its base score) on its
+                held-back examples.
             reference: prompts the model declines to answer; None for
                 :func:`reference_prompts`.
             batch_size: prompts per forward pass.
@@ -625,10 +645,9 @@ class Lunar(HookIntervention):
                 back, or a zero direction.
         """
         forget = _check_skill("forget", forget, "pass the examples to unlearn.")
-        retain = _check_skill(
-            "retain", retain, "pass examples of a skill to keep (the edit must not move them)."
-        )
-        check_forget_retain(forget, retain, ("forget", "retain"), "examples")
+        retains = _retain_list(retain)
+        for kept in retains:
+            check_forget_retain(forget, kept, ("forget", "retain"), "examples")
         if reference is None:
             reference = reference_prompts()
         reference = _check_skill(
@@ -640,7 +659,7 @@ class Lunar(HookIntervention):
         width = d_mlp(model)
         candidates = self._candidates(model)
         if self.layer == "auto":
-            for name, skill in (("forget", forget), ("retain", retain)):
+            for name, skill in (("forget", forget), *(("retain", kept) for kept in retains)):
                 if not any(skill.answers):
                     raise ValueError(
                         f"layer='auto' scores held-back {name} examples on their answers "
@@ -648,7 +667,7 @@ class Lunar(HookIntervention):
                         "give it answers, or pass a fixed layer=<int>."
                     )
             fit_f, probe_f = _hold_out(forget, held_out, self.seed, "forget")
-            probe_r = _hold_out(retain, held_out, self.seed, "retain")[1]
+            halves_r = [_hold_out(kept, held_out, self.seed, "retain") for kept in retains]
         ref_mean = _pass(model, reference, batch_size, candidates) / len(reference)
 
         device = model_device(model)
@@ -657,10 +676,10 @@ class Lunar(HookIntervention):
         if self.layer == "auto":
             # Each candidate's own closed-form edit, fitted on the fit parts and scored on the
             # held-back parts: a layer is chosen for what its edit does, to both skills.
-            fit_r = _hold_out(retain, held_out, self.seed, "retain")[0]
             trial = {layer: _Normal.empty(width, device) for layer in candidates}
             sums_fit = _pass(model, fit_f, batch_size, candidates, trial, True)
-            _pass(model, fit_r, batch_size, (), trial, False)
+            for fit_r, _ in halves_r:
+                _pass(model, fit_r, batch_size, (), trial, False)
             sums_probe = _pass(model, probe_f, batch_size, candidates)
             sweep_dirs = ref_mean - sums_fit / len(fit_f)
             edits = {}
@@ -669,7 +688,7 @@ class Lunar(HookIntervention):
                 gram = ne.gram_f + ne.gram_k
                 target = self.coef * sweep_dirs[i]
                 edits[layer] = _closed_form(gram, ne.sum_f, target, _ridge_lambda(gram, self.ridge))
-            sweep = _sweep(model, edits, probe_f, probe_r, batch_size)
+            sweep = _sweep(model, edits, probe_f, [probe for _, probe in halves_r], batch_size)
             layers = [choose_layer(sweep)]
             rows = [candidates.index(layers[0])]
             sums, ref_mean = (sums_fit + sums_probe)[rows], ref_mean[rows]
@@ -691,7 +710,8 @@ class Lunar(HookIntervention):
                     f"The direction at layer {layer} is zero: the reference prompts must differ "
                     "from the forget prompts."
                 )
-        _pass(model, retain, batch_size, (), normal, False, keep)
+        for kept in retains:
+            _pass(model, kept, batch_size, (), normal, False, keep)
 
         deltas, diagnostics, losses = {}, [], {}
         for layer in layers:
@@ -728,10 +748,10 @@ class Lunar(HookIntervention):
         self.meta_ = {
             **model_keys(model_meta(model)),
             "forget": forget.name,
-            "retain": retain.name,
+            "retain": ", ".join(kept.name for kept in retains),
             "reference": reference.name,
             "n_forget": len(forget),
-            "n_retain": len(retain),
+            "n_retain": sum(len(kept) for kept in retains),
             "n_reference": len(reference),
         }
         self.direction_ = directions
@@ -842,6 +862,20 @@ class Lunar(HookIntervention):
         self.layer_sweep_ = list(info.get("layer_sweep", []))
         self.fit_loss_ = {int(k): float(v) for k, v in info.get("fit_loss", {}).items()}
         self.diagnostics_ = list(info.get("diagnostics", []))
+
+
+def _retain_list(retain: Any) -> list[Skill]:
+    """The kept skills as a list: one Skill, or a non-empty list or tuple of them."""
+    hint = "pass examples of a skill to keep (the edit must not move them)."
+    if isinstance(retain, (list, tuple)):
+        if not retain:
+            raise ValueError(f"retain is an empty list: {hint}")
+        kept = [_check_skill("retain", r, hint) for r in retain]
+        names = [r.name for r in kept]
+        if len(set(names)) != len(names):
+            raise ValueError(f"retain names a skill twice: {names}.")
+        return kept
+    return [_check_skill("retain", retain, hint)]
 
 
 def _hold_out(skill: Skill, held_out: float | int, seed: int, name: str) -> tuple[Skill, Skill]:

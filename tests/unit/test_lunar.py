@@ -458,3 +458,48 @@ def test_interrupted_fit_leaves_model_and_object_as_they_were(llama_like, monkey
         Lunar(layer=0, solver="adam").fit(model, F, R, REF)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+R2 = Skill.from_texts("r2", [f"The {c} sat on" for c in "abcdefgh"], [" the mat."] * 8)
+
+
+def test_several_kept_skills_all_enter_the_normal_equations(llama_like):
+    """Each kept skill's keys are "unchanged" rows: the two-skill fit equals a fit on one skill
+    holding both skills' examples (the normal equations only see the rows)."""
+    model = llama_like
+    both = Lunar(layer=1).fit(model, F, [R, R2], REF)
+    merged = Skill("r+r2", [*R.examples, *R2.examples])
+    one = Lunar(layer=1).fit(model, F, merged, REF)
+    torch.testing.assert_close(both.delta_w_out_[1], one.delta_w_out_[1], rtol=1e-5, atol=1e-6)
+    assert both.meta_["retain"] == "r, r2" and both.meta_["n_retain"] == 16
+    alone = Lunar(layer=1).fit(model, F, R, REF)
+    assert not torch.allclose(both.delta_w_out_[1], alone.delta_w_out_[1])
+
+
+def test_the_layer_sweep_keeps_every_kept_skill_above_its_floor(llama_like):
+    model = llama_like
+    lunar = Lunar(layer="auto", candidates=[0, 1, 2]).fit(model, F, [R, R2], REF)
+    for row in lunar.layer_sweep_:
+        shares = [
+            row[f"retain[{name}]"] / row[f"retain_base[{name}]"]
+            for name in ("r", "r2")
+            if row[f"retain_base[{name}]"] > 0
+        ]
+        worst = row["worst_retain"]
+        assert row["retain"] == row[f"retain[{worst}]"]
+        if shares:
+            assert row["retain"] / row["retain_base"] == pytest.approx(min(shares))
+        assert row["eligible"] == (row["retain"] >= 0.95 * row["retain_base"])
+    chosen = [r for r in lunar.layer_sweep_ if r["layer"] == lunar.layers_[0]][0]
+    if any(r["eligible"] for r in lunar.layer_sweep_):
+        assert chosen["eligible"]
+
+
+@pytest.mark.parametrize(
+    "retain, message",
+    [([], "retain is an empty list"), ([R, R], "retain names a skill twice"),
+     ([R, "text"], "retain must be a Skill")],
+)  # fmt: skip
+def test_bad_kept_skill_lists(llama_like, retain, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        Lunar(layer=1).fit(llama_like, F, retain, REF)
