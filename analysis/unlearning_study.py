@@ -14,7 +14,9 @@ ellipsoid on the authors' last layer with alpha calibrated at a false-positive c
 detectors with the library's defaults ("default": every layer, rule "all", fpr 0.001); the
 detectors' negatives are the retain and general skills' probe keys plus
 :func:`mechunlearn.calibration_skill`'s; SP at two ratios; LUNAR (layer chosen among every third
-layer) and SIMU (settings below, for the CPU budget).
+layer, every retain skill and the general skill kept at their floor) and SIMU (settings below,
+for the CPU budget). The grid (:func:`grid`) is a :class:`~mechunlearn.pipeline.RunConfig`'s
+``methods`` mapping: the pipeline fits it (:func:`mechunlearn.pipeline.fit_methods`).
 
 Usage (the README's tables come from these commands; LUNAR and SIMU, the costly ones, on seed 0):
 
@@ -42,7 +44,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,16 @@ import pandas as pd
 
 import mechunlearn as mu
 from mechunlearn.cli import reuse_freed_buffers
-from mechunlearn.interventions.lunar import every_third_layer
 from mechunlearn.io import write_json, write_text
-from mechunlearn.pipeline import RunConfig, RunFolder, load_model_for, load_skills, probe
+from mechunlearn.pipeline import (
+    RunConfig,
+    RunFolder,
+    Skills,
+    fit_methods,
+    load_model_for,
+    load_skills,
+    probe,
+)
 
 TASKS = {
     "gsm8k-vs-mbpp": dict(forget="gsm8k", retain=["mbpp"], general="mmlu", wiki=True),
@@ -68,7 +76,12 @@ SP_RATIOS = (0.015, 0.05)
 #: texts cut at 512 tokens (the longest MBPP example, ~1,500 tokens, took > 15 GB of memory in a
 #: Hessian step and ~10 minutes per update on 2 cores; the longest prompt has 317 tokens).
 SIMU_PARAMS = dict(layers=list(range(24, 30)), steps=2, max_steps=10, batch_size=8, max_length=512)
-METHODS = ("NA", "KSD", "Ellipsoid", "SP", "LUNAR", "SIMU")
+#: The method families the study's grid declares, in the registry's (the tables') order.
+METHODS = tuple(
+    spec.name
+    for spec in mu.methods()
+    if spec.name in ("NA", "KSD", "Ellipsoid", "SP", "LUNAR", "SIMU")
+)
 
 
 def family(method: str) -> int:
@@ -108,73 +121,44 @@ def wiki_skill(n: int, seed: int, data_dir: str | None) -> mu.Skill:
     return mu.Skill("wikipedia-en", examples, source="xquad en contexts").subsample(n, seed)
 
 
-def sweep(config: RunConfig, model, skills, probes, args) -> dict[str, tuple[type, Callable]]:
-    """``{method name: (class, make)}`` of the study's grid (the families in ``args.methods``)."""
-    methods = args.methods
-    retain = f"retain:{skills.first_retain}"
-    negatives = probes.negatives()
-    out: dict[str, tuple[type, Callable]] = {}
-    if "NA" in methods:
-        for r in args.na_ratios:
-            out[f"NA ratio={r}"] = (
-                mu.NeuronAdjust,
-                lambda r=r: mu.NeuronAdjust(ratio=r, seed=config.seed).fit(
-                    probes.pre["forget"], probes.pre[retain]
-                ),
-            )
-    if "KSD" in methods:
-        out["KSD h=2"] = (
-            mu.KeySpaceDetector,
-            lambda: mu.KeySpaceDetector(h=2.0, layers=-1).fit(probes.keys["forget"]),
-        )
-        for fpr in KSD_FPR:
-            out[f"KSD auto fpr={fpr}"] = (
-                mu.KeySpaceDetector,
-                lambda fpr=fpr: mu.KeySpaceDetector(layers=-1, fpr=fpr, seed=config.seed).fit(
-                    probes.keys["forget"], negatives
-                ),
-            )
-        out["KSD default"] = (  # every layer, rule "all", fpr 0.001 (analysis/ksd_defaults.py)
-            mu.KeySpaceDetector,
-            lambda: mu.KeySpaceDetector(seed=config.seed).fit(probes.keys["forget"], negatives),
-        )
-    if "Ellipsoid" in methods:
-        out["Ellipsoid auto fpr=0.05"] = (
-            mu.EllipsoidDetector,
-            lambda: mu.EllipsoidDetector(layers=-1, fpr=0.05, seed=config.seed).fit(
-                probes.keys["forget"], negatives
-            ),
-        )
-        out["Ellipsoid default"] = (
-            mu.EllipsoidDetector,
-            lambda: mu.EllipsoidDetector(seed=config.seed).fit(probes.keys["forget"], negatives),
-        )
-    if "SP" in methods:
-        for r in SP_RATIOS:
-            out[f"SP ratio={r}"] = (
-                mu.SelectivePruning,
-                lambda r=r: mu.SelectivePruning(ratio=r).fit(
-                    probes.importance["forget"], probes.importance[retain]
-                ),
-            )
-    retain_probe = skills.retain[skills.first_retain][0]
-    if "LUNAR" in methods:
-        out["LUNAR auto"] = (
-            mu.Lunar,
-            lambda: mu.Lunar(
-                layer="auto", candidates=every_third_layer(model), seed=config.seed
-            ).fit(model, skills.forget[0], retain_probe, batch_size=config.batch_size),
-        )
-    if "SIMU" in methods:
-        limit = SIMU_PARAMS["max_length"]
-        out["SIMU"] = (
-            mu.Simu,
-            lambda: mu.Simu(seed=config.seed, **SIMU_PARAMS).fit(
-                model, short_prompts(model, skills.forget[0], limit),
-                short_prompts(model, retain_probe, limit), quiet=config.quiet,
-            ),
-        )  # fmt: skip
-    return out
+def grid(args) -> dict[str, dict[str, Any]]:
+    """The study's methods as a pipeline grid: ``{row label: {"method": registered name,
+    **settings}}`` for the families in ``args.methods`` (the run's seed goes to every method
+    that takes one)."""
+    families: dict[str, dict[str, dict[str, Any]]] = {
+        "NA": {f"NA ratio={r}": {"ratio": r} for r in args.na_ratios},
+        "KSD": {
+            "KSD h=2": {"h": 2.0, "layers": -1},  # the authors' fixed cube, no negatives
+            **{f"KSD auto fpr={f}": {"layers": -1, "fpr": f} for f in KSD_FPR},
+            "KSD default": {},  # every layer, rule "all", fpr 0.001 (analysis/ksd_defaults.py)
+        },
+        "Ellipsoid": {
+            "Ellipsoid auto fpr=0.05": {"layers": -1, "fpr": 0.05},
+            "Ellipsoid default": {},
+        },
+        "SP": {f"SP ratio={r}": {"ratio": r} for r in SP_RATIOS},
+        "LUNAR": {"LUNAR auto": {"layer": "auto"}},  # every third layer, every kept skill
+        "SIMU": {"SIMU": dict(SIMU_PARAMS)},
+    }
+    return {
+        label: {"method": family, **settings}
+        for family in METHODS
+        if family in args.methods
+        for label, settings in families[family].items()
+    }
+
+
+def simu_skills(model, skills: Skills) -> Skills:
+    """The probe halves SIMU trains on: prompts that fit in its ``max_length``."""
+    limit = SIMU_PARAMS["max_length"]
+    return Skills(
+        forget=(short_prompts(model, skills.forget[0], limit), skills.forget[1]),
+        retain={
+            name: (short_prompts(model, probe, limit), held)
+            for name, (probe, held) in skills.retain.items()
+        },
+        general=skills.general,
+    )
 
 
 def short_prompts(model, skill: mu.Skill, limit: int) -> mu.Skill:
@@ -188,10 +172,6 @@ def short_prompts(model, skill: mu.Skill, limit: int) -> mu.Skill:
     return skill[keep]
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
 def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
     """Probe (one pass per skill), fit the grid, score the held-out halves; resumable."""
     spec = TASKS[name]
@@ -200,8 +180,8 @@ def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
         keep = [f"xquad:{lang}" for lang in args.xquad_keep]
     config = RunConfig(
         forget=spec["forget"], retain=tuple(keep), general=spec["general"], n=args.n, seed=seed,
-        methods=tuple(m for m in METHODS if m in args.methods), data_dir=args.data_dir,
-        batch_size=args.batch_size, quiet=args.quiet, device=args.device,
+        methods=grid(args), data_dir=args.data_dir, batch_size=args.batch_size,
+        quiet=args.quiet, device=args.device,
     )  # fmt: skip
     out = Path(args.out) / name / run_folder_name(seed, args.methods)
     folder = RunFolder(out, config)
@@ -209,12 +189,8 @@ def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
     try:
         folder.prepare()
         probes = probe(config, model, skills, folder)
-        fitted = {}
-        for method, (cls, make) in sweep(config, model, skills, probes, args).items():
-            fitted[method] = folder.load_or_make(
-                f"interventions/{_slug(method)}.safetensors", cls.load, make,
-                lambda obj, p: obj.save(p), timer=f"fit {method}",
-            )  # fmt: skip
+        trained = {"SIMU": simu_skills(model, skills)} if "SIMU" in args.methods else {}
+        fitted = fit_methods(config, model, skills, probes, folder, skills_for=trained)
         held, roles = skills.held_out()
         if spec["wiki"]:
             held["wikipedia-en"], roles["wikipedia-en"] = (

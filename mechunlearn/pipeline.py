@@ -123,9 +123,11 @@ class RunConfig:
 
     ``methods`` maps each method's registered name (:func:`mechunlearn.methods`) to its
     settings, the estimator's constructor arguments: ``{"NA": {"ratio": 0.03}, "LUNAR":
-    {"layer": 8}}``; a list of names takes each method's defaults. The default is the paper's
-    comparison, NA, KSD and SP (a few minutes on 2 CPU cores); LUNAR and SIMU train on the
-    model and take longer. Where a method's constructor takes a ``seed`` and its settings do
+    {"layer": 8}}``; a list of names takes each method's defaults. A grid of variants uses
+    labels that name their method: ``{"NA 1%": {"method": "NA", "ratio": 0.01}, "NA 10%":
+    {"method": "NA", "ratio": 0.1}}`` (rows and files then carry the label). The default is the
+    paper's comparison, NA, KSD and SP (a few minutes on 2 CPU cores); LUNAR and SIMU train on
+    the model and take longer. Where a method's constructor takes a ``seed`` and its settings do
     not, the run's ``seed`` is used. The detectors calibrate on every other probed skill plus
     :func:`mechunlearn.calibration_skill`.
 
@@ -179,24 +181,35 @@ class RunConfig:
             object.__setattr__(self, "retain", tuple(self.retain))
 
     def spec(self, method: str):
-        """The registration of ``method`` (:class:`~mechunlearn.interventions.MethodSpec`)."""
+        """The registration (:class:`~mechunlearn.interventions.MethodSpec`) of ``method``: a
+        registered name, or a label of :attr:`methods` whose settings name one (``"method"``)."""
         from .interventions import get_method
 
+        name = self.methods.get(method, {}).get("method", method)
         try:
-            return get_method(method)
+            return get_method(name)
         except ValueError as err:
             raise PipelineError(str(err)) from None
+
+    def own_settings(self, method: str) -> dict[str, Any]:
+        """``method``'s constructor settings (its entry of :attr:`methods` less ``"method"``)."""
+        return {k: v for k, v in self.methods.get(method, {}).items() if k != "method"}
+
+    def table_name(self, method: str) -> str:
+        """The name of ``method``'s rows and file: the registration's ``full_name`` for a
+        method listed by its registered name, the label itself for a labelled variant."""
+        return method if "method" in self.methods.get(method, {}) else self.spec(method).full_name
 
     def make(self, method: str):
         """The unfitted estimator of ``method`` with this run's settings and seed."""
         try:
-            return self.spec(method).make(self.methods.get(method), seed=self.seed)
+            return self.spec(method).make(self.own_settings(method), seed=self.seed)
         except (TypeError, ValueError) as err:
             raise PipelineError(str(err)) from None
 
     def setting(self, method: str, name: str) -> Any:
         """One setting of ``method`` as the run uses it (the user's, else the run default)."""
-        return {**self.spec(method).settings(), **self.methods.get(method, {})}[name]
+        return {**self.spec(method).settings(), **self.own_settings(method)}[name]
 
     def settings(self) -> dict[str, Any]:
         """The result-relevant settings (what the resume key hashes); each method's settings
@@ -204,7 +217,10 @@ class RunConfig:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NOT_KEYED}
         out["model"] = self.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
         out["retain"] = list(self.retain)
-        out["methods"] = {m: self.make(m).get_params() for m in self.methods}
+        out["methods"] = {
+            m: {**({"method": s["method"]} if "method" in s else {}), **self.make(m).get_params()}
+            for m, s in self.methods.items()
+        }
         return json.loads(json.dumps(out, default=repr))
 
     def key(self) -> str:
@@ -744,7 +760,7 @@ def own_files(config: RunConfig) -> set[str]:
     """Every path (relative to the output folder) that a run of ``config`` writes, besides
     ``config.json`` and the marker: what a rebuilt marker may list."""
     stats = {_stats_file(role, w) for role, wanted in _probe_jobs(config).items() for w in wanted}
-    methods = {_method_file(config.spec(m).full_name) for m in config.methods}
+    methods = {_method_file(config.table_name(m)) for m in config.methods}
     return stats | methods | set(ANALYSIS_FILES) | set(EVALUATION_FILES)
 
 
@@ -902,6 +918,8 @@ def fit_method(config: RunConfig, method: str, model, skills: Skills, probes: Pr
     spec = config.spec(method)
     estimator = config.make(method)
     retain = f"retain:{skills.first_retain}"
+    if spec.fits_on == "keys" and not estimator.takes_negatives:
+        return estimator.fit(probes.keys["forget"])
     if spec.fits_on == "pre":
         return estimator.fit(probes.pre["forget"], probes.pre[retain])
     if spec.fits_on == "importance":
@@ -918,9 +936,19 @@ def fit_method(config: RunConfig, method: str, model, skills: Skills, probes: Pr
 
 
 def fit_methods(
-    config: RunConfig, model, skills: Skills, probes: Probes, folder: RunFolder
+    config: RunConfig,
+    model,
+    skills: Skills,
+    probes: Probes,
+    folder: RunFolder,
+    skills_for: Mapping[str, Skills] | None = None,
 ) -> dict[str, Any]:
     """Fit every method of ``config.methods`` on the probe halves (resumable).
+
+    Args:
+        config, model, skills, probes, folder: the run's.
+        skills_for: ``{registered method name: Skills}`` for methods that train on other
+            halves than the run's (a study that drops prompts too long for SIMU).
 
     Returns:
         ``{table name: fitted intervention}`` (the registration's ``full_name``, e.g.
@@ -929,11 +957,13 @@ def fit_methods(
     fitted = {}
     for method in config.methods:
         spec = config.spec(method)
-        name = spec.full_name
+        name = config.table_name(method)
         fitted[name] = folder.load_or_make(
             _method_file(name),
             spec.cls.load,
-            lambda method=method: fit_method(config, method, model, skills, probes),
+            lambda method=method, spec=spec: fit_method(
+                config, method, model, (skills_for or {}).get(spec.name, skills), probes
+            ),
             lambda obj, p: obj.save(p),
             timer=f"fit {name}",
         )

@@ -353,6 +353,12 @@ class Detector(Intervention):
     abstentions counted wrong.
     """
 
+    @property
+    def takes_negatives(self) -> bool:
+        """Whether ``fit`` takes negatives (the run passes every other skill's key vectors):
+        True unless the detector's region is fixed by its settings."""
+        return True
+
     def detect(self, model, prompts, batch_size: int = 16):
         """Which prompts the detector abstains on (``.detected``: a bool tensor)."""
         raise NotImplementedError

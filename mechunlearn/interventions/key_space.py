@@ -514,6 +514,11 @@ class KeyRegionDetector(Detector):
         fired = torch.nan_to_num(margin, nan=torch.inf) <= 1
         return Detection(detected, fired, margin, score, list(self.layers_), self.rule, self.fpr_)
 
+    @property
+    def takes_negatives(self) -> bool:
+        """False when ``h`` or ``alpha`` fixes the region (``fit(keys_f)`` alone)."""
+        return self.h is None and self.alpha is None
+
     def key_layers(self) -> list[int]:
         """The layers whose key vectors :meth:`detect_keys` reads (``layers_``)."""
         self._check_fitted()
