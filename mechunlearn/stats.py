@@ -10,8 +10,9 @@ Each saves to one safetensors file and loads it back with every tensor's dtype a
 against the others and the metadata (:mod:`mechunlearn.io`). They are computed by
 :mod:`mechunlearn.collect`; nothing here runs a model.
 
-BOS is never counted: its activations are outliers of their own (a "massive activation" of +49
-on the default model), and Neuron Adjust leaves it alone for the same reason. Padding is never
+BOS is never counted: its activations are outliers of their own (a "massive activation"; the
+default model's are measured in ``docs/results/index.md``), and Neuron Adjust leaves it alone
+for the same reason. Padding is never
 counted either.
 """
 

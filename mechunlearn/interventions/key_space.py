@@ -24,25 +24,11 @@ Beyond the paper:
   ``analysis/ksd_defaults.py`` on probe data only (GSM8K probe questions; the shipped
   calibration questions; probe halves of MMLU, MBPP, Wikipedia sentences, XQuAD questions and
   HumanEval), among the every-layer candidates, since a fixed layer number would not carry to
-  a model of another depth. Measured on the default model on data never used for fitting or
-  choosing (100 held-out GSM8K questions; test halves of 30 questions per other domain; 95 %
-  Wilson intervals), fitted on 100 GSM8K questions and ``mu.calibration_skill()``:
-
-  - ``EllipsoidDetector()`` meets the issue's goal on these numbers: held-out GSM8K detected
-    1.00 [0.96, 1.00] (fitted on bare questions) and 0.99 [0.95, 1.00] (fitted on
-    ``"Question: ...\\nAnswer:"``); false positives at most 1 of 30 on every other domain and
-    format (worst 0.03 [0.01, 0.17]), pooled over the five domains <= 0.01 [0.00, 0.05].
-  - ``KeySpaceDetector()`` does not quite: detection 0.94 [0.88, 0.97] and
-    0.93 [0.86, 0.97]; pooled false positives <= 0.02 [0.01, 0.06], but 0.07 [0.02, 0.21]
-    (2 of 30) on bare XQuAD questions when fitted on bare questions.
-  - The authors' last layer (``layers=-1``, ``fpr=0.01``) detects 0.96 / 0.86 with up to
-    0.10 [0.03, 0.26] false positives on a domain; fitted without negatives (``h=2``, the
-    issue's call) it refuses up to 0.77 [0.59, 0.88] of a domain's questions.
-
-  Thirty questions per domain cannot show a rate below 5 %: the upper bounds say only that a
-  domain's rate is below about 11-17 %. Detection is tied to the prompt format: fitted on one
-  format, neither default detects a GSM8K question in another (0.00 in the other formats
-  and in the chat template); fit on every format you need to catch.
+  a model of another depth. Their detection and false-positive rates on the default model
+  (held-out data never used for fitting or choosing, 95 % Wilson intervals), against the
+  authors' last layer and a region fitted without negatives, are on the documentation page
+  ``docs/results/formats.md`` (Results, "Detectors and formats"), with the command that
+  measures them. Detection is tied to the prompt format: fit on every format you need to catch.
 * **Negatives are required.** ``fit(keys_f)`` alone (no ``h``/``alpha``) is refused: a
   region fitted on the forget skill alone refuses ordinary questions at an unmeasured rate.
   :func:`mechunlearn.calibration_skill` ships general questions to calibrate on.
@@ -59,9 +45,8 @@ Beyond the paper:
   F, false positives on the R calibration and test parts) are in ``calibration_``, with
   ``capping_negatives``: the rows of ``keys_r`` (of the concatenation, when it is a list) that one
   rank further would be inside, i.e. the negatives that decided alpha. When held-out detection
-  falls below 50 %, ``fit`` warns and names them. (On the default model, an MMLU
-  elementary-mathematics word problem among the negatives of a GSM8K detector did exactly that
-  on one of three seeds: held-out detection 12 %.)
+  falls below 50 %, ``fit`` warns and names them (``docs/results/unlearning.md``, "Why seed 1
+  fails", shows such a negative on the default model).
 * **A region that is not a box.** :class:`EllipsoidDetector` uses the Mahalanobis distance
   under a Ledoit-Wolf shrinkage covariance, with the same interface (one base class,
   :class:`KeyRegionDetector`).

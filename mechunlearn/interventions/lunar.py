@@ -38,8 +38,8 @@ Shen et al., "LLM Unlearning via Neural Activation Redirection" (2025; code:
    pass over them), applies it as hooks, and keeps the layer whose edit lowers the forget
    skill's teacher-forced accuracy most while the retain skill keeps at least 95 % of its base
    accuracy (:func:`choose_layer`). (The issue's cheaper test, adding ``c * r_l`` to the MLP
-   output of every prompt, cannot tell layers apart: it moves the retain prompts too, and on
-   SmolLM2 no layer kept 95 % of the retain skill that way.) Direction and ``dW`` are then
+   output of every prompt, cannot tell layers apart: it moves the retain prompts too; see
+   ``docs/results/index.md``, "Observations without a script".) Direction and ``dW`` are then
    fitted on all the examples given (a refit, as scikit-learn's grid search does); the sweep is
    in ``layer_sweep_``.
 5. **Applying it.** :meth:`Lunar.hooks` adds ``key @ dW`` to ``blocks.{l}.hook_mlp_out`` (the
@@ -529,7 +529,7 @@ class Lunar(HookIntervention):
         candidates: the layers ``layer="auto"`` tries (None: every third layer,
             :func:`every_third_layer`; ``"all"`` is not a value: pass ``range(n_layers)``). The
             sweep costs two teacher-forced passes over the held-back examples per candidate
-            (every layer of the default model ran past 25 minutes on 2 cores).
+            (timings: ``docs/benchmarks.md``).
 
     Hooks: two per layer, sharing one slot. One records the key at
     ``blocks.{l}.mlp.hook_post``, the other adds ``key @ dW`` at ``blocks.{l}.hook_mlp_out``.
