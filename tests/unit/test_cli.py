@@ -328,6 +328,10 @@ def dying_replace(src, dst, *args, **kwargs):  # kill -9 at the named point of a
     replace(src, dst, *args, **kwargs)
     if point == "renamed" and dst.name == "SelectivePruning.safetensors":
         os._exit(9)
+    if point == "analysis" and dst.name == "gaussian_by_layer.csv":  # the analyze stage
+        os._exit(9)
+    if point == "evaluation" and dst.name == "evaluation.csv":  # the evaluate stage
+        os._exit(9)
 
 
 os.replace = dying_replace
@@ -338,20 +342,25 @@ sys.exit(main(argv))
 
 
 @pytest.mark.parametrize(
-    "point, left",
+    "point, left, command",
     [
-        ("stats", "stats/.forget.pre.safetensors.*.tmp"),  # during the statistics write
-        ("marker", "..mechunlearn-report.json.*.tmp"),  # during a marker write
-        ("renamed", "interventions/SelectivePruning.safetensors"),  # after a file's rename
+        ("stats", "stats/.forget.pre.safetensors.*.tmp", "unlearn"),  # collect: a stats write
+        ("marker", "..mechunlearn-report.json.*.tmp", "unlearn"),  # during a marker write
+        ("renamed", "interventions/SelectivePruning.safetensors", "unlearn"),  # unlearn: a fit
+        ("analysis", "tables/gaussian_by_layer.csv", "run"),  # analyze: its first table
+        ("evaluation", "tables/evaluation.csv", "run"),  # evaluate: the scores
     ],
 )
-def test_a_killed_run_never_blocks_the_next_one(setup, tmp_path, point, left):
+def test_a_killed_run_never_blocks_the_next_one(setup, tmp_path, point, left, command):
+    """kill -9 at each stage of the run (a write of the collect, analyze, unlearn and evaluate
+    stages, and a marker write), then a rerun resumes, and --force with other settings starts
+    the folder over."""
     import shutil
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     killed = subprocess.run(
-        [sys.executable, "-c", _KILL, point, *argv(setup, out, command="unlearn")],
+        [sys.executable, "-c", _KILL, point, *argv(setup, out, command=command)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert killed.returncode == 9, killed.stderr[-800:]
@@ -361,7 +370,7 @@ def test_a_killed_run_never_blocks_the_next_one(setup, tmp_path, point, left):
     # Rerun with the same settings: resumes, and leaves a consistent folder.
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed, symlinks=True)
-    assert main(argv(setup, resumed, command="unlearn")) == 0
+    assert main(argv(setup, resumed, command=command)) == 0
     listed, on_disk, temporaries = own_state(resumed)
     assert listed == on_disk and not temporaries
     assert (resumed / "interventions" / "SelectivePruning.safetensors").exists()
