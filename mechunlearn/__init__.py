@@ -22,6 +22,7 @@ from ._version import __version__
 from .collect import Probe, collect, collect_importance, collect_keys
 from .data import Example, Skill, SkillNotFoundError, calibration_skill, load_skill
 from .evaluation import evaluate, relative_table
+from .fluency import fluency, fluency_table
 from .generation import greedy_generate
 from .interventions import (
     REFUSAL,
@@ -78,6 +79,8 @@ __all__ = [
     "collect_importance",
     "collect_keys",
     "evaluate",
+    "fluency",
+    "fluency_table",
     "get_method",
     "greedy_generate",
     "hook_name",
