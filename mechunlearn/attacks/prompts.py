@@ -31,6 +31,7 @@ the method's damage to it depends on the format.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -276,8 +277,13 @@ def prompt_attacks(
         base_score, method_score, relative, relative_low, relative_high, abstention_rate, n``;
         ``relative`` is ``method_score / base_score`` under the same wrapper.
 
+    A wrapper that cannot be built for a skill (multiple choice needs four distinct answers
+    or numeric finals) leaves that skill out of that attack's rows, with a warning; without
+    the forget skill the attack has no rows.
+
     Raises:
-        ValueError: an unknown attack, a repeated one, or one without its input.
+        ValueError: an unknown attack, a repeated one, one without its input, or few-shot
+            examples among the scored ones.
 
     Example:
         >>> from mechunlearn.attacks import prompt_attacks
@@ -301,13 +307,19 @@ def prompt_attacks(
     all_roles = {forget.name: "forget", **{n: (roles or {}).get(n, "retain") for n in kept}}
     frames = []
     for attack in tqdm(names, desc="prompt attacks", disable=quiet):
-        skills = {
-            name: attack_skill(s, attack, shots, paragraphs, tokenizer, seed)
-            for name, s in {forget.name: forget, **kept}.items()
-        }
+        skills = {}
+        for name, s in {forget.name: forget, **kept}.items():
+            try:
+                skills[name] = attack_skill(s, attack, shots, paragraphs, tokenizer, seed)
+            except ValueError as err:  # e.g. multiple choice without 4 distinct answers
+                if _few_shot_k(attack) is not None and "also scored" in str(err):
+                    raise
+                warnings.warn(f"Attack {attack!r} left out for {name!r}: {err}", stacklevel=2)
+        if forget.name not in skills:
+            continue
         table = evaluate(
-            model, skills, interventions, batch_size=batch_size, quiet=True, roles=all_roles,
-            n_boot=n_boot, seed=seed,
+            model, skills, interventions, batch_size=batch_size, quiet=True,
+            roles={n: all_roles[n] for n in skills}, n_boot=n_boot, seed=seed,
         )  # fmt: skip
         base = table[table["method"] == BASE].set_index("skill")["score"]
         rows = table[table["method"] != BASE].copy()
@@ -318,4 +330,6 @@ def prompt_attacks(
         "attack", "skill", "role", "method", "kind", "base_score", "method_score", "relative",
         "relative_low", "relative_high", "abstention_rate", "n",
     ]  # fmt: skip
+    if not frames:
+        return pd.DataFrame(columns=columns)
     return pd.concat(frames, ignore_index=True)[columns]

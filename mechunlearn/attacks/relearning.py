@@ -303,7 +303,9 @@ def relearning(
             attacked[(what, "base", step)] = bare
             for m, det in detectors.items():
                 attacked[(what, m, step)] = {
-                    n: dataclasses.replace(s, abstained=abstentions(model, det, scored[n].prompts, bs))
+                    n: dataclasses.replace(
+                        s, abstained=abstentions(model, det, scored[n].prompts, bs)
+                    )
                     for n, s in bare.items()
                 }
 
