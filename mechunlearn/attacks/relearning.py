@@ -53,7 +53,7 @@ from ..evaluation import abstentions, applied, teacher_forced
 from ..interventions.base import Detector, WeightIntervention
 from ..interventions.registry import kind_of
 from ..interventions.simu import _epochs, _frozen, _mean_loss, _tokens
-from ..kernels.bootstrap import N_BOOT, _check_level, _percentiles, resampled_sums
+from ..kernels.bootstrap import N_BOOT, _check_level, _percentiles, paired_arrays, resampled_sums
 from ..models import model_device
 from ..scoring import ExampleScores
 from ..validation import check_int, check_positive, check_seed
@@ -192,12 +192,7 @@ def recovery_interval(
         >>> 0.1 < low < 0.5 < high < 0.9
         True
     """
-    a, u, b = (np.asarray(x, np.float64) for x in (attacked, unlearned, base))
-    if not (a.shape == u.shape == b.shape) or a.ndim != 1:
-        raise ValueError(
-            f"attacked, unlearned and base must be 1-D of one length, got {a.shape}, "
-            f"{u.shape}, {b.shape}."
-        )
+    a, u, b = paired_arrays({"attacked": attacked, "unlearned": unlearned, "base": base})
     _check_level(level)
     sa, su, sb = resampled_sums(a, u, b, n_boot=n_boot, seed=seed)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mechunlearn import Skill, collect, collect_importance, collect_keys
+from mechunlearn import Skill
 from mechunlearn.attacks import (
     ATTACKS,
     attack_skill,
@@ -36,10 +36,9 @@ from mechunlearn.attacks import (
 )
 from mechunlearn.attacks.quantization import _quantized
 from mechunlearn.evaluation import evaluate, teacher_forced
-from mechunlearn.interventions import Detector, SelectivePruning, WeightIntervention, methods
+from mechunlearn.interventions import Detector, SelectivePruning, WeightIntervention
 from mechunlearn.interventions.weights import WeightEdit, w_out
-from mechunlearn.pipeline import Probes, RunConfig, Skills, fit_method
-from tests.unit.test_cli import setup  # noqa: F401  (the tiny model and skills on disk)
+from tests.unit import test_cli, test_interventions_common
 
 ADD = [(f"{a}+{b}=", f"{a + b}") for a in range(8) for b in range(5)]  # 40 examples
 F = Skill.from_texts("add", [p for p, _ in ADD], [a for _, a in ADD])
@@ -50,37 +49,16 @@ R = Skill.from_texts(
 F_FIT, F_TEST = F[:20], F[20:32]
 R_FIT, R_TEST = R[:20], R[20:32]
 SHOTS = F[32:]
-FAST = {
-    "NA": {"ratio": 0.05, "seed": 7},
-    "SP": {"ratio": 0.05},
-    "KSD": {"layers": None, "rule": 2},
-    "Ellipsoid": {"layers": [0, 2]},
-    "LUNAR": {"layer": 1},
-    "SIMU": {"max_steps": 2, "steps": 1},
-}
+
+#: Fixtures shared with the other suites: every registered method fitted by the pipeline's own
+#: generic fit on the tiny model, and a tiny model and three skills saved to disk.
+fitted = test_interventions_common.fitted
+setup = test_cli.setup
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llama):
-    return tiny_llama
-
-
-@pytest.fixture(scope="module")
-def fitted(model):
-    """Every registered method, fitted by the pipeline's generic fit on the tiny model."""
-    probes = Probes()
-    for role, skill in (("forget", F_FIT), ("retain:copy", R_FIT)):
-        probes.pre[role] = collect(model, skill, site="pre", quiet=True)
-        probes.keys[role] = collect_keys(model, skill, quiet=True)
-        probes.importance[role] = collect_importance(model, skill)
-    skills = Skills(forget=(F_FIT, F_TEST), retain={"copy": (R_FIT, R_TEST)})
-    out = {}
-    for spec in methods():
-        config = RunConfig(
-            forget="add", retain=("copy",), methods={spec.name: FAST.get(spec.name, {})}
-        )
-        out[spec.name] = fit_method(config, spec.name, model, skills, probes)
-    return out
+def model(llama_like):
+    return llama_like
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -258,7 +236,7 @@ def test_quantization_touches_the_edited_tensors_only_and_restores(model, fitted
     snap = _snapshot(model)
     lunar = fitted["LUNAR"]
     tensors = edited_parameters(model, lunar)
-    assert len(tensors) == 1 and "layers.1." in next(iter(tensors))
+    assert len(tensors) == 1 and ".1." in next(iter(tensors))
     assert _same(model, snap)
     with _quantized(model, tensors, 4):
         changed = {n for n, p in model.named_parameters() if not torch.equal(p, snap[n])}
@@ -348,19 +326,18 @@ def test_residual_knowledge_says_a_detector_leaves_the_states_untouched(model, f
 
 # ------------------------------------------------------------------------------- command
 @pytest.mark.slow
-def test_the_attack_command_reuses_a_finished_run(tmp_path, setup, capsys):  # noqa: F811
+def test_the_attack_command_reuses_a_finished_run(tmp_path, setup, capsys):
     from mechunlearn.cli import main
     from mechunlearn.pipeline import MARKER
-    from tests.unit.test_cli import argv
 
     out = tmp_path / "report"
-    assert main(argv(setup, out, command="unlearn")) == 0
-    fitted = {p.name: p.stat().st_mtime_ns for p in (out / "interventions").iterdir()}
+    assert main(test_cli.argv(setup, out, command="unlearn")) == 0
+    saved = {p.name: p.stat().st_mtime_ns for p in (out / "interventions").iterdir()}
     families = ["prompts", "relearning", "quantization", "residual"]
     cmd = ["attack", "--out", str(out), "--attacks", *families, "--steps", "1", "--quiet"]
     with pytest.warns(UserWarning, match="left out"):  # prose has one answer: no MC options
         assert main(cmd) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "interventions").iterdir()} == fitted
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "interventions").iterdir()} == saved
     for family in families:
         table = pd.read_csv(out / "tables" / f"attacks_{family}.csv")
         assert len(table) > 0
