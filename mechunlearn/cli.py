@@ -24,7 +24,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from .interventions import methods as registered_methods
-from .pipeline import DEFAULT_METHODS, MARKER, STAGES, PipelineError, RunConfig, run
+from .pipeline import (
+    ATTACKS,
+    DEFAULT_METHODS,
+    MARKER,
+    STAGES,
+    PipelineError,
+    RunConfig,
+    attack,
+    run,
+)
 
 __all__ = ["MARKER", "main", "config_from_args", "method_settings", "parse_setting", "parser"]
 
@@ -74,6 +83,16 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], help="every stage, then the report (main job)")
     for stage in STAGES:
         sub.add_parser(stage, parents=[common], help=f"the {stage} stage only")
+    hit = sub.add_parser("attack", help="attacks on a finished run folder (docs/attacks.md)")
+    hit.add_argument("--out", default="report", help="the run folder (default: %(default)s)")
+    hit.add_argument("--attacks", nargs="+", default=["prompts"], choices=ATTACKS,
+                     help="attack families (default: prompts)")  # fmt: skip
+    hit.add_argument("--steps", nargs="+", type=int, default=None,
+                     help="relearning step counts (default: 1 5 20)")  # fmt: skip
+    hit.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    for flag in ("--device", "--data-dir"):
+        hit.add_argument(flag, default=None)
+    hit.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
     return top
 
 
@@ -209,6 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise PipelineError(
                     f"--import {module}: {err} (is the module on PYTHONPATH?)"
                 ) from None
+        if args.command == "attack":
+            tables = attack(args.out, args.attacks, args.steps, args.device, args.data_dir,
+                            args.quiet)  # fmt: skip
+            print(f"mechunlearn: attack tables {', '.join(map(str, tables.values()))}")
+            return 0
         config = config_from_args(args)
         if args.n < 4:
             raise PipelineError("--n must be at least 4 (each skill is split in halves).")

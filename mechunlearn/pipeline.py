@@ -1100,3 +1100,118 @@ def run(
         return result
     finally:
         folder.unlock()
+
+
+# ----------------------------------------------------------------------------------- attacks
+ATTACKS = ("prompts", "relearning", "quantization", "residual")
+"""The attack families of ``mechunlearn attack`` (:mod:`mechunlearn.attacks`)."""
+
+
+def attack(
+    out: str | Path,
+    attacks: Sequence[str] = ("prompts",),
+    steps: Sequence[int] | None = None,
+    device: str | None = None,
+    data_dir: str | None = None,
+    quiet: bool | None = None,
+    model=None,
+) -> dict[str, Path]:
+    """Run attacks (:mod:`mechunlearn.attacks`) on a finished run folder.
+
+    Reads ``config.json`` and the fitted methods the run saved (``interventions/*.safetensors``;
+    nothing is fitted again), loads the same skills (probe and held-out halves, by the run's
+    seed) and writes ``tables/attacks_<family>.csv`` per family: the held-out halves are scored;
+    the probe halves are the few-shot examples, the relearning attack's training set (the
+    control fine-tunes on the general skill's probe half, else the first kept skill's) and the
+    linear probes' training set.
+
+    Args:
+        out: the run folder.
+        attacks: families from :data:`ATTACKS` (default: the cheap prompt attacks).
+        steps: the relearning attack's step counts (default 1, 5, 20).
+        device, data_dir, quiet: override the run's settings (results do not depend on them).
+        model: the model, if already loaded.
+
+    Returns:
+        ``{family: path of its table}``.
+
+    Raises:
+        PipelineError: no finished run in ``out``, an unknown family, or a method the run
+            did not save.
+
+    Example:
+        >>> attack("report", ["prompts", "quantization"])  # doctest: +SKIP
+        {'prompts': PosixPath('report/tables/attacks_prompts.csv'), ...}
+    """
+    from . import attacks as atk
+
+    out = Path(out)
+    for name in attacks:
+        if name not in ATTACKS:
+            raise PipelineError(f"Unknown attack {name!r}: choose among {', '.join(ATTACKS)}.")
+    if not (out / CONFIG).is_file():
+        raise PipelineError(
+            f"{out} holds no {CONFIG}: attack a finished run folder (mechunlearn run --out {out})."
+        )
+    try:
+        data = read_json(out / CONFIG, "run config")
+    except DamagedFileError as err:
+        raise PipelineError(str(err)) from None
+    config = RunConfig.from_json(data)
+    changes = {"device": device, "data_dir": data_dir, "quiet": quiet}
+    config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+    config.validate()
+    folder = RunFolder(out, config)
+    skills = load_skills(config)
+    fitted, missing = {}, []
+    for method in config.methods:
+        spec = config.spec(method)
+        path = folder.path(_method_file(spec.full_name))
+        if path.is_file():
+            fitted[spec.full_name] = spec.cls.load(path)
+        else:
+            missing.append(spec.name)
+    if missing:
+        raise PipelineError(
+            f"{out} holds no fitted {', '.join(missing)}: finish the run first (mechunlearn "
+            f"unlearn --out {out} with the run's settings)."
+        )
+    held, roles = skills.held_out()
+    forget_probe, forget_held = skills.forget
+    first = skills.retain[skills.first_retain]
+    kept = {name: s for name, s in held.items() if roles[name] != "forget"}
+    control = skills.general[0] if skills.general is not None else first[0]
+    common = {"quiet": config.quiet}
+    boot = {"n_boot": config.n_boot, "seed": config.seed}
+    written: dict[str, Path] = {}
+    try:
+        folder.prepare()
+        if model is None:
+            model = load_model_for(config, folder)
+        for name in attacks:
+            with folder.timer(f"attack {name}"):
+                if name == "prompts":
+                    table = atk.prompt_attacks(
+                        model, fitted, forget_held, kept, shots=forget_probe, roles=roles,
+                        batch_size=config.batch_size, **common, **boot,
+                    )  # fmt: skip
+                elif name == "relearning":
+                    table = atk.relearning(
+                        model, fitted, forget_probe, held, roles, control=control,
+                        steps=steps or atk.STEPS, **common, **boot,
+                    )  # fmt: skip
+                elif name == "quantization":
+                    table = atk.requantization(
+                        model, fitted, held, roles, batch_size=config.batch_size, **common, **boot
+                    )
+                else:
+                    table = atk.residual_knowledge(
+                        model, fitted, forget_probe, first[0], forget_held, first[1],
+                        batch_size=config.batch_size, **common,
+                    )  # fmt: skip
+            rel = f"tables/attacks_{name}.csv"
+            folder.write(rel, lambda p, t=table: write_text(p, t.to_csv(index=False)))
+            written[name] = folder.path(rel)
+    finally:
+        folder.unlock()
+    return written

@@ -991,9 +991,9 @@ def _tokens(model, skill: Skill, max_length: int | None, role: str) -> list[tupl
     return items
 
 
-def _mean_loss(model, batch: EncodedBatch) -> Tensor:
-    """Mean next-token cross-entropy of the batch's answer tokens."""
-    logits = forward(model, batch)
+def _mean_loss(model, batch: EncodedBatch, fwd_hooks=()) -> Tensor:
+    """Mean next-token cross-entropy of the batch's answer tokens (``fwd_hooks`` attached)."""
+    logits = forward(model, batch, fwd_hooks)
     count = batch.answer_mask[:, 1:].sum().clamp(min=1)
     return answer_nll(logits, batch).sum() / count
 

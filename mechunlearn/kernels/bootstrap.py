@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,20 @@ def resampled_sums(*values: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> 
         for out, v in zip(sums, values, strict=True):
             out.append(v[idx].sum(1))
     return [np.concatenate(s) for s in sums]
+
+
+def paired_arrays(values: dict[str, Any]) -> list[np.ndarray]:
+    """Per-example values (``{name: array}``) as float64 arrays, checked 1-D of one length.
+
+    Raises:
+        ValueError: naming the arrays and their shapes.
+    """
+    out = [np.asarray(v, np.float64) for v in values.values()]
+    if len({a.shape for a in out}) != 1 or out[0].ndim != 1:
+        names = ", ".join(values)
+        shapes = ", ".join(str(a.shape) for a in out)
+        raise ValueError(f"{names} must be 1-D of one length, got shapes {shapes}.")
+    return out
 
 
 def _check_level(level: float) -> None:
@@ -118,14 +133,9 @@ def paired_ratio_interval(
     Returns:
         ``(low, high)``; NaN when every resample is undefined.
     """
-    a = np.asarray(correct_after, np.float64)
-    b = np.asarray(correct_before, np.float64)
-    t = np.asarray(total, np.float64)
-    if not (a.shape == b.shape == t.shape) or a.ndim != 1:
-        raise ValueError(
-            f"correct_after, correct_before and total must be 1-D of one length, got shapes "
-            f"{a.shape}, {b.shape}, {t.shape}."
-        )
+    a, b, t = paired_arrays(
+        {"correct_after": correct_after, "correct_before": correct_before, "total": total}
+    )
     _check_level(level)
     sa, sb, st = resampled_sums(a, b, t, n_boot=n_boot, seed=seed)
     with np.errstate(invalid="ignore", divide="ignore"):
