@@ -24,10 +24,14 @@ from .data import Example, Skill, SkillNotFoundError, calibration_skill, load_sk
 from .evaluation import evaluate, relative_table
 from .generation import greedy_generate
 from .interventions import (
+    NPO,
     REFUSAL,
+    RMU,
     Detection,
     Detector,
     EllipsoidDetector,
+    GradAscent,
+    GradDiff,
     HookIntervention,
     KeySpaceDetector,
     Lunar,
@@ -50,12 +54,16 @@ from .tuning import prune_iteratively, tune_neuron_adjust
 
 __all__ = [
     "DEFAULT_MODEL",
+    "NPO",
     "REFUSAL",
+    "RMU",
     "DamagedFileError",
     "Detection",
     "Detector",
     "EllipsoidDetector",
     "Example",
+    "GradAscent",
+    "GradDiff",
     "HookIntervention",
     "Importance",
     "KeySpaceDetector",
