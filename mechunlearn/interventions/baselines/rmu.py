@@ -138,11 +138,10 @@ class RMU(TrainedBaseline):
       ``layer - 2 .. layer``);
     * ``steering_coeff=100``: ``c`` sets the size of the target ``c * u`` against the
       activations it replaces. The default model's residual stream after layer 7 has a mean
-      per-token norm of about 118 on GSM8K text (111 after layer 6, BOS left out), and on its
-      non-BOS tokens the authors' ``c`` is likewise of the order of the activation norm
-      (Dang et al., 2025, find that RMU forgets once ``c`` is at least the norm); 100 keeps that
-      ratio near 1. Zephyr's 6.5 would be a target 18 times smaller than SmolLM2's
-      activations, which would pull them toward zero rather than redirect them.
+      per-token norm of about 118 on GSM8K text (111 after layer 6, BOS left out); a target of
+      about that norm redirects the forget activations instead of shrinking them toward zero,
+      which is what Zephyr's 6.5 would do here (a target 18 times smaller than SmolLM2's
+      activations). Our choice, not measured against the authors' Zephyr norms.
     * ``alpha=100``: per coordinate, the forget MSE starts near ``(|h|^2 + c^2) / d_model``
       (about 40 here), larger than Zephyr's (about 0.01 at ``c=6.5``); with ``alpha=100`` the
       retain term matters once retain activations move by about 0.6 per coordinate, a tenth
