@@ -6,14 +6,17 @@ Forget GSM8K, retain MBPP (``--n`` examples each, real text), every fit starting
 * ``lunar``: LUNAR at a fixed layer (16), closed form: direction and the normal equations;
 * ``lunar_auto``: LUNAR with ``layer="auto"`` over five candidate layers (each scored);
 * ``simu``: SIMU as the unlearning study runs it (last six layers, two integrated-gradient steps,
-  ten masked SophiaH updates).
+  ten masked SophiaH updates);
+* ``ga``, ``graddiff``, ``npo``: the first-order baselines with their defaults (every parameter
+  trained by AdamW) for ``--steps`` steps (default 10, SIMU's run budget), early stop off;
+* ``rmu``: RMU with its defaults (layer 7, ``W_out`` of layers 5-7) for ``--steps`` steps.
 
 Each fit runs in a fresh subprocess (Linux): its wall time, and its peak memory above the RSS after
 the model is loaded (VmHWM reset there). The ratios to NA's fit, all measured in one run, go to
 ``benchmarks/results/fit.json``.
 
 Usage:
-    MECHUNLEARN_DATA=../shared/data python benchmarks/bench_fit.py [--n 16]
+    MECHUNLEARN_DATA=../shared/data python benchmarks/bench_fit.py [--n 16] [--steps 10]
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import mechunlearn as mu
 from mechunlearn.io import write_json
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("na", "lunar", "lunar_auto", "simu")
+METHODS = ("na", "lunar", "lunar_auto", "simu", "ga", "graddiff", "npo", "rmu")
+BASELINES = {"ga": "GradAscent", "graddiff": "GradDiff", "npo": "NPO"}
 
 
 def child(args) -> None:
@@ -50,10 +54,15 @@ def child(args) -> None:
         mu.Lunar(layer=16).fit(model, forget, retain)
     elif args.child == "lunar_auto":
         mu.Lunar(layer="auto", candidates=[6, 11, 16, 21, 26]).fit(model, forget, retain)
-    else:
+    elif args.child == "simu":
         mu.Simu(layers=list(range(24, 30)), steps=2, max_steps=10, batch_size=8).fit(
             model, forget, retain, quiet=True
         )
+    elif args.child == "rmu":
+        mu.RMU(max_steps=args.steps).fit(model, forget, retain, quiet=True)
+    else:
+        cls = getattr(mu, BASELINES[args.child])
+        cls(max_steps=args.steps, forget_loss_factor=None).fit(model, forget, retain, quiet=True)
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "peak_over_model_mb": status_mb("VmHWM") - base}))
 
@@ -61,6 +70,7 @@ def child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16, help="examples per skill")
+    parser.add_argument("--steps", type=int, default=10, help="baselines' training steps")
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
@@ -72,12 +82,13 @@ def main() -> None:
     measured = {}
     for method in args.methods:
         cmd = [sys.executable, __file__, "--child", method, "--n", str(args.n),
-               "--data-dir", args.data_dir]  # fmt: skip
+               "--steps", str(args.steps), "--data-dir", args.data_dir]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         measured[method] = json.loads(out.strip().splitlines()[-1])
         print(f"{method:11s} {measured[method]['seconds']:8.1f} s  "
               f"{measured[method]['peak_over_model_mb']:8.0f} MB", flush=True)  # fmt: skip
-    result = {"n_per_skill": args.n, "device": "cpu", "fits": measured}
+    result = {"n_per_skill": args.n, "baseline_steps": args.steps, "device": "cpu",
+              "fits": measured}  # fmt: skip
     if "na" in measured:
         na = measured["na"]
         result["ratios_to_na"] = {

@@ -25,10 +25,14 @@ from .evaluation import evaluate, relative_table
 from .fluency import fluency, fluency_table
 from .generation import greedy_generate
 from .interventions import (
+    NPO,
     REFUSAL,
+    RMU,
     Detection,
     Detector,
     EllipsoidDetector,
+    GradAscent,
+    GradDiff,
     HookIntervention,
     KeySpaceDetector,
     Lunar,
@@ -51,12 +55,16 @@ from .tuning import prune_iteratively, tune_neuron_adjust
 
 __all__ = [
     "DEFAULT_MODEL",
+    "NPO",
     "REFUSAL",
+    "RMU",
     "DamagedFileError",
     "Detection",
     "Detector",
     "EllipsoidDetector",
     "Example",
+    "GradAscent",
+    "GradDiff",
     "HookIntervention",
     "Importance",
     "KeySpaceDetector",

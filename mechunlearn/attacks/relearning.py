@@ -23,8 +23,8 @@ examples (:func:`recovery_interval`). Where unlearning changed nothing (base equ
 unlearning, e.g. a kept skill) the ratio is undefined (NaN).
 
 Optimizer: ``torch.optim.AdamW`` over every parameter of the model; loss: the mean
-cross-entropy of the answer tokens (SIMU's ``answer_nll`` through its ``_mean_loss``), batches
-of ``batch_size`` examples in a seeded order (SIMU's ``_epochs``).
+cross-entropy of the answer tokens (the trained methods' ``mean_answer_loss``), batches
+of ``batch_size`` examples in a seeded order (``training.epochs``).
 
 **Memory.** The model is fine-tuned in place inside :func:`weights_restored`, which keeps one
 copy of every parameter and buffer (on the CPU by default, ``offload=True``) and writes it back
@@ -52,7 +52,7 @@ from ..data import Skill
 from ..evaluation import abstentions, applied, teacher_forced
 from ..interventions.base import Detector, WeightIntervention
 from ..interventions.registry import kind_of
-from ..interventions.simu import _epochs, _frozen, _mean_loss, _tokens
+from ..interventions.training import epochs, frozen, mean_answer_loss, tokenize_answers
 from ..kernels.bootstrap import N_BOOT, _check_level, _percentiles, paired_arrays, resampled_sums
 from ..models import model_device
 from ..scoring import ExampleScores
@@ -144,18 +144,18 @@ def finetune(
     batch_size = check_int("batch_size", batch_size, min_val=1)
     lr = check_positive("lr", lr)
     seed = check_seed(seed)
-    items = _tokens(model, train, None, "fine-tuning")
+    items = tokenize_answers(model, train, None, "fine-tuning", "fine-tuning")
     device = model_device(model)
     params = [p for p in model.parameters() if p.is_floating_point()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=float(weight_decay))
-    order = _epochs(len(items), batch_size, torch.Generator().manual_seed(seed))
+    order = epochs(len(items), batch_size, torch.Generator().manual_seed(seed))
     losses: list[float] = []
-    with _frozen(model, params):
+    with frozen(model, params):
         for step in tqdm(range(1, steps + 1), desc=f"fine-tune {train.name}", disable=quiet):
             idx = next(order)
             batch = pad_batch(model, [items[i] for i in idx], idx).to(device)
             with torch.enable_grad():
-                loss = _mean_loss(model, batch, fwd_hooks)
+                loss = mean_answer_loss(model, batch, fwd_hooks)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             value = float(loss.detach())

@@ -1,4 +1,5 @@
-"""Interventions: Neuron Adjust, Key Space Detection, Selective Pruning, LUNAR and SIMU.
+"""Interventions: Neuron Adjust, Key Space Detection, Selective Pruning, LUNAR, SIMU, and the
+trained baselines GA, GradDiff, NPO and RMU (:mod:`.baselines`).
 
 Each method is one module holding its class and its registration (:mod:`.registry`,
 ``@register_method("NA", fits_on="pre")``); :func:`methods` lists them.
@@ -24,10 +25,12 @@ Example:
 # isort: off
 # The registration order is the order of every table: the paper's methods, then the others.
 from . import neuron_adjust, key_space, pruning, lunar, simu  # noqa: F401
+from .baselines import grad_ascent, grad_diff, npo, rmu  # noqa: F401
 
 # isort: on
 from ..stats import Importance
 from .base import Detector, HookIntervention, Intervention, NotFittedError, WeightIntervention
+from .baselines import NPO, RMU, GradAscent, GradDiff, TrainedBaseline
 from .key_space import (
     REFUSAL,
     Detection,
@@ -51,11 +54,15 @@ from .simu import Attribution, MaskedSophiaH, Simu, critical_neurons, neuron_att
 from .weights import WeightEdit, w_out
 
 __all__ = [
+    "NPO",
     "REFUSAL",
+    "RMU",
     "Attribution",
     "MaskedSophiaH",
     "Detection",
     "DetectionRecord",
+    "GradAscent",
+    "GradDiff",
     "Detector",
     "HookIntervention",
     "MethodSpec",
@@ -75,6 +82,7 @@ __all__ = [
     "NotFittedError",
     "SelectivePruning",
     "Simu",
+    "TrainedBaseline",
     "WeightEdit",
     "critical_neurons",
     "layer_seed",

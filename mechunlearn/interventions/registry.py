@@ -29,8 +29,8 @@ contract tests. A user's own class takes part in all of them after one call of
 =============== ==========================================================================
 
 Example:
-    >>> sorted(m.name for m in methods())[:3]
-    ['Ellipsoid', 'KSD', 'LUNAR']
+    >>> [m.name for m in methods()][:6]
+    ['NA', 'KSD', 'Ellipsoid', 'SP', 'LUNAR', 'SIMU']
     >>> spec = get_method("NA")
     >>> spec.full_name, spec.fits_on, spec.kind
     ('NeuronAdjust', 'pre', 'hooks')

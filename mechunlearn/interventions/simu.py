@@ -86,22 +86,25 @@ code), as stated in docs/methods.md ("SIMU"):
    :meth:`Simu.mlp_hooks` gives the exact hook form of the ``W_out`` part alone (``key @
    dW_out`` added at ``hook_mlp_out``), for analysis.
 
+The training loop (batching, frozen parameters, progress bar, early stop, the NaN and
+explosion stops, deltas, restoring the model) is :func:`mechunlearn.interventions.training.train`,
+shared with the trained baselines (GA, GradDiff, NPO, RMU); SIMU gives it its loss, its masked
+optimizer, its trained parameters and the second-order steps.
+
 Randomness: the batch order (a permutation of each set per pass) and the Hutchinson probes
 come from ``seed``; the global RNG state is left as it was (``torch.random.fork_rng``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from pytorch_optimizer import SophiaH
 from torch import Tensor
@@ -109,12 +112,9 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..batching import (
-    EncodedBatch,
     forward,
     forward_until,
     iter_batches,
-    pad_batch,
-    tokenize_examples,
 )
 from ..data import Skill, special_token_flags
 from ..models import d_mlp, model_device, model_meta
@@ -129,9 +129,27 @@ from ..validation import (
 )
 from .base import Hook, WeightIntervention, check_positive
 from .registry import register_method
+from .training import (
+    STOP_REASONS,
+    EarlyStop,
+    answer_nll,
+    check_answer_skill,
+    frozen,
+    mean_answer_loss,
+    tokenize_answers,
+    train,
+)
 from .weights import WeightEdit, w_out
 
-STOP_REASONS = ("max_steps", "forget_loss_target")
+__all__ = [
+    "STOP_REASONS",
+    "Attribution",
+    "MaskedSophiaH",
+    "Simu",
+    "answer_nll",
+    "critical_neurons",
+    "neuron_attribution",
+]
 
 
 # ------------------------------------------------------------------------------ attribution
@@ -168,51 +186,6 @@ class Attribution:
         )
 
 
-def _check_skill(skill: Any, role: str) -> Skill:
-    if not isinstance(skill, Skill):
-        raise TypeError(
-            f"{role} must be a Skill with answers (SIMU's losses are on the answer tokens), "
-            f"got {type(skill).__name__}: use mu.load_skill(...) or Skill.from_texts(name, "
-            "prompts, answers)."
-        )
-    if len(skill) == 0:
-        raise ValueError(f"The {role} skill {skill.name!r} has no examples.")
-    return skill
-
-
-def answer_nll(
-    logits: Float[Tensor, "batch pos vocab"], batch: EncodedBatch
-) -> Float[Tensor, " batch"]:
-    """Per row, the summed next-token cross-entropy of its answer tokens (float32 or float64).
-
-    Position ``p`` predicts token ``p + 1``; only answer tokens are scored.
-    """
-    mask = batch.answer_mask[:, 1:]
-    row, pos = mask.nonzero(as_tuple=True)
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    scored = logits[row, pos].to(dtype)
-    target = batch.tokens[row, pos + 1]
-    token_nll = F.cross_entropy(scored, target, reduction="none")
-    out = torch.zeros(batch.tokens.shape[0], dtype=dtype, device=logits.device)
-    return out.index_add(0, row, token_nll)
-
-
-@contextlib.contextmanager
-def _frozen(model, trainable: Sequence[Tensor] = ()) -> Iterator[None]:
-    """``requires_grad`` off for every parameter but ``trainable``; the flags come back on exit."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        for p in trainable:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-
-
 def neuron_attribution(
     model,
     skill: Skill,
@@ -246,7 +219,7 @@ def neuron_attribution(
         >>> att.values.shape   # (layers, d_mlp)
         torch.Size([3, 48])
     """
-    skill = _check_skill(skill, "attributed")
+    skill = check_answer_skill(skill, "attributed", "SIMU")
     layers = resolve_layers(model, layers)
     steps = check_int("steps", steps, min_val=1)
     batch_size = check_int("batch_size", batch_size, min_val=1)
@@ -262,7 +235,7 @@ def neuron_attribution(
         special_tokens=special_token_flags(skill),
     )  # fmt: skip
     bar = tqdm(total=len(skill), desc=f"SIMU attribution {skill.name}", disable=quiet, leave=False)
-    with _frozen(model):
+    with frozen(model):
         for batch in batches:
             counted = batch.mask("all")[..., None]
             beta: dict[int, Tensor] = {}
@@ -465,36 +438,6 @@ def _row_mask(param: Tensor, view: Tensor, rows: Tensor) -> Tensor:
     return mask
 
 
-def _check_disjoint(params: Sequence[tuple[str, Tensor]]) -> None:
-    """Raise if two trained parameters share memory (their updates would add up)."""
-    groups: dict[int, list[tuple[str, Tensor]]] = {}
-    for name, p in params:
-        groups.setdefault(p.untyped_storage().data_ptr(), []).append((name, p))
-    for group in groups.values():
-        if len(group) < 2:
-            continue
-        base = group[0][1]
-        count = torch.zeros(
-            base.untyped_storage().nbytes() // base.element_size(), device=base.device
-        )
-        for _, p in group:
-            count.as_strided(p.shape, p.stride(), p.storage_offset()).add_(1.0)
-        if bool((count > 1).any()):
-            names = [n for n, _ in group]
-            raise NotImplementedError(
-                f"The parameters {names} share memory and all receive gradients, so SIMU "
-                "cannot train them independently."
-            )
-
-
-def _epochs(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
-    """Batches of example indices, a new permutation on every pass, forever."""
-    while True:
-        order = torch.randperm(n, generator=gen).tolist()
-        for start in range(0, n, batch_size):
-            yield order[start : start + batch_size]
-
-
 @register_method("SIMU", fits_on="model", defaults={"max_steps": 10})
 class Simu(WeightIntervention):
     """SIMU: neuron attribution, then masked SophiaH GradDiff unlearning (module docstring).
@@ -657,8 +600,8 @@ class Simu(WeightIntervention):
             FloatingPointError: the loss, or a trained weight after an update, became NaN or
                 infinite (the step is named; the model's weights are restored).
         """
-        forget = _check_skill(forget, "forget")
-        retain = _check_skill(retain, "retain")
+        forget = check_answer_skill(forget, "forget", "SIMU")
+        retain = check_answer_skill(retain, "retain", "SIMU")
         check_forget_retain(forget, retain, ("forget", "retain"), "examples")
         layers = resolve_layers(model, self.layers)
         kw = dict(
@@ -666,7 +609,7 @@ class Simu(WeightIntervention):
             max_length=self.max_length, quiet=quiet,
         )  # fmt: skip
         # Check the retain set's answers before the (long) forget attribution.
-        _tokens(model, retain, self.max_length, "retain")
+        tokenize_answers(model, retain, self.max_length, "retain", "SIMU")
         att_f = neuron_attribution(model, forget, **kw)
         critical = critical_neurons(att_f.values, self.threshold)
         att_r = None
@@ -696,12 +639,10 @@ class Simu(WeightIntervention):
         return self
 
     def _unlearn(self, model, layers, critical, forget, retain, att_f, quiet):
-        """Stage 2: masked SophiaH GradDiff; returns (deltas, history, stop reason)."""
-        device = model_device(model)
-        items_f = _tokens(model, forget, self.max_length, "forget")
-        items_r = _tokens(model, retain, self.max_length, "retain")
-        initial_nll = att_f.example_nll.cpu().tolist()
-        initial_tok = att_f.example_tokens.cpu().tolist()
+        """Stage 2: masked SophiaH GradDiff through the shared loop
+        (:func:`~.training.train`); returns (deltas, history, stop reason)."""
+        items_f = tokenize_answers(model, forget, self.max_length, "forget", "SIMU")
+        items_r = tokenize_answers(model, retain, self.max_length, "retain", "SIMU")
         candidates = [
             (f"blocks.{layer}.attn.{name}", p)
             for layer in layers
@@ -720,109 +661,48 @@ class Simu(WeightIntervention):
             (f"blocks.{layer}.mlp.W_out", owner) for layer, (owner, _, _) in rows.items()
         ]
         masks = {id(owner): mask for owner, mask, _ in rows.values()}
-        watched = {id(p): p for _, p in candidates}
-        originals = {key: p.detach().clone() for key, p in watched.items()}
         old_rows = {layer: w_out(model, layer).detach()[idx].clone() for layer, (_, _, idx)
                     in rows.items()}  # fmt: skip
         kwargs = dict(self.optimizer_kwargs or {})
         period = int(kwargs.get("update_period", 10))
         gamma = float(self.gamma)
-        factor = self.forget_loss_factor
-        gen = torch.Generator().manual_seed(self.seed)
-        batches_f = _epochs(len(items_f), self.batch_size, gen)
-        batches_r = _epochs(len(items_r), self.batch_size, gen)
-        history: list[dict[str, float]] = []
-        reason = "max_steps"
-        devices = [device.index or 0] if device.type == "cuda" else []
-        bar = tqdm(total=self.max_steps, desc="SIMU unlearning", disable=quiet)
-        try:
-            with _frozen(model, list(watched.values())), torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
-                opt: MaskedSophiaH | None = None
-                trained: list[tuple[str, Tensor]] = []
-                for step in range(self.max_steps):
-                    idx_f, idx_r = next(batches_f), next(batches_r)
-                    batch_f = pad_batch(model, [items_f[i] for i in idx_f], idx_f).to(device)
-                    batch_r = pad_batch(model, [items_r[i] for i in idx_r], idx_r).to(device)
-                    hessian_step = opt is None or opt.param_groups[0]["step"] % period == 0
-                    with torch.enable_grad(), _double_backward_ok(device, hessian_step):
-                        loss_f = _mean_loss(model, batch_f)
-                        loss_r = _mean_loss(model, batch_r)
-                        loss = gamma * loss_r - loss_f
-                        value_f, value_r = torch.stack([loss_f, loss_r]).detach().tolist()
-                        start = sum(initial_nll[i] for i in idx_f) / max(
-                            1, sum(initial_tok[i] for i in idx_f)
-                        )
-                        history.append(
-                            {"forget_loss": value_f, "retain_loss": value_r,
-                             "forget_loss_initial": start}
-                        )  # fmt: skip
-                        bar.set_postfix(forget=f"{value_f:.3f}", retain=f"{value_r:.3f}")
-                        if not (math.isfinite(value_f) and math.isfinite(value_r)):
-                            raise FloatingPointError(
-                                f"SIMU's loss is not finite at step {step} (after {step} "
-                                f"updates): forget loss {value_f}, retain loss {value_r}. The "
-                                f"model's weights were restored; lower lr (now {self.lr})."
-                            )
-                        if factor is not None and value_f >= factor * start:
-                            reason = "forget_loss_target"
-                            break
-                        grads = torch.autograd.grad(
-                            loss,
-                            [p for _, p in (trained or candidates)],
-                            create_graph=hessian_step,
-                            allow_unused=True,
-                        )
-                    if opt is None:  # train what the loss reaches (GPT-2 bridges alias q/k/v)
-                        trained = [
-                            c for c, g in zip(candidates, grads, strict=True) if g is not None
-                        ]
-                        grads = [g for g in grads if g is not None]
-                        if not trained:
-                            raise ValueError("No gradient reached the attention or W_out rows.")
-                        _check_disjoint(trained)
-                        opt = MaskedSophiaH(
-                            [p for _, p in trained],
-                            [masks.get(id(p)) for _, p in trained],
-                            lr=float(self.lr),
-                            **kwargs,
-                        )
-                    for (_, p), g in zip(trained, grads, strict=True):
-                        p.grad = g
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    bad = [name for name, p in trained if not bool(torch.isfinite(p).all())]
-                    if bad:
-                        raise FloatingPointError(
-                            f"SIMU stopped: non-finite at step {step}: its update made "
-                            f"{', '.join(bad)} NaN or infinite. The model's weights were "
-                            f"restored and nothing was kept; lower lr (now {self.lr}) or "
-                            "optimizer_kwargs['p']."
-                        )
-                    bar.update()
-                deltas = {
-                    name: (p.detach() - originals[id(p)])
-                    for name, p in trained
-                    if not name.endswith(".mlp.W_out")
-                }
-                for layer, (_, _, idx) in rows.items():
-                    deltas[f"blocks.{layer}.mlp.W_out"] = (
-                        w_out(model, layer).detach()[idx] - old_rows[layer]
-                    )
-                bad = [name for name, d in deltas.items() if not bool(torch.isfinite(d).all())]
-                if bad:
-                    raise FloatingPointError(
-                        f"SIMU stopped: non-finite at step {len(history) - 1}: the weight deltas "
-                        f"of {', '.join(bad)} overflow. The model's weights were restored and "
-                        f"nothing was kept; lower lr (now {self.lr})."
-                    )
-        finally:
-            bar.close()
-            with torch.no_grad():
-                for key, p in watched.items():
-                    p.grad = None
-                    p.copy_(originals[key])
-        return deltas, history, reason
+
+        def loss_fn(batch_f, batch_r):
+            loss_f = mean_answer_loss(model, batch_f)
+            loss_r = mean_answer_loss(model, batch_r)
+            return gamma * loss_r - loss_f, {"forget_loss": loss_f, "retain_loss": loss_r}
+
+        def make_optimizer(trained):
+            return MaskedSophiaH(
+                [p for _, p in trained],
+                [masks.get(id(p)) for _, p in trained],
+                lr=float(self.lr),
+                **kwargs,
+            )
+
+        def hessian_step(opt) -> bool:
+            return opt is None or opt.param_groups[0]["step"] % period == 0
+
+        def finish(deltas):
+            out = {name: d for name, d in deltas.items() if not name.endswith(".mlp.W_out")}
+            for layer, (_, _, idx) in rows.items():
+                out[f"blocks.{layer}.mlp.W_out"] = (
+                    w_out(model, layer).detach()[idx] - old_rows[layer]
+                )
+            return out
+
+        early = EarlyStop(
+            self.forget_loss_factor,
+            att_f.example_nll.cpu().tolist(),
+            att_f.example_tokens.cpu().tolist(),
+        )
+        result = train(
+            model, candidates, loss_fn, make_optimizer, items_f, items_r,
+            max_steps=self.max_steps, batch_size=self.batch_size, seed=self.seed, name="SIMU",
+            hint=f"lower lr (now {self.lr}) or optimizer_kwargs['p']", early_stop=early,
+            second_order=hessian_step, finish=finish, quiet=quiet,
+        )  # fmt: skip
+        return result.deltas, result.history, result.stop_reason
 
     def _after_fit(self) -> None:
         self.n_critical_ = [int(v) for v in self.critical_.sum(1).tolist()]
@@ -976,32 +856,3 @@ class Simu(WeightIntervention):
         self.n_updates_ = int(info["n_updates"])
         self.forget_loss_initial_ = float(info["forget_loss_initial"])
         self._after_fit()
-
-
-def _tokens(model, skill: Skill, max_length: int | None, role: str) -> list[tuple[list[int], int]]:
-    """Tokenised examples; raise if none has an answer token."""
-    items = tokenize_examples(
-        model, skill.prompts, skill.answers, max_length, special_tokens=special_token_flags(skill)
-    )
-    if not any(len(ids) > n_head for ids, n_head in items):
-        raise ValueError(
-            f"The {role} skill {skill.name!r} has no answer tokens: SIMU's losses are on the "
-            "answers, so give its examples answers."
-        )
-    return items
-
-
-def _mean_loss(model, batch: EncodedBatch, fwd_hooks=()) -> Tensor:
-    """Mean next-token cross-entropy of the batch's answer tokens (``fwd_hooks`` attached)."""
-    logits = forward(model, batch, fwd_hooks)
-    count = batch.answer_mask[:, 1:].sum().clamp(min=1)
-    return answer_nll(logits, batch).sum() / count
-
-
-def _double_backward_ok(device: torch.device, needed: bool):
-    """On CUDA, the math attention kernel (the fused ones have no double backward)."""
-    if not needed or device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])

@@ -1,0 +1,116 @@
+"""Gradient Difference (GradDiff): ascend on the forget skill, descend on the retain skill.
+
+Liu et al., 2022 (``GradDiff`` in open-unlearning, ``src/trainer/unlearn/grad_diff.py``, with
+its ``retain_loss_type: NLL``): minimise
+
+    loss = -L_F + gamma * L_R
+
+with ``L_F`` and ``L_R`` the mean next-token cross-entropies of the answer tokens of one forget
+and one retain batch per step. This is SIMU's objective without SIMU's neuron mask and
+second-order optimizer: every parameter is trained (by default) with AdamW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jaxtyping import Float
+from torch import Tensor
+
+from ...batching import EncodedBatch
+from ...validation import check_layers
+from ..registry import register_method
+from ..training import mean_answer_loss
+from .common import TrainedBaseline, check_nonnegative
+
+__all__ = ["GradDiff", "grad_diff_loss"]
+
+
+def grad_diff_loss(
+    model, batch_f: EncodedBatch, batch_r: EncodedBatch, gamma: float = 1.0
+) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    """GradDiff's loss ``-L_F + gamma * L_R`` of one step, and the logged terms.
+
+    Example:
+        >>> from mechunlearn.batching import iter_batches
+        >>> batch_f = next(iter(iter_batches(model, forget.prompts, forget.answers)))
+        >>> batch_r = next(iter(iter_batches(model, retain.prompts, retain.answers)))
+        >>> loss, terms = grad_diff_loss(model, batch_f, batch_r, gamma=2.0)
+        >>> torch.allclose(loss, 2 * terms["retain_loss"] - terms["forget_loss"])
+        True
+    """
+    loss_f = mean_answer_loss(model, batch_f)
+    loss_r = mean_answer_loss(model, batch_r)
+    loss = gamma * loss_r - loss_f
+    return loss, {"loss": loss, "forget_loss": loss_f, "retain_loss": loss_r}
+
+
+@register_method("GradDiff", fits_on="model")
+class GradDiff(TrainedBaseline):
+    """Gradient Difference baseline: minimise ``-L_F + gamma * L_R`` by AdamW (module docstring).
+
+    Defaults (open-unlearning's ``GradDiff.yaml``: ``gamma=1`` on the forget term, ``alpha=1``
+    on the retain term, i.e. our ``gamma=1``; its TOFU fine-tuning arguments: AdamW,
+    ``weight_decay=0.01``, every parameter trained; the learning rate and the bounded number of
+    steps scaled to the 135M default model, see docs/methods.md): ``gamma=1.0``, ``lr=1e-4``,
+    ``weight_decay=0.01``, ``max_steps=30``, ``batch_size=8``, constant learning rate. Early
+    stop as SIMU's (``forget_loss_factor=3``).
+
+    Args:
+        layers: blocks whose parameters are trained; None (the default) trains every parameter
+            of the model, as open-unlearning does.
+        gamma: weight of the retain loss (>= 0).
+        lr: AdamW's learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        max_steps: optimizer steps at most.
+        forget_loss_factor: stop once a step's forget loss reaches this multiple (> 1) of the
+            initial loss of the same examples; None to always run ``max_steps``.
+        batch_size: examples per batch (one forget and one retain batch per step).
+        max_length: truncate texts to this many tokens (default: the model's context).
+        seed: seed of the batch order.
+
+    Attributes:
+        layers_, d_mlp_, meta_, deltas_, history_, n_updates_, stop_reason_: see
+            :class:`~.common.TrainedBaseline`.
+        forget_loss_initial_: the forget skill's mean answer-token loss before training.
+
+    Example:
+        >>> gd = mu.GradDiff(layers=[1, 2], max_steps=3, lr=1e-3).fit(
+        ...     model, forget, retain, quiet=True)
+        >>> gd.layers_, gd.n_updates_, gd.stop_reason_
+        ([1, 2], 3, 'max_steps')
+    """
+
+    _label = "GradDiff"
+
+    def __init__(
+        self,
+        layers: int | Sequence[int] | None = None,
+        gamma: float = 1.0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        max_steps: int = 30,
+        forget_loss_factor: float | None = 3.0,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        seed: int = 0,
+    ):
+        layers = check_layers(layers)
+        check_nonnegative("gamma", gamma)
+        self._check_training(
+            lr, weight_decay, max_steps, batch_size, max_length, seed, forget_loss_factor
+        )
+        self.layers = layers
+        self.gamma = gamma
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_steps = max_steps
+        self.forget_loss_factor = forget_loss_factor
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.seed = seed
+
+    def _objective(self, model, items_f, items_r):
+        _, early = self._forget_reference(model, items_f)
+        gamma = float(self.gamma)
+        return (lambda batch_f, batch_r: grad_diff_loss(model, batch_f, batch_r, gamma)), early
