@@ -42,6 +42,10 @@ FAST = {
     "Ellipsoid": {"layers": [0, 2]},
     "LUNAR": {"layer": 1},
     "SIMU": {"max_steps": 2, "steps": 1},
+    "GA": {"max_steps": 3, "lr": 1e-3},
+    "GradDiff": {"max_steps": 3, "lr": 1e-3},
+    "NPO": {"max_steps": 3, "lr": 1e-3},
+    "RMU": {"layer": 1, "max_steps": 3, "lr": 1e-3},
 }
 
 
