@@ -43,7 +43,13 @@ from .interventions import (
     sweep_ratio,
 )
 from .io import DamagedFileError
-from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
+from .models import (
+    DEFAULT_MODEL,
+    OFFLINE_MODELS,
+    ModelNotFoundError,
+    UnsupportedArchitectureError,
+    load_model,
+)
 from .sites import hook_name
 from .stats import Importance, KeyVectors, NeuronStats
 from .tuning import prune_iteratively, tune_neuron_adjust
@@ -62,6 +68,8 @@ __all__ = [
     "KeyVectors",
     "Lunar",
     "ModelNotFoundError",
+    "OFFLINE_MODELS",
+    "UnsupportedArchitectureError",
     "NeuronAdjust",
     "NeuronStats",
     "NotFittedError",

@@ -77,6 +77,60 @@ def make_tiny_gpt2(tokenizer, device="cpu", n_layers=2, seed=0):
     return _bridge("tiny-gpt2", GPT2LMHeadModel(cfg), tokenizer, device)
 
 
+# Every architecture of the unit tier's matrix (tests/unit/test_architectures.py): the
+# transformers classes and what differs from the shared shape (d_model 32, 4 heads of 8, two key
+# and value heads, d_mlp 48). Gemma 2 keeps its default logit soft-capping (final 30, attention
+# 50), and the Gemmas get a sliding window of 4 so that it matters in short texts.
+TINY_ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 {"num_key_value_heads": 4, "rotary_pct": 0.25}),
+}  # fmt: skip
+"""``{short name: (config class, model class, config overrides)}`` in ``transformers``."""
+
+
+def make_tiny_hf(arch, tokenizer, n_layers=2, d_mlp=48, seed=0, **overrides):
+    """A tiny random Hugging Face causal LM of architecture ``arch`` (a key of
+    :data:`TINY_ARCHITECTURES`), from a config built in code: like a GGUF-derived config, it has
+    no ``architectures`` entry."""
+    import transformers
+
+    config_cls, model_cls, extra = TINY_ARCHITECTURES[arch]
+    if arch == "gpt2":
+        kw = dict(n_embd=32, n_layer=n_layers, n_head=4, n_inner=d_mlp, n_positions=256)
+    else:
+        kw = dict(hidden_size=32, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+                  num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256)  # fmt: skip
+    kw.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+              eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**kw, **extra, **overrides})
+    return getattr(transformers, model_cls)(config).eval()
+
+
+def make_tiny(arch, tokenizer, device="cpu", n_layers=2, d_mlp=48, seed=0, **overrides):
+    """A tiny random TransformerBridge of architecture ``arch``, loaded as a user's model is
+    (``mu.load_model(hf_model=..., tokenizer=...)``, which fills in ``architectures``)."""
+    import mechunlearn as mu
+
+    hf = make_tiny_hf(arch, tokenizer, n_layers=n_layers, d_mlp=d_mlp, seed=seed, **overrides)
+    return mu.load_model(f"tiny-{arch}", hf_model=hf, tokenizer=tokenizer, device=device,
+                         quiet=True)  # fmt: skip
+
+
 def _bridge(name, hf_model, tokenizer, device):
     """A random Hugging Face model wrapped as a TransformerBridge, in eval mode."""
     from transformer_lens.model_bridge import TransformerBridge
