@@ -203,7 +203,7 @@ def _from_gguf(path: Path, quiet: bool):
         )
     except (ValueError, KeyError, NotImplementedError) as err:
         arch = gguf_architecture(path)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(".")
         raise UnsupportedArchitectureError(
             f"transformers cannot load the GGUF file {path.name} (architecture {arch!r}): "
             f"{first}; convert it to a Hugging Face checkpoint and pass hf_model=."

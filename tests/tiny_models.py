@@ -131,6 +131,71 @@ def make_tiny(arch, tokenizer, device="cpu", n_layers=2, d_mlp=48, seed=0, **ove
                          quiet=True)  # fmt: skip
 
 
+def _permute_rotary(weight, n_heads):
+    """llama.cpp's reordering of a Llama query/key projection's rows (transformers undoes it)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_tiny_llama_gguf(hf_model, tokenizer, path):
+    """Write a Llama Hugging Face model and its tokenizer as a float32 GGUF file, with llama.cpp's
+    names and metadata (what ``convert_hf_to_gguf.py`` writes for Llama), in well under a second
+    for a tiny model. The tokenizer becomes a sentencepiece vocabulary of the same tokens.
+
+    Returns:
+        ``path``.
+    """
+    import gguf
+
+    cfg = hf_model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama-gguf")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([token.replace(" ", "\u2581") for token, _ in vocab])
+    writer.add_token_scores([0.0] * len(vocab))
+    writer.add_token_types([3 if token in special else 1 for token, _ in vocab])  # 3: control
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    sd = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    names = {
+        "attn_norm": "input_layernorm", "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    }  # fmt: skip
+    for i in range(cfg.num_hidden_layers):
+        hf = f"model.layers.{i}."
+        q, k = sd[hf + "self_attn.q_proj.weight"], sd[hf + "self_attn.k_proj.weight"]
+        writer.add_tensor(f"blk.{i}.attn_q.weight", _permute_rotary(q, cfg.num_attention_heads))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", _permute_rotary(k, cfg.num_key_value_heads))
+        for gguf_name, hf_name in names.items():
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[f"{hf}{hf_name}.weight"])
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    writer.add_tensor("output.weight", sd["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _bridge(name, hf_model, tokenizer, device):
     """A random Hugging Face model wrapped as a TransformerBridge, in eval mode."""
     from transformer_lens.model_bridge import TransformerBridge
