@@ -44,7 +44,6 @@ def test_shape_and_name(gemma):
     cfg = gemma.cfg
     assert (cfg.n_layers, cfg.d_mlp, cfg.d_model, cfg.d_vocab) == (18, 2048, 640, 262144)
     assert mu.models.model_name(gemma) == "google/gemma-3-270m"
-    assert mu.load_model("Gemma3-270M", device="cpu", quiet=True).cfg.n_layers == 18  # an alias
 
 
 def test_bridge_logits_equal_the_hf_model(gemma, hf_gemma):
@@ -90,8 +89,8 @@ def test_one_bos(gemma):
 
 def test_greedy_generation_cached_equals_uncached(gemma):
     token_lists = [ids for ids, _ in tokenize_examples(gemma, PROMPTS, ["", ""])]
-    cached = generate_from_tokens(gemma, token_lists, 8, use_past_kv_cache=True)
-    plain = generate_from_tokens(gemma, token_lists, 8, use_past_kv_cache=False)
+    cached = generate_from_tokens(gemma, token_lists, 6, use_past_kv_cache=True)
+    plain = generate_from_tokens(gemma, token_lists, 6, use_past_kv_cache=False)
     assert cached == plain and all(text.strip() for text in cached)
 
 
