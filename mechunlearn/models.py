@@ -95,7 +95,8 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 }
 """The models :func:`load_model` loads offline, by canonical name (one entry per model)."""
 
-DEFAULT_ALIASES = {DEFAULT_MODEL, *OFFLINE_MODELS[DEFAULT_MODEL].aliases}
+DEFAULT_ALIASES = {DEFAULT_MODEL, "SmolLM2-135M-Instruct", *OFFLINE_MODELS[DEFAULT_MODEL].aliases}
+"""Names of the offline default (for callers of 0.2; :func:`offline_model` ignores case)."""
 
 
 def offline_model(name: Any) -> OfflineModel | None:
