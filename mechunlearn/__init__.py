@@ -48,7 +48,13 @@ from .interventions import (
     sweep_ratio,
 )
 from .io import DamagedFileError
-from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
+from .models import (
+    DEFAULT_MODEL,
+    OFFLINE_MODELS,
+    ModelNotFoundError,
+    UnsupportedArchitectureError,
+    load_model,
+)
 from .sites import hook_name
 from .stats import Importance, KeyVectors, NeuronStats
 from .tuning import prune_iteratively, tune_neuron_adjust
@@ -74,11 +80,13 @@ __all__ = [
     "NeuronAdjust",
     "NeuronStats",
     "NotFittedError",
+    "OFFLINE_MODELS",
     "Probe",
     "SelectivePruning",
     "Simu",
     "Skill",
     "SkillNotFoundError",
+    "UnsupportedArchitectureError",
     "WeightIntervention",
     "__version__",
     "analysis",

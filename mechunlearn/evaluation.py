@@ -15,14 +15,16 @@ Two metric families (docs/methods.md, "Evaluation"):
 
 **No work twice.** :func:`evaluate` runs each skill's bare forward once and each
 output-changing method's forward once; a pass stops at the final residual stream and unembeds
-only the positions that are scored. Detectors (:class:`~mechunlearn.interventions.Detector`)
-only watch: every prompt they let through gets the bare model's answer, so each is scored as
-the bare model's
-per-example results with its abstentions zeroed, its key vectors read during the bare pass (at
-the last prompt token, no extra pass). An abstained example scores 0 (its answer tokens count
-as wrong) and is left out of the NLL. Methods that edit weights
-(:class:`~mechunlearn.interventions.WeightIntervention`, e.g. SIMU) are scored inside their
-``apply_to_weights`` context.
+only the positions that are scored (soft-capping the logits where the model does, as Gemma 2's
+forward does), turning them into float64 for the log-softmax a few rows at a time
+(:data:`mechunlearn.scoring.SCORE_CHUNK_VALUES`, so memory does not grow with the vocabulary
+times the answer tokens; the scores are the same bit for bit). Detectors
+(:class:`~mechunlearn.interventions.Detector`) only watch: every prompt they let through gets
+the bare model's answer, so each is scored as the bare model's per-example results with its
+abstentions zeroed, its key vectors read during the bare pass (at the last prompt token, no
+extra pass). An abstained example scores 0 (its answer tokens count as wrong) and is left out
+of the NLL. Methods that edit weights (:class:`~mechunlearn.interventions.WeightIntervention`,
+e.g. SIMU) are scored inside their ``apply_to_weights`` context.
 
 **Uncertainty.** Every score and every relative performance (after / before) carries a 95 %
 interval from a paired bootstrap over examples (:mod:`mechunlearn.kernels.bootstrap`: after and

@@ -1,5 +1,10 @@
 """Teacher-forced scoring: one pass over a skill with any hooks attached, per-example results.
 
+A pass stops at the final residual stream and unembeds only the positions that are scored
+(soft-capping the logits where the model does, as Gemma 2's forward does), turning them into
+float64 for the log-softmax a few rows at a time (:data:`SCORE_CHUNK_VALUES`, so memory does not
+grow with the vocabulary times the answer tokens; the scores are the same bit for bit).
+
 The scoring core that :mod:`mechunlearn.evaluation` (scores, intervals, tables) and the
 methods that choose a setting on held-back examples (LUNAR's layer sweep) share. It takes
 hooks, not interventions: :func:`mechunlearn.evaluation.teacher_forced` applies an
@@ -70,8 +75,45 @@ def _final_site(model) -> str | None:
 
 
 def _unembed(model, resid: torch.Tensor) -> torch.Tensor:
-    """Logits of final-residual rows ``[n, d_model] -> [n, vocab]``."""
-    return model.unembed(resid.unsqueeze(0)).squeeze(0)
+    """Logits of final-residual rows ``[n, d_model] -> [n, vocab]``, as the model's forward
+    gives them: soft-capped where the model caps its output logits (Gemma 2's
+    ``final_logit_softcapping``, ``cfg.output_logits_soft_cap``: ``cap * tanh(logits / cap)``),
+    which the model's forward does after its unembedding."""
+    logits = model.unembed(resid.unsqueeze(0)).squeeze(0)
+    cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
+    if cap > 0.0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+#: Logits turned into float64 at a time by the scoring (``2**22`` values: 32 MiB): at Gemma's
+#: vocabulary of 262,144, 16 answer tokens per chunk instead of every answer token of a batch.
+SCORE_CHUNK_VALUES = 1 << 22
+
+
+def _score_rows(
+    logits: torch.Tensor, target: torch.Tensor, letters: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``logits`` ``[n, vocab]`` (model dtype): the float64 NLL of ``target`` and
+    whether it is the top-1 (among ``letters`` where given).
+
+    Rows go to float64 a chunk of :data:`SCORE_CHUNK_VALUES` values at a time: every operation
+    is per row, so the results are those of converting all rows at once, bit for bit, while
+    the float64 copies stay a chunk's size whatever the vocabulary.
+    """
+    n, vocab = logits.shape
+    step = max(1, SCORE_CHUNK_VALUES // max(vocab, 1))
+    nll = torch.empty(n, dtype=torch.float64, device=logits.device)
+    hit = torch.empty(n, dtype=torch.bool, device=logits.device)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        chunk, tgt = logits[rows].double(), target[rows]
+        nll[rows] = -chunk.log_softmax(-1).gather(-1, tgt[:, None]).squeeze(-1)
+        if letters is None:
+            hit[rows] = chunk.argmax(-1) == tgt
+        else:
+            hit[rows] = letters[chunk[:, letters].argmax(-1)] == tgt
+    return nll, hit
 
 
 def choice_tokens(model, skill: Skill) -> tuple[int, list[int]] | None:
@@ -194,18 +236,16 @@ def score_pass(
                     return activation
 
                 forward_until(model, batch, [*hooks, (final, capture)], final)
-                scored = _unembed(model, captured["resid"]).double()
+                scored = _unembed(model, captured.pop("resid"))
             else:  # no hook before the unembedding: the full logits
                 logits = model.run_with_hooks(
                     batch.tokens, fwd_hooks=hooks, attention_mask=batch.attention_mask
                 )
-                scored = logits[row, pos].double()
+                scored = logits[row, pos]
+                del logits
             target = batch.tokens[row, pos + 1]
-            tok_nll = -scored.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
-            if letters is None:
-                hit = scored.argmax(-1) == target
-            else:
-                hit = letters[scored[:, letters].argmax(-1)] == target
+            tok_nll, hit = _score_rows(scored, target, letters)
+            del scored
             g = global_index[row]
             counts[0].index_add_(0, g, hit.double())
             counts[1].index_add_(0, g, torch.ones_like(tok_nll))

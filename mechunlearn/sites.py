@@ -44,6 +44,19 @@ def check_positions(positions: str) -> str:
     return positions
 
 
+def mlp_output_hook(model, layer: int) -> str:
+    """The hook point of the MLP's own output at ``layer``: ``key @ W_out + b_out``.
+
+    ``blocks.{l}.mlp.hook_out`` where the model has it (a TransformerBridge), else
+    ``blocks.{l}.hook_mlp_out``. They differ where a norm follows the MLP (Gemma 2 and 3's
+    ``post_feedforward_layernorm``, OLMo 2's): the bridge's ``hook_mlp_out`` fires after that
+    norm, so an edit of ``W_out`` acts at ``mlp.hook_out``, not there. Elsewhere both names are
+    one hook point.
+    """
+    name = f"blocks.{layer}.mlp.hook_out"
+    return name if name in getattr(model, "hook_dict", {}) else hook_name("mlp_out", layer)
+
+
 def hook_name(site: str, layer: int) -> str:
     """TransformerLens hook name of ``site`` at ``layer``.
 

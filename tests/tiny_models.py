@@ -77,6 +77,125 @@ def make_tiny_gpt2(tokenizer, device="cpu", n_layers=2, seed=0):
     return _bridge("tiny-gpt2", GPT2LMHeadModel(cfg), tokenizer, device)
 
 
+# Every architecture of the unit tier's matrix (tests/unit/test_architectures.py): the
+# transformers classes and what differs from the shared shape (d_model 32, 4 heads of 8, two key
+# and value heads, d_mlp 48). Gemma 2 keeps its default logit soft-capping (final 30, attention
+# 50), and the Gemmas get a sliding window of 4 so that it matters in short texts.
+TINY_ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 {"num_key_value_heads": 4, "rotary_pct": 0.25}),
+}  # fmt: skip
+"""``{short name: (config class, model class, config overrides)}`` in ``transformers``."""
+
+
+def make_tiny_hf(arch, tokenizer, n_layers=2, d_mlp=48, seed=0, **overrides):
+    """A tiny random Hugging Face causal LM of architecture ``arch`` (a key of
+    :data:`TINY_ARCHITECTURES`), from a config built in code: like a GGUF-derived config, it has
+    no ``architectures`` entry."""
+    import transformers
+
+    config_cls, model_cls, extra = TINY_ARCHITECTURES[arch]
+    if arch == "gpt2":
+        kw = dict(n_embd=32, n_layer=n_layers, n_head=4, n_inner=d_mlp, n_positions=256)
+    else:
+        kw = dict(hidden_size=32, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+                  num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256)  # fmt: skip
+    kw.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+              eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**kw, **extra, **overrides})
+    return getattr(transformers, model_cls)(config).eval()
+
+
+def make_tiny(arch, tokenizer, device="cpu", n_layers=2, d_mlp=48, seed=0, **overrides):
+    """A tiny random TransformerBridge of architecture ``arch``, loaded as a user's model is
+    (``mu.load_model(hf_model=..., tokenizer=...)``, which fills in ``architectures``)."""
+    import mechunlearn as mu
+
+    hf = make_tiny_hf(arch, tokenizer, n_layers=n_layers, d_mlp=d_mlp, seed=seed, **overrides)
+    return mu.load_model(f"tiny-{arch}", hf_model=hf, tokenizer=tokenizer, device=device,
+                         quiet=True)  # fmt: skip
+
+
+def _permute_rotary(weight, n_heads):
+    """llama.cpp's reordering of a Llama query/key projection's rows (transformers undoes it)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_tiny_llama_gguf(hf_model, tokenizer, path):
+    """Write a Llama Hugging Face model and its tokenizer as a float32 GGUF file, with llama.cpp's
+    names and metadata (what ``convert_hf_to_gguf.py`` writes for Llama), in well under a second
+    for a tiny model. The tokenizer becomes a sentencepiece vocabulary of the same tokens.
+
+    Returns:
+        ``path``.
+    """
+    import gguf
+
+    cfg = hf_model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama-gguf")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([token.replace(" ", "\u2581") for token, _ in vocab])
+    writer.add_token_scores([0.0] * len(vocab))
+    writer.add_token_types([3 if token in special else 1 for token, _ in vocab])  # 3: control
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    sd = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    names = {
+        "attn_norm": "input_layernorm", "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    }  # fmt: skip
+    for i in range(cfg.num_hidden_layers):
+        hf = f"model.layers.{i}."
+        q, k = sd[hf + "self_attn.q_proj.weight"], sd[hf + "self_attn.k_proj.weight"]
+        writer.add_tensor(f"blk.{i}.attn_q.weight", _permute_rotary(q, cfg.num_attention_heads))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", _permute_rotary(k, cfg.num_key_value_heads))
+        for gguf_name, hf_name in names.items():
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[f"{hf}{hf_name}.weight"])
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    writer.add_tensor("output.weight", sd["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _bridge(name, hf_model, tokenizer, device):
     """A random Hugging Face model wrapped as a TransformerBridge, in eval mode."""
     from transformer_lens.model_bridge import TransformerBridge

@@ -42,9 +42,12 @@ Shen et al., "LLM Unlearning via Neural Activation Redirection" (2025; code:
    ``docs/results/index.md``, "Observations without a script".) Direction and ``dW`` are then
    fitted on all the examples given (a refit, as scikit-learn's grid search does); the sweep is
    in ``layer_sweep_``.
-5. **Applying it.** :meth:`Lunar.hooks` adds ``key @ dW`` to ``blocks.{l}.hook_mlp_out`` (the
+5. **Applying it.** :meth:`Lunar.hooks` adds ``key @ dW`` to the MLP's own output (the
    model's weights are untouched, and the hooks compose with others): one hook records the key
-   at ``blocks.{l}.mlp.hook_post`` and one adds at ``hook_mlp_out``, in the same forward.
+   at ``blocks.{l}.mlp.hook_post`` and one adds at ``blocks.{l}.mlp.hook_out``, in the same
+   forward (:func:`~mechunlearn.sites.mlp_output_hook`: before the norm that Gemma 2/3 and
+   OLMo 2 put after the MLP, where the bridge's ``hook_mlp_out`` fires; ``hook_mlp_out`` on a
+   legacy HookedTransformer).
    :meth:`Lunar.apply_to_weights` writes ``W_out + dW`` into the model and restores the original
    weights bit for bit when its ``with`` block ends. Both give the same logits.
 
@@ -93,7 +96,7 @@ from ..batching import EncodedBatch, forward_until, iter_batches
 from ..data import Example, Skill, special_token_flags
 from ..models import d_mlp, model_device, model_meta, n_layers
 from ..scoring import score_pass
-from ..sites import hook_name
+from ..sites import hook_name, mlp_output_hook
 from ..validation import MAX_SEED, check_forget_retain, check_int, model_keys, resolve_layers
 from .base import Hook, HookIntervention, check_positive
 from .registry import register_method
@@ -233,7 +236,7 @@ def _pass(
     * ``normal``: accumulates, per layer, the Gram matrices of the key vectors. Forget prompts:
       prompt tokens are forget rows and BOS is a kept row; retain prompts: every real token
       (BOS and prompt) is a kept row; padding never counts. On the first batch it also measures
-      whether ``hook_mlp_out`` is ``key @ W_out + b_out`` (what the hooks rely on).
+      whether the MLP's output is ``key @ W_out + b_out`` (what the hooks rely on).
 
     Each forward stops after the deepest hook it needs.
     """
@@ -285,13 +288,13 @@ def _pass(
 
             hooks.append((hook_name("key", layer), record))
             if check:
-                hooks.append((hook_name("mlp_out", layer), _linear_check(model, layer, ne, seen)))
+                hooks.append((mlp_output_hook(model, layer), _linear_check(model, layer, ne, seen)))
         return hooks
 
-    # Within a block: hook_post, then hook_mlp_out, then hook_resid_post.
+    # Within a block: hook_post, then the MLP's output, then hook_resid_post.
     depth = [(layer, 2) for layer in resid_layers] + [(layer, 1) for layer in normal]
     layer, kind = max(depth)
-    stop = hook_name("resid_post", layer) if kind == 2 else hook_name("mlp_out", layer)
+    stop = hook_name("resid_post", layer) if kind == 2 else mlp_output_hook(model, layer)
     with torch.no_grad():
         for batch in iter_batches(
             model, skill.prompts, batch_size=batch_size, special_tokens=special_token_flags(skill)
@@ -301,7 +304,7 @@ def _pass(
 
 
 def _linear_check(model, layer: int, ne: _Normal, seen: dict[str, Tensor]):
-    """A hook at ``hook_mlp_out`` that measures ``max |key @ W_out + b_out - mlp_out|``."""
+    """A hook at the MLP's output that measures ``max |key @ W_out + b_out - mlp_out|``."""
     try:
         weight = w_out(model, layer)
     except NotImplementedError:
@@ -398,7 +401,7 @@ def _diagnostics(ne: _Normal, delta: Tensor, target: Tensor, lam: float) -> dict
 # ------------------------------------------------------------------------------ the sweep
 class _Edit:
     """One candidate layer's edit for the layer sweep, as hooks: ``+ key @ delta`` at
-    ``hook_mlp_out`` (every position, as the weight edit)."""
+    the MLP's output (every position, as the weight edit)."""
 
     def __init__(self, layer: int, delta: Tensor):
         self.layer, self.delta = layer, delta
@@ -414,7 +417,10 @@ class _Edit:
             delta = self.delta.to(activation.device, activation.dtype)
             return activation + slot.pop("key").to(activation.dtype) @ delta
 
-        return [(hook_name("key", self.layer), record), (hook_name("mlp_out", self.layer), add)]
+        return [
+            (hook_name("key", self.layer), record),
+            (mlp_output_hook(model, self.layer), add),
+        ]
 
 
 def _sweep(
@@ -532,7 +538,7 @@ class Lunar(HookIntervention):
             (timings: ``docs/benchmarks.md``).
 
     Hooks: two per layer, sharing one slot. One records the key at
-    ``blocks.{l}.mlp.hook_post``, the other adds ``key @ dW`` at ``blocks.{l}.hook_mlp_out``.
+    ``blocks.{l}.mlp.hook_post``, the other adds ``key @ dW`` at ``blocks.{l}.mlp.hook_out``.
     They touch every position, BOS and padding included, exactly as the weight edit does. Any
     upstream change (e.g. Neuron Adjust at ``hook_pre``) is seen; list these hooks *after* any
     other hook that changes ``blocks.{l}.mlp.hook_post`` itself (e.g. Selective Pruning's), so
@@ -756,6 +762,7 @@ class Lunar(HookIntervention):
         }
         self.direction_ = directions
         self.delta_w_out_ = deltas
+        self.output_hooks_ = {layer: mlp_output_hook(model, layer) for layer in layers}
         self.layer_sweep_ = sweep
         self.fit_loss_ = losses
         self.diagnostics_ = diagnostics
@@ -774,7 +781,10 @@ class Lunar(HookIntervention):
         return self.delta_w_out_
 
     def _make_hooks(self, model=None) -> list[Hook]:
-        """Two hooks per layer, sharing one slot: record ``hook_post``, add at ``hook_mlp_out``.
+        """Two hooks per layer, sharing one slot: record ``hook_post``, add at the MLP's own
+        output (:func:`~mechunlearn.sites.mlp_output_hook`: ``blocks.{l}.mlp.hook_out`` on a
+        TransformerBridge, before any norm after the MLP, where ``W_out + dW`` acts; the hook
+        point of the fitted model when ``model`` is not given).
 
         Positions: every position, BOS and padding included, exactly as the weight edit
         changes every position. The recorded key is ``hook_post`` after the hooks registered
@@ -786,7 +796,11 @@ class Lunar(HookIntervention):
         for layer in self.layers_:
             slot: dict[str, Tensor] = {}
             hooks.append((hook_name("key", layer), self._record(layer, slot)))
-            hooks.append((hook_name("mlp_out", layer), self._add(layer, slot)))
+            if model is not None:
+                out = mlp_output_hook(model, layer)
+            else:
+                out = getattr(self, "output_hooks_", {}).get(layer, hook_name("mlp_out", layer))
+            hooks.append((out, self._add(layer, slot)))
         return hooks
 
     def _record(self, layer: int, slot: dict[str, Tensor]):
@@ -804,7 +818,7 @@ class Lunar(HookIntervention):
             key = slot.pop("key", None)
             if key is None:
                 raise RuntimeError(
-                    f"Lunar's hook at {hook_name('mlp_out', layer)} ran without the key vector "
+                    f"Lunar's hook at the MLP output of layer {layer} ran without the key vector "
                     f"from {hook_name('key', layer)}: pass the whole list from hooks() together."
                 )
             delta = self._on(activation.device, activation.dtype)[layer]
@@ -853,6 +867,7 @@ class Lunar(HookIntervention):
             "layer_sweep": self.layer_sweep_,
             "fit_loss": {str(k): v for k, v in self.fit_loss_.items()},
             "diagnostics": self.diagnostics_,
+            "output_hooks": {str(k): v for k, v in self.output_hooks_.items()},
         }
         return tensors, info
 
@@ -862,6 +877,11 @@ class Lunar(HookIntervention):
         self.layer_sweep_ = list(info.get("layer_sweep", []))
         self.fit_loss_ = {int(k): float(v) for k, v in info.get("fit_loss", {}).items()}
         self.diagnostics_ = list(info.get("diagnostics", []))
+        # Files saved before 0.3 name no hook point: blocks.L.hook_mlp_out, as then.
+        hooks = info.get("output_hooks", {})
+        self.output_hooks_ = {
+            layer: hooks.get(str(layer), hook_name("mlp_out", layer)) for layer in self.layers_
+        }
 
 
 def _retain_list(retain: Any) -> list[Skill]:
@@ -893,7 +913,7 @@ def _warn_nonlinear(diagnostics: list[dict[str, Any]]) -> None:
     bad = [d["layer"] for d in diagnostics if (d["linear_check"] or 0.0) > 1e-2]
     if bad:
         warnings.warn(
-            f"At layers {bad}, blocks.L.hook_mlp_out is not hook_post @ W_out + b_out (a norm "
+            f"At layers {bad}, the MLP's output is not hook_post @ W_out + b_out (a norm "
             "after the MLP?): Lunar.hooks() and apply_to_weights() will not agree there.",
             stacklevel=3,
         )

@@ -23,6 +23,13 @@ attention, so no change there reaches an output. ``adjust_bos=True`` adjusts BOS
 authors' behaviour (their hook changes every position); fitting it on statistics that exclude
 BOS warns.
 
+**Models without BOS.** "Never BOS" concerns the BOS that mechunlearn prepends, and it prepends
+one only where the model does (:func:`~mechunlearn.models.model_bos_id`: the tokenizer's BOS id
+where TransformerLens's ``cfg.default_prepend_bos`` holds). TransformerLens turns that off for
+Qwen2, Qwen3 and GPT-NeoX (Pythia), whose tokenizers add no BOS: their texts start with the
+first prompt token, ``bos_token_id_`` is None, nothing is guarded, and NA (fit on statistics
+that counted position 0 like any other token) adjusts every position, the first included.
+
 **Several retain skills.** ``fit(stats_f, [stats_r1, stats_r2, ...])`` (or a dict): a neuron's
 score is its separation from the *closest* retain skill (the minimum over retain skills), and a
 selected neuron is adjusted toward the Gaussian of that closest retain skill.

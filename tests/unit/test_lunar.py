@@ -23,7 +23,7 @@ from mechunlearn import (
 from mechunlearn.batching import forward, iter_batches, tokenize_examples
 from mechunlearn.evaluation import teacher_forced
 from mechunlearn.interventions.lunar import choose_layer
-from mechunlearn.sites import hook_name
+from mechunlearn.sites import hook_name, mlp_output_hook
 from tests.tiny_models import make_tiny_llama
 
 # No prefix is shared between the two sets (a shared prefix has one key with two targets).
@@ -292,7 +292,8 @@ def test_weight_edit_refuses_a_copy(llama_like, fitted, monkeypatch):
 
 
 def test_hook_without_its_partner_raises(llama_like, fitted):
-    add_only = [h for h in fitted.hooks(llama_like) if h[0] == hook_name("mlp_out", LAYER)]
+    add_only = [h for h in fitted.hooks(llama_like) if h[0] == mlp_output_hook(llama_like, LAYER)]
+    assert len(add_only) == 1
     tokens = llama_like.to_tokens(["Q: 1+2?"])
     with pytest.raises(RuntimeError, match="whole list"):
         llama_like.run_with_hooks(tokens, fwd_hooks=add_only)
