@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .batching import check_batching, pad_batch, tokenize_examples
+from .batching import cap_new_tokens, check_batching, pad_batch, tokenize_examples
 from .models import model_device
 
 _CACHE_AGREES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -105,6 +105,8 @@ def generate_from_tokens(
     exactly this mask, else one prompt at a time. Each continuation is decoded without the
     prompt and cut at the first stop token (unless ``stop_at_eos=False``). The key-value cache
     is used where :func:`kv_cache_agrees` (unless ``use_past_kv_cache`` is passed).
+    ``max_new_tokens`` is lowered, with a warning, to what the model's context leaves after the
+    longest prompt (:func:`mechunlearn.batching.cap_new_tokens`).
 
     Args:
         model: the model (any hooks attached to it run at every step).
@@ -122,6 +124,7 @@ def generate_from_tokens(
     tokens = batch.tokens.to(model_device(model))
     mask = batch.attention_mask.to(tokens.device)
     params = inspect.signature(model.generate).parameters
+    max_new_tokens = cap_new_tokens(model, tokens.shape[1], max_new_tokens)  # the context
     kwargs = {**kwargs, "max_new_tokens": max_new_tokens, "return_type": "tokens"}
     if "use_past_kv_cache" in params and "use_past_kv_cache" not in kwargs:
         kwargs["use_past_kv_cache"] = kv_cache_agrees(model)

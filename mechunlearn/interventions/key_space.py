@@ -68,7 +68,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..batching import cap_new_tokens, forward_until, iter_batches, tokenize_examples
+from ..batching import forward_until, iter_batches, tokenize_examples
 from ..data import Skill, special_token_flags
 from ..generation import generate_from_tokens
 from ..kernels.regions import (
@@ -697,12 +697,8 @@ class KeyRegionDetector(Detector):
             kwargs = {"do_sample": False, "verbose": False, **generate_kwargs}
             for start in range(0, len(keep), bs):
                 chunk = list(range(start, min(start + bs, len(keep))))
-                longest = max(len(items[i][0]) for i in chunk)
                 outs = generate_from_tokens(
-                    model,
-                    [items[i][0] for i in chunk],
-                    cap_new_tokens(model, longest, max_new_tokens),
-                    **kwargs,
+                    model, [items[i][0] for i in chunk], max_new_tokens, **kwargs
                 )
                 for i, out in zip(chunk, outs, strict=True):
                     texts[keep[i]] = out

@@ -236,3 +236,15 @@ def test_generate_caps_new_tokens_at_the_context(tiny_llama, recwarn):
     with pytest.warns(UserWarning, match="context of 256 tokens after a prompt of 11: .*245 new"):
         (text,) = ksd.generate(tiny_llama, [prompt], max_new_tokens=10**9)
     assert isinstance(text, str) and text
+
+
+def test_greedy_generation_caps_new_tokens_at_the_context(tiny_llama):
+    """The one generation runner caps every caller (greedy_generate, evaluation's generation
+    protocols, the detectors' generate)."""
+    from mechunlearn.generation import greedy_generate
+
+    with pytest.warns(UserWarning, match="context of 256 tokens after a prompt of 11: .*245 new"):
+        (text,) = greedy_generate(tiny_llama, ["def f9(x):"], 10**9)
+    assert isinstance(text, str)
+    with pytest.raises(ValueError, match="leaves no room in the model's context"):
+        greedy_generate(tiny_llama, ["x" * 255], 4)  # BOS + 255 fill the 256 positions
