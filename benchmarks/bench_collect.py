@@ -36,7 +36,7 @@ from memory import reset_peak_rss, status_mb
 import mechunlearn as mu
 from mechunlearn.batching import iter_batches
 from mechunlearn.io import write_json
-from mechunlearn.models import default_device
+from mechunlearn.validation import default_device
 from mechunlearn.sites import hook_name
 
 RESULTS = Path(__file__).parent / "results"

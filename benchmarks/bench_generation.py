@@ -26,7 +26,7 @@ import mechunlearn as mu
 from mechunlearn.batching import tokenize_examples
 from mechunlearn.generation import generate_from_tokens
 from mechunlearn.io import write_json
-from mechunlearn.models import default_device
+from mechunlearn.validation import default_device
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -40,7 +40,8 @@ from mechunlearn.batching import iter_batches, tokenize_examples
 from mechunlearn.generation import generate_from_tokens
 from mechunlearn.interventions import KeySpaceDetector, NeuronAdjust
 from mechunlearn.io import write_json
-from mechunlearn.models import DEFAULT_MODEL, default_device
+from mechunlearn.models import DEFAULT_MODEL
+from mechunlearn.validation import default_device
 from mechunlearn.sites import hook_name
 
 RESULTS = Path(__file__).parent / "results"
