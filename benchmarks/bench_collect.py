@@ -36,8 +36,8 @@ from memory import reset_peak_rss, status_mb
 import mechunlearn as mu
 from mechunlearn.batching import iter_batches
 from mechunlearn.io import write_json
-from mechunlearn.validation import default_device
 from mechunlearn.sites import hook_name
+from mechunlearn.validation import default_device
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -41,8 +41,8 @@ from mechunlearn.generation import generate_from_tokens
 from mechunlearn.interventions import KeySpaceDetector, NeuronAdjust
 from mechunlearn.io import write_json
 from mechunlearn.models import DEFAULT_MODEL
-from mechunlearn.validation import default_device
 from mechunlearn.sites import hook_name
+from mechunlearn.validation import default_device
 
 RESULTS = Path(__file__).parent / "results"
 
