@@ -283,12 +283,17 @@ def fill_architectures(hf_model) -> Any:
     config = hf_model.config
     if not getattr(config, "architectures", None):
         config.architectures = [type(hf_model).__name__]
-    try:
+    try:  # transformer-lens 4.x
         from transformer_lens.model_bridge.sources._hf_format import (
             determine_architecture_from_hf_config,
         )
-    except ImportError:  # another TransformerLens layout: boot_transformers will tell
-        return hf_model
+    except ImportError:
+        try:  # transformer-lens 3.x
+            from transformer_lens.model_bridge.sources.transformers import (
+                determine_architecture_from_hf_config,
+            )
+        except ImportError:  # another layout: boot_transformers will tell
+            return hf_model
     try:
         determine_architecture_from_hf_config(config)
     except ValueError:
