@@ -23,7 +23,7 @@ test: $(PY)
 	$(VENV)/bin/lint-imports
 	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-# While developing: lint and the unit tests on tiny models, without the slow ones (about a minute).
+# While developing: lint and the unit tests on tiny models, without the slow ones (a few minutes).
 test-fast: $(PY)
 	$(PY) -m ruff check $(LINTED)
 	$(VENV)/bin/lint-imports
