@@ -16,6 +16,21 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def weights(model) -> dict[str, torch.Tensor]:
+    """A copy of every parameter by name, to check later that the model is as it was."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed_weights(model, before: dict[str, torch.Tensor]) -> list[str]:
+    """The parameters that differ from :func:`weights`' copy ``before`` (bit for bit)."""
+    return [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+
+
+def unchanged(model, before: dict[str, torch.Tensor]) -> bool:
+    """Whether every parameter equals :func:`weights`' copy ``before`` bit for bit."""
+    return not changed_weights(model, before)
+
+
 def make_char_tokenizer(folder: Path):
     """A character-level tokenizer with BOS/EOS/PAD, saved and reloaded so that
     TransformerLens can rebuild it (it needs name_or_path)."""

@@ -38,6 +38,8 @@ from mechunlearn.attacks.quantization import _quantized
 from mechunlearn.evaluation import evaluate, teacher_forced
 from mechunlearn.interventions import Detector, SelectivePruning, WeightIntervention
 from mechunlearn.interventions.weights import WeightEdit, w_out
+from tests.tiny_models import unchanged as _same
+from tests.tiny_models import weights as _snapshot
 from tests.unit import test_cli, test_interventions_common
 
 ADD = [(f"{a}+{b}=", f"{a + b}") for a in range(8) for b in range(5)]  # 40 examples
@@ -59,14 +61,6 @@ setup = test_cli.setup
 @pytest.fixture(scope="module")
 def model(llama_like):
     return llama_like
-
-
-def _snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _same(model, snap) -> bool:
-    return all(torch.equal(p.detach(), snap[n]) for n, p in model.named_parameters())
 
 
 # ------------------------------------------------------------------------------ prompts

@@ -16,6 +16,8 @@ from mechunlearn.interventions.baselines import npo_loss, random_direction
 from mechunlearn.interventions.weights import w_out
 from mechunlearn.sites import hook_name
 from tests.tiny_models import make_tiny_llama
+from tests.tiny_models import unchanged as _same
+from tests.tiny_models import weights as _params
 
 F_SKILL = Skill.from_texts(
     "f", [f"Q: {i}+{i + 1}?" for i in range(8)], [f" {2 * i + 1}" for i in range(8)]
@@ -32,14 +34,6 @@ MAKERS = {
     "RMU": lambda **kw: RMU(**{**RMU_SMALL, **kw}),
 }
 NAMES = list(MAKERS)
-
-
-def _params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _same(model, before: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def _tokens(model):

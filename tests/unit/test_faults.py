@@ -10,6 +10,8 @@ import torch
 import mechunlearn as mu
 from mechunlearn import Lunar, SelectivePruning, Simu, Skill
 from mechunlearn.data.files import DataFileError
+from tests.tiny_models import changed_weights as _changed
+from tests.tiny_models import weights as _params
 
 F = Skill.from_texts(
     "f", [f"Q: {i}+{i + 1}?" for i in range(8)], [f" {2 * i + 1}" for i in range(8)]
@@ -18,14 +20,6 @@ R = Skill.from_texts(
     "r", [f"def f{i}(x):" for i in range(8)], [f"\n  return x*{i}" for i in range(8)]
 )
 REF = Skill.from_texts("ref", [f"Who is Zorb {c}?" for c in "ABCDEFGH"])
-
-
-def _params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _changed(model, before: dict[str, torch.Tensor]) -> list[str]:
-    return [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
 
 
 @pytest.fixture(scope="module")

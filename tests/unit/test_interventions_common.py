@@ -25,7 +25,8 @@ from mechunlearn.interventions import (
     methods,
 )
 from mechunlearn.pipeline import Probes, RunConfig, Skills, fit_method
-from tests.tiny_models import make_tiny_llama
+from tests.tiny_models import changed_weights, make_tiny_llama, unchanged
+from tests.tiny_models import weights as _weights
 
 F = Skill.from_texts(
     "f", [f"Q: {i}+{i + 1}?" for i in range(8)], [f" {2 * i + 1}" for i in range(8)]
@@ -74,10 +75,6 @@ def applied(iv, model):
             yield []
     else:
         yield iv.hooks(model)
-
-
-def _weights(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +191,7 @@ def test_model_mismatch_raises(fitted, kind, other_model):
     with pytest.raises(ValueError, match="d_mlp"):
         with applied(iv, other_model):
             pass
-    assert all(torch.equal(p, before[n]) for n, p in other_model.named_parameters())
+    assert unchanged(other_model, before)
     if isinstance(iv, WeightIntervention):
         return
     # without the model, the hook itself checks the activation's width
@@ -220,9 +217,9 @@ def test_hooks_never_stay_attached(fitted, kind, llama_like):
         before = _weights(model)
         with pytest.raises(RuntimeError, match="boom"):
             with iv.apply_to_weights(model):
-                assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+                assert changed_weights(model, before)
                 raise RuntimeError("boom")
-        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        assert unchanged(model, before)
         with pytest.raises(NotImplementedError, match="apply_to_weights"):
             iv.hooks(model)
         return

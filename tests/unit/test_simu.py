@@ -20,6 +20,8 @@ from mechunlearn.interventions import (
 from mechunlearn.interventions.weights import WeightEdit, w_out
 from mechunlearn.sites import hook_name
 from tests.tiny_models import LEGACY, make_tiny_llama
+from tests.tiny_models import unchanged as _same
+from tests.tiny_models import weights as _params
 
 F = Skill.from_texts(
     "f", [f"Q: {i}+{i + 1}?" for i in range(8)], [f" {2 * i + 1}" for i in range(8)]
@@ -28,14 +30,6 @@ R = Skill.from_texts(
     "r", [f"def f{i}(x):" for i in range(8)], [f"\n  return x*{i}" for i in range(8)]
 )
 SMALL = dict(max_steps=4, lr=0.05, batch_size=4, forget_loss_factor=None)
-
-
-def _params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _same(model, before: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def _tokens(model):
