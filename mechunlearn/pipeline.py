@@ -907,7 +907,8 @@ def fit_method(config: RunConfig, method: str, model, skills: Skills, probes: Pr
 
     ``"pre"`` and ``"importance"`` methods fit on the forget skill's and the first retain
     skill's statistics; ``"keys"`` methods on the forget skill's key vectors with every other
-    probed skill's (and the calibration questions') as negatives; ``"model"`` methods on the
+    probed skill's (and the calibration questions') as negatives, or alone for a detector whose
+    settings fix its region (``takes_negatives`` False); ``"model"`` methods on the
     model and the probe halves (every retain skill and the general skill where the method takes
     several kept skills, else the first retain skill), with the run's ``batch_size`` where
     ``fit`` takes one.
@@ -915,10 +916,13 @@ def fit_method(config: RunConfig, method: str, model, skills: Skills, probes: Pr
     Returns:
         The fitted estimator.
     """
+    from .interventions import Detector
+
     spec = config.spec(method)
     estimator = config.make(method)
     retain = f"retain:{skills.first_retain}"
-    if spec.fits_on == "keys" and not estimator.takes_negatives:
+    fixed_region = isinstance(estimator, Detector) and not estimator.takes_negatives
+    if spec.fits_on == "keys" and fixed_region:
         return estimator.fit(probes.keys["forget"])
     if spec.fits_on == "pre":
         return estimator.fit(probes.pre["forget"], probes.pre[retain])

@@ -233,3 +233,35 @@ def test_the_command_line_runs_a_registered_method(
     assert "Toy: k must be a positive integer" in capsys.readouterr().err
     assert main(argv(tmp_path / "bad", "--import", "no_such_module_xyz")) == 2
     assert "--import no_such_module_xyz" in capsys.readouterr().err
+
+
+def test_a_keys_method_that_is_not_a_detector_gets_the_negatives(tiny_llama):
+    """fits_on="keys" hands every method the negatives; only a Detector whose settings fix its
+    region (takes_negatives False) fits on the forget keys alone."""
+    from mechunlearn import Skill, collect_keys
+    from mechunlearn.pipeline import Probes, Skills, fit_method
+
+    class KeysSeen(HookIntervention):
+        def __init__(self, seed: int = 0):
+            self.seed = seed
+
+        def fit(self, keys_f, keys_r=None):
+            self.got_ = (keys_f, keys_r)
+            return self
+
+    register_method("KeysSeen", fits_on="keys", replace=True)(KeysSeen)
+    try:
+        f = Skill.from_texts("f", ["Q: 1+2?", "Q: 2+3?"], [" 3", " 5"])
+        r = Skill.from_texts("r", ["def a(x):", "def b(x):"], [" x", " y"])
+        probes = Probes()
+        probes.keys["forget"] = collect_keys(tiny_llama, f, quiet=True)
+        probes.keys["retain:r"] = collect_keys(tiny_llama, r, quiet=True)
+        skills = Skills(forget=(f, f), retain={"r": (r, r)})
+        config = RunConfig(forget="f", retain=("r",), methods=["KeysSeen", "KSD"])
+        seen = fit_method(config, "KeysSeen", tiny_llama, skills, probes)
+        assert seen.got_[0] is probes.keys["forget"] and seen.got_[1] is not None
+        fixed = RunConfig(forget="f", retain=("r",), methods={"KSD": {"h": 2.0}})
+        cube = fit_method(fixed, "KSD", tiny_llama, skills, probes)
+        assert cube.is_fitted and not cube.takes_negatives
+    finally:
+        unregister_method("KeysSeen")
