@@ -129,10 +129,6 @@ class MethodSpec:
         except (TypeError, ValueError) as err:
             raise type(err)(f"{self.name}: {err}") from None
 
-    def resolved(self, settings: Mapping[str, Any] | None = None, seed: int | None = None):
-        """Every setting of :meth:`make`'s estimator, as it stores them (JSON-able)."""
-        return self.make(settings, seed).get_params()
-
 
 def kind_of(cls: type) -> str:
     """The kind of an estimator class: ``"detector"``, ``"weights"`` or ``"hooks"``.
