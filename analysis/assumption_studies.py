@@ -8,7 +8,8 @@ Studies (each is ``mechunlearn analyze`` with its skills; statistics are reused 
 * ``xquad-languages``: XQuAD German vs English, Spanish and Chinese (general: MMLU).
 
 Usage:
-    MECHUNLEARN_DATA=../shared/data python analysis/assumption_studies.py [--n 64] [--studies ...]
+    MECHUNLEARN_DATA=../shared/data python analysis/assumption_studies.py [--n 64] \\
+        [--studies ...] [--model gemma-3-270m]
 
 Writes ``results/assumptions/<study>/`` (figures/*.png, tables/*.csv), and
 ``results/assumptions/claims.md``: the paper's claims beside what the first study measures on the
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--model", default=None, help="model name (default: the default model)")
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--out", default="results/assumptions")
     parser.add_argument(
@@ -69,6 +71,8 @@ def main() -> None:
                 "--data-dir", args.data_dir, "--out", f"{args.out}/{name}"]  # fmt: skip
         if args.device:
             argv += ["--device", args.device]
+        if args.model:
+            argv += ["--model", args.model]
         code = cli.main(argv)
         if code:
             sys.exit(f"study {name} failed (exit {code})")

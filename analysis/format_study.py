@@ -13,7 +13,7 @@ probe questions in GSM8K's layout, plain, as a docstring and in the chat templat
 seeing formats fixes what one format misses (the formats it was fitted on are marked).
 
 Usage:
-    MECHUNLEARN_DATA=../shared/data python analysis/format_study.py [--n 60]
+    MECHUNLEARN_DATA=../shared/data python analysis/format_study.py [--n 60] [--model gemma-3-270m]
 
 Writes ``results/formats/``: ``detection.csv``, ``summary.md`` and ``detection.png``; the key
 vectors of every wrapped set are cached under ``keys/``, so an interrupted run resumes.
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=60, help="held-out examples per skill")
     parser.add_argument("--n-fit", type=int, default=100, help="GSM8K probe questions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, help="model name (default: the default model)")
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--out", default="results/formats")
     parser.add_argument("--quiet", action="store_true")
@@ -74,7 +75,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
-    model = load_model_for(RunConfig(quiet=args.quiet))
+    model = load_model_for(RunConfig(model=args.model, quiet=args.quiet))
     dd = args.data_dir
     gsm = mu.load_skill("gsm8k", n=args.n_fit + args.n, seed=args.seed, data_dir=dd)
     probe, held = gsm.split(args.n, seed=args.seed)
