@@ -181,7 +181,7 @@ def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
     config = RunConfig(
         forget=spec["forget"], retain=tuple(keep), general=spec["general"], n=args.n, seed=seed,
         methods=grid(args), data_dir=args.data_dir, batch_size=args.batch_size,
-        quiet=args.quiet, device=args.device,
+        quiet=args.quiet, device=args.device, model=args.model,
     )  # fmt: skip
     out = Path(args.out) / name / run_folder_name(seed, args.methods)
     folder = RunFolder(out, config)
@@ -310,6 +310,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--model", default=None, help="model name (default: the default model)")
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--out", default="results/unlearning")
     parser.add_argument("--quiet", action="store_true")
@@ -324,7 +325,7 @@ def main() -> None:
     if not args.data_dir:
         sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
     reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
-    model: Any = load_model_for(RunConfig(device=args.device, quiet=args.quiet))
+    model: Any = load_model_for(RunConfig(model=args.model, device=args.device, quiet=args.quiet))
     for name in args.tasks:
         for seed in args.seeds:
             run_task(name, seed, args, model)
