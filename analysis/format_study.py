@@ -93,18 +93,25 @@ def main() -> None:
             lambda: mu.collect_keys(model, skill, quiet=True),
         )  # fmt: skip
 
+    # A base model (Gemma 3 270M) has no chat template: its chat variant cannot be built.
+    no_chat = () if getattr(tok, "chat_template", None) else ("chat",)
+    if no_chat:
+        print(f"{tok.name_or_path}: no chat template, so no chat-template variant.")
     negatives = keys(mu.calibration_skill(), "calibration")
     fit_one = keys(probe, "fit.question_prefix")
-    fit_variants = format_variants(probe, names=FIT_FORMATS, paragraphs=paragraphs, tokenizer=tok)
+    fit_formats = [f for f in FIT_FORMATS if f not in no_chat]
+    fit_variants = format_variants(probe, names=fit_formats, paragraphs=paragraphs, tokenizer=tok)
     fit_many = mu.KeyVectors.concat_all([keys(v, f"fit.{n}") for n, v in fit_variants.items()])
     detectors = {
         "KSD": mu.KeySpaceDetector().fit(fit_one, negatives),
         "Ellipsoid": mu.EllipsoidDetector().fit(fit_one, negatives),
-        "KSD, fitted on 4 formats": mu.KeySpaceDetector().fit(fit_many, negatives),
+        f"KSD, fitted on {len(fit_formats)} formats": mu.KeySpaceDetector().fit(
+            fit_many, negatives
+        ),
     }
     rows = []
     for skill_name, skill in {"gsm8k": held, **controls}.items():
-        names = [v for v in VARIANTS if v not in SKIPPED.get(skill_name, ())]
+        names = [v for v in VARIANTS if v not in SKIPPED.get(skill_name, ()) + no_chat]
         for variant, wrapped in format_variants(
             skill, names=names, paragraphs=paragraphs, tokenizer=tok, seed=args.seed
         ).items():
@@ -116,7 +123,7 @@ def main() -> None:
                     "detector": det_name, "skill": skill_name, "variant": variant,
                     "rate": hits.mean(), "low": low, "high": high, "n": len(hits),
                     "fitted_on_this_format": variant == "question_prefix"
-                    or (det_name.endswith("4 formats") and variant in FIT_FORMATS),
+                    or (det_name.endswith(" formats") and variant in fit_formats),
                     "calibrated_fpr": det.fpr_,
                 })  # fmt: skip
     table = pd.DataFrame(rows)
