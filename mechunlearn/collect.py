@@ -229,7 +229,7 @@ def as_skill(skill: Any, what: str = "skill") -> Skill:
 
 def run_pass(
     model,
-    skill: Skill,
+    skill: Skill | Sequence[str],
     hooks: Callable[[EncodedBatch], Sequence[tuple[str, Callable]]],
     stop_after: str | None,
     *,
@@ -258,7 +258,7 @@ def run_pass(
 
     Args:
         model: a TransformerBridge or HookedTransformer.
-        skill: the examples.
+        skill: the examples: a :class:`~mechunlearn.data.Skill`, or a list of plain texts.
         hooks: per batch, the ``(hook point, function)`` pairs to attach. ``batch.example_index``
             holds each row's index in ``skill`` (under sharding too).
         stop_after: the deepest hook point the pass needs (a later hook never runs), or None
@@ -286,10 +286,12 @@ def run_pass(
         ...         return activation
         ...     return [(hook_name("key", 0), keep)]
         >>> mu.run_pass(model, forget, hooks, stop_after=hook_name("key", 0), prompts_only=True)
-        >>> bool((sums != 0).any(1).all())                # every example seen once
+        >>> bool((sums != 0).any(1).all())                # every example's row filled
         True
     """
     check_batching(batch_size, max_batch_tokens, padding_side)
+    if not isinstance(skill, Skill):
+        skill = as_skill(skill)
     device = model_device(model)
     mine = distributed.shard(len(skill)) if shard else None
     part = skill[mine] if mine is not None and len(mine) < len(skill) else skill
