@@ -19,7 +19,7 @@ the benchmark data or minutes of compute are marked ``# doctest: +SKIP``.
 
 from . import analysis
 from ._version import __version__
-from .collect import Probe, collect, collect_importance, collect_keys
+from .collect import Probe, collect, collect_importance, collect_keys, run_pass
 from .data import Example, Skill, SkillNotFoundError, calibration_skill, load_skill
 from .evaluation import evaluate, relative_table
 from .fluency import fluency, fluency_table
@@ -108,6 +108,7 @@ __all__ = [
     "reference_prompts",
     "register_method",
     "relative_table",
+    "run_pass",
     "sweep_ratio",
     "tune_neuron_adjust",
 ]

@@ -14,6 +14,11 @@ even the unembedding is computed.
 * ``collect(model, skill, what=("pre", "keys", "importance"))`` -> :class:`Probe`: several of
   them from **one** forward pass per batch (what a run needs; a 70B model pays for every pass).
 
+All of them, teacher-forced scoring (:func:`mechunlearn.scoring.score_pass`) and the methods'
+own passes (LUNAR's normal equations, SIMU's attribution, Key Space Detection's ``detect``) run
+through one loop, :func:`run_pass`: any hooks per batch over length-sorted batches bounded in
+padded tokens, each forward stopped right after the deepest hook point the caller needs.
+
 Each example runs as ``[BOS] + prompt + answer``; BOS and padding are never counted. Under
 ``torchrun`` every collector shards the examples across processes and combines the shards
 exactly (:mod:`mechunlearn.distributed`); every rank returns the full result.
@@ -22,8 +27,9 @@ exactly (:mod:`mechunlearn.distributed`); every rank returns the full result.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from ._version import __version__
-from .batching import EncodedBatch, check_batching, forward_until, iter_batches
+from .batching import EncodedBatch, check_batching, forward, forward_until, iter_batches
 from .data import Skill, special_token_flags
 from .kernels.moments import example_seeds, token_keys
 from .models import check_model, d_mlp, model_device, model_meta
@@ -84,25 +90,27 @@ class _Collector:
 
     site: str  # the MLP site its hooks read
 
-    def hooks(self, batch: EncodedBatch, rows: Tensor, global_index: Tensor, texts) -> list:
-        """The hooks for ``batch``; ``global_index`` maps its rows to the skill's examples and
-        ``texts`` holds their ``(prompts, answers)``."""
+    def hooks(self, batch: EncodedBatch) -> list:
+        """The hooks for ``batch`` (``batch.example_index``: its rows' examples in the skill)."""
         raise NotImplementedError
 
 
 class _StatsCollector(_Collector):
-    def __init__(self, site, positions, layers, width, reservoir_size, seed, device, meta):
+    def __init__(self, site, positions, layers, width, reservoir_size, seed, device, meta, texts):
         self.site, self.positions, self.layers, self.seed = site, positions, layers, seed
+        self.texts = texts  # (prompts, answers) of the skill, for the reservoir's keys
         self.stats = NeuronStats.empty(
             site, positions, layers, width, reservoir_size, device, dict(meta, seed=int(seed))
         )
 
-    def hooks(self, batch, rows, global_index, texts):
+    def hooks(self, batch):
         stats = self.stats
         mask = batch.mask(self.positions)
         flat_rows = torch.nonzero(mask.flatten()).flatten()
         # Reservoir keys depend on the seed, the example's text and the token's position only.
-        seeds = example_seeds(texts[0], texts[1], self.seed)
+        rows = batch.example_index.tolist()
+        prompts, answers = ([texts[i] for i in rows] for texts in self.texts)
+        seeds = example_seeds(prompts, answers, self.seed)
         keys = token_keys(seeds, batch.position_ids.cpu().numpy())
         keys = torch.from_numpy(keys).to(flat_rows.device).flatten()[flat_rows]
         slots, sample_rows = stats.reservoir_plan(keys)
@@ -139,12 +147,13 @@ class _KeysCollector(_Collector):
         self.layers, self.meta = layers, meta
         self.values = torch.zeros((n_examples, len(layers), width), device=device)
 
-    def hooks(self, batch, rows, global_index, texts):
-        values = self.values
+    def hooks(self, batch):
+        values, index = self.values, batch.example_index
+        rows = torch.arange(batch.tokens.shape[0], device=index.device)
 
         def make_hook(col: int):
             def hook(activation: Float[Tensor, "batch pos d_mlp"], hook=None):
-                values[global_index, col] = activation[rows, batch.last_prompt].float()
+                values[index, col] = activation[rows, batch.last_prompt].float()
                 return activation
 
             return hook
@@ -167,7 +176,7 @@ class _ImportanceCollector(_Collector):
         self.sums = torch.zeros((len(layers), width), dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
 
-    def hooks(self, batch, rows, global_index, texts):
+    def hooks(self, batch):
         sums, count = self.sums, self.count
         flat_rows = torch.nonzero(batch.mask("all").flatten()).flatten()
         count += flat_rows.numel()
@@ -218,57 +227,127 @@ def as_skill(skill: Any, what: str = "skill") -> Skill:
     return Skill.from_texts("texts", texts)
 
 
-def _run(
+def run_pass(
     model,
-    skill: Skill,
-    collectors: Sequence[_Collector],
-    layers: Sequence[int],
-    batch_size: int,
-    max_length: int | None,
-    padding_side: str,
-    max_batch_tokens: int | None,
-    desc: str,
-    quiet: bool,
-    fwd_hooks: Sequence = (),
+    skill: Skill | Sequence[str],
+    hooks: Callable[[EncodedBatch], Sequence[tuple[str, Callable]]],
+    stop_after: str | None,
+    *,
+    then: Callable[[EncodedBatch, Float[Tensor, "batch pos vocab"] | None], None] | None = None,
     prompts_only: bool = False,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    padding_side: str = "right",
+    max_batch_tokens: int | None = 8192,
+    inference: bool = True,
+    shard: bool = False,
+    desc: str = "pass",
+    quiet: bool = True,
 ) -> None:
-    """Run ``model`` over this rank's share of ``skill`` with every collector's hooks, each
-    forward stopping after the deepest hooked site."""
-    sites = {c.site for c in collectors}
-    last_site = max(sites, key=_SITE_ORDER.__getitem__)
-    stop_after = hook_name(last_site, max(layers))
-    mine = distributed.shard(len(skill))
-    examples = skill[mine] if len(mine) < len(skill) else skill
-    prompts = examples.prompts
-    answers = [""] * len(examples) if prompts_only else examples.answers
+    """Run ``model`` over a skill batch by batch with the hooks each batch asks for: the one
+    forward loop of collection, scoring and the methods' own passes.
+
+    Examples are tokenised as ``[BOS] + prompt + answer`` (with the skill's special-token flags)
+    and grouped into length-sorted batches of at most ``batch_size`` examples and
+    ``max_batch_tokens`` padded tokens (:func:`~mechunlearn.batching.iter_batches`). For each
+    batch, ``hooks(batch)`` gives the hooks; the forward runs with them and stops right after
+    hook point ``stop_after`` (:func:`~mechunlearn.batching.forward_until`: nothing later is
+    computed, not even the unembedding), or runs to the logits when ``stop_after`` is None;
+    then ``then(batch, logits)`` sees the batch (``logits`` is None when the pass stopped
+    early). Hooks are attached for one forward only and removed even when it raises.
+
+    Args:
+        model: a TransformerBridge or HookedTransformer.
+        skill: the examples: a :class:`~mechunlearn.data.Skill`, or a list of plain texts.
+        hooks: per batch, the ``(hook point, function)`` pairs to attach. ``batch.example_index``
+            holds each row's index in ``skill`` (under sharding too).
+        stop_after: the deepest hook point the pass needs (a later hook never runs), or None
+            for the full forward and its logits.
+        then: called after each forward with the batch and the logits (or None).
+        prompts_only: run ``[BOS] + prompt`` only (answers dropped).
+        batch_size: examples per forward.
+        max_length: truncate texts to this many tokens (default: the model's context).
+        padding_side: ``"right"`` or ``"left"``.
+        max_batch_tokens: bound on padded tokens per batch (None: no bound).
+        inference: run everything (hooks, forwards, ``then``) under ``torch.inference_mode``;
+            False leaves autograd as the caller set it (a ``then`` that takes gradients).
+        shard: under ``torchrun``, run only this rank's share of the examples
+            (:func:`mechunlearn.distributed.shard`); the caller combines the ranks' results.
+        desc: the progress bar's label.
+        quiet: hide the progress bar.
+
+    Example:
+        >>> from mechunlearn.sites import hook_name
+        >>> sums = torch.zeros(30, 48)                    # forget: 30 examples, d_mlp 48
+        >>> def hooks(batch):
+        ...     def keep(activation, hook):               # last prompt token, layer 0
+        ...         rows = torch.arange(len(batch.last_prompt))
+        ...         sums[batch.example_index] = activation[rows, batch.last_prompt]
+        ...         return activation
+        ...     return [(hook_name("key", 0), keep)]
+        >>> mu.run_pass(model, forget, hooks, stop_after=hook_name("key", 0), prompts_only=True)
+        >>> bool((sums != 0).any(1).all())                # every example's row filled
+        True
+    """
+    check_batching(batch_size, max_batch_tokens, padding_side)
+    if not isinstance(skill, Skill):
+        skill = as_skill(skill)
     device = model_device(model)
-    index = torch.as_tensor(mine, dtype=torch.long, device=device)
-    bar = tqdm(
-        total=len(examples), desc=desc, unit="ex", leave=False,
-        disable=quiet or not distributed.is_main(),
-    )  # fmt: skip
+    mine = distributed.shard(len(skill)) if shard else None
+    part = skill[mine] if mine is not None and len(mine) < len(skill) else skill
+    index = torch.as_tensor(mine, dtype=torch.long, device=device) if part is not skill else None
     batches = iter_batches(
         model,
-        prompts,
-        answers,
+        part.prompts,
+        None if prompts_only else part.answers,
         batch_size=batch_size,
         max_length=max_length,
         padding_side=padding_side,
         max_batch_tokens=max_batch_tokens,
-        special_tokens=special_token_flags(examples),
+        special_tokens=special_token_flags(part),
     )
-    with torch.inference_mode():
-        for batch in batches:
-            rows = torch.arange(batch.tokens.shape[0], device=device)
-            global_index = index[batch.example_index]
-            local = batch.example_index.tolist()
-            texts = ([prompts[i] for i in local], [answers[i] for i in local])
-            hooks = list(fwd_hooks)
-            for c in collectors:
-                hooks += c.hooks(batch, rows, global_index, texts)
-            forward_until(model, batch, hooks, stop_after)
-            bar.update(int(batch.tokens.shape[0]))
-    bar.close()
+    bar = tqdm(
+        total=len(part), desc=desc, unit="ex", leave=False,
+        disable=quiet or not distributed.is_main(),
+    )  # fmt: skip
+    try:
+        with torch.inference_mode() if inference else nullcontext():
+            for batch in batches:
+                if index is not None:  # rows of this rank's share -> rows of the skill
+                    batch = replace(batch, example_index=index[batch.example_index])
+                fwd_hooks = list(hooks(batch))
+                if stop_after is None:
+                    logits = forward(model, batch, fwd_hooks)
+                else:
+                    forward_until(model, batch, fwd_hooks, stop_after)
+                    logits = None
+                if then is not None:
+                    then(batch, logits)
+                del logits
+                bar.update(int(batch.tokens.shape[0]))
+    finally:
+        bar.close()
+
+
+def _gather(
+    model,
+    skill: Skill,
+    collectors: Sequence[_Collector],
+    layers: Sequence[int],
+    fwd_hooks: Sequence = (),
+    **settings: Any,
+) -> None:
+    """One sharded :func:`run_pass` with every collector's hooks (after ``fwd_hooks``),
+    stopping after the deepest hooked site."""
+    last_site = max({c.site for c in collectors}, key=_SITE_ORDER.__getitem__)
+
+    def hooks(batch: EncodedBatch) -> list:
+        out = list(fwd_hooks)
+        for c in collectors:
+            out += c.hooks(batch)
+        return out
+
+    run_pass(model, skill, hooks, hook_name(last_site, max(layers)), shard=True, **settings)
 
 
 def collect(
@@ -342,20 +421,22 @@ def collect(
     skill = as_skill(skill)
     layers = resolve_layers(model, layers)
     device, width, meta = model_device(model), d_mlp(model), model_meta(model)
+    prompts_only = set(wanted) == {"keys"}
+    texts = (skill.prompts, [""] * len(skill) if prompts_only else skill.answers)
     made: dict[str, _Collector] = {}
     for item in wanted:
         if item in ("pre", "key"):
             made[item] = _StatsCollector(
-                item, positions, layers, width, reservoir_size, seed, device, meta
+                item, positions, layers, width, reservoir_size, seed, device, meta, texts
             )
         elif item == "keys":
             made[item] = _KeysCollector(len(skill), layers, width, device, meta)
         else:
             made[item] = _ImportanceCollector(layers, width, device, meta)
-    desc = "collect " + "+".join(wanted)
-    _run(
-        model, skill, list(made.values()), layers, batch_size, max_length, padding_side,
-        max_batch_tokens, desc, quiet, prompts_only=set(wanted) == {"keys"},
+    _gather(
+        model, skill, list(made.values()), layers, prompts_only=prompts_only,
+        batch_size=batch_size, max_length=max_length, padding_side=padding_side,
+        max_batch_tokens=max_batch_tokens, desc="collect " + "+".join(wanted), quiet=quiet,
     )  # fmt: skip
     return Probe(**{item: c.finish(skill.name) for item, c in made.items()})
 
@@ -388,9 +469,10 @@ def collect_keys(
     skill = as_skill(skill)
     layers = resolve_layers(model, layers)
     keys = _KeysCollector(len(skill), layers, d_mlp(model), model_device(model), model_meta(model))
-    _run(
-        model, skill, [keys], layers, batch_size, max_length, padding_side, max_batch_tokens,
-        "collect keys", quiet, prompts_only=True,
+    _gather(
+        model, skill, [keys], layers, prompts_only=True, batch_size=batch_size,
+        max_length=max_length, padding_side=padding_side, max_batch_tokens=max_batch_tokens,
+        desc="collect keys", quiet=quiet,
     )  # fmt: skip
     return keys.finish(skill.name)
 
@@ -437,9 +519,9 @@ def collect_importance(
     skill = as_skill(skill)
     layers = resolve_layers(model, layers)
     imp = _ImportanceCollector(layers, d_mlp(model), model_device(model), model_meta(model))
-    _run(
-        model, skill, [imp], layers, batch_size, max_length, "right", max_batch_tokens,
-        "collect importance", quiet, fwd_hooks=fwd_hooks,
+    _gather(
+        model, skill, [imp], layers, fwd_hooks, batch_size=batch_size, max_length=max_length,
+        max_batch_tokens=max_batch_tokens, desc="collect importance", quiet=quiet,
     )  # fmt: skip
     return imp.finish(skill.name)
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
-from .batching import forward_until, iter_batches, tokenize_examples
-from .data import Skill, special_token_flags
+from .batching import EncodedBatch, tokenize_examples
+from .collect import run_pass
+from .data import Skill
 from .models import model_device
 from .sites import hook_name
 
@@ -161,7 +161,8 @@ def score_pass(
     summed over ranks): top-1 accuracy and NLL of every answer token given the prompt (a
     multiple-choice skill in letter format: its letter among the choices).
 
-    The pass stops at the final residual stream and unembeds only the scored positions.
+    The pass (:func:`mechunlearn.collect.run_pass`) stops at the final residual stream and
+    unembeds only the scored positions.
 
     Args:
         model: the model.
@@ -190,68 +191,53 @@ def score_pass(
     choices = choice_tokens(model, skill)
     letters = torch.tensor(choices[1], device=device) if choices is not None else None
     final = _final_site(model)
-    mine = distributed.shard(n)
-    part = skill[mine] if len(mine) < n else skill
-    index = torch.as_tensor(mine, dtype=torch.long, device=device)
-    bar = tqdm(
-        total=len(part), desc=f"score {skill.name}", unit="ex", leave=False,
-        disable=quiet or not distributed.is_main(),
-    )  # fmt: skip
-    batches = iter_batches(
-        model,
-        part.prompts,
-        part.answers,
-        batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens,
-        special_tokens=special_token_flags(part),
-    )
-    with torch.inference_mode():
-        for batch in batches:
-            rows_all = torch.arange(batch.tokens.shape[0], device=device)
-            global_index = index[batch.example_index]
-            hooks = list(fwd_hooks)
-            captured: dict[str, torch.Tensor] = {}
-            if keys is not None:
+    here: dict[str, torch.Tensor] = {}  # this batch's scored positions and final residuals
 
-                def make_key_hook(col: int, gi=global_index, rows=rows_all, b=batch):
-                    def hook(activation, hook=None):
-                        keys[gi, col] = activation[rows, b.last_prompt].float()
-                        return activation
+    def hooks(batch: EncodedBatch) -> list:
+        out = list(fwd_hooks)
+        if keys is not None:
+            rows = torch.arange(batch.tokens.shape[0], device=device)
 
-                    return hook
-
-                hooks += [
-                    (hook_name("key", layer), make_key_hook(c))
-                    for c, layer in enumerate(key_layers)
-                ]
-            # Position p predicts token p + 1: score answer tokens from the position before.
-            mask = batch.answer_mask[:, 1:]
-            if choices is not None:  # the letter token only
-                mask = mask & (mask.cumsum(1) == choices[0] + 1)
-            row, pos = mask.nonzero(as_tuple=True)
-            if final is not None:
-
-                def capture(activation, hook=None, row=row, pos=pos, captured=captured):
-                    captured["resid"] = activation[row, pos]
+            def make_key_hook(col: int):
+                def hook(activation, hook=None):
+                    keys[batch.example_index, col] = activation[rows, batch.last_prompt].float()
                     return activation
 
-                forward_until(model, batch, [*hooks, (final, capture)], final)
-                scored = _unembed(model, captured.pop("resid"))
-            else:  # no hook before the unembedding: the full logits
-                logits = model.run_with_hooks(
-                    batch.tokens, fwd_hooks=hooks, attention_mask=batch.attention_mask
-                )
-                scored = logits[row, pos]
-                del logits
-            target = batch.tokens[row, pos + 1]
-            tok_nll, hit = _score_rows(scored, target, letters)
-            del scored
-            g = global_index[row]
-            counts[0].index_add_(0, g, hit.double())
-            counts[1].index_add_(0, g, torch.ones_like(tok_nll))
-            counts[2].index_add_(0, g, tok_nll)
-            bar.update(int(batch.tokens.shape[0]))
-    bar.close()
+                return hook
+
+            out += [
+                (hook_name("key", layer), make_key_hook(c)) for c, layer in enumerate(key_layers)
+            ]
+        # Position p predicts token p + 1: score answer tokens from the position before.
+        mask = batch.answer_mask[:, 1:]
+        if choices is not None:  # the letter token only
+            mask = mask & (mask.cumsum(1) == choices[0] + 1)
+        here["row"], here["pos"] = mask.nonzero(as_tuple=True)
+        if final is not None:
+
+            def capture(activation, hook=None):
+                here["resid"] = activation[here["row"], here["pos"]]
+                return activation
+
+            out.append((final, capture))
+        return out
+
+    def score(batch: EncodedBatch, logits: torch.Tensor | None) -> None:
+        row, pos = here.pop("row"), here.pop("pos")
+        # Stopped at the final residual: unembed the scored rows only; else the full logits.
+        scored = _unembed(model, here.pop("resid")) if logits is None else logits[row, pos]
+        target = batch.tokens[row, pos + 1]
+        tok_nll, hit = _score_rows(scored, target, letters)
+        del scored
+        g = batch.example_index[row]
+        counts[0].index_add_(0, g, hit.double())
+        counts[1].index_add_(0, g, torch.ones_like(tok_nll))
+        counts[2].index_add_(0, g, tok_nll)
+
+    run_pass(
+        model, skill, hooks, final, then=score, batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens, shard=True, desc=f"score {skill.name}", quiet=quiet,
+    )  # fmt: skip
     counts = distributed.all_reduce_sum(counts).cpu().numpy()
     if keys is not None:
         keys = distributed.all_reduce_sum(keys)

@@ -68,7 +68,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..batching import forward_until, iter_batches, tokenize_examples
+from ..batching import EncodedBatch, tokenize_examples
+from ..collect import run_pass
 from ..data import Skill, special_token_flags
 from ..generation import generate_from_tokens
 from ..kernels.regions import (
@@ -601,8 +602,8 @@ class KeyRegionDetector(Detector):
         """Detect prompts: one prompt-only forward per batch, read at the last prompt token.
 
         Tokenised as :func:`mechunlearn.collect_keys` does (``[BOS] + prompt``), right-padded;
-        each forward is stopped (by an exception raised from a hook) as soon as the last
-        detection layer's key vector is read.
+        each forward (:func:`mechunlearn.run_pass`) stops as soon as the last detection layer's
+        key vector is read.
 
         Args:
             model: the model the detector was fitted on.
@@ -621,20 +622,25 @@ class KeyRegionDetector(Detector):
             ['detected', 'score', 'fired_layers', 'margin_L0', 'margin_L1', 'margin_L2']
         """
         self.check_model(model)
-        prompts, flags = _prompts_and_flags(prompts)
+        if not isinstance(prompts, Skill):
+            prompts = Skill.from_texts("prompts", _prompts_and_flags(prompts)[0])
         margin = torch.empty((len(prompts), len(self.layers_)), dtype=torch.float64)
+        record = DetectionRecord(self)
+
+        def hooks(batch: EncodedBatch) -> list[Hook]:
+            record.reset()
+            return self.hooks(positions=batch.last_prompt, record=record)
+
+        def keep(batch: EncodedBatch, _) -> None:
+            margin[batch.example_index.cpu()] = record.margin.double().cpu()
+
+        # Stop right after the last detection layer's key vector: the rest of the model (that
+        # layer's W_out, later layers, the unembedding) is not needed.
         last = hook_name("key", max(self.layers_))
-        with torch.inference_mode():
-            for batch in iter_batches(
-                model, prompts, None, batch_size=batch_size, max_length=max_length,
-                special_tokens=flags,
-            ):  # fmt: skip
-                record = DetectionRecord(self)
-                hooks = self.hooks(positions=batch.last_prompt, record=record)
-                # Stop right after the last detection layer's key vector: the rest of the
-                # model (that layer's W_out, later layers, the unembedding) is not needed.
-                forward_until(model, batch, hooks, last)
-                margin[batch.example_index.cpu()] = record.margin.double().cpu()
+        run_pass(
+            model, prompts, hooks, last, then=keep, prompts_only=True, batch_size=batch_size,
+            max_length=max_length,
+        )  # fmt: skip
         return self._detection(margin)
 
     # --------------------------------------------------------------------------- generate

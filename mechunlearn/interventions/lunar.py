@@ -92,8 +92,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..batching import EncodedBatch, forward_until, iter_batches
-from ..data import Example, Skill, special_token_flags
+from ..batching import EncodedBatch
+from ..collect import run_pass
+from ..data import Example, Skill
 from ..models import d_mlp, model_device, model_meta, n_layers
 from ..scoring import score_pass
 from ..sites import hook_name, mlp_output_hook
@@ -238,7 +239,7 @@ def _pass(
       (BOS and prompt) is a kept row; padding never counts. On the first batch it also measures
       whether the MLP's output is ``key @ W_out + b_out`` (what the hooks rely on).
 
-    Each forward stops after the deepest hook it needs.
+    Each forward (:func:`mechunlearn.collect.run_pass`) stops after the deepest hook it needs.
     """
     normal = normal or {}
     width = int(model.cfg.d_model)
@@ -295,11 +296,7 @@ def _pass(
     depth = [(layer, 2) for layer in resid_layers] + [(layer, 1) for layer in normal]
     layer, kind = max(depth)
     stop = hook_name("resid_post", layer) if kind == 2 else mlp_output_hook(model, layer)
-    with torch.no_grad():
-        for batch in iter_batches(
-            model, skill.prompts, batch_size=batch_size, special_tokens=special_token_flags(skill)
-        ):
-            forward_until(model, batch, step(batch), stop)
+    run_pass(model, skill, step, stop, prompts_only=True, batch_size=batch_size)
     return sums
 
 

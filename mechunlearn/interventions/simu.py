@@ -108,15 +108,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from pytorch_optimizer import SophiaH
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..batching import (
-    forward,
-    forward_until,
-    iter_batches,
-)
-from ..data import Skill, special_token_flags
+from ..batching import EncodedBatch, forward
+from ..collect import run_pass
+from ..data import Skill
 from ..models import d_mlp, model_device, model_meta
 from ..sites import hook_name
 from ..validation import (
@@ -230,40 +226,38 @@ def neuron_attribution(
     n_tok = torch.zeros(len(skill), dtype=torch.long, device=device)
     names = [hook_name("key", layer) for layer in layers]
     alphas = [(j + 1) / steps for j in range(steps)]
-    batches = iter_batches(
-        model, skill.prompts, skill.answers, batch_size=batch_size, max_length=max_length,
-        special_tokens=special_token_flags(skill),
-    )  # fmt: skip
-    bar = tqdm(total=len(skill), desc=f"SIMU attribution {skill.name}", disable=quiet, leave=False)
-    with frozen(model):
-        for batch in batches:
-            counted = batch.mask("all")[..., None]
-            beta: dict[int, Tensor] = {}
-            with torch.no_grad():
-                record = [(n, _recorder(beta, i)) for i, n in enumerate(names)]
-                forward_until(model, batch, record, names[-1])
-            for alpha in alphas:
-                leaves: dict[int, Tensor] = {}
-                scaled = [
-                    (n, _scaler(beta, leaves, counted, i, alpha)) for i, n in enumerate(names)
-                ]
-                with torch.enable_grad():
-                    logits = forward(model, batch, scaled)
-                    example_nll = answer_nll(logits, batch)
-                    grads = torch.autograd.grad(
-                        -example_nll.sum(), [leaves[i] for i in range(len(names))],
-                        allow_unused=True,
-                    )  # fmt: skip
-                del logits
-                for i, grad in enumerate(grads):
-                    if grad is not None:
-                        total[i] += (grad * beta[i] * counted).sum(dim=(0, 1), dtype=torch.float64)
-                if alpha == 1.0:
-                    index = batch.example_index.to(device)
-                    nll[index] = example_nll.detach().to(torch.float64)
-                    n_tok[index] = batch.answer_mask[:, 1:].sum(1)
-            bar.update(int(batch.tokens.shape[0]))
-    bar.close()
+    beta: dict[int, Tensor] = {}
+
+    def record(batch: EncodedBatch) -> list[Hook]:  # the clean pass records the keys beta
+        return [(n, _recorder(beta, i)) for i, n in enumerate(names)]
+
+    def integrate(batch: EncodedBatch, _) -> None:  # then `steps` scaled passes with gradients
+        counted = batch.mask("all")[..., None]
+        for alpha in alphas:
+            leaves: dict[int, Tensor] = {}
+            scaled = [(n, _scaler(beta, leaves, counted, i, alpha)) for i, n in enumerate(names)]
+            with torch.enable_grad():
+                logits = forward(model, batch, scaled)
+                example_nll = answer_nll(logits, batch)
+                grads = torch.autograd.grad(
+                    -example_nll.sum(), [leaves[i] for i in range(len(names))],
+                    allow_unused=True,
+                )  # fmt: skip
+            del logits
+            for i, grad in enumerate(grads):
+                if grad is not None:
+                    total[i] += (grad * beta[i] * counted).sum(dim=(0, 1), dtype=torch.float64)
+            if alpha == 1.0:
+                index = batch.example_index.to(device)
+                nll[index] = example_nll.detach().to(torch.float64)
+                n_tok[index] = batch.answer_mask[:, 1:].sum(1)
+
+    with frozen(model), torch.no_grad():
+        run_pass(
+            model, skill, record, names[-1], then=integrate, batch_size=batch_size,
+            max_length=max_length, inference=False, desc=f"SIMU attribution {skill.name}",
+            quiet=quiet,
+        )  # fmt: skip
     count = int(n_tok.sum())
     if count == 0:
         raise ValueError(

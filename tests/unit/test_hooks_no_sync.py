@@ -116,15 +116,13 @@ def test_intervention_hooks_read_nothing_on_the_host(llama_like, fitted):
 def test_collection_and_scoring_hooks_read_nothing_on_the_host(llama_like, monkeypatch):
     collect_module = importlib.import_module("mechunlearn.collect")
     evaluation_module = importlib.import_module("mechunlearn.evaluation")
-    scoring_module = importlib.import_module("mechunlearn.scoring")
     mode = HostReads()
-    for module in (collect_module, scoring_module):
-        original = module.forward_until
+    original = collect_module.forward_until
 
-        def spy(model, batch, hooks, stop_after, original=original):
-            return original(model, batch, watched(hooks, mode), stop_after)
+    def spy(model, batch, hooks, stop_after):  # run_pass's forward: collection and scoring
+        return original(model, batch, watched(hooks, mode), stop_after)
 
-        monkeypatch.setattr(module, "forward_until", spy)
+    monkeypatch.setattr(collect_module, "forward_until", spy)
     collect(llama_like, F, what=("pre", "key", "keys", "importance"), quiet=True)
     evaluation_module.teacher_forced(llama_like, F)
     assert mode.calls == []
