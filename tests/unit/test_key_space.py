@@ -10,6 +10,7 @@ import torch
 
 from mechunlearn import KeyVectors, Skill, collect_keys
 from mechunlearn.batching import tokenize_examples
+from mechunlearn.generation import kv_cache_agrees
 from mechunlearn.interventions import (
     REFUSAL,
     EllipsoidDetector,
@@ -126,6 +127,7 @@ def test_generate_refuses_detected_and_matches_greedy(llama_like, keys):
     prompts = MIXED
     detected = ksd.detect(model, prompts).detected.tolist()
     assert any(detected) and not all(detected)
+    kv_cache_agrees(model)  # its once-per-model check runs here, not among the counted calls
     calls, counter = _count_forwards(model)
     with model.hooks(fwd_hooks=[counter]):
         texts, det = ksd.generate(model, prompts, max_new_tokens=6, return_detection=True)
