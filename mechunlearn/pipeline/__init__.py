@@ -105,6 +105,7 @@ __all__ = [
     "run",
 ]
 
+# run and attack look up load_model_for in this module: a test or a study may replace it here.
 STAGES = ("collect", "analyze", "unlearn", "evaluate")
 """The stages :func:`run` stops after (``"run"`` runs them all)."""
 
@@ -178,25 +179,32 @@ def run(
         if stage == "unlearn":
             return result
         result.table = evaluate_methods(config, model, skills, result.fitted, folder)
-        figures = (result.analysis or {}).get("figures")
-        saved = folder.path("tables/figures.json")
-        if figures is None and saved.exists():
-            try:
-                figures = read_json(saved, "figure list")
-            except DamagedFileError as err:
-                warnings.warn(f"{err}; the report shows no figures.", stacklevel=2)
-        if folder.main:
-            folder.write(
-                "index.html",
-                lambda p: write_report(
-                    folder.out, config.settings(), result.table, figures or [], environment(),
-                    folder.timings, {name: repr(iv) for name, iv in result.fitted.items()},
-                ),
-            )  # fmt: skip
-            result.index = folder.path("index.html")
+        result.index = _write_index(config, folder, result)
         return result
     finally:
         folder.unlock()
+
+
+def _write_index(config: RunConfig, folder: RunFolder, result: RunResult) -> Path | None:
+    """Write the report's ``index.html`` (main process only) with this run's figures, else
+    those an earlier run saved (``tables/figures.json``); returns its path."""
+    figures = (result.analysis or {}).get("figures")
+    saved = folder.path("tables/figures.json")
+    if figures is None and saved.exists():
+        try:
+            figures = read_json(saved, "figure list")
+        except DamagedFileError as err:
+            warnings.warn(f"{err}; the report shows no figures.", stacklevel=3)
+    if not folder.main:
+        return None
+    folder.write(
+        "index.html",
+        lambda p: write_report(
+            folder.out, config.settings(), result.table, figures or [], environment(),
+            folder.timings, {name: repr(iv) for name, iv in result.fitted.items()},
+        ),
+    )  # fmt: skip
+    return folder.path("index.html")
 
 
 def _finished_config(
