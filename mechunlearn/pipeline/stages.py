@@ -202,7 +202,9 @@ def _others(probes: Probes, skills: Skills) -> dict[str, Any]:
 
 
 def _gaussian_section(config: RunConfig, probes: Probes, skills: Skills) -> _Section:
-    from .. import plots
+    """The normality checks of the forget skill's ``hook_pre`` values, with the Gaussian rule
+    against the first retain skill (:func:`~mechunlearn.analysis.gaussian_fit`)."""
+    from .. import plots  # matplotlib: imported on first use
 
     fit = gaussian_fit(probes.pre["forget"], other=probes.pre[f"retain:{skills.first_retain}"])
     return _Section(
@@ -217,7 +219,9 @@ def _gaussian_section(config: RunConfig, probes: Probes, skills: Skills) -> _Sec
 
 
 def _separation_section(config: RunConfig, probes: Probes, skills: Skills) -> _Section:
-    from .. import plots
+    """The neurons that separate the forget skill from the first retain skill
+    (:func:`~mechunlearn.analysis.separation`)."""
+    from .. import plots  # matplotlib: imported on first use
 
     na_ratio = config.setting("NA", "ratio")
     retain = probes.pre[f"retain:{skills.first_retain}"]
@@ -245,7 +249,9 @@ def _separation_section(config: RunConfig, probes: Probes, skills: Skills) -> _S
 
 
 def _hypercube_section(config: RunConfig, probes: Probes, skills: Skills) -> _Section:
-    from .. import plots
+    """The forget skill's key hypercube against every other probed skill
+    (:func:`~mechunlearn.analysis.hypercube`)."""
+    from .. import plots  # matplotlib: imported on first use
 
     cube = hypercube(probes.keys["forget"], _others(probes, skills), seed=config.seed)
     n = len(cube.layers)
@@ -273,7 +279,9 @@ def _hypercube_section(config: RunConfig, probes: Probes, skills: Skills) -> _Se
 
 
 def _convexity_section(config: RunConfig, probes: Probes, skills: Skills) -> _Section:
-    from .. import plots
+    """Convexity and linear separability of the forget skill's key region
+    (:func:`~mechunlearn.analysis.convexity`)."""
+    from .. import plots  # matplotlib: imported on first use
 
     conv = convexity(probes.keys["forget"], _others(probes, skills), seed=config.seed)
     return _Section(
