@@ -382,26 +382,8 @@ def evaluate(
     check_int("n_boot", n_boot, min_val=1)
     check_probability("level", level)
     named = _as_skills(skills)
-    roles = dict(roles or {})
-    for name, role in roles.items():
-        if name not in named:
-            raise ValueError(f"roles names {name!r}, which is not among the skills {list(named)}.")
-        check_choice(role, ROLES, f"role of {name!r}")
-    interventions = dict(interventions or {})
-    if BASE in interventions:
-        raise ValueError(f"{BASE!r} names the bare model: give the intervention another name.")
-    for name, iv in interventions.items():
-        _check_intervention(name, iv)
-    methods: dict[str, Any] = {BASE: None, **interventions}
-    # Detectors only watch: each is scored as the bare model with its abstentions zeroed,
-    # from key vectors read during the bare pass.
-    detectors = {
-        m: iv
-        for m, iv in interventions.items()
-        if isinstance(iv, Detector) and iv.key_layers() is not None
-    }
-    for iv in detectors.values():
-        iv.check_model(model)
+    roles = _checked_roles(roles, named)
+    methods, detectors = _checked_methods(model, interventions)
     key_layers = sorted({layer for iv in detectors.values() for layer in iv.key_layers()})
     rows = []
     bar = tqdm(
@@ -418,48 +400,18 @@ def evaluate(
                 if values is not None:
                     keys = KeyVectors(values, key_layers, {"skill": skill.name})
             elif method != BASE and not _changes_outputs(iv):
-                if keys is not None and method in detectors:
-                    abstained = iv.detect_keys(keys).detected.cpu().numpy().astype(bool)
-                else:
-                    abstained = abstentions(model, iv, skill.prompts, batch_size)
-                s = replace(base, abstained=abstained)
+                watched = keys if method in detectors else None
+                s = _watched(model, skill, iv, base, watched, batch_size)
             else:
                 s = score_skill(model, skill, iv, metric, batch_size, True, max_new_tokens)
             if method == BASE:
                 base = s
-            kind, params = _describe(iv)
-            low, high = ratio_interval(s.counted, s.total, n_boot, seed, level)
-            rel_low, rel_high = paired_ratio_interval(
-                s.counted, base.counted, base.total, n_boot, seed, level
-            )
             rows.append(
-                {
-                    "skill": skill_name,
-                    "role": roles.get(skill_name),
-                    "method": method,
-                    "kind": kind,
-                    "params": params,
-                    "score": s.score,
-                    "score_low": low,
-                    "score_high": high,
-                    "relative": s.score / base.score if base.score else math.nan,
-                    "relative_low": rel_low,
-                    "relative_high": rel_high,
-                    "nll": s.mean_nll,
-                    "abstention_rate": float(s.abstained.mean()),
-                    "n": len(skill),
-                    "metric": metric,
-                }
-            )
+                _row(skill_name, roles.get(skill_name), method, iv, s, base, len(skill), metric,
+                     n_boot, seed, level)
+            )  # fmt: skip
             bar.update()
-        chance = chance_level(model, skill, metric)
-        for row in rows:
-            if row["skill"] == skill_name:
-                row["chance"] = chance
-                base_low = next(
-                    r["score_low"] for r in rows if r["skill"] == skill_name and r["method"] == BASE
-                )
-                row["informative"] = bool(base_low > chance)
+        _add_chance(rows, skill_name, chance_level(model, skill, metric))
     bar.close()
     columns = [
         "skill", "role", "method", "kind", "params", "score", "score_low", "score_high",
@@ -467,6 +419,104 @@ def evaluate(
         "abstention_rate", "n", "metric",
     ]  # fmt: skip
     return pd.DataFrame(rows)[columns]
+
+
+def _checked_roles(roles: Mapping[str, str] | None, named: Mapping[str, Skill]) -> dict[str, str]:
+    """:func:`evaluate`'s ``roles``, each naming one of the skills and a known role."""
+    roles = dict(roles or {})
+    for name, role in roles.items():
+        if name not in named:
+            raise ValueError(f"roles names {name!r}, which is not among the skills {list(named)}.")
+        check_choice(role, ROLES, f"role of {name!r}")
+    return roles
+
+
+def _checked_methods(
+    model, interventions: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Detector]]:
+    """The methods to score, ``{name: intervention}`` with the bare model first (``BASE``:
+    None), and the detectors among them, ``{name: detector}``; each intervention checked.
+
+    Detectors only watch: each is scored as the bare model with its abstentions zeroed, from
+    key vectors read during the bare pass.
+    """
+    interventions = dict(interventions or {})
+    if BASE in interventions:
+        raise ValueError(f"{BASE!r} names the bare model: give the intervention another name.")
+    for name, iv in interventions.items():
+        _check_intervention(name, iv)
+    detectors = {
+        m: iv
+        for m, iv in interventions.items()
+        if isinstance(iv, Detector) and iv.key_layers() is not None
+    }
+    for iv in detectors.values():
+        iv.check_model(model)
+    return {BASE: None, **interventions}, detectors
+
+
+def _watched(
+    model, skill: Skill, iv: Any, base: ExampleScores, keys: KeyVectors | None, batch_size: int
+) -> ExampleScores:
+    """The scores of an intervention that only watches (abstains, output unchanged): the bare
+    model's, with the examples it abstains on zeroed; abstentions from the bare pass's key
+    vectors ``keys`` when given, else from a pass of their own."""
+    if keys is not None:
+        abstained = iv.detect_keys(keys).detected.cpu().numpy().astype(bool)
+    else:
+        abstained = abstentions(model, iv, skill.prompts, batch_size)
+    return replace(base, abstained=abstained)
+
+
+def _row(
+    skill_name: str,
+    role: str | None,
+    method: str,
+    iv: Any,
+    s: ExampleScores,
+    base: ExampleScores,
+    n: int,
+    metric: str,
+    n_boot: int,
+    seed: int,
+    level: float,
+) -> dict[str, Any]:
+    """One row of :func:`evaluate`'s table (``chance`` and ``informative`` come later, from
+    :func:`_add_chance`)."""
+    kind, params = _describe(iv)
+    low, high = ratio_interval(s.counted, s.total, n_boot, seed, level)
+    rel_low, rel_high = paired_ratio_interval(
+        s.counted, base.counted, base.total, n_boot, seed, level
+    )
+    return {
+        "skill": skill_name,
+        "role": role,
+        "method": method,
+        "kind": kind,
+        "params": params,
+        "score": s.score,
+        "score_low": low,
+        "score_high": high,
+        "relative": s.score / base.score if base.score else math.nan,
+        "relative_low": rel_low,
+        "relative_high": rel_high,
+        "nll": s.mean_nll,
+        "abstention_rate": float(s.abstained.mean()),
+        "n": n,
+        "metric": metric,
+    }
+
+
+def _add_chance(rows: list[dict[str, Any]], skill_name: str, chance: float) -> None:
+    """Add the skill's chance level to its rows, and whether its base score's interval lies
+    above it (``informative``)."""
+    for row in rows:
+        if row["skill"] == skill_name:
+            row["chance"] = chance
+            base_low = next(
+                r["score_low"] for r in rows if r["skill"] == skill_name and r["method"] == BASE
+            )
+            row["informative"] = bool(base_low > chance)
 
 
 def relative_table(results: pd.DataFrame, interval: bool = False) -> pd.DataFrame:

@@ -1,5 +1,13 @@
 """The report folder's ``index.html``: figures with captions, the relative-performance table,
-the settings and the timings, in one self-contained page (images are relative links)."""
+the settings and the timings, in one self-contained page (images are relative links).
+
+The figures' captions (:data:`FIGURE_CAPTIONS`, filled in by :func:`caption`) live here too:
+the pipeline's analyze stage makes the figures and writes what :func:`caption` says of them.
+
+Example:
+    >>> caption("separation_by_layer", ratio=0.03)[-50:]
+    'how many of the top 3.0% neurons each layer holds.'
+"""
 
 from __future__ import annotations
 
@@ -28,6 +36,52 @@ figcaption { color: #444; font-size: .92rem; margin-top: .3rem; }
 code { background: #f4f4f6; padding: 0 .25rem; border-radius: 3px; }
 .grid { display: grid; grid-template-columns: max-content auto; gap: .2rem 1.2rem; }
 """
+
+FIGURE_CAPTIONS = {
+    "gaussian_summary": (
+        "Share of {skill} neurons whose hook_pre values pass the normality tests, by layer, and "
+        "how often the Gaussian rule p_F >= p_R picks the right skill. The tests treat the "
+        "reservoir's tokens as independent although tokens of one text are correlated, so they "
+        "reject more often than for independent draws."
+    ),
+    "separation_histograms": (
+        "Forget vs retain hook_pre values of the most separated neurons ({metric}), with the "
+        "fitted Gaussians (the paper's Figure 3)."
+    ),
+    "separation_by_layer": (
+        "Where the separating neurons are: the separation metric by layer, and how many of the "
+        "top {ratio:.1%} neurons each layer holds."
+    ),
+    "hypercube_inclusion": (
+        "Share of queries inside the forget skill's hypercube mu_F +- alpha*sigma_F as alpha "
+        "grows: fit queries, held-out forget queries, and other skills (Figure 5)."
+    ),
+    "hypercube_geometry": (
+        "Normalised log-volume of the forget cube and distance between skill centres (in sigma "
+        "units) across layers (Figure 6)."
+    ),
+    "convexity": (
+        "Is the forget region convex? Segment points nearest a forget key, held-out accuracy of "
+        "a linear classifier, and false positives of one box vs k boxes."
+    ),
+}
+"""``{figure name: caption}``: templates whose fields (``{skill}``, the forget skill's name;
+``{metric}``, the separation metric; ``{ratio}``, Neuron Adjust's ratio) :func:`caption` fills."""
+
+
+def caption(figure: str, **fields: Any) -> str:
+    """The one-line caption of the analyses' figure ``figure`` (a key of
+    :data:`FIGURE_CAPTIONS`), its fields filled in from ``fields``.
+
+    Raises:
+        ValueError: an unknown figure, or a field its caption needs is missing.
+    """
+    if figure not in FIGURE_CAPTIONS:
+        raise ValueError(f"no caption for figure {figure!r}: known {', '.join(FIGURE_CAPTIONS)}.")
+    try:
+        return FIGURE_CAPTIONS[figure].format(**fields)
+    except KeyError as err:
+        raise ValueError(f"the caption of {figure!r} needs {err.args[0]}=.") from None
 
 
 def _cell_interval(row: pd.Series, value: str, low: str, high: str) -> str:

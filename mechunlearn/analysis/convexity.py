@@ -320,16 +320,7 @@ def convexity(
         >>> fig = mu.plots.plot_convexity(res)
     """
     what = "convexity()"
-    ts_t = torch.as_tensor(list(ts), dtype=torch.float64).reshape(-1)
-    if ts_t.numel() == 0 or not bool(((ts_t > 0) & (ts_t < 1)).all()):
-        raise ValueError(f"ts must be positions strictly between 0 and 1, got {list(ts)}.")
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive numbers of boxes, got {ks}.")
-    if not 0 < target <= 1 or h <= 0 or n_pairs < 1:
-        raise ValueError(
-            f"Need 0 < target <= 1, h > 0, n_pairs >= 1 (got {target}, {h}, {n_pairs})."
-        )
+    ts_t, ks = _checked_grid(ts, ks, h, target, n_pairs)
     layers, others = prepare_keys(keys_f, others, layers, 4, 2, what)
     keys_f = select_layers(keys_f, layers)
     fit, test, _, _ = split_forget(keys_f, test_size, seed, what)
@@ -346,102 +337,25 @@ def convexity(
         )
         ks = [k for k in ks if k <= len(fit)]
     name_f = str(keys_f.meta.get("skill", "forget"))
-    device = keys_f.values.device
-
-    # The same random pairs for every layer.
-    gen = torch.Generator().manual_seed(seed)
-    n_f = len(keys_f)
-    a = torch.randint(n_f, (n_pairs,), generator=gen)
-    b = torch.randint(n_f - 1, (n_pairs,), generator=gen)
-    b = b + (b >= a).long()
-    pairs = torch.stack([a, b], 1).to(device)
-    mid = int((ts_t - 0.5).abs().argmin())
+    pairs = _random_pairs(len(keys_f), n_pairs, seed, keys_f.values.device)
 
     layer_rows, seg_rows, sep_rows, box_rows = [], [], [], []
     for col, layer in enumerate(layers):
         xf = keys_f.values[:, col].double()
         xo = [kv.values[:, col].double() for kv in others.values()]
-        pool = torch.cat([xf, *xo])
-        pooled = fit_cube(pool, rel_floor, abs_floor)
-        z = (pool - pooled.mu) / pooled.sigma
-        zf = z[:n_f]
-
-        # 1. segments
-        t = ts_t.to(device)[:, None, None]
-        points = ((1 - t) * zf[pairs[:, 0]] + t * zf[pairs[:, 1]]).reshape(-1, z.shape[1])
-        exclude = pairs.repeat(len(ts_t), 1)
-        on_f = _nearest_is_forget(points, z, n_f, exclude).reshape(len(ts_t), n_pairs).double()
-        self_idx = torch.arange(n_f, device=device)[:, None]
-        loo = _nearest_is_forget(zf, z, n_f, self_idx).double()
-        for i, tv in enumerate(ts_t.tolist()):
-            seg_rows.append(
-                {"layer": layer, "t": tv, "forget_rate": float(on_f[i].mean()), "n_points": n_pairs}
-            )
-        layer_rows.append(
-            {
-                "layer": layer,
-                "segment_forget_rate": float(on_f.mean()),
-                "midpoint_forget_rate": float(on_f[mid].mean()),
-                "baseline_forget_rate": float(loo.mean()),
-                "chance_rate": n_f / z.shape[0],
-                "n_segments": n_pairs,
-            }
-        )
-
-        # 2. linear separability
+        layer_row, rows = _segments(xf, xo, pairs, ts_t, layer, rel_floor, abs_floor)
+        layer_rows.append(layer_row)
+        seg_rows += rows
         ff, tf = fit.values[:, col].double(), test.values[:, col].double()
-        for name, (fo, to) in other_splits.items():
-            fo, to = fo.values[:, col].double(), to.values[:, col].double()
-            x_fit = torch.cat([ff, fo])
-            y_fit = torch.cat([torch.ones(len(ff)), torch.zeros(len(fo))]).to(device)
-            x_test = torch.cat([tf, to])
-            y_test = torch.cat([torch.ones(len(tf)), torch.zeros(len(to))]).to(device)
-            scale = fit_cube(x_fit, rel_floor, abs_floor)
-            w, bias = fit_logistic((x_fit - scale.mu) / scale.sigma, y_fit, l2, max_iter)
-            pred_fit = ((x_fit - scale.mu) / scale.sigma) @ w + bias > 0
-            pred = ((x_test - scale.mu) / scale.sigma) @ w + bias > 0
-            correct = (pred == (y_test > 0.5)).double()
-            sep_rows.append(
-                {
-                    "layer": layer,
-                    "other": name,
-                    "accuracy": float(correct.mean()),
-                    "balanced_accuracy": 0.5
-                    * (float(correct[: len(tf)].mean()) + float(correct[len(tf) :].mean())),
-                    "train_accuracy": float((pred_fit == (y_fit > 0.5)).double().mean()),
-                    "majority_baseline": max(len(tf), len(to)) / (len(tf) + len(to)),
-                    "n_fit": len(x_fit),
-                    "n_test": len(x_test),
-                }
-            )
-
-        # 3. one box vs a union of k boxes
-        cube = fit_cube(ff, rel_floor, abs_floor)
-        zfit = (ff - cube.mu) / cube.sigma
-        for k in ks:
-            labels = kmeans(zfit, k, n_init=n_init, seed=seed)[0]
-            boxes, alphas = fit_boxes(ff, labels, cube.floor)
-            r_fit = box_union_margin(ff, boxes, alphas)
-            r_test = box_union_margin(tf, boxes, alphas)
-            r_other = {
-                name: box_union_margin(kv.values[:, col], boxes, alphas)
-                for name, kv in others.items()
-            }
-            for sizing, mult in (("h", h), ("matched", quantile_alpha(r_test, target))):
-                for name, r_o in r_other.items():
-                    box_rows.append(
-                        {
-                            "layer": layer,
-                            "k": k,
-                            "n_boxes": int(alphas.numel()),
-                            "sizing": sizing,
-                            "multiplier": mult,
-                            "other": name,
-                            "forget_fit_inclusion": float((r_fit <= mult).double().mean()),
-                            "forget_heldout_inclusion": float((r_test <= mult).double().mean()),
-                            "false_positive_rate": float((r_o <= mult).double().mean()),
-                        }
-                    )
+        splits = {
+            name: (fo.values[:, col].double(), to.values[:, col].double())
+            for name, (fo, to) in other_splits.items()
+        }
+        sep_rows += _separability(ff, tf, splits, layer, l2, max_iter, rel_floor, abs_floor)
+        others_col = {name: kv.values[:, col] for name, kv in others.items()}
+        box_rows += _box_unions(
+            ff, tf, others_col, layer, ks, h, target, n_init, seed, rel_floor, abs_floor
+        )
 
     return ConvexityResult(
         forget=name_f,
@@ -463,3 +377,156 @@ def convexity(
             "model": keys_f.meta.get("model"),
         },
     )
+
+
+def _checked_grid(
+    ts: Sequence[float], ks: Sequence[int], h: float, target: float, n_pairs: int
+) -> tuple[Float[Tensor, " t"], list[int]]:
+    """:func:`convexity`'s positions (float64) and sorted distinct box counts, checked with
+    ``h``, ``target`` and ``n_pairs``."""
+    ts_t = torch.as_tensor(list(ts), dtype=torch.float64).reshape(-1)
+    if ts_t.numel() == 0 or not bool(((ts_t > 0) & (ts_t < 1)).all()):
+        raise ValueError(f"ts must be positions strictly between 0 and 1, got {list(ts)}.")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive numbers of boxes, got {ks}.")
+    if not 0 < target <= 1 or h <= 0 or n_pairs < 1:
+        raise ValueError(
+            f"Need 0 < target <= 1, h > 0, n_pairs >= 1 (got {target}, {h}, {n_pairs})."
+        )
+    return ts_t, ks
+
+
+def _random_pairs(n_f: int, n_pairs: int, seed: int, device: torch.device) -> Int[Tensor, "p 2"]:
+    """``n_pairs`` random pairs of distinct forget keys (the same for every layer)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randint(n_f, (n_pairs,), generator=gen)
+    b = torch.randint(n_f - 1, (n_pairs,), generator=gen)
+    b = b + (b >= a).long()
+    return torch.stack([a, b], 1).to(device)
+
+
+def _segments(
+    xf: Float[Tensor, "n_f d"],
+    xo: Sequence[Float[Tensor, "n_o d"]],
+    pairs: Int[Tensor, "p 2"],
+    ts_t: Float[Tensor, " t"],
+    layer: int,
+    rel_floor: float,
+    abs_floor: float,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One layer's segment test: the layer's row and one row per position ``t``.
+
+    Keys are standardised by the pooled cube of every skill's keys; a point of a segment
+    between two forget keys counts as forget when its nearest key (the two ends left out) is a
+    forget key; the baseline is the same test for each forget key, itself left out.
+    """
+    device = xf.device
+    n_f, n_pairs = len(xf), len(pairs)
+    pool = torch.cat([xf, *xo])
+    pooled = fit_cube(pool, rel_floor, abs_floor)
+    z = (pool - pooled.mu) / pooled.sigma
+    zf = z[:n_f]
+    t = ts_t.to(device)[:, None, None]
+    points = ((1 - t) * zf[pairs[:, 0]] + t * zf[pairs[:, 1]]).reshape(-1, z.shape[1])
+    exclude = pairs.repeat(len(ts_t), 1)
+    on_f = _nearest_is_forget(points, z, n_f, exclude).reshape(len(ts_t), n_pairs).double()
+    self_idx = torch.arange(n_f, device=device)[:, None]
+    loo = _nearest_is_forget(zf, z, n_f, self_idx).double()
+    rows = [
+        {"layer": layer, "t": tv, "forget_rate": float(on_f[i].mean()), "n_points": n_pairs}
+        for i, tv in enumerate(ts_t.tolist())
+    ]
+    mid = int((ts_t - 0.5).abs().argmin())
+    layer_row = {
+        "layer": layer,
+        "segment_forget_rate": float(on_f.mean()),
+        "midpoint_forget_rate": float(on_f[mid].mean()),
+        "baseline_forget_rate": float(loo.mean()),
+        "chance_rate": n_f / z.shape[0],
+        "n_segments": n_pairs,
+    }
+    return layer_row, rows
+
+
+def _separability(
+    ff: Float[Tensor, "n_fit d"],
+    tf: Float[Tensor, "n_test d"],
+    splits: Mapping[str, tuple[Float[Tensor, "m d"], Float[Tensor, "k d"]]],
+    layer: int,
+    l2: float,
+    max_iter: int,
+    rel_floor: float,
+    abs_floor: float,
+) -> list[dict[str, Any]]:
+    """One layer's linear separability: a logistic regression per other skill, fitted on the
+    fit halves (standardised by their cube), scored on the held-out halves."""
+    device = ff.device
+    rows = []
+    for name, (fo, to) in splits.items():
+        x_fit = torch.cat([ff, fo])
+        y_fit = torch.cat([torch.ones(len(ff)), torch.zeros(len(fo))]).to(device)
+        x_test = torch.cat([tf, to])
+        y_test = torch.cat([torch.ones(len(tf)), torch.zeros(len(to))]).to(device)
+        scale = fit_cube(x_fit, rel_floor, abs_floor)
+        w, bias = fit_logistic((x_fit - scale.mu) / scale.sigma, y_fit, l2, max_iter)
+        pred_fit = ((x_fit - scale.mu) / scale.sigma) @ w + bias > 0
+        pred = ((x_test - scale.mu) / scale.sigma) @ w + bias > 0
+        correct = (pred == (y_test > 0.5)).double()
+        rows.append(
+            {
+                "layer": layer,
+                "other": name,
+                "accuracy": float(correct.mean()),
+                "balanced_accuracy": 0.5
+                * (float(correct[: len(tf)].mean()) + float(correct[len(tf) :].mean())),
+                "train_accuracy": float((pred_fit == (y_fit > 0.5)).double().mean()),
+                "majority_baseline": max(len(tf), len(to)) / (len(tf) + len(to)),
+                "n_fit": len(x_fit),
+                "n_test": len(x_test),
+            }
+        )
+    return rows
+
+
+def _box_unions(
+    ff: Float[Tensor, "n_fit d"],
+    tf: Float[Tensor, "n_test d"],
+    others: Mapping[str, Float[Tensor, "n_o d"]],
+    layer: int,
+    ks: Sequence[int],
+    h: float,
+    target: float,
+    n_init: int,
+    seed: int,
+    rel_floor: float,
+    abs_floor: float,
+) -> list[dict[str, Any]]:
+    """One layer's one box vs a union of k boxes (k-means on the standardised fit keys): the
+    forget inclusion and the other skills' false positives, sized by ``h`` and matched to
+    ``target``."""
+    cube = fit_cube(ff, rel_floor, abs_floor)
+    zfit = (ff - cube.mu) / cube.sigma
+    rows = []
+    for k in ks:
+        labels = kmeans(zfit, k, n_init=n_init, seed=seed)[0]
+        boxes, alphas = fit_boxes(ff, labels, cube.floor)
+        r_fit = box_union_margin(ff, boxes, alphas)
+        r_test = box_union_margin(tf, boxes, alphas)
+        r_other = {name: box_union_margin(x, boxes, alphas) for name, x in others.items()}
+        for sizing, mult in (("h", h), ("matched", quantile_alpha(r_test, target))):
+            for name, r_o in r_other.items():
+                rows.append(
+                    {
+                        "layer": layer,
+                        "k": k,
+                        "n_boxes": int(alphas.numel()),
+                        "sizing": sizing,
+                        "multiplier": mult,
+                        "other": name,
+                        "forget_fit_inclusion": float((r_fit <= mult).double().mean()),
+                        "forget_heldout_inclusion": float((r_test <= mult).double().mean()),
+                        "false_positive_rate": float((r_o <= mult).double().mean()),
+                    }
+                )
+    return rows

@@ -285,6 +285,45 @@ def gaussian_fit(
         (3,)
         >>> ax = fit.by_layer["share_gaussian"].plot()
     """
+    alpha, rule, min_samples, shapiro_max_n = _checked_settings(
+        stats, other, alpha, rule, correction, min_samples, shapiro_max_n
+    )
+    sample = _sample_statistics(stats, min_samples, shapiro_max_n)
+    pvals, passes, gaussian = _decisions(sample, alpha, rule, correction)
+    table = _table(stats, sample, pvals, passes, gaussian)
+    acc = rule_accuracy(stats, other) if other is not None else {}
+    for key, value in acc.items():
+        table[key] = value
+    table["note"] = _notes(stats, other, sample, acc, min_samples).values()
+    _warn_untested(sample, min_samples)
+    meta = {k: stats.meta.get(k) for k in ("model", "skill") if k in stats.meta}
+    meta["site"] = stats.site
+    if other is not None:
+        meta["other_skill"] = other.meta.get("skill")
+    return GaussianFit(
+        table=table,
+        by_layer=_summarise(table, other is not None),
+        alpha=alpha,
+        rule=rule,
+        correction=correction,
+        layers=list(stats.layers),
+        meta=meta,
+        stats=stats,
+        other=other,
+    )
+
+
+def _checked_settings(
+    stats: NeuronStats,
+    other: NeuronStats | None,
+    alpha: float,
+    rule: str | Sequence[str],
+    correction: str,
+    min_samples: int,
+    shapiro_max_n: int,
+) -> tuple[float, tuple[str, ...], int, int]:
+    """:func:`gaussian_fit`'s arguments checked: ``(alpha, rule, min_samples,
+    shapiro_max_n)`` normalised (a rule of one test becomes a tuple)."""
     check_stats(stats, "stats")
     alpha = check_alpha(alpha)
     rule = (rule,) if isinstance(rule, str) else tuple(rule)
@@ -297,11 +336,38 @@ def gaussian_fit(
         raise ValueError(f"min_samples must be >= 3, got {min_samples}.")
     if not 3 <= int(shapiro_max_n) <= 5000:
         raise ValueError(f"shapiro_max_n must be in [3, 5000], got {shapiro_max_n}.")
-    min_samples, shapiro_max_n = int(min_samples), int(shapiro_max_n)
     if other is not None:
         check_stats(other, "other")
         check_same_source(stats, other, ("stats", "other"))
+    return alpha, rule, int(min_samples), int(shapiro_max_n)
 
+
+@dataclass
+class _Sample:
+    """Per-neuron statistics of the reservoir sample, flattened over ``(layer, neuron)``.
+
+    Attributes:
+        res: ``skew``, ``kurtosis``, ``ks_stat``, ``ad_stat``, ``shapiro_w``, ``jb_stat`` and
+            ``bimodality`` (NaN where not computed).
+        n_used: finite values tested per neuron.
+        n_sw: values the Shapiro-Wilk test used per neuron.
+        constant: whether the neuron's sample is constant.
+        n_filled: reservoir rows filled.
+        separate_sw: whether Shapiro-Wilk ran on a subsample (more rows than its limit).
+    """
+
+    res: dict[str, np.ndarray]
+    n_used: np.ndarray
+    n_sw: np.ndarray
+    constant: np.ndarray
+    n_filled: int
+    separate_sw: bool
+
+
+def _sample_statistics(stats: NeuronStats, min_samples: int, shapiro_max_n: int) -> _Sample:
+    """The tests' statistics of every neuron, layer by layer (Shapiro-Wilk in a second pass on a
+    uniform subsample when the reservoir holds more than ``shapiro_max_n`` rows), then the
+    Jarque-Bera statistic and the bimodality coefficient from the moments."""
     n_layers, d = stats.mean.shape
     total = n_layers * d
     res = {
@@ -366,13 +432,24 @@ def gaussian_fit(
         c2 = (nf - 1.0) / ((nf - 2.0) * (nf - 3.0)) * ((nf + 1.0) * g2 + 6.0)
         bc = (c1**2 + 1.0) / (c2 + 3.0 * (nf - 1.0) ** 2 / ((nf - 2.0) * (nf - 3.0)))
         res["bimodality"] = np.where(n_used >= 4, bc, np.nan)
+    return _Sample(res, n_used, n_sw, constant, n_filled, separate_sw)
 
-    # p-values, vectorised over all neurons
+
+def _decisions(
+    sample: _Sample, alpha: float, rule: tuple[str, ...], correction: str
+) -> tuple[dict[str, np.ndarray], dict[str, Any], Any]:
+    """The tests' p-values (vectorised over all neurons; ``ad_crit`` too), whether each test
+    passes (nullable booleans, NA where untested) and the rule's verdict.
+
+    Returns:
+        ``(p-values by test and "ad_crit", passes by test, gaussian)``.
+    """
+    res, n_used = sample.res, sample.n_used
     with np.errstate(all="ignore"):
         ks_p = ks_pvalue(res["ks_stat"], n_used)
         ad_crit = np.where(np.isnan(res["ad_stat"]), np.nan, ad_critical(n_used, alpha))
         ad_p = ad_pvalue(res["ad_stat"], n_used)
-        sw_p = shapiro_pvalue(res["shapiro_w"], np.maximum(n_sw, 0))
+        sw_p = shapiro_pvalue(res["shapiro_w"], np.maximum(sample.n_sw, 0))
         jb_p = np.exp(-res["jb_stat"] / 2.0)
     pvals = {"ks": ks_p, "ad": ad_p, "shapiro": sw_p, "jb": jb_p}
     passes = {}
@@ -386,90 +463,100 @@ def gaussian_fit(
     for test in rule[1:]:
         gaussian = gaussian & passes[test]
     # Kleene logic: False & NA is False; a neuron is only decided when every rule test ran.
-    undecided = np.zeros(total, dtype=bool)
+    undecided = np.zeros(n_used.shape[0], dtype=bool)
     for test in rule:
         undecided |= np.isnan(pvals[test])
     gaussian = pd.array(np.where(undecided, None, gaussian.to_numpy(na_value=False)), "boolean")
+    return {**pvals, "ad_crit": ad_crit}, passes, gaussian
 
-    mean = stats.mean.detach().to("cpu", torch.float64).numpy().ravel()
-    std = stats.std.detach().to("cpu", torch.float64).numpy().ravel()
-    table = pd.DataFrame(
+
+def _table(
+    stats: NeuronStats,
+    sample: _Sample,
+    pvals: dict[str, np.ndarray],
+    passes: dict[str, Any],
+    gaussian: Any,
+) -> pd.DataFrame:
+    """One row per neuron: its moments, the tests' statistics, p-values and verdicts."""
+    n_layers, d = stats.mean.shape
+    res = sample.res
+    return pd.DataFrame(
         {
             "layer": np.repeat(np.asarray(stats.layers, dtype=np.int64), d),
             "neuron": np.tile(np.arange(d, dtype=np.int64), n_layers),
             "n_tokens": stats.count.detach().cpu().numpy().ravel().astype(np.int64),
-            "mean": mean,
-            "std": std,
-            "n": n_used,
+            "mean": _flat64(stats.mean),
+            "std": _flat64(stats.std),
+            "n": sample.n_used,
             "skew": res["skew"],
             "kurtosis": res["kurtosis"],
             "ks_stat": res["ks_stat"],
-            "ks_p": ks_p,
+            "ks_p": pvals["ks"],
             "ad_stat": res["ad_stat"],
-            "ad_crit": ad_crit,
-            "ad_p": ad_p,
+            "ad_crit": pvals["ad_crit"],
+            "ad_p": pvals["ad"],
             "shapiro_w": res["shapiro_w"],
-            "shapiro_p": sw_p,
-            "shapiro_n": n_sw,
+            "shapiro_p": pvals["shapiro"],
+            "shapiro_n": sample.n_sw,
             "jb_stat": res["jb_stat"],
-            "jb_p": jb_p,
+            "jb_p": pvals["jb"],
             "bimodality": res["bimodality"],
             **{f"{t}_pass": passes[t] for t in TESTS},
             "gaussian": gaussian,
         }
     )
-    notes = _Notes(total)
-    n_excluded = n_filled - n_used
+
+
+def _flat64(x: Float[Tensor, "layer d"]) -> np.ndarray:
+    """``x`` as a flat float64 NumPy array on the CPU."""
+    return x.detach().to("cpu", torch.float64).numpy().ravel()
+
+
+def _notes(
+    stats: NeuronStats,
+    other: NeuronStats | None,
+    sample: _Sample,
+    acc: dict[str, np.ndarray],
+    min_samples: int,
+) -> _Notes:
+    """Why a neuron's tests are missing or special (the table's ``note`` column)."""
+    n_used, constant = sample.n_used, sample.constant
+    notes = _Notes(n_used.shape[0])
+    n_excluded = sample.n_filled - n_used
     notes.add(n_excluded > 0, n_excluded, "{} non-finite sample values left out")
     few = n_used < min_samples
     notes.add(few, n_used, "n={} finite samples < " + str(min_samples) + ": tests are NaN")
     notes.add(constant, None, "constant sample (zero variance): tests are NaN")
     notes.add(~few & ~constant & (n_used < 4), None, "n < 4: no bimodality coefficient")
     notes.add(
-        separate_sw & (n_sw >= min_samples),
-        n_sw,
+        sample.separate_sw & (sample.n_sw >= min_samples),
+        sample.n_sw,
         "Shapiro-Wilk on a uniform subsample of {} values",
     )
     if other is not None:
-        acc = rule_accuracy(stats, other)
-        for key, value in acc.items():
-            table[key] = value
-        std_r = other.std.detach().to("cpu", torch.float64).numpy().ravel()
-        sigma_ok = (std > 0) & (std_r > 0)
+        sigma_ok = (_flat64(stats.std) > 0) & (_flat64(other.std) > 0)
         undefined = np.isnan(acc["rule_balanced_acc"])
         notes.add(undefined & ~sigma_ok, None, "decision rule undefined (a sigma is 0 or NaN)")
         notes.add(undefined & sigma_ok, None, "decision rule: no finite samples on a skill")
-    table["note"] = notes.values()
+    return notes
 
-    n_few, n_const = int(few.sum()), int(constant.sum())
+
+def _warn_untested(sample: _Sample, min_samples: int) -> None:
+    """Warn, in :func:`gaussian_fit`'s caller, of neurons whose tests are NaN."""
+    n_few, n_const = int((sample.n_used < min_samples).sum()), int(sample.constant.sum())
     if n_few or n_const:
         parts = []
         if n_few:
             parts.append(
                 f"{n_few} neurons have fewer than {min_samples} finite reservoir values "
-                f"(smallest: {int(n_used.min())})"
+                f"(smallest: {int(sample.n_used.min())})"
             )
         if n_const:
             parts.append(f"{n_const} neurons are constant on the sample")
         warnings.warn(
             "gaussian_fit: " + "; ".join(parts) + ": their tests are NaN (see the 'note' column).",
-            stacklevel=2,
+            stacklevel=3,
         )
-    meta = {k: stats.meta.get(k) for k in ("model", "skill") if k in stats.meta}
-    meta["site"] = stats.site
-    if other is not None:
-        meta["other_skill"] = other.meta.get("skill")
-    return GaussianFit(
-        table=table,
-        by_layer=_summarise(table, other is not None),
-        alpha=alpha,
-        rule=rule,
-        correction=correction,
-        layers=list(stats.layers),
-        meta=meta,
-        stats=stats,
-        other=other,
-    )
 
 
 class _Notes:

@@ -53,11 +53,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ..kernels.regions import (
     ABS_FLOOR,
     REL_FLOOR,
+    Cube,
     check_finite,
     fit_cube,
     log_volume,
@@ -386,29 +388,10 @@ def hypercube(
         xf, xt = fit.values[:, col], test.values[:, col]
         cube = fit_cube(xf, rel_floor, abs_floor)
         m_fit, m_test = normalized_distance(xf, cube), normalized_distance(xt, cube)
-        kmin = float(m_fit.max())
-        alpha_f = quantile_alpha(m_test, target)
         pool = torch.cat([keys_f.values[:, col]] + [kv.values[:, col] for kv in others.values()])
         pooled = fit_cube(pool, rel_floor, abs_floor)
-        lv = float(log_volume(cube, kmin))
-        rel = (cube.sigma.log() - pooled.sigma.log()).sum()
-        layer_rows.append(
-            {
-                "layer": layer,
-                "n_fit": len(fit),
-                "n_heldout": len(test),
-                "d_mlp": cube.d,
-                "k_min": kmin,
-                "alpha_f": alpha_f,
-                "heldout_at_kmin": float((m_test <= kmin).double().mean()),
-                "log_volume": lv,
-                "log_side": lv / cube.d,
-                "log_rel_volume": float(rel),
-                "log_rel_side": float(rel) / cube.d,
-                "n_floored": int(cube.n_floored),
-                "sigma_floor": float(cube.floor),
-            }
-        )
+        row = _layer_row(layer, cube, pooled, m_fit, m_test, target)
+        layer_rows.append(row)
         margin_rows += [
             _margin_frame(layer, name_f, "forget", "fit", fit_idx, m_fit),
             _margin_frame(layer, name_f, "forget", "held-out", test_idx, m_test),
@@ -417,37 +400,12 @@ def hypercube(
             xo = kv.values[:, col]
             m_o = normalized_distance(xo, cube)
             margin_rows.append(_margin_frame(layer, name, "other", "all", np.arange(len(kv)), m_o))
-            gap = cube.mu - xo.to(cube.mu.dtype).mean(0)
-            z, zp = gap / cube.sigma, gap / pooled.sigma
-            alpha_o = order_statistic(m_o.sort().values, math.floor(cap * len(kv) + 1e-9))
-            other_rows.append(
-                {
-                    "layer": layer,
-                    "other": name,
-                    "n_other": len(kv),
-                    "centre_rms": float(z.square().mean().sqrt()),
-                    "centre_max": float(z.abs().max()),
-                    "centre_rms_pooled": float(zp.square().mean().sqrt()),
-                    "alpha_f": alpha_f,
-                    "alpha_other": alpha_o,
-                    "separated": bool(alpha_f < alpha_o),
-                    "alpha_ratio": alpha_o / alpha_f if alpha_f > 0 else math.inf,
-                    "min_margin": float(m_o.min()),
-                    "other_at_kmin": float((m_o <= kmin).double().mean()),
-                    "other_at_alpha_f": float((m_o <= alpha_f).double().mean()),
-                }
-            )
+            other_rows.append(_other_row(layer, name, xo, m_o, cube, pooled, row, cap))
 
     margins = pd.concat(margin_rows, ignore_index=True)
     per_layer = pd.DataFrame(layer_rows)
     per_other = pd.DataFrame(other_rows)
-    if alphas is None:
-        held = margins[margins["part"] == "held-out"].groupby("layer")["margin"].quantile(0.99)
-        top = max(float(per_layer["k_min"].max()), float(held.max()), 1e-12)
-        alphas = np.linspace(0.0, 1.25 * top, 201)
-    alphas = np.asarray(torch.as_tensor(alphas, dtype=torch.float64).cpu()).reshape(-1)
-    if alphas.size == 0 or not np.isfinite(alphas).all() or (alphas < 0).any():
-        raise ValueError("alphas must be a non-empty sequence of finite numbers >= 0.")
+    alphas = _alpha_grid(alphas, margins, per_layer)
 
     result = HypercubeResult(
         forget=name_f,
@@ -466,6 +424,84 @@ def hypercube(
     )
     result.curves = result.inclusion(alphas)
     return result
+
+
+def _layer_row(
+    layer: int,
+    cube: Cube,
+    pooled: Cube,
+    m_fit: Float[Tensor, " n_fit"],
+    m_test: Float[Tensor, " n_test"],
+    target: float,
+) -> dict[str, Any]:
+    """One layer's row of :attr:`HypercubeResult.per_layer`, from the forget cube, the cube of
+    every skill's keys pooled, and the forget keys' margins."""
+    kmin = float(m_fit.max())
+    lv = float(log_volume(cube, kmin))
+    rel = (cube.sigma.log() - pooled.sigma.log()).sum()
+    return {
+        "layer": layer,
+        "n_fit": len(m_fit),
+        "n_heldout": len(m_test),
+        "d_mlp": cube.d,
+        "k_min": kmin,
+        "alpha_f": quantile_alpha(m_test, target),
+        "heldout_at_kmin": float((m_test <= kmin).double().mean()),
+        "log_volume": lv,
+        "log_side": lv / cube.d,
+        "log_rel_volume": float(rel),
+        "log_rel_side": float(rel) / cube.d,
+        "n_floored": int(cube.n_floored),
+        "sigma_floor": float(cube.floor),
+    }
+
+
+def _other_row(
+    layer: int,
+    name: str,
+    xo: Float[Tensor, "n_o d"],
+    m_o: Float[Tensor, " n_o"],
+    cube: Cube,
+    pooled: Cube,
+    forget_row: Mapping[str, Any],
+    cap: float,
+) -> dict[str, Any]:
+    """One other skill's row of :attr:`HypercubeResult.per_other` at one layer: the distance
+    between the skills' centres and the α the other skill's inclusion reaches ``cap`` at."""
+    kmin, alpha_f = forget_row["k_min"], forget_row["alpha_f"]
+    gap = cube.mu - xo.to(cube.mu.dtype).mean(0)
+    z, zp = gap / cube.sigma, gap / pooled.sigma
+    alpha_o = order_statistic(m_o.sort().values, math.floor(cap * len(xo) + 1e-9))
+    return {
+        "layer": layer,
+        "other": name,
+        "n_other": len(xo),
+        "centre_rms": float(z.square().mean().sqrt()),
+        "centre_max": float(z.abs().max()),
+        "centre_rms_pooled": float(zp.square().mean().sqrt()),
+        "alpha_f": alpha_f,
+        "alpha_other": alpha_o,
+        "separated": bool(alpha_f < alpha_o),
+        "alpha_ratio": alpha_o / alpha_f if alpha_f > 0 else math.inf,
+        "min_margin": float(m_o.min()),
+        "other_at_kmin": float((m_o <= kmin).double().mean()),
+        "other_at_alpha_f": float((m_o <= alpha_f).double().mean()),
+    }
+
+
+def _alpha_grid(
+    alphas: Sequence[float] | Tensor | None, margins: pd.DataFrame, per_layer: pd.DataFrame
+) -> np.ndarray:
+    """The α grid of the inclusion curves: ``alphas`` checked, or by default 201 points from 0
+    to 1.25 × the largest ``k_min`` and 99th percentile of held-out margins."""
+    if alphas is None:
+        held = margins[margins["part"] == "held-out"].groupby("layer")["margin"].quantile(0.99)
+        top = max(float(per_layer["k_min"].max()), float(held.max()), 1e-12)
+        alphas = np.linspace(0.0, 1.25 * top, 201)
+    alphas = np.asarray(torch.as_tensor(alphas, dtype=torch.float64).cpu()).reshape(-1)
+    if alphas.size == 0 or not np.isfinite(alphas).all() or (alphas < 0).any():
+        raise ValueError("alphas must be a non-empty sequence of finite numbers >= 0.")
+    return alphas
 
 
 def _margin_frame(layer, skill, role, part, index, margin: Tensor) -> pd.DataFrame:

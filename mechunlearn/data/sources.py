@@ -299,6 +299,8 @@ def _load_builtin(
     sources: tuple[str, ...],
     answer_format: str | None,
 ) -> Skill:
+    """The built-in skill named ``raw`` (``gsm8k``, ``mmlu:<subjects>``, ``xquad:<lang>``, ...)
+    from the first of ``sources`` that has it; the name and the settings checked."""
     typed_base, colon, arg = raw.strip().partition(":")
     base = _ALIASES.get(typed_base.strip().lower(), typed_base.strip().lower())
     arg = arg.strip()
@@ -315,49 +317,89 @@ def _load_builtin(
         raise ValueError(f"answer_format= applies only to mmlu, not to {base!r}; leave it at None")
 
     if base == "mmlu":
-        fmt = "letter" if answer_format is None else answer_format
-        if fmt not in ANSWER_FORMATS:
-            raise ValueError(
-                f"unknown answer_format {fmt!r}.{did_you_mean(str(fmt), ANSWER_FORMATS)} "
-                f"(answer formats: {', '.join(ANSWER_FORMATS)})"
-            )
-        if subjects is not None and colon:
-            raise ValueError(f"give MMLU subjects either in the name ({raw!r}) or as subjects=")
-        if colon and not arg.strip(", "):
-            raise ValueError(
-                f"{raw!r} has an empty subject list after ':'; use 'mmlu' for all 57 subjects "
-                "or name subjects or groups, e.g. 'mmlu:anatomy' or 'mmlu:math'"
-            )
-        items = [subjects] if isinstance(subjects, str) else list(subjects or [])
-        if subjects is not None and not any(str(s).strip(", ") for s in items):
-            raise ValueError(
-                "subjects= is empty; pass None for all MMLU subjects, or name subjects or groups"
-            )
-        spec = ",".join(str(s).strip() for s in items) if subjects is not None else arg
-        subj = resolve_mmlu_subjects(spec) if spec else list(MMLU_SUBJECTS)
-        skill_name = "mmlu:" + ",".join(mmlu_items(spec)) if spec else "mmlu"
-        loaders = _mmlu_loaders(subj, split, data_dir, fmt)
+        skill_name, loaders = _mmlu_target(
+            raw, arg, colon, subjects, answer_format, split, data_dir
+        )
     elif base in ("xquad", "mlqa"):
-        langs = XQUAD_LANGS if base == "xquad" else MLQA_LANGS
-        lang = arg.lower()
-        if not lang:
-            raise ValueError(
-                f"{base} needs a language, e.g. '{base}:en'; languages: {', '.join(langs)}"
-            )
-        if lang not in langs:
-            raise ValueError(
-                f"unknown {base} language {lang!r}.{did_you_mean(lang, langs)} "
-                f"(languages: {', '.join(langs)})"
-            )
-        skill_name = f"{base}:{lang}"
-        loaders = (_xquad_loaders if base == "xquad" else _mlqa_loaders)(lang, split, data_dir)
+        skill_name, loaders = _language_target(base, arg, split, data_dir)
     else:
         if colon:
             raise ValueError(f"{base!r} takes no ':<argument>' (got {raw!r}); use {base!r}")
         skill_name = base
         make = {"gsm8k": _gsm8k_loaders, "mbpp": _mbpp_loaders, "humaneval": _humaneval_loaders}
         loaders = make[base](split, data_dir)
+    return _first_available(skill_name, base, split, loaders, sources)
 
+
+def _mmlu_target(
+    raw: str,
+    arg: str,
+    colon: str,
+    subjects: str | Sequence[str] | None,
+    answer_format: str | None,
+    split: str,
+    data_dir: str | os.PathLike[str] | None,
+) -> tuple[str, dict[str, _Loader]]:
+    """The skill name and the loaders by source of an MMLU name (``mmlu``, ``mmlu:<subjects>``,
+    or ``subjects=``), its subjects and answer format checked."""
+    fmt = "letter" if answer_format is None else answer_format
+    if fmt not in ANSWER_FORMATS:
+        raise ValueError(
+            f"unknown answer_format {fmt!r}.{did_you_mean(str(fmt), ANSWER_FORMATS)} "
+            f"(answer formats: {', '.join(ANSWER_FORMATS)})"
+        )
+    if subjects is not None and colon:
+        raise ValueError(f"give MMLU subjects either in the name ({raw!r}) or as subjects=")
+    if colon and not arg.strip(", "):
+        raise ValueError(
+            f"{raw!r} has an empty subject list after ':'; use 'mmlu' for all 57 subjects "
+            "or name subjects or groups, e.g. 'mmlu:anatomy' or 'mmlu:math'"
+        )
+    items = [subjects] if isinstance(subjects, str) else list(subjects or [])
+    if subjects is not None and not any(str(s).strip(", ") for s in items):
+        raise ValueError(
+            "subjects= is empty; pass None for all MMLU subjects, or name subjects or groups"
+        )
+    spec = ",".join(str(s).strip() for s in items) if subjects is not None else arg
+    subj = resolve_mmlu_subjects(spec) if spec else list(MMLU_SUBJECTS)
+    skill_name = "mmlu:" + ",".join(mmlu_items(spec)) if spec else "mmlu"
+    return skill_name, _mmlu_loaders(subj, split, data_dir, fmt)
+
+
+def _language_target(
+    base: str, arg: str, split: str, data_dir: str | os.PathLike[str] | None
+) -> tuple[str, dict[str, _Loader]]:
+    """The skill name and the loaders by source of ``xquad:<lang>`` or ``mlqa:<lang>``, the
+    language checked."""
+    langs = XQUAD_LANGS if base == "xquad" else MLQA_LANGS
+    lang = arg.lower()
+    if not lang:
+        raise ValueError(
+            f"{base} needs a language, e.g. '{base}:en'; languages: {', '.join(langs)}"
+        )
+    if lang not in langs:
+        raise ValueError(
+            f"unknown {base} language {lang!r}.{did_you_mean(lang, langs)} "
+            f"(languages: {', '.join(langs)})"
+        )
+    return f"{base}:{lang}", (_xquad_loaders if base == "xquad" else _mlqa_loaders)(
+        lang, split, data_dir
+    )
+
+
+def _first_available(
+    skill_name: str,
+    base: str,
+    split: str,
+    loaders: dict[str, _Loader],
+    sources: tuple[str, ...],
+) -> Skill:
+    """The skill from the first of ``sources`` that has it.
+
+    Raises:
+        SkillNotFoundError: no source has it (each attempt and why it failed are listed).
+        ValueError: a source has it without examples.
+    """
     attempts: list[tuple[str, str]] = []
     incomplete: list[str] = []
     for src in sources:

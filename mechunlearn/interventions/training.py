@@ -382,25 +382,13 @@ def train(
                 create_graph = second_order is not None and second_order(opt)
                 with torch.enable_grad(), _double_backward_ok(device, create_graph):
                     loss, terms = loss_fn(batch_f, batch_r)
-                    values = torch.stack(
-                        [t.detach().double() for t in (loss, *terms.values())]
-                    ).tolist()  # one host synchronisation per step
-                    record = dict(zip(terms, values[1:], strict=True))
-                    if early_stop is not None:
-                        record[f"{early_stop.key}_initial"] = early_stop.initial(idx_f)
+                    values, record = _record(loss, terms, early_stop, idx_f)
                     history.append(record)
                     bar.set_postfix(
                         {k.removesuffix("_loss"): f"{v:.3f}" for k, v in record.items()
                          if not k.endswith("_initial")}
                     )  # fmt: skip
-                    if not all(math.isfinite(v) for v in values):
-                        shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in record.items()
-                                          if not k.endswith("_initial"))  # fmt: skip
-                        raise FloatingPointError(
-                            f"{name}'s loss is not finite at step {step} (after {step} updates): "
-                            f"loss {values[0]}; {shown}. The model's weights were restored; "
-                            f"{hint}."
-                        )
+                    _check_finite(values, record, name, step, hint)
                     if early_stop is not None and early_stop.reached(record):
                         reason = "forget_loss_target"
                         break
@@ -411,34 +399,11 @@ def train(
                         allow_unused=True,
                     )
                 if opt is None:  # train what the loss reaches (GPT-2 bridges alias q/k/v)
-                    trained = [c for c, g in zip(params, grads, strict=True) if g is not None]
-                    grads = [g for g in grads if g is not None]
-                    if not trained:
-                        raise ValueError(f"No gradient reached the parameters {name} trains.")
-                    check_disjoint(trained, name)
+                    trained, grads = _reached(params, grads, name)
                     opt = make_optimizer(trained)
-                for (_, p), g in zip(trained, grads, strict=True):
-                    p.grad = g
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                bad = [n for n, p in trained if not bool(torch.isfinite(p).all())]
-                if bad:
-                    raise FloatingPointError(
-                        f"{name} stopped: non-finite at step {step}: its update made "
-                        f"{', '.join(bad)} NaN or infinite. The model's weights were "
-                        f"restored and nothing was kept; {hint}."
-                    )
+                _update(opt, trained, grads, name, step, hint)
                 bar.update()
-            deltas = {n: p.detach() - originals[id(p)] for n, p in trained}
-            if finish is not None:
-                deltas = finish(deltas)
-            bad = [n for n, d in deltas.items() if not bool(torch.isfinite(d).all())]
-            if bad:
-                raise FloatingPointError(
-                    f"{name} stopped: non-finite at step {len(history) - 1}: the weight deltas "
-                    f"of {', '.join(bad)} overflow. The model's weights were restored and "
-                    f"nothing was kept; {hint}."
-                )
+            deltas = _kept_deltas(trained, originals, finish, name, len(history) - 1, hint)
     finally:
         bar.close()
         with torch.no_grad():
@@ -446,3 +411,101 @@ def train(
                 p.grad = None
                 p.copy_(originals[key])
     return TrainResult(deltas, history, reason)
+
+
+def _record(
+    loss: Tensor, terms: Mapping[str, Tensor], early_stop: EarlyStop | None, idx_f: list[int]
+) -> tuple[list[float], dict[str, float]]:
+    """A step's values (the loss, then the terms), read in one host synchronisation, and its
+    history record: the named terms and the early-stop rule's initial value of the batch."""
+    values = torch.stack(
+        [t.detach().double() for t in (loss, *terms.values())]
+    ).tolist()  # one host synchronisation per step
+    record = dict(zip(terms, values[1:], strict=True))
+    if early_stop is not None:
+        record[f"{early_stop.key}_initial"] = early_stop.initial(idx_f)
+    return values, record
+
+
+def _check_finite(
+    values: Sequence[float], record: Mapping[str, float], name: str, step: int, hint: str
+) -> None:
+    """Raise a FloatingPointError naming the step where the loss or a term is not finite."""
+    if not all(math.isfinite(v) for v in values):
+        shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in record.items()
+                          if not k.endswith("_initial"))  # fmt: skip
+        raise FloatingPointError(
+            f"{name}'s loss is not finite at step {step} (after {step} updates): "
+            f"loss {values[0]}; {shown}. The model's weights were restored; "
+            f"{hint}."
+        )
+
+
+def _reached(
+    params: Sequence[tuple[str, Tensor]], grads: Sequence[Tensor | None], name: str
+) -> tuple[list[tuple[str, Tensor]], list[Tensor]]:
+    """The parameters the first step's loss reaches, and their gradients.
+
+    Raises:
+        ValueError: no gradient reaches the parameters.
+        NotImplementedError: two of them share memory.
+    """
+    trained = [c for c, g in zip(params, grads, strict=True) if g is not None]
+    grads = [g for g in grads if g is not None]
+    if not trained:
+        raise ValueError(f"No gradient reached the parameters {name} trains.")
+    check_disjoint(trained, name)
+    return trained, grads
+
+
+def _update(
+    opt: torch.optim.Optimizer,
+    trained: Sequence[tuple[str, Tensor]],
+    grads: Sequence[Tensor],
+    name: str,
+    step: int,
+    hint: str,
+) -> None:
+    """One optimizer step on ``trained`` with ``grads``.
+
+    Raises:
+        FloatingPointError: the update makes a trained weight NaN or infinite.
+    """
+    for (_, p), g in zip(trained, grads, strict=True):
+        p.grad = g
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    bad = [n for n, p in trained if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(
+            f"{name} stopped: non-finite at step {step}: its update made "
+            f"{', '.join(bad)} NaN or infinite. The model's weights were "
+            f"restored and nothing was kept; {hint}."
+        )
+
+
+def _kept_deltas(
+    trained: Sequence[tuple[str, Tensor]],
+    originals: dict[int, Tensor],
+    finish: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None,
+    name: str,
+    last_step: int,
+    hint: str,
+) -> dict[str, Tensor]:
+    """``{name: trained - original}``, turned into the kept form by ``finish``; run while the
+    model still holds the trained weights.
+
+    Raises:
+        FloatingPointError: a delta overflows.
+    """
+    deltas = {n: p.detach() - originals[id(p)] for n, p in trained}
+    if finish is not None:
+        deltas = finish(deltas)
+    bad = [n for n, d in deltas.items() if not bool(torch.isfinite(d).all())]
+    if bad:
+        raise FloatingPointError(
+            f"{name} stopped: non-finite at step {last_step}: the weight deltas "
+            f"of {', '.join(bad)} overflow. The model's weights were restored and "
+            f"nothing was kept; {hint}."
+        )
+    return deltas
