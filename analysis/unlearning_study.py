@@ -15,8 +15,11 @@ detectors with the library's defaults ("default": every layer, rule "all", fpr 0
 detectors' negatives are the retain and general skills' probe keys plus
 :func:`mechunlearn.calibration_skill`'s; SP at two ratios; LUNAR (layer chosen among every third
 layer, every retain skill and the general skill kept at their floor) and SIMU (settings below,
-for the CPU budget). The grid (:func:`grid`) is a :class:`~mechunlearn.pipeline.RunConfig`'s
-``methods`` mapping: the pipeline fits it (:func:`mechunlearn.pipeline.fit_methods`).
+for the CPU budget; its layers are the model's last six). The study is a declaration
+(:func:`study`): the tasks (:data:`TASKS`, :class:`mechunlearn.study.Task`), the grid
+(:func:`grid`, a :class:`~mechunlearn.pipeline.RunConfig` ``methods`` mapping) and the seeds, run
+by :class:`mechunlearn.study.Study` (each task and seed a pipeline run folder); this script adds
+its own figure per cell and the summary tables.
 
 Usage (the README's tables come from these commands; LUNAR and SIMU, the costly ones, on seed 0):
 
@@ -29,6 +32,9 @@ Usage (the README's tables come from these commands; LUNAR and SIMU, the costly 
     MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \\
         --tasks xquad-de --seeds 0 1 2 --n 16 --methods NA KSD Ellipsoid SP
     python analysis/unlearning_study.py --summarize-only
+
+``--model NAME`` runs another model; its results go to ``results/unlearning-<model>/`` unless
+``--out`` is given.
 
 Everything goes through the public pipeline (:mod:`mechunlearn.pipeline`): each task and seed is a
 resumable run folder ``results/unlearning/<task>/seed<k>/`` (probes, fitted methods, tables;
