@@ -40,8 +40,9 @@ def setup(tiny_llama):
     keys_f = mu.collect_keys(model, probe_f, quiet=True)
     keys_r = mu.collect_keys(model, probe_r, quiet=True)
     return dict(
-        model=model, held_f=held_f, held_r=held_r, stats=(stats_f, stats_r), keys=(keys_f, keys_r)
-    )
+        model=model, held_f=held_f, held_r=held_r, stats=(stats_f, stats_r), keys=(keys_f, keys_r),
+        probe=(probe_f, probe_r),
+    )  # fmt: skip
 
 
 def brute_force(model, estimators, forget, keep, floor):
@@ -164,3 +165,23 @@ def test_candidates_and_bad_input():
         )  # fmt: skip
     with pytest.raises(ValueError, match="Unknown method"):
         tune("nope", {"ratio": [0.1]}, lambda est: est, lambda est: {"f": 0.0}, floor={})
+
+
+@pytest.mark.parametrize("name", ["SP", "LUNAR"])
+def test_sp_ratio_and_lunar_layer_go_through_the_same_rule(setup, name):
+    """Selective Pruning's ratio and LUNAR's layer: the same search, the same brute-force
+    choice (each candidate made through the registry, as the pipeline makes it)."""
+    model, keep = setup["model"], {"copy": setup["held_r"]}
+    probe_f, probe_r = setup["probe"]
+    if name == "SP":
+        imp_f = mu.collect_importance(model, probe_f)
+        imp_r = mu.collect_importance(model, probe_r)
+        candidates, fit = {"ratio": [0.05, 0.3, 0.8]}, lambda sp: sp.fit(imp_f, imp_r)
+    else:
+        candidates, fit = {"layer": [0, 1, 2]}, lambda lunar: lunar.fit(model, probe_f, probe_r)
+    search = tune(
+        name, candidates, fit, model=model, forget=setup["held_f"], keep=keep, floor=0.8, seed=0
+    )
+    spec = mu.get_method(name)
+    fitted = [fit(spec.make(s, seed=0)) for s in search.table_[list(candidates)].to_dict("records")]
+    assert search.best_index_ == brute_force(model, fitted, setup["held_f"], keep, 0.8)
