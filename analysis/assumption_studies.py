@@ -11,7 +11,8 @@ Usage:
     MECHUNLEARN_DATA=../shared/data python analysis/assumption_studies.py [--n 64] \\
         [--studies ...] [--model gemma-3-270m]
 
-Writes ``results/assumptions/<study>/`` (figures/*.png, tables/*.csv), and
+Writes ``results/assumptions/<study>/`` (``results/assumptions-<model>/`` for another
+``--model``) (figures/*.png, tables/*.csv), and
 ``results/assumptions/claims.md``: the paper's claims beside what the first study measures on the
 default model (and, for KSD's headline, what ``analysis/unlearning_study.py`` measured, if run).
 """
@@ -28,6 +29,7 @@ import pandas as pd
 import mechunlearn as mu
 from mechunlearn import cli
 from mechunlearn.io import write_text
+from mechunlearn.study import results_folder
 
 STUDIES = {
     "gsm8k-vs-mbpp": ["--forget", "gsm8k", "--retain", "mbpp", "--general", "mmlu"],
@@ -53,12 +55,16 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--model", default=None, help="model name (default: the default model)")
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
-    parser.add_argument("--out", default="results/assumptions")
+    parser.add_argument(
+        "--out", default=None,
+        help="results folder (default: results/assumptions, -<model> added for another model)",
+    )  # fmt: skip
     parser.add_argument(
         "--from-run", metavar="FOLDER",
         help="only write the claims table from an existing run folder (e.g. `make run`'s report/)",
     )  # fmt: skip
     args = parser.parse_args()
+    args.out = str(args.out or results_folder("results/assumptions", args.model))
     if args.from_run:
         text = claims(Path(args.from_run), f"mechunlearn run --out {args.from_run}")
         write_text(Path(args.out) / "claims_from_run.md", text)

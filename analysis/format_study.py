@@ -15,8 +15,9 @@ seeing formats fixes what one format misses (the formats it was fitted on are ma
 Usage:
     MECHUNLEARN_DATA=../shared/data python analysis/format_study.py [--n 60] [--model gemma-3-270m]
 
-Writes ``results/formats/``: ``detection.csv``, ``summary.md`` and ``detection.png``; the key
-vectors of every wrapped set are cached under ``keys/``, so an interrupted run resumes.
+Writes ``results/formats/`` (``results/formats-<model>/`` for another ``--model``):
+``detection.csv``, ``summary.md`` and ``detection.png``; the key vectors of every wrapped set are
+cached under ``keys/``, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mechunlearn.data import format_variants
 from mechunlearn.io import write_text
 from mechunlearn.kernels.bootstrap import wilson_interval
 from mechunlearn.pipeline import RunConfig, load_model_for
+from mechunlearn.study import results_folder
 
 from study_cache import load_or_make
 
@@ -66,9 +68,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model name (default: the default model)")
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
-    parser.add_argument("--out", default="results/formats")
+    parser.add_argument(
+        "--out", default=None,
+        help="results folder (default: results/formats, -<model> added for another model)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    args.out = str(args.out or results_folder("results/formats", args.model))
     if not args.data_dir:
         sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
     t0 = time.perf_counter()

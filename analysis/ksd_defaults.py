@@ -40,7 +40,11 @@ Wilson score intervals (95 %) of a proportion.
 
 Usage:
     MECHUNLEARN_DATA=/work/shared/data PYTHONPATH=. python analysis/ksd_defaults.py \\
-        [--out results/ksd_defaults]
+        [--out results/ksd_defaults] [--model gemma-3-270m]
+
+The candidates' layers come from the model (every other layer and the last, spread sets, every
+layer: ``all30`` on the default model's 30); another model's results go to
+``results/ksd_defaults-<model>`` unless ``--out`` is given.
 
 Writes ``<out>/table.csv`` (reported detector x fit format x test set x format: rate,
 interval, k, n),
@@ -55,6 +59,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import torch
@@ -62,6 +67,7 @@ import torch
 import mechunlearn as mu
 from mechunlearn.data import make_variant
 from mechunlearn.kernels.bootstrap import wilson_interval
+from mechunlearn.study import results_folder
 
 FORMATS = ("plain", "question_prefix", "chat")
 FIT_FORMATS = ("plain", "question_prefix")  # the selection must hold for both
@@ -69,7 +75,11 @@ CAL_FORMATS = ("plain", "question_prefix")  # what mu.calibration_skill() return
 OTHER = ("mmlu", "mbpp", "wikipedia", "xquad_questions", "humaneval")
 FPRS = (0.001, 0.01, 0.05)  # 0.001: no calibration question inside
 MIN_DETECTION = 0.9
-N_LAYERS = 30
+#: The selection's ranking after the detection floor (:func:`mechunlearn.tuning.tune`'s order).
+RANKING = (
+    ("fp_max", True), ("fp_mean", True), ("separation_min", False), ("detect_min", False),
+    ("n_layers", True), ("fpr", True),
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- texts
@@ -142,18 +152,23 @@ def all_keys(model, sets, out: Path, batch_size: int) -> dict[tuple[str, str], m
 
 
 # ----------------------------------------------------------------------------- candidates
-def spread(k: int, n: int = N_LAYERS) -> list[int]:
+def spread(k: int, n: int) -> list[int]:
     """``k`` layers every ``n // k`` layers, ending at the last (KeySpaceDetector's
     ``layers="spread"`` rule)."""
     return sorted(n - 1 - j * (n // k) for j in range(k))
 
 
-def candidates() -> list[dict]:
-    """Every (region, layers, rule) the study tries."""
-    singles = [*range(0, N_LAYERS - 1, 2), N_LAYERS - 1]  # every other layer, and the last
+def every_layer(n_layers: int) -> str:
+    """The name of the every-layer set (``all30`` on the default model)."""
+    return f"all{n_layers}"
+
+
+def candidates(n_layers: int) -> list[dict]:
+    """Every (region, layers, rule) the study tries on a model of ``n_layers`` layers."""
+    singles = [*range(0, n_layers - 1, 2), n_layers - 1]  # every other layer, and the last
     sets = {f"L{layer}": [layer] for layer in singles}
-    sets.update({f"spread{k}": spread(k) for k in (3, 6, 10)})
-    sets["all30"] = list(range(N_LAYERS))
+    sets.update({f"spread{k}": spread(k, n_layers) for k in (3, 6, 10) if k <= n_layers})
+    sets[every_layer(n_layers)] = list(range(n_layers))
     out = []
     for kind in ("cube", "ellipsoid"):
         for name, layers in sets.items():
@@ -217,45 +232,54 @@ def selection_split(keys, calibration: mu.Skill, args):
 
 
 def select(keys, calibration, probe_other, args) -> tuple[pd.DataFrame, list[str]]:
-    """Every candidate scored on probe data only (see the module docstring for the rule)."""
+    """Every candidate scored on probe data only, ranked by :func:`mechunlearn.tune` (floor:
+    held-back detection >= :data:`MIN_DETECTION`; then :data:`RANKING`; see the module
+    docstring)."""
     fit, back, cal, cal_back, held = selection_split(keys, calibration, args)
     negatives = {("calibration_held", f): cal_back[f] for f in FORMATS} | probe_other
     names = list(negatives)
     sizes = [len(negatives[k]) for k in names]
     pooled = mu.KeyVectors.concat_all([negatives[k] for k in names])
-    rows = []
-    for cand in candidates():
-        for fpr in FPRS:
-            row = {"candidate": label(cand, fpr), **_cand_cols(cand), "fpr": fpr}
-            dets, cells, seps = [], [], []
-            for ff in FIT_FORMATS:
-                det = make(cand, fpr).fit(fit[ff], cal)
-                d = det.detect_keys(back[ff])
-                neg = det.detect_keys(pooled)
-                row[f"detect[{ff}]"] = d.rate
-                dets.append(d.rate)
-                for (name, f), part in zip(names, neg.detected.split(sizes), strict=True):
-                    rate = float(part.float().mean())
-                    row[f"fp[{ff}->{name}:{f}]"] = rate
-                    cells.append(rate)
-                seps.append(separation(d.score, neg.score))
-            row.update(
-                detect_min=min(dets),
-                fp_max=max(cells),
-                fp_mean=sum(cells) / len(cells),
-                separation_min=min(seps),
-            )
-            rows.append(row)
-    table = pd.DataFrame(rows)
-    table["eligible"] = table["detect_min"] >= MIN_DETECTION
-    order = table.sort_values(
-        ["eligible", "fp_max", "fp_mean", "separation_min", "detect_min", "n_layers", "fpr"],
-        ascending=[False, True, True, False, False, True, True],
-        kind="stable",
-    )
-    table["rank"] = 0
-    table.loc[order.index, "rank"] = range(1, len(order) + 1)
+
+    def score(settings: dict) -> dict:
+        cand, fpr = cand_of(SimpleNamespace(**settings)), settings["fpr"]
+        row, dets, cells, seps = {}, [], [], []
+        for ff in FIT_FORMATS:
+            det = make(cand, fpr).fit(fit[ff], cal)
+            d = det.detect_keys(back[ff])
+            neg = det.detect_keys(pooled)
+            row[f"detect[{ff}]"] = d.rate
+            dets.append(d.rate)
+            for (name, f), part in zip(names, neg.detected.split(sizes), strict=True):
+                rate = float(part.float().mean())
+                row[f"fp[{ff}->{name}:{f}]"] = rate
+                cells.append(rate)
+            seps.append(separation(d.score, neg.score))
+        row.update(
+            detect_min=min(dets),
+            fp_max=max(cells),
+            fp_mean=sum(cells) / len(cells),
+            separation_min=min(seps),
+        )
+        return row
+
+    settings = [
+        {"candidate": label(cand, fpr), **_cand_cols(cand), "fpr": fpr}
+        for cand in candidates(n_layers_of(keys))
+        for fpr in FPRS
+    ]
+    # A candidate is its settings (the detectors are fitted per fit format inside the score).
+    search = mu.tune(
+        lambda **candidate: candidate, settings, lambda candidate: candidate, score,
+        floor={"detect_min": MIN_DETECTION}, order=RANKING, fallback="best",
+    )  # fmt: skip
+    table = search.table_.drop(columns="chosen").rename(columns={"meets_floor": "eligible"})
     return table.sort_values("rank"), held
+
+
+def n_layers_of(keys) -> int:
+    """The model's layer count: the key vectors hold every layer."""
+    return len(next(iter(keys.values())).layers)
 
 
 def _cand_cols(cand: dict) -> dict:
@@ -392,12 +416,18 @@ def headline(table: pd.DataFrame, detectors) -> str:
 def write_summary(out: Path, sel, held, table, detectors, chosen, args, took) -> Path:
     cols = ["rank", "candidate", "detect_min", "fp_max", "fp_mean", "separation_min"]
     n_other = args.halves
-    last = sel[sel.candidate == "cube L29 any fpr=0.01"].iloc[0]
+    n_layers = args.n_layers
+    model_line = (
+        f"Default model ({mu.DEFAULT_MODEL}),"
+        if args.model is None
+        else f"Model {args.model} ({n_layers} layers),"
+    )
+    last = sel[sel.candidate == f"cube L{n_layers - 1} any fpr=0.01"].iloc[0]
     md = [
         "# KSD defaults (issue 16)",
         "",
-        f"Default model ({mu.DEFAULT_MODEL}),"
-        f" forget skill GSM8K ({args.n_probe} probe + {args.n_heldout} held-out questions), "
+        model_line
+        + f" forget skill GSM8K ({args.n_probe} probe + {args.n_heldout} held-out questions), "
         f"negatives `mu.calibration_skill()` ({', '.join(CAL_FORMATS)}, {len(held)} of 18 "
         f"domains held back for choosing). Other domains ({args.n_other} questions each, split "
         f"into a probe half for choosing and a test half for reporting, disjoint and seeded): "
@@ -499,7 +529,11 @@ def write_figure(out: Path, table: pd.DataFrame, detectors) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="results/ksd_defaults")
+    parser.add_argument("--model", default=None, help="model name (default: the default model)")
+    parser.add_argument(
+        "--out", default=None,
+        help="results folder (default: results/ksd_defaults, -<model> added for another model)",
+    )  # fmt: skip
     parser.add_argument("--n-probe", type=int, default=100)
     parser.add_argument("--n-heldout", type=int, default=100)
     parser.add_argument("--n-other", type=int, default=60)
@@ -508,27 +542,29 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or results_folder("results/ksd_defaults", args.model))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model = mu.load_model(quiet=True)
+    model = mu.load_model(args.model, quiet=True)
     sets = text_sets(args, model.tokenizer)
     print(f"key vectors at every layer ({len(sets)} text sets, cached)", flush=True)
     keys = all_keys(model, sets, out, args.batch_size)
     del model
     probe_other, test_other = split_other(keys, args)
     args.halves = {name: len(test_other[name, "plain"]) for name in OTHER}
+    args.n_layers = n_layers_of(keys)
     t = time.perf_counter()
     sel, held = select(keys, sets["calibration", "plain"], probe_other, args)
     sel.to_csv(out / "selection.csv", index=False)
     # A class default must work for a model of any depth: only "every layer" (rule any or
-    # all) qualifies; a fixed layer number or k-of-n is tied to the default model's 30 layers.
-    agnostic = sel[(sel.layers == "all30") & sel.rule.isin(["any", "all"])]
+    # all) qualifies; a fixed layer number or k-of-n is tied to the model's depth.
+    agnostic = sel[(sel.layers == every_layer(args.n_layers)) & sel.rule.isin(["any", "all"])]
     chosen = {k: sel[sel.kind == k].iloc[0].candidate for k in ("cube", "ellipsoid")}
     chosen |= {f"{k} default": agnostic[agnostic.kind == k].iloc[0].candidate
                for k in ("cube", "ellipsoid")}  # fmt: skip
     print(f"choosing on probe data: {time.perf_counter() - t:.0f} s; chosen {chosen}", flush=True)
     rows = {k: sel[sel.candidate == c].iloc[0] for k, c in chosen.items()}
+    last = args.n_layers - 1
 
     def chosen_detector(key: str):
         return lambda: make(cand_of(rows[key]), rows[key].fpr)
@@ -539,8 +575,10 @@ def main() -> None:
             "ellipsoid default"
         ),
         f"best cube, any layers: {chosen['cube']}": chosen_detector("cube"),
-        "authors' last layer: cube L29, fpr=0.01": lambda: mu.KeySpaceDetector(layers=-1, fpr=0.01),
-        "issue 16: cube L29 h=2, no negatives": lambda: mu.KeySpaceDetector(h=2.0, layers=-1),
+        f"authors' last layer: cube L{last}, fpr=0.01": lambda: mu.KeySpaceDetector(
+            layers=-1, fpr=0.01
+        ),
+        f"issue 16: cube L{last} h=2, no negatives": lambda: mu.KeySpaceDetector(h=2.0, layers=-1),
         "KeySpaceDetector() defaults": mu.KeySpaceDetector,
         "EllipsoidDetector() defaults": mu.EllipsoidDetector,
     }

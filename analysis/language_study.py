@@ -22,6 +22,7 @@ Usage:
     MECHUNLEARN_DATA=../shared/data python analysis/language_study.py [--n 16] [--seed 0]
         [--methods "KSD auto fpr=0.05" "Ellipsoid auto fpr=0.05"]   # the detectors only
         [--forget en es]                                           # NA for these languages
+        [--model gemma-3-270m]                # another model: results/languages-gemma-3-270m/
     python analysis/language_study.py --summarize-only   # the tables and figures from the chunks
 
 Writes ``results/languages/``: ``matrix.csv`` (forget x method x skill), ``base.csv``,
@@ -47,6 +48,7 @@ from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.evaluation import format_interval
 from mechunlearn.io import read_json, write_json, write_text
 from mechunlearn.pipeline import RunConfig, load_model_for
+from mechunlearn.study import results_folder
 
 from study_cache import cached_evaluate, load_or_make
 
@@ -72,13 +74,18 @@ def main() -> None:
     parser.add_argument("--na-ratios", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
-    parser.add_argument("--out", default="results/languages")
+    parser.add_argument("--model", default=None, help="model name (default: the default model)")
+    parser.add_argument(
+        "--out", default=None,
+        help="results folder (default: results/languages, -<model> added for another model)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument(
         "--summarize-only", action="store_true",
         help="write the matrix, heatmaps and summary from the chunks scored so far; score nothing",
     )  # fmt: skip
     args = parser.parse_args()
+    args.out = str(args.out or results_folder("results/languages", args.model))
     if args.summarize_only:
         recorded = Path(args.out) / "settings.json"
         langs = read_json(recorded)["langs"] if recorded.exists() else args.langs
@@ -94,6 +101,8 @@ def main() -> None:
     (out / "methods").mkdir(parents=True, exist_ok=True)
     # Cached probes, methods and chunks hold only for the settings that made them.
     settings = {"n": args.n, "seed": args.seed, "langs": args.langs, "na_ratios": args.na_ratios}
+    if args.model:  # recorded for another model only: a default-model folder resumes as before
+        settings["model"] = args.model
     if (out / "settings.json").exists() and read_json(out / "settings.json") != settings:
         sys.exit(
             f"{out} holds a study run with {read_json(out / 'settings.json')}, not {settings}: "
@@ -101,7 +110,7 @@ def main() -> None:
         )
     write_json(out / "settings.json", settings)
     reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
-    model = load_model_for(RunConfig(quiet=args.quiet))
+    model = load_model_for(RunConfig(model=args.model, quiet=args.quiet))
     names = [f"xquad:{lang}" for lang in args.langs] + ["mmlu"]
     halves = {}
     for name in names:

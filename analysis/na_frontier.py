@@ -19,7 +19,8 @@ Every setting is scored on the held-out halves (forget, retain, MMLU, Wikipedia)
 paired-bootstrap intervals; the frontier is forget vs the worst kept skill.
 
 Usage:
-    MECHUNLEARN_DATA=../shared/data python analysis/na_frontier.py --tasks gsm8k-vs-mbpp
+    MECHUNLEARN_DATA=../shared/data python analysis/na_frontier.py --tasks gsm8k-vs-mbpp \\
+        [--model gemma-3-270m]                # another model: results/na_frontier-gemma-3-270m/
 
 Writes ``results/na_frontier/<task>/``: ``frontier.csv`` (every setting x skill), ``frontier.png``
 and ``summary.md`` (the best setting of each variant, and whether any meets forget <= 0.5 with every
@@ -42,6 +43,7 @@ import mechunlearn as mu
 from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.io import write_text
 from mechunlearn.pipeline import RunConfig, load_model_for
+from mechunlearn.study import results_folder
 
 from study_cache import cached_evaluate, load_or_make
 
@@ -198,13 +200,18 @@ def main() -> None:
     parser.add_argument("--no-auto", action="store_true", help="leave NA auto out")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
-    parser.add_argument("--out", default="results/na_frontier")
+    parser.add_argument("--model", default=None, help="model name (default: the default model)")
+    parser.add_argument(
+        "--out", default=None,
+        help="results folder (default: results/na_frontier, -<model> added for another model)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    args.out = str(args.out or results_folder("results/na_frontier", args.model))
     if not args.data_dir:
         sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
     reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
-    model = load_model_for(RunConfig(quiet=args.quiet))
+    model = load_model_for(RunConfig(model=args.model, quiet=args.quiet))
     for task in args.tasks:
         t0 = time.perf_counter()
         table = run(task, args, model)

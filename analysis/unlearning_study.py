@@ -15,8 +15,11 @@ detectors with the library's defaults ("default": every layer, rule "all", fpr 0
 detectors' negatives are the retain and general skills' probe keys plus
 :func:`mechunlearn.calibration_skill`'s; SP at two ratios; LUNAR (layer chosen among every third
 layer, every retain skill and the general skill kept at their floor) and SIMU (settings below,
-for the CPU budget). The grid (:func:`grid`) is a :class:`~mechunlearn.pipeline.RunConfig`'s
-``methods`` mapping: the pipeline fits it (:func:`mechunlearn.pipeline.fit_methods`).
+for the CPU budget; its layers are the model's last six). The study is a declaration
+(:func:`study`): the tasks (:data:`TASKS`, :class:`mechunlearn.study.Task`), the grid
+(:func:`grid`, a :class:`~mechunlearn.pipeline.RunConfig` ``methods`` mapping) and the seeds, run
+by :class:`mechunlearn.study.Study` (each task and seed a pipeline run folder); this script adds
+its own figure per cell and the summary tables.
 
 Usage (the README's tables come from these commands; LUNAR and SIMU, the costly ones, on seed 0):
 
@@ -29,6 +32,9 @@ Usage (the README's tables come from these commands; LUNAR and SIMU, the costly 
     MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \\
         --tasks xquad-de --seeds 0 1 2 --n 16 --methods NA KSD Ellipsoid SP
     python analysis/unlearning_study.py --summarize-only
+
+``--model NAME`` runs another model; its results go to ``results/unlearning-<model>/`` unless
+``--out`` is given.
 
 Everything goes through the public pipeline (:mod:`mechunlearn.pipeline`): each task and seed is a
 resumable run folder ``results/unlearning/<task>/seed<k>/`` (probes, fitted methods, tables;
@@ -44,38 +50,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 import mechunlearn as mu
 from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.io import write_json, write_text
-from mechunlearn.pipeline import (
-    RunConfig,
-    RunFolder,
-    Skills,
-    fit_methods,
-    load_model_for,
-    load_skills,
-    probe,
-)
+from mechunlearn.models import n_layers
+from mechunlearn.pipeline import RunConfig, RunFolder, Skills, load_model_for
+from mechunlearn.study import Study, Task, results_folder
 
-TASKS = {
-    "gsm8k-vs-mbpp": dict(forget="gsm8k", retain=["mbpp"], general="mmlu", wiki=True),
-    "mbpp-vs-gsm8k": dict(forget="mbpp", retain=["gsm8k"], general="mmlu", wiki=True),
-    "xquad-de": dict(
-        forget="xquad:de", retain=["xquad:en", "xquad:es", "xquad:zh"], general="mmlu", wiki=False
-    ),  # fmt: skip
-}
 NA_RATIOS = (0.01, 0.03, 0.1)
 KSD_FPR = (0.01, 0.05)
 SP_RATIOS = (0.015, 0.05)
-#: SIMU on the last six layers, two integrated-gradient steps, at most ten updates (CPU budget);
-#: texts cut at 512 tokens (the longest MBPP example, ~1,500 tokens, took > 15 GB of memory in a
-#: Hessian step and ~10 minutes per update on 2 cores; the longest prompt has 317 tokens).
-SIMU_PARAMS = dict(layers=list(range(24, 30)), steps=2, max_steps=10, batch_size=8, max_length=512)
+#: SIMU on the last ``SIMU_LAST_LAYERS`` layers (of the model's, :func:`simu_params`), two
+#: integrated-gradient steps, at most ten updates (CPU budget); texts cut at 512 tokens (the
+#: longest MBPP example, ~1,500 tokens, took > 15 GB of memory in a Hessian step and ~10 minutes
+#: per update on 2 cores; the longest prompt has 317 tokens).
+SIMU_PARAMS = dict(steps=2, max_steps=10, batch_size=8, max_length=512)
+SIMU_LAST_LAYERS = 6
 #: The method families the study's grid declares, in the registry's (the tables') order.
 METHODS = tuple(
     spec.name
@@ -121,10 +116,31 @@ def wiki_skill(n: int, seed: int, data_dir: str | None) -> mu.Skill:
     return mu.Skill("wikipedia-en", examples, source="xquad en contexts").subsample(n, seed)
 
 
-def grid(args) -> dict[str, dict[str, Any]]:
+#: English Wikipedia paragraphs, scored (as a general skill) but never probed.
+WIKI = {"wikipedia-en": ("general", wiki_skill)}
+TASKS = {
+    "gsm8k-vs-mbpp": Task("gsm8k", ("mbpp",), general="mmlu", extra=WIKI),
+    "mbpp-vs-gsm8k": Task("mbpp", ("gsm8k",), general="mmlu", extra=WIKI),
+    "xquad-de": Task("xquad:de", ("xquad:en", "xquad:es", "xquad:zh"), general="mmlu"),
+}
+
+
+def simu_params(n_layers: int) -> dict[str, Any]:
+    """SIMU's settings for a model of ``n_layers`` layers: :data:`SIMU_PARAMS` on its last
+    :data:`SIMU_LAST_LAYERS` layers (24 to 29 of the default model's 30).
+
+    Example:
+        >>> simu_params(30)["layers"]
+        [24, 25, 26, 27, 28, 29]
+    """
+    first = max(0, n_layers - SIMU_LAST_LAYERS)
+    return dict(layers=list(range(first, n_layers)), **SIMU_PARAMS)
+
+
+def grid(args, n_layers: int) -> dict[str, dict[str, Any]]:
     """The study's methods as a pipeline grid: ``{row label: {"method": registered name,
     **settings}}`` for the families in ``args.methods`` (the run's seed goes to every method
-    that takes one)."""
+    that takes one; ``n_layers``: the model's, for SIMU's layers)."""
     families: dict[str, dict[str, dict[str, Any]]] = {
         "NA": {f"NA ratio={r}": {"ratio": r} for r in args.na_ratios},
         "KSD": {
@@ -138,7 +154,7 @@ def grid(args) -> dict[str, dict[str, Any]]:
         },
         "SP": {f"SP ratio={r}": {"ratio": r} for r in SP_RATIOS},
         "LUNAR": {"LUNAR auto": {"layer": "auto"}},  # every third layer, every kept skill
-        "SIMU": {"SIMU": dict(SIMU_PARAMS)},
+        "SIMU": {"SIMU": simu_params(n_layers)},
     }
     return {
         label: {"method": family, **settings}
@@ -150,7 +166,7 @@ def grid(args) -> dict[str, dict[str, Any]]:
 
 def simu_skills(model, skills: Skills) -> Skills:
     """The probe halves SIMU trains on: prompts that fit in its ``max_length``."""
-    limit = SIMU_PARAMS["max_length"]
+    limit = int(SIMU_PARAMS["max_length"])
     return Skills(
         forget=(short_prompts(model, skills.forget[0], limit), skills.forget[1]),
         retain={
@@ -172,48 +188,39 @@ def short_prompts(model, skill: mu.Skill, limit: int) -> mu.Skill:
     return skill[keep]
 
 
-def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
-    """Probe (one pass per skill), fit the grid, score the held-out halves; resumable."""
-    spec = TASKS[name]
-    keep = spec["retain"]
-    if name.startswith("xquad") and args.xquad_keep:
-        keep = [f"xquad:{lang}" for lang in args.xquad_keep]
-    config = RunConfig(
-        forget=spec["forget"], retain=tuple(keep), general=spec["general"], n=args.n, seed=seed,
-        methods=grid(args), data_dir=args.data_dir, batch_size=args.batch_size,
-        quiet=args.quiet, device=args.device, model=args.model,
+def study(args, n_layers: int) -> Study:
+    """The study's declaration: its tasks (``--xquad-keep`` changes the XQuAD task's kept
+    languages), the grid of ``--methods`` (for a model of ``n_layers`` layers) and the seeds,
+    one run folder per task and seed."""
+    tasks = dict(TASKS)
+    if args.xquad_keep:
+        tasks["xquad-de"] = replace(
+            TASKS["xquad-de"], retain=tuple(f"xquad:{lang}" for lang in args.xquad_keep)
+        )
+    return Study(
+        tasks=tasks, methods=grid(args, n_layers), seeds=args.seeds, n=args.n, out=args.out,
+        model=args.model, folder_name=lambda seed: run_folder_name(seed, args.methods),
+        data_dir=args.data_dir, batch_size=args.batch_size, quiet=args.quiet, device=args.device,
     )  # fmt: skip
-    out = Path(args.out) / name / run_folder_name(seed, args.methods)
-    folder = RunFolder(out, config)
-    skills = load_skills(config)
-    try:
-        folder.prepare()
-        probes = probe(config, model, skills, folder)
-        trained = {"SIMU": simu_skills(model, skills)} if "SIMU" in args.methods else {}
-        fitted = fit_methods(config, model, skills, probes, folder, skills_for=trained)
-        held, roles = skills.held_out()
-        if spec["wiki"]:
-            held["wikipedia-en"], roles["wikipedia-en"] = (
-                wiki_skill(args.n, seed, args.data_dir),
-                "general",
-            )
-        with folder.timer("evaluate sweep"):
-            table = mu.evaluate(
-                model, held, fitted, batch_size=args.batch_size, quiet=args.quiet, roles=roles,
-                seed=seed,
-            )  # fmt: skip
-        table.insert(0, "task", name)
-        table.insert(1, "seed", seed)
-        folder.write("sweep.csv", lambda p: write_text(p, table.to_csv(index=False)))
+
+
+def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
+    """One cell of the study (probe, fit the grid, score the held-out halves; resumable), with
+    its ``tradeoff.png`` and ``study_settings.json``."""
+
+    def finish(folder: RunFolder, table: pd.DataFrame) -> None:
         fig = mu.plots.plot_tradeoff(
             table, title=f"{name} (seed {seed}): forget vs worst kept skill", keep="worst"
         )
         folder.write("tradeoff.png", lambda p: mu.plots.save_figure(fig, p))
         mu.plots.close(fig)
         folder.write("study_settings.json", lambda p: write_json(p, {**vars(args), "task": name}))
-    finally:
-        folder.unlock()
-    return table
+
+    def trained(model, skills: Skills) -> dict[str, Skills]:
+        return {"SIMU": simu_skills(model, skills)} if "SIMU" in args.methods else {}
+
+    declared = study(args, n_layers(model))
+    return declared.run_cell(name, seed, model, skills_for=trained, finish=finish)
 
 
 def _cell(values: pd.Series, low: float, high: float) -> str:
@@ -310,29 +317,32 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--model", default=None, help="model name (default: the default model)")
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
-    parser.add_argument("--out", default="results/unlearning")
+    parser.add_argument("--model", default=None, help="model name (default: the default model)")
+    parser.add_argument(
+        "--out", default=None,
+        help="results folder (default: results/unlearning, -<model> added for another model)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--na-ratios", type=float, nargs="+", default=list(NA_RATIOS))
     parser.add_argument("--xquad-keep", nargs="+", default=None, help="languages kept (XQuAD task)")
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
+    args.out = str(args.out or results_folder("results/unlearning", args.model))
     if args.summarize_only:
         print(f"unlearning study: {summarize(Path(args.out))} and summary.md")
         return
     if not args.data_dir:
         sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
     reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
-    model: Any = load_model_for(RunConfig(model=args.model, device=args.device, quiet=args.quiet))
-    for name in args.tasks:
-        for seed in args.seeds:
-            run_task(name, seed, args, model)
-            try:  # the summary so far; a folder that does not merge must not stop the next run
-                summarize(Path(args.out))
-            except SystemExit as err:
-                print(f"summary not written: {err}", file=sys.stderr)
+    model = load_model_for(RunConfig(model=args.model, device=args.device, quiet=args.quiet))
+    for name, seed in study(args, n_layers(model)).cells(args.tasks):
+        run_task(name, seed, args, model)
+        try:  # the summary so far; a folder that does not merge must not stop the next run
+            summarize(Path(args.out))
+        except SystemExit as err:
+            print(f"summary not written: {err}", file=sys.stderr)
     print(f"unlearning study: {Path(args.out) / 'summary.md'} and <task>/seed<k>/tradeoff.png")
 
 

@@ -57,7 +57,7 @@ from .models import (
 )
 from .sites import hook_name
 from .stats import Importance, KeyVectors, NeuronStats
-from .tuning import prune_iteratively, tune_neuron_adjust
+from .tuning import Search, prune_iteratively, tune, tune_neuron_adjust
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -82,6 +82,7 @@ __all__ = [
     "NotFittedError",
     "OFFLINE_MODELS",
     "Probe",
+    "Search",
     "SelectivePruning",
     "Simu",
     "Skill",
@@ -110,6 +111,7 @@ __all__ = [
     "relative_table",
     "run_pass",
     "sweep_ratio",
+    "tune",
     "tune_neuron_adjust",
 ]
 

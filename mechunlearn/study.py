@@ -1,0 +1,232 @@
+"""A study as a configuration: tasks x seeds x a grid of methods, each cell a resumable run.
+
+A study declares its **tasks** (:class:`Task`: the forget, retain and general skills, plus extra
+held-out skills that are scored but never probed), its **grid** (a
+:class:`~mechunlearn.pipeline.RunConfig` ``methods`` mapping, ``{row label: {"method":
+registered name, **settings}}``) and its **seeds**. :meth:`Study.run` runs every task and seed
+as one pipeline run folder ``<out>/<task>/seed<k>/`` (:func:`~mechunlearn.pipeline.probe`,
+:func:`~mechunlearn.pipeline.fit_methods`, then :func:`mechunlearn.evaluate` on the held-out
+halves and the extra skills): probes, fitted methods and ``sweep.csv`` are kept, so a stopped
+study resumes, cells can run as parallel commands, and a cell of other settings is refused by
+its folder. A script under ``analysis/`` is then its declaration plus its own tables and
+figures (``analysis/unlearning_study.py``).
+
+Hyperparameters chosen on held-back probe data go through :func:`mechunlearn.tuning.tune`.
+
+Example:
+    >>> study = Study(
+    ...     tasks={"gsm8k-vs-mbpp": Task("gsm8k", ("mbpp",), general="mmlu")},
+    ...     methods={"NA 1%": {"method": "NA", "ratio": 0.01}, "SP": {"method": "SP"}},
+    ...     seeds=(0, 1), n=32, out="results/my_study",
+    ... )
+    >>> [str(study.folder(task, seed)) for task, seed in study.cells()]
+    ['results/my_study/gsm8k-vs-mbpp/seed0', 'results/my_study/gsm8k-vs-mbpp/seed1']
+    >>> study.config("gsm8k-vs-mbpp", 1).seed
+    1
+    >>> results_folder("results/my_study", "gemma-3-270m")
+    PosixPath('results/my_study-gemma-3-270m')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .data import Skill
+from .evaluation import evaluate
+from .io import write_text
+from .models import DEFAULT_MODEL
+from .pipeline import (
+    RunConfig,
+    RunFolder,
+    Skills,
+    fit_methods,
+    load_model_for,
+    load_skills,
+    probe,
+)
+
+__all__ = ["SWEEP", "Study", "Task", "results_folder"]
+
+SWEEP = "sweep.csv"
+"""The table every cell writes: each method x held-out skill, with ``task`` and ``seed``."""
+
+
+def results_folder(base: str | Path, model: str | None) -> Path:
+    """A study's default output folder for ``model``: ``base`` for the default model,
+    ``base-<model>`` for another (``/`` becomes ``--``), so results of two models never mix.
+
+    Example:
+        >>> results_folder("results/unlearning", None)
+        PosixPath('results/unlearning')
+        >>> results_folder("results/unlearning", "HuggingFaceTB/SmolLM2-360M")
+        PosixPath('results/unlearning-HuggingFaceTB--SmolLM2-360M')
+    """
+    if model is None or model == DEFAULT_MODEL:
+        return Path(base)
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model.replace("/", "--"))
+    return Path(f"{base}-{slug}")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a study: what to forget, what to keep, and what else to score.
+
+    Attributes:
+        forget: the forget skill (a :func:`mechunlearn.load_skill` name).
+        retain: the skills to keep (probed and scored).
+        general: the general skill (probed for the detectors' negatives and scored), or None.
+        extra: held-out skills scored but never probed or fitted on: ``{name: (role, make)}``
+            with ``make(n, seed, data_dir) -> Skill`` (``n`` examples, the cell's seed).
+    """
+
+    forget: str
+    retain: tuple[str, ...]
+    general: str | None = "mmlu"
+    extra: Mapping[str, tuple[str, Callable[[int, int, str | None], Skill]]] = field(
+        default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        retain = (self.retain,) if isinstance(self.retain, str) else tuple(self.retain)
+        object.__setattr__(self, "retain", retain)
+
+
+@dataclass
+class Study:
+    """Tasks x seeds, each a pipeline run of the same grid of methods.
+
+    Attributes:
+        tasks: ``{task name: Task}``.
+        methods: the grid, as :class:`~mechunlearn.pipeline.RunConfig`'s ``methods``.
+        seeds: the seeds of the probe/held-out split (and of every method that takes one).
+        n: held-out (and probe) examples per skill.
+        out: the study's folder; a cell is ``<out>/<task>/<folder_name(seed)>``.
+        model: the model name (None: the default model).
+        folder_name: a cell's folder under its task (default ``seed<k>``).
+        data_dir, batch_size, quiet, device: as for :class:`~mechunlearn.pipeline.RunConfig`.
+    """
+
+    tasks: Mapping[str, Task]
+    methods: Mapping[str, Mapping[str, Any]]
+    seeds: Sequence[int] = (0,)
+    n: int = 32
+    out: str | Path = "results/study"
+    model: str | None = None
+    folder_name: Callable[[int], str] = field(default=lambda seed: f"seed{seed}")
+    data_dir: str | None = None
+    batch_size: int = 16
+    quiet: bool = False
+    device: str | None = None
+
+    def cells(self, tasks: Sequence[str] | None = None) -> Iterator[tuple[str, int]]:
+        """``(task, seed)`` of every cell, task by task (``tasks``: a subset, in its order).
+
+        Raises:
+            ValueError: a task the study does not declare.
+        """
+        names = list(self.tasks) if tasks is None else list(tasks)
+        unknown = [t for t in names if t not in self.tasks]
+        if unknown:
+            raise ValueError(
+                f"Unknown task {unknown[0]!r}: this study has {', '.join(self.tasks)}."
+            )
+        for task in names:
+            for seed in self.seeds:
+                yield task, seed
+
+    def config(self, task: str, seed: int) -> RunConfig:
+        """The run config of one cell."""
+        spec = self.tasks[task]
+        return RunConfig(
+            model=self.model, forget=spec.forget, retain=spec.retain, general=spec.general,
+            n=self.n, seed=seed, methods=self.methods, data_dir=self.data_dir,
+            batch_size=self.batch_size, quiet=self.quiet, device=self.device,
+        )  # fmt: skip
+
+    def folder(self, task: str, seed: int) -> Path:
+        """The run folder of one cell."""
+        return Path(self.out) / task / self.folder_name(seed)
+
+    def load_model(self):
+        """The study's model (on its device)."""
+        return load_model_for(RunConfig(model=self.model, device=self.device, quiet=self.quiet))
+
+    def run_cell(
+        self,
+        task: str,
+        seed: int,
+        model,
+        skills_for: Callable[[Any, Skills], Mapping[str, Skills]] | None = None,
+        finish: Callable[[RunFolder, pd.DataFrame], None] | None = None,
+    ) -> pd.DataFrame:
+        """Probe (one pass per skill), fit the grid, score the held-out halves and the extra
+        skills; resumable. Writes ``sweep.csv`` in the cell's folder.
+
+        Args:
+            task, seed: the cell.
+            model: the loaded model.
+            skills_for: ``(model, skills) -> {registered method: Skills}`` for methods that
+                train on other halves than the run's (:func:`~mechunlearn.pipeline.fit_methods`).
+            finish: called with the folder and the table before the folder is unlocked (the
+                study's own per-cell figures; write through ``folder.write``).
+
+        Returns:
+            The cell's table (:func:`mechunlearn.evaluate`'s columns after ``task`` and
+            ``seed``).
+        """
+        config = self.config(task, seed)
+        folder = RunFolder(self.folder(task, seed), config)
+        skills = load_skills(config)
+        try:
+            folder.prepare()
+            probes = probe(config, model, skills, folder)
+            trained = skills_for(model, skills) if skills_for is not None else None
+            fitted = fit_methods(config, model, skills, probes, folder, skills_for=trained)
+            held, roles = skills.held_out()
+            for name, (role, make) in self.tasks[task].extra.items():
+                held[name], roles[name] = make(self.n, seed, self.data_dir), role
+            with folder.timer("evaluate sweep"):
+                table = evaluate(
+                    model, held, fitted, batch_size=self.batch_size, quiet=self.quiet,
+                    roles=roles, seed=seed,
+                )  # fmt: skip
+            table.insert(0, "task", task)
+            table.insert(1, "seed", seed)
+            folder.write(SWEEP, lambda p: write_text(p, table.to_csv(index=False)))
+            if finish is not None:
+                finish(folder, table)
+        finally:
+            folder.unlock()
+        return table
+
+    def run(
+        self,
+        model=None,
+        tasks: Sequence[str] | None = None,
+        skills_for: Callable[[Any, Skills], Mapping[str, Skills]] | None = None,
+        finish: Callable[[RunFolder, pd.DataFrame], None] | None = None,
+        after_cell: Callable[[], None] | None = None,
+    ) -> list[pd.DataFrame]:
+        """Every cell (:meth:`cells`), one after the other (:meth:`run_cell`).
+
+        Args:
+            model: the loaded model (None: :meth:`load_model`).
+            tasks: a subset of the tasks.
+            skills_for, finish: as for :meth:`run_cell`.
+            after_cell: called after each cell (e.g. the study's summary so far).
+
+        Returns:
+            The cells' tables, in order.
+        """
+        model = self.load_model() if model is None else model
+        tables = []
+        for task, seed in self.cells(tasks):
+            tables.append(self.run_cell(task, seed, model, skills_for=skills_for, finish=finish))
+            if after_cell is not None:
+                after_cell()
+        return tables

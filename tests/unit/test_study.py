@@ -1,0 +1,82 @@
+"""mechunlearn.study: a study as tasks x seeds x a grid, each cell a resumable run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import mechunlearn as mu
+from mechunlearn.study import SWEEP, Study, Task, results_folder
+
+GRID = {"NA 5%": {"method": "NA", "ratio": 0.05}, "SP": {"method": "SP", "ratio": 0.05}}
+
+
+@pytest.fixture(scope="module")
+def skills(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("study")
+    rows = {
+        "arith": [(f"Q: {i}+{i + 3}=", f" {2 * i + 3}") for i in range(16)],
+        "code": [(f"def f{i}(x):", f"\n  return x*{i}") for i in range(16)],
+    }
+    paths = {}
+    for name, pairs in rows.items():
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs))
+        paths[name] = str(path)
+    return paths
+
+
+def prose(n: int, seed: int, data_dir: str | None) -> mu.Skill:
+    texts = [f"The {w} sat" for w in "abcdefghijkl"]
+    return mu.Skill.from_texts("prose", texts, [" on the mat."] * len(texts)).subsample(n, seed)
+
+
+def test_cells_run_resume_and_score_the_extra_skills(tiny_llama, skills, tmp_path):
+    study = Study(
+        tasks={"arith": Task(skills["arith"], (skills["code"],), general=None,
+                             extra={"prose": ("general", prose)})},
+        methods=GRID, seeds=(0, 1), n=4, out=tmp_path / "study", quiet=True,
+    )  # fmt: skip
+    finished = []
+    tables = study.run(
+        tiny_llama, finish=lambda folder, table: finished.append(folder.out.name),
+    )  # fmt: skip
+    assert finished == ["seed0", "seed1"]
+    assert [t["seed"].iloc[0] for t in tables] == [0, 1]
+    first = tables[0]
+    assert set(first["method"]) == {"base", "NA 5%", "SP"}
+    assert dict(zip(first["skill"], first["role"], strict=False))["prose"] == "general"
+    sweep = study.folder("arith", 0) / SWEEP
+    saved = pd.read_csv(sweep)
+    assert list(saved.columns[:2]) == ["task", "seed"] and len(saved) == len(first)
+    fitted = {p.name: p.stat().st_mtime_ns for p in (sweep.parent / "interventions").iterdir()}
+    again = study.run_cell("arith", 0, tiny_llama)  # resumes: nothing is fitted again
+    now = {p.name: p.stat().st_mtime_ns for p in (sweep.parent / "interventions").iterdir()}
+    assert now == fitted
+    pd.testing.assert_frame_equal(again, first)
+
+
+def test_a_cell_is_a_run_of_its_config(skills):
+    study = Study(
+        tasks={"t": Task(skills["arith"], skills["code"], general=None)},
+        methods=GRID, seeds=(3,), n=4, out="results/x", model="tiny",
+        folder_name=lambda seed: f"s{seed}",
+    )  # fmt: skip
+    config = study.config("t", 3)
+    assert (config.forget, config.retain, config.seed, config.model) == (
+        skills["arith"], (skills["code"],), 3, "tiny",
+    )  # fmt: skip
+    assert list(config.methods) == list(GRID)
+    assert study.folder("t", 3) == Path("results/x/t/s3")
+    with pytest.raises(ValueError, match="Unknown task 'u'"):
+        list(study.cells(["u"]))
+
+
+def test_results_folders_of_two_models_never_mix():
+    assert results_folder("results/a", None) == Path("results/a")
+    assert results_folder("results/a", mu.DEFAULT_MODEL) == Path("results/a")
+    assert results_folder("results/a", "gemma-3-270m") == Path("results/a-gemma-3-270m")
+    assert results_folder("results/a", "org/m") != results_folder("results/a", "other/m")
