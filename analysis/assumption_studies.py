@@ -20,6 +20,7 @@ default model (and, for KSD's headline, what ``analysis/unlearning_study.py`` me
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -165,7 +166,8 @@ def claims(folder: Path, study: str) -> str:
             _ksd_verdict(ksd),
             "`python analysis/unlearning_study.py`",
         ))  # fmt: skip
-    out = ["| the paper's claim (Llama-3-8B) | measured on the default model | verdict | command |",
+    model = json.loads((folder / "config.json").read_text()).get("model") or "the default model"
+    out = [f"| the paper's claim (Llama-3-8B) | measured on {model} | verdict | command |",
            "|---|---|---|---|"]  # fmt: skip
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(out) + "\n"
