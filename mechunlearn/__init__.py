@@ -48,6 +48,7 @@ from .interventions import (
     sweep_ratio,
 )
 from .io import DamagedFileError
+from .memory import MemoryPrediction, predict_memory
 from .models import (
     DEFAULT_MODEL,
     OFFLINE_MODELS,
@@ -76,6 +77,7 @@ __all__ = [
     "KeySpaceDetector",
     "KeyVectors",
     "Lunar",
+    "MemoryPrediction",
     "ModelNotFoundError",
     "NeuronAdjust",
     "NeuronStats",
@@ -105,6 +107,7 @@ __all__ = [
     "load_skill",
     "methods",
     "plots",
+    "predict_memory",
     "prune_iteratively",
     "reference_prompts",
     "register_method",
