@@ -466,12 +466,14 @@ def _scoring_row(ctx: _Ctx) -> MemoryRow:
 
 
 # ------------------------------------------------------------------------------ methods
-def _training_activations(ctx: _Ctx, depth: int, vocab: bool) -> int:
-    """Activations autograd keeps for one batch through ``depth`` layers (two batches per
-    step: forget and retain), and the logits where the loss reads them."""
+def _training_activations(ctx: _Ctx, batch: int, depth: int, vocab: bool) -> int:
+    """Activations autograd keeps for a step's two batches (forget and retain, ``batch``
+    examples of ``seq_len`` tokens each) through the ``depth`` layers above the first trained
+    one, and, where the loss reads the logits, the logits, their float32 rows and their
+    gradient."""
     s = ctx.s
-    tokens = ctx.batch * ctx.seq
-    per_layer = tokens * (12 * s.d_model + 5 * s.d_mlp) + ctx.batch * s.n_heads * ctx.seq**2 * 2
+    tokens = batch * ctx.seq
+    per_layer = tokens * (12 * s.d_model + 5 * s.d_mlp) + batch * s.n_heads * ctx.seq**2 * 2
     out = 2 * depth * per_layer * s.itemsize
     if vocab:
         out += 2 * tokens * s.d_vocab * (2 * s.itemsize + F32)
@@ -536,12 +538,13 @@ def _lunar(ctx: _Ctx, settings) -> tuple:
     gram = s.d_mlp * s.d_mlp * F64
     state = fitted * (s.d_model * F64 + s.d_mlp * s.d_model * F32)
     delta64 = s.d_mlp * s.d_model * F64
-    # Fixed layer(s): two Grams per layer, then G, its copy and its Cholesky factor.
-    fixed = (2 * fitted + 3) * gram + 2 * delta64
-    note = f"{2 * fitted + 3} float64 [{s.d_mlp} x {s.d_mlp}] (Grams, G, copy, Cholesky)"
+    # Fixed layer(s): two Grams per layer, then G, its copy, its Cholesky factor and the
+    # solver's copy of the factor (torch.cholesky_solve copies it), at once.
+    fixed = (2 * fitted + 4) * gram + 2 * delta64
+    note = f"{2 * fitted + 4} float64 [{s.d_mlp} x {s.d_mlp}] (Grams, G, copy, Cholesky x2)"
     if swept:
-        fit = (2 * swept + 3) * gram + swept * delta64
-        note = f"layer='auto': {2 * swept + 3} float64 [{s.d_mlp}]^2 ({swept} candidates' Grams)"
+        fit = (2 * swept + 4) * gram + swept * delta64
+        note = f"layer='auto': {2 * swept + 4} float64 [{s.d_mlp}]^2 ({swept} candidates' Grams)"
     else:
         fit = fixed
     fit += _inference_batch(ctx, ctx.batch * ctx.seq)
@@ -549,61 +552,65 @@ def _lunar(ctx: _Ctx, settings) -> tuple:
             "(float32)", True, fit, note)  # fmt: skip
 
 
-def _trained(ctx: _Ctx, trained: int, depth: int, vocab: bool, moments: int, extra: int = 0):
-    """A shared-loop fit: copies of the trained weights, gradients, ``moments`` optimizer
-    states, deltas, and the activations of a step."""
-    s = ctx.s
-    weights = trained * s.itemsize
-    return weights * (3 + moments) + extra + _training_activations(ctx, depth, vocab)
+def _trained(trained: int, itemsize: int, moments: int) -> int:
+    """A shared-loop fit's buffers: the copies of the trained weights (restored on exit), their
+    gradients (the last ones stay referenced until the loop ends), ``moments`` optimizer states
+    and the deltas, all in the weights' dtype."""
+    return trained * itemsize * (3 + moments)
 
 
-def _block_layers(settings_layers, total: int) -> int | None:
-    if settings_layers is None:
+def _layer_list(value: Any, total: int) -> list[int] | None:
+    """A method's ``layers`` setting as layer indices (None: all)."""
+    if value is None:
         return None
-    return 1 if isinstance(settings_layers, int) else len(list(settings_layers))
+    values = [value] if isinstance(value, int) else list(value)
+    return [v % total for v in values]
 
 
 def _baseline(ctx: _Ctx, settings) -> tuple:
     s = ctx.s
-    count = _block_layers(settings.get("layers"), s.n_layers)
-    trained = s.n_params if count is None else count * s.block_params
-    what = "every parameter" if count is None else f"{count} blocks"
-    state = trained * s.itemsize
-    fit = _trained(ctx, trained, s.n_layers, True, 2)
-    return (state, f"deltas of {what} ({trained:,} weights, {s.dtype})", True, fit,
-            "copies + grads + AdamW (2) + deltas of the trained weights; activations")
+    chosen = _layer_list(settings.get("layers"), s.n_layers)
+    trained = s.n_params if chosen is None else len(chosen) * s.block_params
+    what = "every parameter" if chosen is None else f"{len(chosen)} blocks"
+    depth = s.n_layers - (0 if chosen is None else min(chosen))
+    fit = _trained(trained, s.itemsize, 2)
+    fit += _training_activations(ctx, settings["batch_size"], depth, True)
+    return (trained * s.itemsize, f"deltas of {what} ({trained:,} weights, {s.dtype})", True,
+            fit, "copies + grads + AdamW (2) + deltas of the trained weights; activations")
 
 
 def _rmu(ctx: _Ctx, settings) -> tuple:
     s = ctx.s
-    layer = settings.get("layer", 7)
-    steered = layer % s.n_layers if -s.n_layers <= layer < s.n_layers else s.n_layers - 1
-    count = _block_layers(settings.get("trained_layers"), s.n_layers)
-    count = min(3, steered + 1) if count is None else count
-    trained = count * s.d_mlp * s.d_model
+    steered = settings.get("layer", 7) % s.n_layers
+    chosen = _layer_list(settings.get("trained_layers"), s.n_layers)
+    chosen = list(range(max(0, steered - 2), steered + 1)) if chosen is None else chosen
+    trained = len(chosen) * s.d_mlp * s.d_model
     state = trained * s.itemsize + s.d_model * F32
     cache = ctx.n * ctx.seq * s.d_model * s.itemsize  # h_ref of every retain token
-    fit = _trained(ctx, trained, steered + 1, False, 2, cache)
-    return (state, f"W_out deltas of {count} layers + direction", True, fit,
-            f"as GA on {count} W_out + the retain activations at layer {steered}")
+    fit = _trained(trained, s.itemsize, 2) + cache
+    fit += _training_activations(ctx, settings["batch_size"], steered + 1 - min(chosen), False)
+    return (state, f"W_out deltas of {len(chosen)} layers + direction", True, fit,
+            f"as GA on {len(chosen)} W_out + the retain activations at layer {steered}")
 
 
 def _simu(ctx: _Ctx, settings) -> tuple:
     s = ctx.s
-    count = _block_layers(settings.get("layers"), s.n_layers) or s.n_layers
+    chosen = _layer_list(settings.get("layers"), s.n_layers) or list(range(s.n_layers))
+    count = len(chosen)
     cells = count * s.d_mlp
     critical = round(float(ctx.critical) * cells)
     attn = count * s.attn_params
     state = cells * (2 * F32 + 1) + (attn + critical * s.d_model) * s.itemsize
     if settings.get("dual"):
         state -= cells * F32
-    trained = attn + count * s.d_mlp * s.d_model  # the whole W_out is trained, masked
-    masked = count * s.d_mlp * s.d_model * (s.itemsize + 1)  # MaskedSophiaH's copies and masks
-    fit = _trained(ctx, trained, s.n_layers, True, 3, masked)
-    fit += _training_activations(ctx, s.n_layers, True)  # the double backward's graph
+    w_out = count * s.d_mlp * s.d_model  # trained whole, masked to the critical rows
+    fit = _trained(attn + w_out, s.itemsize, 3)  # SophiaH: momentum, hessian, its moment
+    fit += w_out * (s.itemsize + 1)  # MaskedSophiaH's copies and masks
+    # the double backward of a Hessian step keeps the first backward's graph as well
+    fit += 2 * _training_activations(ctx, settings["batch_size"], s.n_layers - min(chosen), True)
     return (state, f"attribution x2 (float32), critical mask, deltas of {count} layers' "
             f"attention + {critical} W_out rows", True, fit,
-            "as GA with SophiaH (3 states) on attention + W_out, double backward")
+            "SophiaH (3 states) on attention + W_out, copies, grads; double backward")
 
 
 _METHODS = {
