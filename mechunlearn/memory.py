@@ -345,7 +345,11 @@ def predict_memory(
                         ("seq_len", seq_len)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    if isinstance(reservoir_size, bool) or not isinstance(reservoir_size, int) or reservoir_size < 0:
+    if (
+        isinstance(reservoir_size, bool)
+        or not isinstance(reservoir_size, int)
+        or reservoir_size < 0
+    ):
         raise ValueError(f"reservoir_size must be an int >= 0, got {reservoir_size!r}.")
     if not 0.0 <= float(simu_critical) <= 1.0:
         raise ValueError(f"simu_critical must be a fraction in [0, 1], got {simu_critical!r}.")
@@ -359,7 +363,7 @@ def predict_memory(
     rows += _collect_rows(ctx, reservoir_size)
     rows.append(_scoring_row(ctx))
     for name, settings in wanted.items():
-        state, state_note, exact, fit, fit_note = _METHODS[name](ctx, settings)
+        state, state_note, exact, fit, fit_note = _METHODS[name](ctx, name, settings)
         rows.append(MemoryRow("state", name, state, device, exact, state_note))
         rows.append(MemoryRow("fit", name, fit, device, False, fit_note))
     args = dict(
@@ -428,20 +432,22 @@ def _methods(methods: Any) -> dict[str, dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------- collect, score
-def _inference_batch(ctx: _Ctx, tokens: int, depth: int | None = None) -> int:
-    """Working memory of one forward pass without gradients: the widest layer's activations
-    (the residual stream, q/k/v, the MLP's three d_mlp-wide tensors) and the attention scores
-    of one layer, in the weights' dtype."""
+def _inference_batch(ctx: _Ctx, tokens: int) -> int:
+    """Working memory of one forward pass without gradients, by a rule measured on the two
+    offline models (``docs/scale.md``): about ``8 d_mlp + 4 d_model`` values per token in the
+    weights' dtype, plus one layer's attention scores and probabilities (eager attention, at
+    least float32)."""
     s = ctx.s
-    per_token = 6 * s.d_model + 3 * s.d_mlp + 2 * s.n_heads * s.d_head
     seq = min(ctx.seq, tokens)
-    scores = (tokens // seq) * s.n_heads * seq * seq * 2
-    return (tokens * per_token + scores) * s.itemsize
+    scores = (tokens // seq) * s.n_heads * seq * seq * 2 * max(s.itemsize, F32)
+    return tokens * (8 * s.d_mlp + 4 * s.d_model) * s.itemsize + scores
 
 
 def _collect_rows(ctx: _Ctx, reservoir: int) -> list[MemoryRow]:
     s, L, d, dev = ctx.s, ctx.layers, ctx.s.d_mlp, ctx.device
-    update = ctx.tokens * d * (1 + 8 + 3 * s.itemsize + F32)  # one layer's update()
+    # One layer's NeuronStats.update (mask, finite values, float64 deviations, min/max) and the
+    # importance's float64 |x| (what=("pre", "keys", "importance"): a run's one pass).
+    update = ctx.tokens * d * (1 + 8 + 3 * s.itemsize + F32 + 2 * F64)
     return [
         MemoryRow("collect", "moments", L * d * 48, dev, True,
                   f"{L} layers x {d}: count, mean, m2, min, max, n_nonfinite (8 bytes each)"),
@@ -451,7 +457,7 @@ def _collect_rows(ctx: _Ctx, reservoir: int) -> list[MemoryRow]:
                   f"{ctx.n} examples x {L} x {d} float32"),
         MemoryRow("collect", "importance", L * d * F64, dev, True, f"{L} x {d} float64"),
         MemoryRow("collect", "batch", _inference_batch(ctx, ctx.tokens) + update, dev, False,
-                  f"{ctx.tokens} tokens: activations + one layer's float64 update"),
+                  f"{ctx.tokens} tokens: activations + one layer's float64 copies"),
     ]  # fmt: skip
 
 
@@ -466,31 +472,34 @@ def _scoring_row(ctx: _Ctx) -> MemoryRow:
 
 
 # ------------------------------------------------------------------------------ methods
-def _training_activations(ctx: _Ctx, batch: int, depth: int, vocab: bool) -> int:
-    """Activations autograd keeps for a step's two batches (forget and retain, ``batch``
-    examples of ``seq_len`` tokens each) through the ``depth`` layers above the first trained
-    one, and, where the loss reads the logits, the logits, their float32 rows and their
-    gradient."""
+def _training_activations(ctx: _Ctx, batch: int, depth: int, graphs: int, vocab: bool) -> int:
+    """Activations autograd keeps for a step: ``graphs`` batches (1 for GA, whose retain term
+    has no gradient; 2 for the others) of ``batch`` examples of ``seq_len`` tokens, through the
+    ``depth`` layers above the first trained one (about ``4 d_model + 2 n_heads d_head +
+    4 d_mlp`` values per token and layer, and the attention probabilities); where the loss reads
+    the logits, each graph's float32 rows of the answer tokens (half the tokens) and their
+    log-softmax, and one batch's logits (or their gradient) at a time."""
     s = ctx.s
     tokens = batch * ctx.seq
-    per_layer = tokens * (12 * s.d_model + 5 * s.d_mlp) + batch * s.n_heads * ctx.seq**2 * 2
-    out = 2 * depth * per_layer * s.itemsize
+    width = 4 * s.d_model + 2 * s.n_heads * s.d_head + 4 * s.d_mlp
+    attention = batch * s.n_heads * ctx.seq**2 * 2 * max(s.itemsize, F32)
+    out = graphs * depth * (tokens * width * s.itemsize + attention)
     if vocab:
-        out += 2 * tokens * s.d_vocab * (2 * s.itemsize + F32)
+        out += graphs * tokens * s.d_vocab * F32 + tokens * s.d_vocab * s.itemsize
     return out
 
 
-def _na(ctx: _Ctx, settings) -> tuple:
+def _na(ctx: _Ctx, name: str, settings: dict) -> tuple:
     cells = ctx.layers * ctx.s.d_mlp
     state = cells * (6 * F64 + 1)  # scores, 4 Gaussians, retain_index (int64); selected (bool)
     return (state, f"{ctx.layers} x {ctx.s.d_mlp}: 6 float64/int64 tensors + a bool mask", True,
-            state + 8 * cells * F64, "state + float64 temporaries of the scores")  # fmt: skip
+            state + 3 * cells * F64, "state + float64 temporaries of the scores")  # fmt: skip
 
 
-def _sp(ctx: _Ctx, settings) -> tuple:
+def _sp(ctx: _Ctx, name: str, settings: dict) -> tuple:
     cells = ctx.layers * ctx.s.d_mlp
     state = cells * (F64 + 1)
-    return (state, "float64 scores + bool mask", True, state + 3 * cells * F64,
+    return (state, "float64 scores + bool mask", True, state + cells * F64,
             "state + the score's temporaries")  # fmt: skip
 
 
@@ -501,15 +510,15 @@ def _detector_layers(ctx: _Ctx, settings) -> int:
     return 1 if isinstance(layers, int) else len(layers)
 
 
-def _ksd(ctx: _Ctx, settings) -> tuple:
+def _ksd(ctx: _Ctx, name: str, settings: dict) -> tuple:
     L, d = _detector_layers(ctx, settings), ctx.s.d_mlp
     state = L * d * 2 * F64 + L * 4 * 8  # mu, sigma; floor, n_floored, alpha, k_min
     x = ctx.n * L * d * F64  # keys in float64
     return (state, f"{L} layers: mu, sigma (float64) + 4 per-layer scalars", True,
-            state + 3 * x, "keys in float64, their splits and distances")  # fmt: skip
+            state + 2 * x, "keys in float64, their splits and distances")  # fmt: skip
 
 
-def _ellipsoid(ctx: _Ctx, settings) -> tuple:
+def _ellipsoid(ctx: _Ctx, name: str, settings: dict) -> tuple:
     L, d = _detector_layers(ctx, settings), ctx.s.d_mlp
     n_fit = split_sizes(ctx.n, settings.get("test_size", 0.5))[0]
     if settings.get("h") is not None or settings.get("alpha") is not None:
@@ -532,7 +541,7 @@ def _lunar_layers(ctx: _Ctx, settings) -> tuple[int, int]:
     return (1 if isinstance(layer, int) else len(list(layer))), 0
 
 
-def _lunar(ctx: _Ctx, settings) -> tuple:
+def _lunar(ctx: _Ctx, name: str, settings: dict) -> tuple:
     s = ctx.s
     fitted, swept = _lunar_layers(ctx, settings)
     gram = s.d_mlp * s.d_mlp * F64
@@ -547,7 +556,7 @@ def _lunar(ctx: _Ctx, settings) -> tuple:
         note = f"layer='auto': {2 * swept + 4} float64 [{s.d_mlp}]^2 ({swept} candidates' Grams)"
     else:
         fit = fixed
-    fit += _inference_batch(ctx, ctx.batch * ctx.seq)
+    fit += _inference_batch(ctx, ctx.batch * max(1, ctx.seq // 2))  # prompts only
     return (state, f"{fitted} layer(s): direction (float64) + dW [{s.d_mlp} x {s.d_model}] "
             "(float32)", True, fit, note)  # fmt: skip
 
@@ -567,19 +576,25 @@ def _layer_list(value: Any, total: int) -> list[int] | None:
     return [v % total for v in values]
 
 
-def _baseline(ctx: _Ctx, settings) -> tuple:
+def _baseline(ctx: _Ctx, name: str, settings: dict) -> tuple:
     s = ctx.s
     chosen = _layer_list(settings.get("layers"), s.n_layers)
     trained = s.n_params if chosen is None else len(chosen) * s.block_params
     what = "every parameter" if chosen is None else f"{len(chosen)} blocks"
     depth = s.n_layers - (0 if chosen is None else min(chosen))
     fit = _trained(trained, s.itemsize, 2)
-    fit += _training_activations(ctx, settings["batch_size"], depth, True)
-    return (trained * s.itemsize, f"deltas of {what} ({trained:,} weights, {s.dtype})", True,
-            fit, "copies + grads + AdamW (2) + deltas of the trained weights; activations")
+    graphs = 1 if name == "GA" else 2
+    fit += _training_activations(ctx, settings["batch_size"], depth, graphs, True)
+    return (
+        trained * s.itemsize,
+        f"deltas of {what} ({trained:,} weights, {s.dtype})",
+        True,
+        fit,
+        "copies + grads + AdamW (2) + deltas of the trained weights; activations",
+    )
 
 
-def _rmu(ctx: _Ctx, settings) -> tuple:
+def _rmu(ctx: _Ctx, name: str, settings: dict) -> tuple:
     s = ctx.s
     steered = settings.get("layer", 7) % s.n_layers
     chosen = _layer_list(settings.get("trained_layers"), s.n_layers)
@@ -588,12 +603,18 @@ def _rmu(ctx: _Ctx, settings) -> tuple:
     state = trained * s.itemsize + s.d_model * F32
     cache = ctx.n * ctx.seq * s.d_model * s.itemsize  # h_ref of every retain token
     fit = _trained(trained, s.itemsize, 2) + cache
-    fit += _training_activations(ctx, settings["batch_size"], steered + 1 - min(chosen), False)
-    return (state, f"W_out deltas of {len(chosen)} layers + direction", True, fit,
-            f"as GA on {len(chosen)} W_out + the retain activations at layer {steered}")
+    depth = steered + 1 - min(chosen)
+    fit += _training_activations(ctx, settings["batch_size"], depth, 2, False)
+    return (
+        state,
+        f"W_out deltas of {len(chosen)} layers + direction",
+        True,
+        fit,
+        f"as GA on {len(chosen)} W_out + the retain activations at layer {steered}",
+    )
 
 
-def _simu(ctx: _Ctx, settings) -> tuple:
+def _simu(ctx: _Ctx, name: str, settings: dict) -> tuple:
     s = ctx.s
     chosen = _layer_list(settings.get("layers"), s.n_layers) or list(range(s.n_layers))
     count = len(chosen)
@@ -607,10 +628,16 @@ def _simu(ctx: _Ctx, settings) -> tuple:
     fit = _trained(attn + w_out, s.itemsize, 3)  # SophiaH: momentum, hessian, its moment
     fit += w_out * (s.itemsize + 1)  # MaskedSophiaH's copies and masks
     # the double backward of a Hessian step keeps the first backward's graph as well
-    fit += 2 * _training_activations(ctx, settings["batch_size"], s.n_layers - min(chosen), True)
-    return (state, f"attribution x2 (float32), critical mask, deltas of {count} layers' "
-            f"attention + {critical} W_out rows", True, fit,
-            "SophiaH (3 states) on attention + W_out, copies, grads; double backward")
+    depth = s.n_layers - min(chosen)
+    fit += 2 * _training_activations(ctx, settings["batch_size"], depth, 2, True)
+    return (
+        state,
+        f"attribution x2 (float32), critical mask, deltas of {count} layers' "
+        f"attention + {critical} W_out rows",
+        True,
+        fit,
+        "SophiaH (3 states) on attention + W_out, copies, grads; double backward",
+    )
 
 
 _METHODS = {

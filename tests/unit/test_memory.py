@@ -23,7 +23,6 @@ import torch
 import mechunlearn as mu
 from mechunlearn import Skill
 from mechunlearn.memory import KNOWN_METHODS, model_shape, predict_memory
-from tests.tiny_models import make_tiny_llama
 
 F = Skill.from_texts(
     "f", [f"Q: {i}+{i + 1}?" for i in range(12)], [f" {2 * i + 1}" for i in range(12)]
@@ -112,8 +111,9 @@ def test_hook_methods_states_are_exact(tiny_llama, probe):
 @pytest.mark.parametrize("settings", [{}, {"layers": [-1]}])
 def test_detector_states_are_exact(tiny_llama, probe, settings):
     (pf, pr), n = probe, len(F)
-    pred = predict_memory(tiny_llama, n_examples=n, methods={"KSD": settings,
-                                                             "Ellipsoid": settings})
+    pred = predict_memory(
+        tiny_llama, n_examples=n, methods={"KSD": settings, "Ellipsoid": settings}
+    )
     ksd = mu.KeySpaceDetector(fpr=0.2, **settings).fit(pf.keys, pr.keys)
     ell = mu.EllipsoidDetector(fpr=0.2, **settings).fit(pf.keys, pr.keys)
     assert pred.bytes("state", "KSD") == state_bytes(ksd)
