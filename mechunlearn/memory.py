@@ -50,6 +50,7 @@ from .data import split_sizes
 from .interventions.registry import get_method
 from .models import _parse_dtype
 from .scoring import SCORE_CHUNK_VALUES
+from .validation import resolve_layers
 
 __all__ = ["MemoryPrediction", "MemoryRow", "ModelShape", "model_shape", "predict_memory"]
 
@@ -98,7 +99,9 @@ def model_shape(obj: Any, dtype: torch.dtype | str | None = None) -> ModelShape:
     """The :class:`ModelShape` of a model, a TransformerLens config or a ``transformers`` config.
 
     A model gives its parameter counts exactly (from its parameters); a config gives them by
-    the rule of Llama-style blocks (attention, a gated MLP where the config has one, the norms).
+    the rule of Llama-style blocks (grouped-query attention, a gated MLP, RMS norms; Gemma's
+    extra norms), which is exact for Llama, Mistral, Qwen and Gemma 2/3 and approximate for
+    architectures with biases everywhere (GPT-2: pass the model instead).
 
     Args:
         obj: a TransformerBridge / HookedTransformer, its ``cfg``, or a ``transformers``
@@ -161,21 +164,31 @@ def _shape_of_hf_config(config, dtype: torch.dtype | None) -> ModelShape:
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     d, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
     kind = str(getattr(cfg, "model_type", "") or "")
-    own = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    own = getattr(cfg, "dtype", None)
     extra_norms = 2 * d if kind.startswith(("gemma2", "gemma3")) else 0  # pre/post-MLP norms
     head_dim = int(getattr(cfg, "head_dim", None) or d // heads)
     if kind.startswith("gemma3") or kind.startswith("qwen3"):
         extra_norms += 2 * head_dim  # q_norm, k_norm
     return _shape(
         name=str(getattr(cfg, "_name_or_path", "") or kind or "model"),
-        n_layers=int(cfg.num_hidden_layers), d_model=d, d_mlp=int(cfg.intermediate_size),
+        n_layers=int(cfg.num_hidden_layers), d_model=d,
+        d_mlp=int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
+                  or 4 * d),
         d_vocab=int(cfg.vocab_size), n_heads=heads,
         n_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads), d_head=head_dim,
         gated=kind not in ("gpt2", "gpt_neox", "opt"),
         tied=bool(getattr(cfg, "tie_word_embeddings", True)),
         bias=bool(getattr(cfg, "attention_bias", False)), extra_norms=extra_norms,
-        dtype=dtype or _parse_dtype(own) or torch.float32,
+        dtype=dtype or _config_dtype(own),
     )  # fmt: skip
+
+
+def _config_dtype(value: Any) -> torch.dtype:
+    """A config's ``dtype`` (a torch dtype or its name), float32 where it names none we know."""
+    try:
+        return _parse_dtype(value) or torch.float32
+    except ValueError:  # "auto" and the like
+        return torch.float32
 
 
 def _shape(
@@ -246,11 +259,15 @@ class MemoryPrediction:
         raise KeyError(f"No row ({stage!r}, {item!r}); the rows are {have}.")
 
     def peak(self, method: str) -> int:
-        """The model, one skill's collected inputs of ``method`` and its fit's peak, together:
-        what the device must hold to fit ``method``."""
+        """What the device must hold to fit ``method``: the weights, the fit's peak and, for a
+        method fitted on collected inputs (NA, SP, the detectors), those of both skills.
+
+        Raises:
+            KeyError: ``method`` was not predicted.
+        """
         inputs = {
             "pre": ("moments", "reservoir"), "keys": ("keys",), "importance": ("importance",),
-        }.get(_FITS_ON.get(method, "model"), ())  # fmt: skip
+        }.get(get_method(method).fits_on, ())  # fmt: skip
         need = self.bytes("model", "weights") + self.bytes("fit", method)
         need += 2 * sum(self.bytes("collect", item) for item in inputs)  # forget and retain
         return need
@@ -293,12 +310,6 @@ def _gib(n: int) -> str:
     return f"{value:.3g}" if value >= 0.001 else f"{value:.2e}"
 
 
-_FITS_ON = {
-    "NA": "pre", "SP": "importance", "KSD": "keys", "Ellipsoid": "keys", "LUNAR": "model",
-    "SIMU": "model", "GA": "model", "GradDiff": "model", "NPO": "model", "RMU": "model",
-}  # fmt: skip
-
-
 # ---------------------------------------------------------------------------- prediction
 def predict_memory(
     model_or_config: Any,
@@ -322,25 +333,27 @@ def predict_memory(
             ``{"LUNAR": {"layer": 22}, "GA": {"layers": [28, 29, 30, 31]}}``); the registry's
             defaults fill the rest. None for every method of :data:`KNOWN_METHODS`.
         reservoir_size: :func:`~mechunlearn.collect`'s ``reservoir_size``.
-        layers: the collected layers (``collect``'s ``layers``: indices, or a count of layers;
-            None for all): statistics, keys, importances, NA, SP and the detectors scale with it.
+        layers: the collected layers, as ``collect``'s ``layers`` (an index, a list of them, None
+            for all): statistics, keys, importances, NA, SP and the detectors scale with them.
         n_examples: examples per skill (key vectors, the detectors' fit, RMU's cache).
         batch_size: examples per forward pass (collection, scoring, training).
         max_batch_tokens: the bound on padded tokens per batch (collection and scoring).
         seq_len: padded tokens per example (prompt and answer).
         dtype: the weights' dtype (default: the model's or config's, else float32).
         simu_critical: the fraction of the chosen layers' neurons that SIMU finds critical
-            (their ``W_out`` rows are kept as deltas; data-dependent, 1 % by default).
+            (their ``W_out`` rows are kept as deltas; data-dependent, 1 % by default; SIMU's
+            state row is exact for that count).
 
     Returns:
         The :class:`MemoryPrediction`.
 
     Raises:
-        ValueError: an unknown method, or a setting out of range.
+        TypeError: ``model_or_config`` is not a model or config; a layer is not an int.
+        ValueError: an unknown method or setting, or a value out of range.
     """
     shape = model_shape(model_or_config, dtype)
     device = _device_of(model_or_config)
-    n_layers = _count_layers(layers, shape.n_layers)
+    n_layers = len(resolve_layers(shape.n_layers, layers))
     for name, value in (("n_examples", n_examples), ("batch_size", batch_size),
                         ("seq_len", seq_len)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -351,7 +364,11 @@ def predict_memory(
         or reservoir_size < 0
     ):
         raise ValueError(f"reservoir_size must be an int >= 0, got {reservoir_size!r}.")
-    if not 0.0 <= float(simu_critical) <= 1.0:
+    if (
+        isinstance(simu_critical, bool)
+        or not isinstance(simu_critical, (int, float))
+        or not 0.0 <= float(simu_critical) <= 1.0
+    ):
         raise ValueError(f"simu_critical must be a fraction in [0, 1], got {simu_critical!r}.")
     wanted = _methods(methods)
     tokens = batch_size * seq_len
@@ -363,7 +380,10 @@ def predict_memory(
     rows += _collect_rows(ctx, reservoir_size)
     rows.append(_scoring_row(ctx))
     for name, settings in wanted.items():
-        state, state_note, exact, fit, fit_note = _METHODS[name](ctx, name, settings)
+        try:
+            state, state_note, exact, fit, fit_note = _METHODS[name](ctx, name, settings)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {err}") from None
         rows.append(MemoryRow("state", name, state, device, exact, state_note))
         rows.append(MemoryRow("fit", name, fit, device, False, fit_note))
     args = dict(
@@ -393,27 +413,15 @@ def _device_of(obj: Any) -> str:
     return "model"
 
 
-def _count_layers(layers: Any, total: int) -> int:
-    if layers is None:
-        return total
-    if isinstance(layers, bool):
-        raise ValueError(f"layers must be None, an int or a list of layer indices, got {layers!r}.")
-    if isinstance(layers, int):
-        if not 1 <= layers <= total:
-            raise ValueError(f"layers={layers} as a count must lie in [1, {total}].")
-        return layers
-    count = len(list(layers))
-    if not 1 <= count <= total:
-        raise ValueError(f"{count} layers given for a model of {total}.")
-    return count
-
-
 def _methods(methods: Any) -> dict[str, dict[str, Any]]:
     if methods is None:
         names: dict[str, Any] = {name: {} for name in KNOWN_METHODS}
     elif isinstance(methods, str):
         names = {methods: {}}
     elif isinstance(methods, Mapping):
+        for k, v in methods.items():
+            if v is not None and not isinstance(v, Mapping):
+                raise ValueError(f"methods[{k!r}] must be a mapping of settings, got {v!r}.")
         names = {str(k): dict(v or {}) for k, v in methods.items()}
     else:
         names = {str(k): {} for k in methods}
@@ -505,9 +513,7 @@ def _sp(ctx: _Ctx, name: str, settings: dict) -> tuple:
 
 def _detector_layers(ctx: _Ctx, settings) -> int:
     layers = settings.get("layers")
-    if layers is None:
-        return ctx.layers
-    return 1 if isinstance(layers, int) else len(layers)
+    return ctx.layers if layers is None else len(resolve_layers(ctx.s.n_layers, layers))
 
 
 def _ksd(ctx: _Ctx, name: str, settings: dict) -> tuple:
@@ -526,19 +532,20 @@ def _ellipsoid(ctx: _Ctx, name: str, settings: dict) -> tuple:
     r = n_fit if n_fit <= d else d
     state = (L * d + L * d * r + L * r + 2 * L) * F64 + 2 * L * F64
     x = ctx.n * L * d * F64
+    # more fit vectors than neurons: the [d, d] covariance and its eigenvectors
+    covariance = 2 * L * d * d * F64 if n_fit > d else 0
     return (state, f"{L} layers: mu, u [{d} x {r}], coef, iso, shrinkage (float64)", True,
-            state + 4 * x + L * max(n_fit, d) ** 2 * F64 * (1 if n_fit > d else 0),
-            "keys in float64, centred copy, eigenvectors")  # fmt: skip
+            state + 4 * x + covariance, "keys in float64, centred copy, eigenvectors")  # fmt: skip
 
 
 def _lunar_layers(ctx: _Ctx, settings) -> tuple[int, int]:
     """(layers fitted at the end, candidates swept at once)."""
-    layer = settings.get("layer", "auto")
+    layer, total = settings["layer"], ctx.s.n_layers
     if layer == "auto":
         cands = settings.get("candidates")
-        count = len(range(2, ctx.s.n_layers, 3)) if cands is None else len(list(cands))
+        count = len(range(2, total, 3)) if cands is None else len(resolve_layers(total, cands))
         return 1, max(count, 1)
-    return (1 if isinstance(layer, int) else len(list(layer))), 0
+    return len(resolve_layers(total, layer)), 0
 
 
 def _lunar(ctx: _Ctx, name: str, settings: dict) -> tuple:
@@ -570,10 +577,7 @@ def _trained(trained: int, itemsize: int, moments: int) -> int:
 
 def _layer_list(value: Any, total: int) -> list[int] | None:
     """A method's ``layers`` setting as layer indices (None: all)."""
-    if value is None:
-        return None
-    values = [value] if isinstance(value, int) else list(value)
-    return [v % total for v in values]
+    return None if value is None else resolve_layers(total, value)
 
 
 def _baseline(ctx: _Ctx, name: str, settings: dict) -> tuple:
@@ -596,7 +600,7 @@ def _baseline(ctx: _Ctx, name: str, settings: dict) -> tuple:
 
 def _rmu(ctx: _Ctx, name: str, settings: dict) -> tuple:
     s = ctx.s
-    steered = settings.get("layer", 7) % s.n_layers
+    steered = resolve_layers(s.n_layers, settings["layer"])[0]
     chosen = _layer_list(settings.get("trained_layers"), s.n_layers)
     chosen = list(range(max(0, steered - 2), steered + 1)) if chosen is None else chosen
     trained = len(chosen) * s.d_mlp * s.d_model

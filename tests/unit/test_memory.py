@@ -159,7 +159,7 @@ def test_prediction_reports(tiny_llama):
 
 
 def test_reservoir_and_layers_scale_the_rows(tiny_llama):
-    small = predict_memory(tiny_llama, reservoir_size=16, layers=1, methods=["NA"])
+    small = predict_memory(tiny_llama, reservoir_size=16, layers=-1, methods=["NA"])
     large = predict_memory(tiny_llama, reservoir_size=1024, methods=["NA"])
     assert small.bytes("collect", "reservoir") == 1 * 16 * 48 * 4 + 16 * 8
     assert large.bytes("collect", "reservoir") == 3 * 1024 * 48 * 4 + 1024 * 8
@@ -172,7 +172,9 @@ def test_reservoir_and_layers_scale_the_rows(tiny_llama):
         ({"methods": ["XYZ"]}, "does not know method 'XYZ'"),
         ({"methods": {"LUNAR": {"nope": 1}}}, "has no setting"),
         ({"reservoir_size": -1}, "reservoir_size"),
-        ({"layers": 9}, "layers=9"),
+        ({"layers": 9}, "out of range"),
+        ({"methods": {"LUNAR": {"layer": 7}}}, "out of range"),
+        ({"methods": {"NA": 0.03}}, "mapping of settings"),
         ({"n_examples": 0}, "n_examples"),
         ({"simu_critical": 2.0}, "simu_critical"),
         ({"dtype": "float8"}, "Unknown dtype"),
