@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -427,11 +428,15 @@ def _methods(methods: Any) -> dict[str, dict[str, Any]]:
         names = {str(k): {} for k in methods}
     out = {}
     for name, settings in names.items():
+        defaults = get_method(name).settings()  # an unregistered name: the registry's error
         if name not in _METHODS:
-            raise ValueError(
-                f"predict_memory does not know method {name!r}; it knows {list(KNOWN_METHODS)}."
+            warnings.warn(
+                f"predict_memory has no memory rule for {name!r} (registered outside the "
+                f"package): its fitted state and fit are not predicted. It knows "
+                f"{list(KNOWN_METHODS)}.",
+                stacklevel=3,
             )
-        defaults = get_method(name).settings()
+            continue
         unknown = sorted(set(settings) - set(defaults))
         if unknown:
             raise ValueError(f"{name} has no setting {unknown}: choose among {list(defaults)}.")

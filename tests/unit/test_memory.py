@@ -22,6 +22,7 @@ import torch
 
 import mechunlearn as mu
 from mechunlearn import Skill
+from mechunlearn.interventions.registry import unregister_method
 from mechunlearn.memory import KNOWN_METHODS, model_shape, predict_memory
 
 F = Skill.from_texts(
@@ -169,7 +170,7 @@ def test_reservoir_and_layers_scale_the_rows(tiny_llama):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"methods": ["XYZ"]}, "does not know method 'XYZ'"),
+        ({"methods": ["XYZ"]}, "Unknown method 'XYZ'"),
         ({"methods": {"LUNAR": {"nope": 1}}}, "has no setting"),
         ({"reservoir_size": -1}, "reservoir_size"),
         ({"layers": 9}, "out of range"),
@@ -230,3 +231,18 @@ def test_lunar_fit_peak_within_20_percent():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = result["measured"] / result["predicted"]
     assert 0.8 <= ratio <= 1.2, result
+
+
+def test_a_method_registered_outside_the_package_is_left_out_with_a_warning(tiny_llama):
+    @mu.register_method("MemToy", fits_on="pre")
+    class MemToy(mu.NeuronAdjust):
+        pass
+
+    try:
+        with pytest.warns(UserWarning, match="no memory rule for 'MemToy'"):
+            pred = predict_memory(tiny_llama, methods=["NA", "MemToy"])
+        assert pred.bytes("state", "NA") > 0
+        with pytest.raises(KeyError, match="MemToy"):
+            pred.bytes("state", "MemToy")
+    finally:
+        unregister_method("MemToy")
