@@ -37,11 +37,12 @@ Shen et al., "LLM Unlearning via Neural Activation Redirection" (2025; code:
    closed-form ``dW`` on the other examples (the Gram matrices of every candidate come from one
    pass over them), applies it as hooks, and keeps the layer whose edit lowers the forget
    skill's teacher-forced accuracy most while the retain skill keeps at least 95 % of its base
-   accuracy (:func:`choose_layer`). (The issue's cheaper test, adding ``c * r_l`` to the MLP
-   output of every prompt, cannot tell layers apart: it moves the retain prompts too; see
-   ``docs/results/index.md``, "Observations without a script".) Direction and ``dW`` are then
-   fitted on all the examples given (a refit, as scikit-learn's grid search does); the sweep is
-   in ``layer_sweep_``.
+   accuracy (:func:`choose_layer`, with the package's one choosing rule,
+   :func:`~mechunlearn.kernels.ranking.rank_candidates`). (The issue's cheaper test, adding
+   ``c * r_l`` to the MLP output of every prompt, cannot tell layers apart: it moves the retain
+   prompts too; see ``docs/results/index.md``, "Observations without a script".) Direction and
+   ``dW`` are then fitted on all the examples given (a refit, as scikit-learn's grid search
+   does); the sweep is in ``layer_sweep_``.
 5. **Applying it.** :meth:`Lunar.hooks` adds ``key @ dW`` to the MLP's own output (the
    model's weights are untouched, and the hooks compose with others): one hook records the key
    at ``blocks.{l}.mlp.hook_post`` and one adds at ``blocks.{l}.mlp.hook_out``, in the same

@@ -7,9 +7,11 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import pandas as pd
 from torch import Tensor
 
 from ...data import Skill
+from ...kernels.ranking import rank_candidates
 from ...models import n_layers
 from ...scoring import score_pass
 from ...sites import hook_name, mlp_output_hook
@@ -57,11 +59,22 @@ def choose_layer(sweep: Sequence[dict[str, Any]], retain_floor: float = RETAIN_F
     """
     if not sweep:
         raise ValueError("The sweep is empty: there is no layer to choose.")
-    ok = [row for row in sweep if row["retain"] >= retain_floor * row["retain_base"]]
-    if ok:
-        best = min(ok, key=lambda row: (row["forget"], -row["retain"], row["layer"]))
-        return int(best["layer"])
-    best = min(sweep, key=lambda row: (-row["retain"], row["forget"], row["layer"]))
+    # The package's one choosing rule (rank_candidates, as mechunlearn.tuning.tune): the floor is
+    # on retain - retain_floor * retain_base >= 0, which is retain >= retain_floor * retain_base
+    # exactly (a float difference is zero only between equal floats, and keeps the sign).
+    table = pd.DataFrame(
+        {
+            "layer": [row["layer"] for row in sweep],
+            "forget": [row["forget"] for row in sweep],
+            "retain": [row["retain"] for row in sweep],
+            "margin": [row["retain"] - retain_floor * row["retain_base"] for row in sweep],
+        }
+    )
+    ranked = rank_candidates(table, {"margin": 0.0}, ["forget", ("retain", False), "layer"])
+    if ranked["meets_floor"].any():
+        return int(sweep[int(ranked["rank"].idxmin())]["layer"])
+    ranked = rank_candidates(table, {}, [("retain", False), "forget", "layer"])
+    best = sweep[int(ranked["rank"].idxmin())]
     warnings.warn(
         f"No layer keeps {retain_floor:.0%} of the retain skill's accuracy with the "
         f"edit; layer {best['layer']} keeps the most ({best['retain']:.3f} of "
