@@ -54,6 +54,11 @@ Beyond the paper:
 Abstention in generation (:meth:`KeyRegionDetector.generate`): one prompt-only forward with the
 detection hooks (stopping after the last detection layer), then greedy generation of the kept
 prompts only, left-padded in one batch; detected prompts cost no generation step.
+
+Modules, one job each (every name is importable from this package): :mod:`.results`
+(:class:`Detection`, :class:`DetectionRecord`), :mod:`.estimator` (:class:`KeyRegionDetector`:
+fit, calibration, detection, generation), :mod:`.regions` (the registered shapes,
+:class:`KeySpaceDetector` and :class:`EllipsoidDetector`).
 """
 
 from .estimator import LOW_DETECTION, KeyRegionDetector

@@ -67,6 +67,11 @@ Where we differ from the authors' code, on purpose:
 * **Direction site.** The authors read the input of block ``l + 1``: that is
   ``blocks.{l}.hook_resid_post`` (so the last layer works too).
 
+Modules, one job each (every name is importable from this package): :mod:`.reference` (the
+reference prompts), :mod:`.solver` (the streaming pass, the two solvers, the diagnostics),
+:mod:`.layer` (``layer="auto"``: the sweep and :func:`choose_layer`), :mod:`.estimator`
+(:class:`Lunar`).
+
 Example:
     >>> lunar = mu.Lunar(layer="auto", candidates=[0, 1, 2]).fit(model, forget, retain)
     >>> len(lunar.layer_sweep_), len(lunar.layers_)   # every candidate tried, one chosen

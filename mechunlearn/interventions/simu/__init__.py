@@ -93,6 +93,10 @@ optimizer, its trained parameters and the second-order steps.
 
 Randomness: the batch order (a permutation of each set per pass) and the Hutchinson probes
 come from ``seed``; the global RNG state is left as it was (``torch.random.fork_rng``).
+
+Modules, one job each (every name is importable from this package): :mod:`.attribution`
+(:func:`neuron_attribution`, :func:`critical_neurons`), :mod:`.optimizer` (:class:`MaskedSophiaH`),
+:mod:`.estimator` (:class:`Simu`).
 """
 
 from ..training import STOP_REASONS, answer_nll
