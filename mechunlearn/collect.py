@@ -245,7 +245,8 @@ def run_pass(
     quiet: bool = True,
 ) -> None:
     """Run ``model`` over a skill batch by batch with the hooks each batch asks for: the one
-    forward loop of collection, scoring and the methods' own passes.
+    forward loop of collection, scoring (evaluation's MMLU letters too), the methods' own passes
+    and the residual-knowledge probes.
 
     Examples are tokenised as ``[BOS] + prompt + answer`` (with the skill's special-token flags)
     and grouped into length-sorted batches of at most ``batch_size`` examples and

@@ -56,11 +56,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batching import check_batching, iter_batches
-from .collect import as_skill
+from .batching import EncodedBatch, check_batching
+from .collect import as_skill, run_pass
 from .data import Skill, gsm8k_few_shot_prompts, mmlu_few_shot_prompts, special_token_flags
 from .generation import greedy_generate
 from .interventions.base import Detector, WeightIntervention
@@ -259,16 +260,17 @@ def _generation_correct(
                 "tokenizer whose letter answers (' A', ' B', ...) begin with distinct tokens."
             )
         letters = choices[1]
-        with torch.inference_mode():
-            batches = iter_batches(model, prompts, None, batch_size=batch_size)
-            for batch in batches:
-                logits = model.run_with_hooks(
-                    batch.tokens, fwd_hooks=hooks, attention_mask=batch.attention_mask
-                )
-                rows = torch.arange(len(batch.tokens), device=logits.device)
-                last = logits[rows, batch.last_prompt][:, letters].argmax(-1).cpu().numpy()
-                for j, ex_i in enumerate(batch.example_index.cpu().numpy()):
-                    correct[keep[ex_i]] = float(last[j] == int(examples[ex_i].meta["label"]))
+
+        def read(batch: EncodedBatch, logits: Tensor) -> None:  # the letter after each prompt
+            rows = torch.arange(len(batch.tokens), device=logits.device)
+            last = logits[rows, batch.last_prompt][:, letters].argmax(-1).cpu().numpy()
+            for j, ex_i in enumerate(batch.example_index.cpu().numpy()):
+                correct[keep[ex_i]] = float(last[j] == int(examples[ex_i].meta["label"]))
+
+        run_pass(
+            model, prompts, lambda batch: hooks, None, then=read, prompts_only=True,
+            batch_size=batch_size,
+        )  # fmt: skip
     elif sub is not None:
         flags = special_token_flags(sub)
         if kind == "gsm8k":  # a few-shot text prompt around each question

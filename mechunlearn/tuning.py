@@ -7,8 +7,9 @@ drive collection and scoring around them:
   (NA's or SP's ratio, a detector's ``fpr``, LUNAR's layer, a study's detector): every
   candidate setting is fitted and scored, and the strongest effect on the forget skill whose
   kept skills all stay at or above a floor of their base score wins (a :class:`Search` with
-  ``best_`` and the table of candidates). :func:`rank_candidates` is its choosing step alone,
-  for a table scored elsewhere.
+  ``best_`` and the table of candidates). :func:`rank_candidates`
+  (:mod:`mechunlearn.kernels.ranking`, re-exported here) is its choosing step alone, for a table
+  scored elsewhere: LUNAR's layer choice uses it.
 * :func:`prune_iteratively`: Selective Pruning ``step`` at a time, the importances measured
   again on the pruned model between steps (the SP paper's iterative schedule).
 * :func:`tune_neuron_adjust`: :func:`tune` over Neuron Adjust's ratio on held-back **probe**
@@ -43,6 +44,7 @@ import pandas as pd
 from .collect import as_skill, collect_importance
 from .evaluation import teacher_forced
 from .interventions import NeuronAdjust, SelectivePruning, get_method
+from .kernels.ranking import rank_candidates
 from .models import d_mlp
 from .validation import check_choice, check_fraction, check_probability, resolve_layers
 
@@ -112,42 +114,6 @@ def candidate_settings(candidates: Mapping[str, Sequence[Any]] | Sequence[Mappin
         if not out:
             raise ValueError("candidates is empty: give the settings to try.")
     return out
-
-
-def rank_candidates(
-    table: pd.DataFrame,
-    floor: Mapping[str, float],
-    order: Sequence[str | tuple[str, bool]],
-) -> pd.DataFrame:
-    """``table`` with ``meets_floor`` (every column of ``floor`` at or above its value; a NaN
-    fails) and ``rank`` (1 = best): candidates that keep the floor first, then by ``order``
-    (a column name sorts ascending, ``(name, False)`` descending; NaN last), ties by row.
-
-    The choosing rule of :func:`tune`, for a table scored elsewhere.
-
-    Raises:
-        ValueError: a column of ``floor`` or ``order`` the table lacks.
-    """
-    keys = [(o, True) if isinstance(o, str) else (o[0], bool(o[1])) for o in order]
-    missing = [c for c in [*floor, *(k for k, _ in keys)] if c not in table.columns]
-    if missing:
-        raise ValueError(
-            f"the search table has no column {missing[0]!r} to keep a floor on or to rank by: "
-            f"its columns are {', '.join(map(str, table.columns))}."
-        )
-    table = table.copy()
-    meets = pd.Series(True, index=table.index)
-    for column, value in floor.items():
-        meets &= table[column] >= value
-    table["meets_floor"] = meets
-    ranked = table.sort_values(
-        ["meets_floor", *(k for k, _ in keys)],
-        ascending=[False, *(a for _, a in keys)],
-        kind="stable",
-    )
-    table["rank"] = 0
-    table.loc[ranked.index, "rank"] = range(1, len(ranked) + 1)
-    return table
 
 
 def relative_scorer(

@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..batching import forward_until, iter_batches
-from ..data import Skill, special_token_flags
+from ..batching import EncodedBatch
+from ..collect import run_pass
+from ..data import Skill
 from ..evaluation import applied
 from ..interventions.base import Detector
 from ..interventions.registry import kind_of
@@ -80,26 +81,29 @@ def last_prompt_states(
     n = len(skill)
     states = torch.zeros((n, len(layers), int(model.cfg.d_model)), device=device)
     targets = torch.full((n,), -1, dtype=torch.long, device=device)
-    with torch.inference_mode():
-        for batch in iter_batches(
-            model, skill.prompts, skill.answers, batch_size=batch_size,
-            special_tokens=special_token_flags(skill),
-        ):  # fmt: skip
-            rows = torch.arange(batch.tokens.shape[0], device=device)
-            index = batch.example_index.to(device)
 
-            def record(col: int, index=index, rows=rows, last=batch.last_prompt):
-                def hook(activation, hook=None):
-                    states[index, col] = activation[rows, last].float()
-                    return activation
+    def hooks(batch: EncodedBatch) -> list:
+        rows = torch.arange(batch.tokens.shape[0], device=device)
+        index = batch.example_index.to(device)
 
-                return hook
+        def record(col: int):
+            def hook(activation, hook=None):
+                states[index, col] = activation[rows, batch.last_prompt].float()
+                return activation
 
-            recorders = [(_site(layer), record(c)) for c, layer in enumerate(layers)]
-            forward_until(model, batch, [*fwd_hooks, *recorders], _site(max(layers)))
-            nxt = (batch.last_prompt + 1).clamp(max=batch.tokens.shape[1] - 1)
-            has = batch.answer_mask[rows, nxt]
-            targets[index] = torch.where(has, batch.tokens[rows, nxt], -1)
+            return hook
+
+        return [*fwd_hooks, *((_site(layer), record(c)) for c, layer in enumerate(layers))]
+
+    def first_answer_token(batch: EncodedBatch, _) -> None:
+        rows = torch.arange(batch.tokens.shape[0], device=device)
+        nxt = (batch.last_prompt + 1).clamp(max=batch.tokens.shape[1] - 1)
+        has = batch.answer_mask[rows, nxt]
+        targets[batch.example_index.to(device)] = torch.where(has, batch.tokens[rows, nxt], -1)
+
+    run_pass(
+        model, skill, hooks, _site(max(layers)), then=first_answer_token, batch_size=batch_size
+    )
     return states, targets
 
 

@@ -1,7 +1,8 @@
 """Interventions: Neuron Adjust, Key Space Detection, Selective Pruning, LUNAR, SIMU, and the
 trained baselines GA, GradDiff, NPO and RMU (:mod:`.baselines`).
 
-Each method is one module holding its class and its registration (:mod:`.registry`,
+Each method is one module (or one package: LUNAR, SIMU, Key Space Detection) holding its class and
+its registration next to it (:mod:`.registry`,
 ``@register_method("NA", fits_on="pre")``); :func:`methods` lists them.
 
 Every intervention follows scikit-learn's estimator contract (:mod:`.base`): the constructor

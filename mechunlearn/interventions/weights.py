@@ -3,6 +3,7 @@
 A :class:`WeightEdit` remembers the original values of every tensor it changes and writes them
 back, bit for bit, on :meth:`~WeightEdit.undo` or when its ``with`` block ends, even after an
 exception, and whatever the order in which several edits of the same weights are undone.
+:func:`w_out` and :func:`w_out_owner` find a layer's ``W_out`` and the parameter that holds it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,22 @@ def w_out(model, layer: int) -> Tensor:
     if weight is None:
         raise NotImplementedError(f"blocks[{layer}].mlp has no W_out: cannot edit its weights.")
     return weight
+
+
+def w_out_owner(model, layer: int) -> tuple[Tensor, Tensor]:
+    """The parameter that holds layer ``layer``'s ``W_out``, and ``W_out`` as its view."""
+    view = w_out(model, layer)
+    for p in model.parameters():
+        if (
+            p.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
+            and p.storage_offset() == view.storage_offset()
+            and p.numel() == view.numel()
+        ):
+            return p, view
+    raise NotImplementedError(
+        f"blocks[{layer}].mlp.W_out is not a view of one of the model's parameters here, so "
+        "its rows cannot be trained."
+    )
 
 
 @dataclass(eq=False)

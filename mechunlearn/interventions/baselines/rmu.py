@@ -41,7 +41,7 @@ from ...models import model_device
 from ...sites import hook_name
 from ...validation import check_int, check_layers, check_positive, resolve_layers
 from ..registry import register_method
-from ..simu import _w_out_owner
+from ..weights import w_out_owner
 from .common import TrainedBaseline, check_nonnegative
 
 __all__ = ["RMU", "layer_activation", "random_direction", "rmu_loss"]
@@ -230,7 +230,7 @@ class RMU(TrainedBaseline):
         names = {id(p): n for n, p in model.named_parameters()}
         out = []
         for layer in layers:
-            owner, _ = _w_out_owner(model, layer)
+            owner, _ = w_out_owner(model, layer)
             out.append((names[id(owner)], owner))
         return out
 

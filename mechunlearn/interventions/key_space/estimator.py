@@ -1,88 +1,27 @@
-"""Key Space Detection (KSD): abstain when a query's key vectors lie in the forget skill's region.
-
-Li, Sun & Weng, "Effective Skill Unlearning through Intervention and Abstention" (NAACL 2025),
-as stated in docs/methods.md ("Key Space Detection"):
-
-1. Take the key vector (``blocks.{l}.mlp.hook_post``) at the **last prompt token** of each
-   forget query (:func:`mechunlearn.collect_keys`); per layer fit ``mu`` and ``sigma`` (sample
-   std) per dimension (:func:`mechunlearn.analysis.hypercube.fit_cube`, whose documented sigma
-   floor keeps constant dimensions from dividing by zero).
-2. The cube is ``mu +- alpha * sigma``, with ``alpha = h * k_min`` (``k_min``: the smallest cube
-   holding every fit vector, :func:`~mechunlearn.analysis.hypercube.k_min`) or an absolute
-   ``alpha``.
-3. A query is inside a layer's cube when every dimension satisfies ``|x - mu| <= alpha * sigma``,
-   i.e. when its *margin* ``max_i |x_i - mu_i| / sigma_i / alpha`` is ``<= 1``.
-4. Detected queries get a fixed refusal instead of an answer.
-
-Beyond the paper:
-
-* **Layers and rules.** The authors check only the last layer (``layers=-1``). Any set of
-  layers can be combined with ``rule="any"`` (detected when inside at one layer or more),
-  ``"all"``, or an int ``k`` (inside at ``k`` layers or more).
-* **Defaults (issue 16).** Every collected layer (``layers=None``), ``rule="all"``,
-  ``fpr=0.001`` (no calibration negative inside), for both regions: chosen in
-  ``analysis/ksd_defaults.py`` on probe data only (GSM8K probe questions; the shipped
-  calibration questions; probe halves of MMLU, MBPP, Wikipedia sentences, XQuAD questions and
-  HumanEval), among the every-layer candidates, since a fixed layer number would not carry to
-  a model of another depth. Their detection and false-positive rates on the default model
-  (held-out data never used for fitting or choosing, 95 % Wilson intervals), against the
-  authors' last layer and a region fitted without negatives, are on the documentation page
-  ``docs/results/formats.md`` (Results, "Detectors and formats"), with the command that
-  measures them. Detection is tied to the prompt format: fit on every format you need to catch.
-* **Negatives are required.** ``fit(keys_f)`` alone (no ``h``/``alpha``) is refused: a
-  region fitted on the forget skill alone refuses ordinary questions at an unmeasured rate.
-  :func:`mechunlearn.calibration_skill` ships general questions to calibrate on.
-* **Automatic alpha.** ``fit(keys_f, keys_r)`` splits F into a fit part and a
-  held-out part, and R into a calibration part and a test part. The region is fitted on the
-  F fit part. ``alpha_max`` is the largest per-layer alpha that keeps the rule-level
-  false-positive rate on the R calibration part ``<= fpr``: layers share one rank, each
-  layer's alpha sitting just below its ``j``-th smallest R distance, with the largest ``j``
-  that meets the cap (equal per-layer false-positive rates). Detection of held-out F only
-  grows with alpha, so ``alpha_max`` maximises it under the cap; but so does every
-  ``t * alpha_max`` with ``t`` in ``[t_min, 1]`` (``t_min``: where the last detected held-out
-  forget query enters). We take the middle, ``t = (t_min + 1) / 2``: the best held-out
-  detection under the cap, with a margin on both sides. The held-out rates (detection of held-out
-  F, false positives on the R calibration and test parts) are in ``calibration_``, with
-  ``capping_negatives``: the rows of ``keys_r`` (of the concatenation, when it is a list) that one
-  rank further would be inside, i.e. the negatives that decided alpha. When held-out detection
-  falls below 50 %, ``fit`` warns and names them (``docs/results/unlearning.md``, "Why seed 1
-  fails", shows such a negative on the default model).
-* **A region that is not a box.** :class:`EllipsoidDetector` uses the Mahalanobis distance
-  under a Ledoit-Wolf shrinkage covariance, with the same interface (one base class,
-  :class:`KeyRegionDetector`).
-
-Abstention in generation (:meth:`KeyRegionDetector.generate`): one prompt-only forward with the
-detection hooks (stopping after the last detection layer), then greedy generation of the kept
-prompts only, left-padded in one batch; detected prompts cost no generation step.
-"""
+"""The key-region detector's estimator, :class:`KeyRegionDetector`: fit (a region per layer and
+its calibrated ``alpha``), detection on stored keys or by hooks, and abstention in generation.
+The region's shape (cube, ellipsoid) is a subclass's (:mod:`.regions`); the method is described
+in :mod:`mechunlearn.interventions.key_space`."""
 
 from __future__ import annotations
 
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..batching import EncodedBatch, tokenize_examples
-from ..collect import run_pass
-from ..data import Skill, special_token_flags
-from ..generation import generate_from_tokens
-from ..kernels.regions import (
-    Cube,
-    check_finite,
-    fit_cube,
-    fit_ellipsoid,
-    mahalanobis,
-    normalized_distance,
-)
-from ..sites import hook_name
-from ..stats import KeyVectors
-from ..validation import (
+from ...batching import EncodedBatch, tokenize_examples
+from ...collect import run_pass
+from ...data import Skill, special_token_flags
+from ...generation import generate_from_tokens
+from ...kernels.regions import check_finite
+from ...sites import hook_name
+from ...stats import KeyVectors
+from ...validation import (
     MAX_SEED,
     check_compatible,
     check_forget_retain,
@@ -95,133 +34,14 @@ from ..validation import (
     check_type,
     model_keys,
 )
-from .base import Detector, Hook, check_positive
-from .registry import register_method
+from ..base import Detector, Hook, check_positive
+from .results import REFUSAL, Detection, DetectionRecord
 
-REFUSAL = "Sorry, your query is not valid"
-"""The authors' refusal text."""
 #: ``fit(keys_f, keys_r)`` warns when the calibrated region detects less than this share of the
 #: held-out forget queries (the false-positive cap, not the skill, decided alpha).
 LOW_DETECTION = 0.5
 
 
-# ------------------------------------------------------------------------------ results
-@dataclass
-class Detection:
-    """Per-query detection results.
-
-    Attributes:
-        detected: ``[n]`` whether each query is detected under the rule.
-        fired: ``[n, layers]`` whether it is inside each layer's region (``margin <= 1``).
-        margin: ``[n, layers]`` distance / alpha per layer: for the cube,
-            ``max_i |x_i - mu_i| / sigma_i / alpha``; inside when ``<= 1``.
-        score: ``[n]`` the rule-relevant margin: the ``k``-th smallest margin over layers
-            (``k = 1`` for ``"any"``, all layers for ``"all"``); ``detected == (score <= 1)``.
-            NaN margins count as outside (``inf``).
-        layers: the model layers, in column order.
-        rule: the rule.
-        fpr: the false-positive rate the detector's alpha was calibrated for (its ``fpr_``),
-            or None when alpha came from ``h``/``alpha`` and nobody measured it.
-    """
-
-    detected: Bool[Tensor, " n"]
-    fired: Bool[Tensor, "n layer"]
-    margin: Float[Tensor, "n layer"]
-    score: Float[Tensor, " n"]
-    layers: list[int]
-    rule: str | int
-    fpr: float | None = None
-
-    def __len__(self) -> int:
-        return int(self.detected.shape[0])
-
-    @property
-    def rate(self) -> float:
-        """Fraction of queries detected."""
-        return float(self.detected.float().mean()) if len(self) else math.nan
-
-    def to(self, device: torch.device | str) -> Detection:
-        """A copy on ``device``."""
-        return Detection(
-            self.detected.to(device),
-            self.fired.to(device),
-            self.margin.to(device),
-            self.score.to(device),
-            list(self.layers),
-            self.rule,
-            self.fpr,
-        )
-
-    def to_frame(self):
-        """One row per query: detected, score, fired layers, and each layer's margin."""
-        import pandas as pd
-
-        d = self.to("cpu")
-        frame = pd.DataFrame(
-            {
-                "detected": d.detected.numpy(),
-                "score": d.score.double().numpy(),
-                "fired_layers": [
-                    [self.layers[j] for j in torch.nonzero(row).flatten().tolist()]
-                    for row in d.fired
-                ],
-            }
-        )
-        for j, layer in enumerate(self.layers):
-            frame[f"margin_L{layer}"] = d.margin[:, j].double().numpy()
-        return frame
-
-    def __repr__(self) -> str:
-        fpr = "unmeasured" if self.fpr is None else f"{self.fpr:g}"
-        return (
-            f"Detection(n={len(self)}, detected={int(self.detected.sum())}, rule={self.rule!r}, "
-            f"calibrated fpr={fpr})"
-        )
-
-
-class DetectionRecord:
-    """Margins written by a detector's hooks during the latest forward; tensors stay on device.
-
-    Each forward overwrites the layer's entry. Reading :attr:`detected` (etc.) combines the
-    layers by the detector's rule without leaving the device; only printing or ``bool()``
-    synchronises.
-
-    Example:
-        >>> _ = model.run_with_hooks(tokens, fwd_hooks=ksd.hooks())
-        >>> ksd.record.detected      # [batch] bool, on the model's device
-        tensor([False, False])
-    """
-
-    def __init__(self, detector: KeyRegionDetector):
-        self.detector = detector
-        self.margins: dict[int, Tensor] = {}
-
-    def reset(self) -> None:
-        """Forget what was recorded."""
-        self.margins.clear()
-
-    @property
-    def margin(self) -> Float[Tensor, "batch layer"]:
-        """``[batch, layers]`` margins of the latest forward."""
-        missing = [layer for layer in self.detector.layers_ if layer not in self.margins]
-        if missing:
-            raise RuntimeError(
-                f"No margins recorded at layers {missing}: run a forward pass with these hooks "
-                "first (one that reaches those layers)."
-            )
-        return torch.stack([self.margins[layer] for layer in self.detector.layers_], -1)
-
-    @property
-    def detected(self) -> Bool[Tensor, " batch"]:
-        """Whether each sequence is detected under the rule."""
-        return self.detector._combine(self.margin)[0]
-
-    def detection(self) -> Detection:
-        """All of it as a :class:`Detection` (still on the device)."""
-        return self.detector._detection(self.margin)
-
-
-# ------------------------------------------------------------------------------ base class
 class KeyRegionDetector(Detector):
     """Shared machinery of key-space detectors: fit, alpha, rules, hooks, detect, generate.
 
@@ -375,16 +195,9 @@ class KeyRegionDetector(Detector):
         return self
 
     def _calibrate(self, keys_f, keys_r, layers, rule_k, fpr, test_size, seed) -> None:
-        check_type(keys_r, KeyVectors, "keys_r", "Collect them with mu.collect_keys(model, skill).")
-        if self.h is not None or self.alpha is not None:
-            raise ValueError(
-                "fit(keys_f, keys_r) chooses alpha automatically: construct the detector "
-                "without h or alpha, or call fit(keys_f) alone."
-            )
-        check_forget_retain(keys_f, keys_r, ("keys_f", "keys_r"), "key vectors")
-        check_compatible(keys_f.meta, keys_r.meta, ("n_layers", "d_mlp"), "KeyVectors")
-        if keys_r.d_mlp != keys_f.d_mlp:
-            raise ValueError(f"keys_r has d_mlp={keys_r.d_mlp}, keys_f {keys_f.d_mlp}.")
+        """Fit the region on a part of ``keys_f`` and choose ``alpha`` under the false-positive
+        cap on a part of ``keys_r`` (the module docstring); the other parts measure it."""
+        self._check_negatives(keys_f, keys_r)
         fit_f, held_f = keys_f.split(test_size, seed)
         cal_idx, test_idx = keys_r.split_indices(test_size, seed)
         cal_r, test_r = keys_r.subset(cal_idx), keys_r.subset(test_idx)
@@ -398,46 +211,9 @@ class KeyRegionDetector(Detector):
         d_cal = self._distance(self._select(cal_r, layers).to(dev), self.region_)
         d_test = self._distance(self._select(test_r, layers).to(dev), self.region_)
         d_cal = torch.nan_to_num(d_cal, nan=torch.inf)
-        ranked = d_cal.sort(0).values  # [m, layers], ascending
-        m = ranked.shape[0]
-
-        def alphas(j: int) -> Tensor:
-            # just below the j-th smallest distance (0-based): j calibration points inside per
-            # layer; the relative gap keeps distance / alpha clear of 1 after rounding
-            return ranked[j] * (1 - 1e-9)
-
-        def rate(d: Tensor, alpha: Tensor) -> float:
-            return float(_detect(d / alpha, rule_k).double().mean())
-
-        # Compare counts, not float rates: 1/10 in float32 is 0.10000000149 > fpr=0.1.
-        allowed = math.floor(float(fpr) * m + 1e-9)
-        best, inside_best = 0, None  # j = 0 always meets the cap: every box ends below its nearest
-        capping = []  # the calibration negatives the cap stops short of (inside one rank further)
-        for j in range(m):  # m is small (hundreds); the count is monotone in j
-            inside = _detect(d_cal / alphas(j), rule_k)
-            if int(inside.sum()) <= allowed:
-                best, inside_best = j, inside
-            else:
-                capping = cal_idx[(inside & ~inside_best).cpu()].tolist()
-                break
-        alpha_max = alphas(best).clamp(min=0)
-        # Held-out forget query i is detected at alpha = t * alpha_max iff t >= s_i, its
-        # rule-relevant margin at alpha_max. Every t in [t_min, 1] gives the best detection
-        # (t_min: the largest s_i <= 1); take the middle of that interval, away from both the
-        # retain queries (t = 1) and the last detected forget query (t = t_min).
-        s_held = torch.nan_to_num(d_held / alpha_max, nan=torch.inf)
-        s_held = s_held.sort(-1).values[:, rule_k - 1]
-        inside = s_held[s_held <= 1]
-        t_min = float(inside.max()) if inside.numel() else 1.0
+        best, alpha_max, capping = _alpha_under_cap(d_cal, rule_k, fpr, cal_idx)
+        t_min = _plateau_start(d_held, alpha_max, rule_k)
         self.alpha_ = alpha_max * (0.5 * (t_min + 1.0))
-        per_layer = {}
-        for col, layer in enumerate(layers):
-            a = self.alpha_[col]
-            per_layer[int(layer)] = {
-                "detect_f": float((d_held[:, col] <= a).float().mean()),
-                "fpr_r_cal": float((d_cal[:, col] <= a).float().mean()),
-                "fpr_r_test": float((d_test[:, col] <= a).float().mean()),
-            }
         self.calibration_ = {
             "fpr": float(fpr),
             "rank": int(best),
@@ -448,11 +224,11 @@ class KeyRegionDetector(Detector):
             "n_cal_r": len(cal_r),
             "n_test_r": len(test_r),
             "retain": keys_r.meta.get("skill"),
-            "detect_f": rate(d_held, self.alpha_),
-            "fpr_r_cal": rate(d_cal, self.alpha_),
-            "fpr_r_test": rate(d_test, self.alpha_),
+            "detect_f": _rate(d_held, self.alpha_, rule_k),
+            "fpr_r_cal": _rate(d_cal, self.alpha_, rule_k),
+            "fpr_r_test": _rate(d_test, self.alpha_, rule_k),
             "capping_negatives": capping,
-            "per_layer": per_layer,
+            "per_layer": _per_layer_rates(d_held, d_cal, d_test, self.alpha_, layers),
         }
         detect_f = self.calibration_["detect_f"]
         if detect_f < LOW_DETECTION:
@@ -469,6 +245,20 @@ class KeyRegionDetector(Detector):
                 f"{detect_f:.0%} of the {len(held_f)} held-out forget queries: {why}.",
                 stacklevel=3,
             )
+
+    def _check_negatives(self, keys_f: KeyVectors, keys_r: KeyVectors) -> None:
+        """Negatives that calibration can use: key vectors of the same model, and no ``h`` or
+        ``alpha`` set (calibration chooses alpha)."""
+        check_type(keys_r, KeyVectors, "keys_r", "Collect them with mu.collect_keys(model, skill).")
+        if self.h is not None or self.alpha is not None:
+            raise ValueError(
+                "fit(keys_f, keys_r) chooses alpha automatically: construct the detector "
+                "without h or alpha, or call fit(keys_f) alone."
+            )
+        check_forget_retain(keys_f, keys_r, ("keys_f", "keys_r"), "key vectors")
+        check_compatible(keys_f.meta, keys_r.meta, ("n_layers", "d_mlp"), "KeyVectors")
+        if keys_r.d_mlp != keys_f.d_mlp:
+            raise ValueError(f"keys_r has d_mlp={keys_r.d_mlp}, keys_f {keys_f.d_mlp}.")
 
     def _resolve_layers(self, keys: KeyVectors) -> list[int]:
         if self.layers is None:
@@ -741,121 +531,69 @@ class KeyRegionDetector(Detector):
         self._after_fit()
 
 
-# ------------------------------------------------------------------------------ the cube
-@register_method("KSD", fits_on="keys", full_name="KeySpaceDetection")
-class KeySpaceDetector(KeyRegionDetector):
-    """The paper's detector: an axis-aligned cube ``mu +- alpha * sigma`` per layer.
+# ------------------------------------------------------------------------------ calibration
+def _alpha_at(ranked: Float[Tensor, "m layer"], j: int) -> Float[Tensor, " layer"]:
+    """Per layer, just below the ``j``-th smallest calibration distance (0-based): ``j``
+    calibration points inside per layer; the relative gap keeps distance / alpha clear of 1
+    after rounding."""
+    return ranked[j] * (1 - 1e-9)
 
-    The cube primitives (sigma floor, ``k_min``, the margin) are those of
-    :mod:`mechunlearn.analysis.hypercube`, so analyses and the detector agree exactly.
-    See :class:`KeyRegionDetector` for the arguments, attributes and methods.
 
-    Where we deviate from the authors' code: any set of layers with a rule (they check only the
-    last layer), a sigma floor instead of a division by zero, and an optional automatic alpha.
+def _alpha_under_cap(
+    d_cal: Float[Tensor, "m layer"], rule_k: int, fpr: float, cal_idx
+) -> tuple[int, Float[Tensor, " layer"], list[int]]:
+    """The largest rank ``j`` whose per-layer alphas detect at most ``fpr`` of the calibration
+    negatives (``d_cal``, NaN already infinite) under the rule: ``(j, alpha_max, capping)``, with
+    ``capping`` the rows of the negatives (indices ``cal_idx`` into ``keys_r``) that one rank
+    further would be inside."""
+    ranked = d_cal.sort(0).values  # [m, layers], ascending
+    m = ranked.shape[0]
+    # Compare counts, not float rates: 1/10 in float32 is 0.10000000149 > fpr=0.1.
+    allowed = math.floor(float(fpr) * m + 1e-9)
+    best, inside_best = 0, None  # j = 0 always meets the cap: every box ends below its nearest
+    capping = []  # the calibration negatives the cap stops short of (inside one rank further)
+    for j in range(m):  # m is small (hundreds); the count is monotone in j
+        inside = _detect(d_cal / _alpha_at(ranked, j), rule_k)
+        if int(inside.sum()) <= allowed:
+            best, inside_best = j, inside
+        else:
+            capping = cal_idx[(inside & ~inside_best).cpu()].tolist()
+            break
+    return best, _alpha_at(ranked, best).clamp(min=0), capping
 
-    Example:
-        >>> ksd = mu.KeySpaceDetector(fpr=0.1).fit(keys_f, keys_r)
-        >>> ksd.cube_.mu.shape        # [layer, d_mlp]: every layer by default
-        torch.Size([3, 48])
-        >>> ksd.detect(model, ["3+4=", "copy b:"]).detected.tolist()
-        [True, False]
-        >>> forget = mu.load_skill("gsm8k", n=200)                   # doctest: +SKIP
-        >>> keys_cal = mu.collect_keys(model, mu.calibration_skill())  # doctest: +SKIP
-        >>> ksd = KeySpaceDetector().fit(mu.collect_keys(model, forget), keys_cal)  # doctest: +SKIP
-        >>> prompts = ["Natalia sold clips to 48 of her friends...", "def f(x):"]
-        >>> ksd.generate(model, prompts)  # doctest: +SKIP
-    """
 
-    def _fit_region(self, x: Float[Tensor, "n layer d"]) -> dict[str, Tensor]:
-        cube = fit_cube(x)
-        return {
-            "mu": cube.mu,
-            "sigma": cube.sigma,
-            "floor": cube.floor,
-            "n_floored": cube.n_floored,
+def _plateau_start(
+    d_held: Float[Tensor, "n layer"], alpha_max: Float[Tensor, " layer"], rule_k: int
+) -> float:
+    """``t_min``: held-out forget query ``i`` is detected at ``alpha = t * alpha_max`` iff
+    ``t >= s_i``, its rule-relevant margin at ``alpha_max``; every ``t`` in ``[t_min, 1]`` gives
+    the best detection (``t_min``: the largest ``s_i <= 1``; 1 when none is detected). The fit
+    takes the middle of that interval, away from both the retain queries (``t = 1``) and the
+    last detected forget query (``t = t_min``)."""
+    s_held = torch.nan_to_num(d_held / alpha_max, nan=torch.inf)
+    s_held = s_held.sort(-1).values[:, rule_k - 1]
+    inside = s_held[s_held <= 1]
+    return float(inside.max()) if inside.numel() else 1.0
+
+
+def _rate(d: Float[Tensor, "n layer"], alpha: Float[Tensor, " layer"], rule_k: int) -> float:
+    """The share of the rows of ``d`` detected at ``alpha`` under the rule."""
+    return float(_detect(d / alpha, rule_k).double().mean())
+
+
+def _per_layer_rates(d_held, d_cal, d_test, alpha, layers) -> dict[int, dict[str, float]]:
+    """Per layer alone: the held-out forget detection and the two false-positive rates."""
+    per_layer = {}
+    for col, layer in enumerate(layers):
+        a = alpha[col]
+        per_layer[int(layer)] = {
+            "detect_f": float((d_held[:, col] <= a).float().mean()),
+            "fpr_r_cal": float((d_cal[:, col] <= a).float().mean()),
+            "fpr_r_test": float((d_test[:, col] <= a).float().mean()),
         }
-
-    @staticmethod
-    def _cube(region: dict[str, Tensor]) -> Cube:
-        return Cube(region["mu"], region["sigma"], region["floor"], region["n_floored"], 0)
-
-    def _distance(self, x: Float[Tensor, "m layer d"], region: dict[str, Tensor]) -> Tensor:
-        return normalized_distance(x, self._cube(region))
-
-    def _distance_row(self, x: Float[Tensor, "b d"], region_row: dict[str, Tensor]) -> Tensor:
-        return normalized_distance(x, self._cube(region_row))
-
-    @property
-    def cube_(self) -> Cube:
-        """The fitted cubes as a :class:`~mechunlearn.analysis.hypercube.Cube` (per layer)."""
-        self._check_fitted()
-        return self._cube(self.region_)
+    return per_layer
 
 
-# ------------------------------------------------------------------------------ the ellipsoid
-
-
-@register_method("Ellipsoid", fits_on="keys", full_name="EllipsoidDetection")
-class EllipsoidDetector(KeyRegionDetector):
-    """A detector whose region is an ellipsoid: Mahalanobis distance under a shrunk covariance.
-
-    Per layer, ``Sigma = (1 - s) * S + s * (tr S / d) * I`` (``S`` the empirical covariance of
-    the fit keys, ``s`` the Ledoit-Wolf intensity or a fixed ``shrinkage``), and the distance
-    of ``x`` is ``sqrt((x - mu)^T Sigma^-1 (x - mu))``. alpha is chosen as for the cube
-    (``h * k_min`` with ``k_min`` the largest fit distance, an absolute ``alpha``, or
-    automatically). ``Sigma^-1`` is applied through the eigenvectors of ``S`` (at most
-    ``n - 1`` of them) with the Woodbury identity, so a hook costs a ``[b, d] x [d, n]``
-    product, and nothing of size ``d x d`` is stored when ``n < d``. The isotropic part
-    ``s * tr S / d`` is floored at ``1e-6 * tr S / d`` (``shrinkage=0`` with ``n <= d``
-    would be singular).
-
-    Args:
-        shrinkage: None for Ledoit-Wolf, or a fixed intensity in [0, 1].
-        h, alpha, layers, rule: as for :class:`KeyRegionDetector`.
-
-    Example:
-        >>> ell = mu.EllipsoidDetector(h=1.5, layers=[-3, -2, -1], rule=2).fit(keys_f)
-        >>> ell.detect(model, ["3+4=", "copy b:"]).detected.tolist()
-        [True, False]
-        >>> ell.detect_keys(keys_r).rate
-        0.0
-    """
-
-    def __init__(
-        self,
-        h: float | None = None,
-        alpha: float | None = None,
-        layers: int | Sequence[int] | None = None,
-        rule: str | int = "all",
-        fpr: float = 0.001,
-        test_size: float | int = 0.5,
-        seed: int = 0,
-        shrinkage: float | None = None,
-    ):
-        super().__init__(
-            h=h, alpha=alpha, layers=layers, rule=rule, fpr=fpr, test_size=test_size, seed=seed
-        )
-        if shrinkage is not None:
-            shrinkage = float(shrinkage)
-            if not 0.0 <= shrinkage <= 1.0:
-                raise ValueError(
-                    f"shrinkage must be None (Ledoit-Wolf) or in [0, 1], got {shrinkage}."
-                )
-        self.shrinkage = shrinkage
-
-    def _fit_region(self, x: Float[Tensor, "n layer d"]) -> dict[str, Tensor]:
-        return fit_ellipsoid(x.transpose(0, 1), self.shrinkage)
-
-    def _distance(self, x: Float[Tensor, "m layer d"], region: dict[str, Tensor]) -> Tensor:
-        x = x.to(region["mu"].device, region["mu"].dtype)
-        return mahalanobis(x - region["mu"], region["u"], region["coef"], region["iso"])
-
-    def _distance_row(self, x: Float[Tensor, "b d"], region_row: dict[str, Tensor]) -> Tensor:
-        v = x - region_row["mu"]
-        return mahalanobis(v, region_row["u"], region_row["coef"], region_row["iso"])
-
-
-# ------------------------------------------------------------------------------ helpers
 def _check_rule(rule: Any) -> None:
     if isinstance(rule, str):
         if rule not in ("any", "all"):
