@@ -66,6 +66,7 @@ from tqdm.auto import tqdm
 from ..batching import EncodedBatch, forward, pad_batch, tokenize_examples
 from ..data import Skill, special_token_flags
 from ..models import model_device
+from ..validation import check_forget_retain, check_int, check_positive, check_seed
 
 __all__ = [
     "STOP_REASONS",
@@ -75,6 +76,9 @@ __all__ = [
     "answer_nll",
     "check_answer_skill",
     "check_disjoint",
+    "check_forget_loss_factor",
+    "check_loop_settings",
+    "check_skills",
     "epochs",
     "example_answer_nll",
     "frozen",
@@ -170,6 +174,65 @@ def check_answer_skill(skill: Any, role: str, name: str) -> Skill:
     if len(skill) == 0:
         raise ValueError(f"The {role} skill {skill.name!r} has no examples.")
     return skill
+
+
+def check_skills(forget: Any, retain: Any, name: str) -> tuple[Skill, Skill]:
+    """The forget and retain skills of a trained method's fit, checked: each a non-empty
+    :class:`~mechunlearn.data.Skill` (:func:`check_answer_skill`), and no example in both.
+
+    Example:
+        >>> check_skills(forget, retain, "GA") == (forget, retain)
+        True
+
+    Raises:
+        TypeError: a skill is not a Skill. ValueError: an empty skill, or shared examples.
+    """
+    forget = check_answer_skill(forget, "forget", name)
+    retain = check_answer_skill(retain, "retain", name)
+    check_forget_retain(forget, retain, ("forget", "retain"), "examples")
+    return forget, retain
+
+
+def check_loop_settings(max_steps: Any, batch_size: Any, max_length: Any, seed: Any) -> None:
+    """Check the constructor settings that every trained method passes to :func:`train`:
+    ``max_steps`` and ``batch_size`` (ints >= 1), ``max_length`` (None or an int >= 2) and
+    ``seed``.
+
+    Example:
+        >>> check_loop_settings(max_steps=30, batch_size=8, max_length=None, seed=0)
+        >>> check_loop_settings(max_steps=30, batch_size=0, max_length=None, seed=0)
+        Traceback (most recent call last):
+        ValueError: batch_size must lie in [1, inf], got 0.
+
+    Raises:
+        ValueError: a setting out of range (the message names it).
+    """
+    check_int("max_steps", max_steps, min_val=1)
+    check_int("batch_size", batch_size, min_val=1)
+    if max_length is not None:
+        check_int("max_length", max_length, min_val=2)
+    check_seed(seed)
+
+
+def check_forget_loss_factor(factor: Any) -> None:
+    """Check the :class:`EarlyStop` multiple a method's constructor takes: None (no early
+    stop) or a finite number > 1.
+
+    Example:
+        >>> check_forget_loss_factor(1.0)
+        Traceback (most recent call last):
+        ValueError: forget_loss_factor must be > 1 (a multiple of the initial forget loss) ...
+
+    Raises:
+        ValueError: not None and not a finite number > 1.
+    """
+    if factor is not None:
+        check_positive("forget_loss_factor", factor)
+        if float(factor) <= 1.0:
+            raise ValueError(
+                "forget_loss_factor must be > 1 (a multiple of the initial forget loss) or "
+                f"None, got {factor!r}."
+            )
 
 
 def tokenize_answers(model, skill: Skill, max_length: int | None, role: str, name: str) -> Items:

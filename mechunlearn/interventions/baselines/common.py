@@ -4,7 +4,10 @@ deltas applied by parameter name, save and load.
 Each baseline (:mod:`.grad_ascent`, :mod:`.grad_diff`, :mod:`.npo`, :mod:`.rmu`) is a
 :class:`TrainedBaseline` that says which parameters it trains (:meth:`~TrainedBaseline.
 _parameters`) and what it minimises (:meth:`~TrainedBaseline._objective`); the loop is
-:func:`mechunlearn.interventions.training.train`, the one SIMU uses, with torch's AdamW.
+:func:`mechunlearn.interventions.training.train`, the one SIMU uses, with torch's AdamW. GA,
+GradDiff and NPO, whose losses are on the answer tokens, share their constructor, its settings
+and their defaults through :class:`ForgetLossBaseline`; every baseline keeps its AdamW and loop
+settings with :meth:`TrainedBaseline._set_training`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,9 @@ from torch import Tensor
 from ...data import Skill
 from ...models import d_mlp, model_meta
 from ...validation import (
-    check_forget_retain,
-    check_int,
     check_layers,
     check_positive,
     check_scalar,
-    check_seed,
     model_keys,
     resolve_layers,
 )
@@ -33,14 +33,16 @@ from ..base import WeightIntervention
 from ..training import (
     EarlyStop,
     LossFn,
-    check_answer_skill,
+    check_forget_loss_factor,
+    check_loop_settings,
+    check_skills,
     example_answer_nll,
     tokenize_answers,
     train,
 )
 from ..weights import WeightEdit
 
-__all__ = ["TrainedBaseline", "block_parameters", "check_nonnegative"]
+__all__ = ["ForgetLossBaseline", "TrainedBaseline", "block_parameters", "check_nonnegative"]
 
 
 def check_nonnegative(name: str, value: Any) -> float:
@@ -95,31 +97,31 @@ class TrainedBaseline(WeightIntervention):
     #: The short name in messages and on the progress bar.
     _label: ClassVar[str] = "baseline"
 
-    # ------------------------------------------------------------------ validation helpers
-    @staticmethod
-    def _check_training(
+    # ------------------------------------------------------------------------- settings
+    def _set_training(
+        self,
         lr: Any,
         weight_decay: Any,
         max_steps: Any,
         batch_size: Any,
         max_length: Any,
         seed: Any,
-        forget_loss_factor: Any = None,
     ) -> None:
+        """Check the AdamW and loop settings every baseline's constructor takes, and keep them
+        (as attributes of their own names).
+
+        Raises:
+            ValueError: a setting out of range (the message names it).
+        """
         check_positive("lr", lr)
         check_nonnegative("weight_decay", weight_decay)
-        check_int("max_steps", max_steps, min_val=1)
-        check_int("batch_size", batch_size, min_val=1)
-        if max_length is not None:
-            check_int("max_length", max_length, min_val=2)
-        check_seed(seed)
-        if forget_loss_factor is not None:
-            check_positive("forget_loss_factor", forget_loss_factor)
-            if float(forget_loss_factor) <= 1.0:
-                raise ValueError(
-                    "forget_loss_factor must be > 1 (a multiple of the initial forget loss) or "
-                    f"None, got {forget_loss_factor!r}."
-                )
+        check_loop_settings(max_steps, batch_size, max_length, seed)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_steps = max_steps
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.seed = seed
 
     # ------------------------------------------------------------------- subclass hooks
     def _layers(self, model) -> list[int]:
@@ -164,9 +166,7 @@ class TrainedBaseline(WeightIntervention):
                 infinite (the step is named; the model's weights are restored).
         """
         name = self._label
-        forget = check_answer_skill(forget, "forget", name)
-        retain = check_answer_skill(retain, "retain", name)
-        check_forget_retain(forget, retain, ("forget", "retain"), "examples")
+        forget, retain = check_skills(forget, retain, name)
         layers = self._layers(model)
         items_f = tokenize_answers(model, forget, self.max_length, "forget", name)
         items_r = tokenize_answers(model, retain, self.max_length, "retain", name)
@@ -269,3 +269,53 @@ class TrainedBaseline(WeightIntervention):
             self.forget_loss_initial_ = float(info["forget_loss_initial"])
         self._set_extra_state(tensors, info)
         self._clear_cache()
+
+
+class ForgetLossBaseline(TrainedBaseline):
+    """A baseline whose loss is on the answer tokens, with SIMU's early stop on the forget
+    answer loss (GA, GradDiff, NPO): the constructor they share, and its settings.
+
+    Defaults (open-unlearning's TOFU fine-tuning arguments, AdamW with ``weight_decay=0.01``,
+    every parameter trained; the learning rate and the bounded number of steps scaled to the
+    135M default model, see docs/methods.md): ``lr=1e-4``, ``weight_decay=0.01``,
+    ``max_steps=30``, ``batch_size=8`` (open-unlearning: 32 per step), constant learning rate
+    (no warm-up: the runs are too short for one). Early stop as SIMU's: once a step's forget
+    loss reaches ``forget_loss_factor`` (3) times the initial loss of the same examples
+    (open-unlearning has none; unchecked ascent destroys the model).
+
+    Args:
+        layers: blocks whose parameters (attention, MLP, normalisation) are trained; None (the
+            default) trains every parameter of the model, embeddings included, as
+            open-unlearning does.
+        lr: AdamW's learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        max_steps: optimizer steps at most.
+        forget_loss_factor: stop once a step's forget loss (the mean answer-token
+            cross-entropy ``L_F`` of its forget batch) reaches this multiple (> 1) of the
+            initial loss of the same examples; None to always run ``max_steps``.
+        batch_size: examples per batch (one forget and one retain batch per step).
+        max_length: truncate texts to this many tokens (default: the model's context).
+        seed: seed of the batch order.
+
+    Attributes:
+        layers_, d_mlp_, meta_, deltas_, history_, n_updates_, stop_reason_: see
+            :class:`TrainedBaseline`.
+        forget_loss_initial_: the forget skill's mean answer-token loss before training.
+    """
+
+    def __init__(
+        self,
+        layers: int | Sequence[int] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        max_steps: int = 30,
+        forget_loss_factor: float | None = 3.0,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        seed: int = 0,
+    ):
+        layers = check_layers(layers)
+        check_forget_loss_factor(forget_loss_factor)
+        self._set_training(lr, weight_decay, max_steps, batch_size, max_length, seed)
+        self.layers = layers
+        self.forget_loss_factor = forget_loss_factor

@@ -16,17 +16,14 @@ with torch's AdamW. See :class:`GradAscent` for the defaults and where they come
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ...batching import EncodedBatch
-from ...validation import check_layers
 from ..registry import register_method
 from ..training import mean_answer_loss
-from .common import TrainedBaseline
+from .common import ForgetLossBaseline
 
 __all__ = ["GradAscent", "grad_ascent_loss"]
 
@@ -52,34 +49,15 @@ def grad_ascent_loss(
 
 
 @register_method("GA", fits_on="model")
-class GradAscent(TrainedBaseline):
+class GradAscent(ForgetLossBaseline):
     """Gradient Ascent baseline: minimise ``-L_F`` by AdamW (module docstring).
 
-    Defaults (open-unlearning's ``GradAscent`` with its TOFU fine-tuning arguments, AdamW with
-    ``weight_decay=0.01``, every parameter trained; the learning rate and the bounded number of
-    steps scaled to the 135M default model, see docs/methods.md): ``lr=1e-4``,
-    ``weight_decay=0.01``, ``max_steps=30``, ``batch_size=8`` (open-unlearning: 32 per step),
-    constant learning rate (no warm-up: the runs are too short for one). Early stop as SIMU's:
-    once a step's forget loss reaches ``forget_loss_factor`` (3) times the initial loss of the
-    same examples (open-unlearning has none; unchecked ascent destroys the model).
-
-    Args:
-        layers: blocks whose parameters (attention, MLP, normalisation) are trained; None (the
-            default) trains every parameter of the model, embeddings included, as
-            open-unlearning does.
-        lr: AdamW's learning rate.
-        weight_decay: AdamW's decoupled weight decay.
-        max_steps: optimizer steps at most.
-        forget_loss_factor: stop once a step's forget loss reaches this multiple (> 1) of the
-            initial loss of the same examples; None to always run ``max_steps``.
-        batch_size: examples per batch (one forget and one retain batch per step).
-        max_length: truncate texts to this many tokens (default: the model's context).
-        seed: seed of the batch order.
-
-    Attributes:
-        layers_, d_mlp_, meta_, deltas_, history_, n_updates_, stop_reason_: see
-            :class:`~.common.TrainedBaseline`.
-        forget_loss_initial_: the forget skill's mean answer-token loss before training.
+    Its settings, their defaults and its fitted attributes are those of every
+    :class:`~.common.ForgetLossBaseline`: open-unlearning's ``GradAscent`` with its TOFU
+    fine-tuning arguments (every parameter trained, AdamW), the learning rate and the bounded
+    number of steps scaled to the 135M default model, and SIMU's early stop
+    (``forget_loss_factor=3``; open-unlearning has none, and unchecked ascent destroys the
+    model).
 
     Example:
         >>> ga = mu.GradAscent(max_steps=3, lr=1e-3).fit(model, forget, retain, quiet=True)
@@ -93,30 +71,6 @@ class GradAscent(TrainedBaseline):
     """
 
     _label = "GA"
-
-    def __init__(
-        self,
-        layers: int | Sequence[int] | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.01,
-        max_steps: int = 30,
-        forget_loss_factor: float | None = 3.0,
-        batch_size: int = 8,
-        max_length: int | None = None,
-        seed: int = 0,
-    ):
-        layers = check_layers(layers)
-        self._check_training(
-            lr, weight_decay, max_steps, batch_size, max_length, seed, forget_loss_factor
-        )
-        self.layers = layers
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.max_steps = max_steps
-        self.forget_loss_factor = forget_loss_factor
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.seed = seed
 
     def _objective(self, model, items_f, items_r):
         _, early = self._forget_reference(model, items_f)

@@ -18,10 +18,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ...batching import EncodedBatch
-from ...validation import check_layers
 from ..registry import register_method
 from ..training import mean_answer_loss
-from .common import TrainedBaseline, check_nonnegative
+from .common import ForgetLossBaseline, check_nonnegative
 
 __all__ = ["GradDiff", "grad_diff_loss"]
 
@@ -46,33 +45,19 @@ def grad_diff_loss(
 
 
 @register_method("GradDiff", fits_on="model")
-class GradDiff(TrainedBaseline):
+class GradDiff(ForgetLossBaseline):
     """Gradient Difference baseline: minimise ``-L_F + gamma * L_R`` by AdamW (module docstring).
 
     Defaults (open-unlearning's ``GradDiff.yaml``: ``gamma=1`` on the forget term, ``alpha=1``
-    on the retain term, i.e. our ``gamma=1``; its TOFU fine-tuning arguments: AdamW,
-    ``weight_decay=0.01``, every parameter trained; the learning rate and the bounded number of
-    steps scaled to the 135M default model, see docs/methods.md): ``gamma=1.0``, ``lr=1e-4``,
-    ``weight_decay=0.01``, ``max_steps=30``, ``batch_size=8``, constant learning rate. Early
-    stop as SIMU's (``forget_loss_factor=3``).
+    on the retain term, i.e. our ``gamma=1``): ``gamma=1.0``. The other settings, their
+    defaults (``lr=1e-4``, ``weight_decay=0.01``, ``max_steps=30``, ``batch_size=8``, constant
+    learning rate, SIMU's early stop with ``forget_loss_factor=3``) and the fitted attributes
+    are those of every :class:`~.common.ForgetLossBaseline`.
 
     Args:
-        layers: blocks whose parameters are trained; None (the default) trains every parameter
-            of the model, as open-unlearning does.
         gamma: weight of the retain loss (>= 0).
-        lr: AdamW's learning rate.
-        weight_decay: AdamW's decoupled weight decay.
-        max_steps: optimizer steps at most.
-        forget_loss_factor: stop once a step's forget loss reaches this multiple (> 1) of the
-            initial loss of the same examples; None to always run ``max_steps``.
-        batch_size: examples per batch (one forget and one retain batch per step).
-        max_length: truncate texts to this many tokens (default: the model's context).
-        seed: seed of the batch order.
-
-    Attributes:
-        layers_, d_mlp_, meta_, deltas_, history_, n_updates_, stop_reason_: see
-            :class:`~.common.TrainedBaseline`.
-        forget_loss_initial_: the forget skill's mean answer-token loss before training.
+        layers, lr, weight_decay, max_steps, forget_loss_factor, batch_size, max_length, seed:
+            see :class:`~.common.ForgetLossBaseline`.
 
     Example:
         >>> gd = mu.GradDiff(layers=[1, 2], max_steps=3, lr=1e-3).fit(
@@ -95,20 +80,11 @@ class GradDiff(TrainedBaseline):
         max_length: int | None = None,
         seed: int = 0,
     ):
-        layers = check_layers(layers)
         check_nonnegative("gamma", gamma)
-        self._check_training(
-            lr, weight_decay, max_steps, batch_size, max_length, seed, forget_loss_factor
+        super().__init__(
+            layers, lr, weight_decay, max_steps, forget_loss_factor, batch_size, max_length, seed
         )
-        self.layers = layers
         self.gamma = gamma
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.max_steps = max_steps
-        self.forget_loss_factor = forget_loss_factor
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.seed = seed
 
     def _objective(self, model, items_f, items_r):
         _, early = self._forget_reference(model, items_f)

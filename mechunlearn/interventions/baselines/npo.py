@@ -26,10 +26,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ...batching import EncodedBatch, forward
-from ...validation import check_layers, check_positive
+from ...validation import check_positive
 from ..registry import register_method
 from ..training import answer_nll, mean_answer_loss
-from .common import TrainedBaseline, check_nonnegative
+from .common import ForgetLossBaseline, check_nonnegative
 
 __all__ = ["NPO", "npo_loss"]
 
@@ -87,35 +87,23 @@ def npo_loss(
 
 
 @register_method("NPO", fits_on="model")
-class NPO(TrainedBaseline):
+class NPO(ForgetLossBaseline):
     """Negative Preference Optimization baseline: ``L_NPO + gamma * L_R`` by AdamW (module
     docstring).
 
     Defaults (the NPO paper and open-unlearning's ``NPO.yaml``: ``beta=0.1``, forget weight 1,
-    retain weight ``alpha=1`` with the NLL retain loss, i.e. our ``gamma=1``; AdamW with
-    ``weight_decay=0.01``, every parameter trained; the learning rate and the bounded number of
-    steps scaled to the 135M default model, see docs/methods.md): ``beta=0.1``, ``gamma=1.0``,
-    ``lr=1e-4``, ``weight_decay=0.01``, ``max_steps=30``, ``batch_size=8``, constant learning
-    rate. Early stop as SIMU's, on the forget answer loss ``L_F`` (``forget_loss_factor=3``).
+    retain weight ``alpha=1`` with the NLL retain loss, i.e. our ``gamma=1``): ``beta=0.1``,
+    ``gamma=1.0``. The other settings, their defaults (``lr=1e-4``, ``weight_decay=0.01``,
+    ``max_steps=30``, ``batch_size=8``, constant learning rate) and the fitted attributes are
+    those of every :class:`~.common.ForgetLossBaseline`; the early stop is SIMU's, on the
+    forget answer loss ``L_F`` (``forget_loss_factor=3``), not on ``L_NPO``, and ``history_``
+    also logs ``npo_loss``.
 
     Args:
-        layers: blocks whose parameters are trained; None (the default) trains every parameter
-            of the model, as open-unlearning does.
         beta: NPO's inverse temperature (> 0).
         gamma: weight of the retain loss (>= 0).
-        lr: AdamW's learning rate.
-        weight_decay: AdamW's decoupled weight decay.
-        max_steps: optimizer steps at most.
-        forget_loss_factor: stop once a step's forget loss ``L_F`` reaches this multiple (> 1)
-            of the initial loss of the same examples; None to always run ``max_steps``.
-        batch_size: examples per batch (one forget and one retain batch per step).
-        max_length: truncate texts to this many tokens (default: the model's context).
-        seed: seed of the batch order.
-
-    Attributes:
-        layers_, d_mlp_, meta_, deltas_, history_, n_updates_, stop_reason_: see
-            :class:`~.common.TrainedBaseline`; ``history_`` also logs ``npo_loss``.
-        forget_loss_initial_: the forget skill's mean answer-token loss before training.
+        layers, lr, weight_decay, max_steps, forget_loss_factor, batch_size, max_length, seed:
+            see :class:`~.common.ForgetLossBaseline`.
 
     Example:
         >>> npo = mu.NPO(max_steps=3, lr=1e-3).fit(model, forget, retain, quiet=True)
@@ -138,22 +126,13 @@ class NPO(TrainedBaseline):
         max_length: int | None = None,
         seed: int = 0,
     ):
-        layers = check_layers(layers)
         check_positive("beta", beta)
         check_nonnegative("gamma", gamma)
-        self._check_training(
-            lr, weight_decay, max_steps, batch_size, max_length, seed, forget_loss_factor
+        super().__init__(
+            layers, lr, weight_decay, max_steps, forget_loss_factor, batch_size, max_length, seed
         )
-        self.layers = layers
         self.beta = beta
         self.gamma = gamma
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.max_steps = max_steps
-        self.forget_loss_factor = forget_loss_factor
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.seed = seed
 
     def _objective(self, model, items_f, items_r):
         reference, early = self._forget_reference(model, items_f)

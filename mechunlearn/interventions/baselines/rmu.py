@@ -199,17 +199,11 @@ class RMU(TrainedBaseline):
         trained_layers = check_layers(trained_layers, "trained_layers")
         check_positive("steering_coeff", steering_coeff)
         check_nonnegative("alpha", alpha)
-        self._check_training(lr, weight_decay, max_steps, batch_size, max_length, seed)
+        self._set_training(lr, weight_decay, max_steps, batch_size, max_length, seed)
         self.layer = layer
         self.trained_layers = trained_layers
         self.steering_coeff = steering_coeff
         self.alpha = alpha
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.max_steps = max_steps
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.seed = seed
 
     def _steered_layer(self, model) -> int:
         return resolve_layers(model, self.layer)[0]

@@ -14,19 +14,14 @@ from torch import Tensor
 from ...data import Skill
 from ...models import d_mlp, model_meta
 from ...sites import hook_name
-from ...validation import (
-    check_forget_retain,
-    check_int,
-    check_layers,
-    check_seed,
-    model_keys,
-    resolve_layers,
-)
+from ...validation import check_int, check_layers, model_keys, resolve_layers
 from ..base import Hook, WeightIntervention, check_positive
 from ..registry import register_method
 from ..training import (
     EarlyStop,
-    check_answer_skill,
+    check_forget_loss_factor,
+    check_loop_settings,
+    check_skills,
     mean_answer_loss,
     tokenize_answers,
     train,
@@ -136,18 +131,8 @@ class Simu(WeightIntervention):
         ):
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}.")
         check_positive("lr", lr)
-        check_int("max_steps", max_steps, min_val=1)
-        if forget_loss_factor is not None:
-            check_positive("forget_loss_factor", forget_loss_factor)
-            if float(forget_loss_factor) <= 1.0:
-                raise ValueError(
-                    "forget_loss_factor must be > 1 (a multiple of the initial forget loss) or "
-                    f"None, got {forget_loss_factor!r}."
-                )
-        check_int("batch_size", batch_size, min_val=1)
-        if max_length is not None:
-            check_int("max_length", max_length, min_val=2)
-        check_seed(seed)
+        check_loop_settings(max_steps, batch_size, max_length, seed)
+        check_forget_loss_factor(forget_loss_factor)
         check_sophia_kwargs(optimizer_kwargs, lr)
         self.layers = layers
         self.steps = steps
@@ -184,9 +169,7 @@ class Simu(WeightIntervention):
             FloatingPointError: the loss, or a trained weight after an update, became NaN or
                 infinite (the step is named; the model's weights are restored).
         """
-        forget = check_answer_skill(forget, "forget", "SIMU")
-        retain = check_answer_skill(retain, "retain", "SIMU")
-        check_forget_retain(forget, retain, ("forget", "retain"), "examples")
+        forget, retain = check_skills(forget, retain, "SIMU")
         layers = resolve_layers(model, self.layers)
         kw = dict(
             layers=layers, steps=self.steps, batch_size=self.batch_size,
