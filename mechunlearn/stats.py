@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -364,10 +365,7 @@ class NeuronStats:
         """Merge any number of shards (see :meth:`merge`)."""
         if not shards:
             raise ValueError("No shards to merge.")
-        out = shards[0]
-        for shard in shards[1:]:
-            out = out.merge(shard)
-        return out
+        return reduce(NeuronStats.merge, shards)
 
     # --------------------------------------------------------------------------- save / load
     def check_model(self, model) -> None:
@@ -541,10 +539,7 @@ class KeyVectors:
         """The rows of every part, in order (see :meth:`concat`)."""
         if not parts:
             raise ValueError("No key vectors to concatenate.")
-        out = parts[0]
-        for part in parts[1:]:
-            out = out.concat(part)
-        return out
+        return reduce(KeyVectors.concat, parts)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> KeyVectors:

@@ -82,14 +82,7 @@ from ..kernels.normality import (
     shapiro_kernel,
     shapiro_pvalue,
 )
-from ..kernels.samples import (
-    BLOCK_ELEMENTS,
-    filled_rows,
-    layer_samples,
-    neuron_samples,
-    run_layers,
-    sorted_groups,
-)
+from ..kernels.samples import filled_rows, neuron_samples, run_layers, sorted_blocks
 from ..stats import NeuronStats, check_stats
 from ..validation import check_alpha, check_choice, check_same_source
 
@@ -388,39 +381,32 @@ def _sample_statistics(stats: NeuronStats, min_samples: int, shapiro_max_n: int)
     separate_sw = n_filled > shapiro_max_n
 
     def first_pass(row: int) -> None:
-        xt = layer_samples(stats, row, rows)
-        step = max(1, BLOCK_ELEMENTS // n_filled)
-        for start in range(0, d, step):
-            for sub, xs in sorted_groups(xt[start : start + step]):
-                flat = row * d + start + sub
-                n = xs.shape[1]
-                n_used[flat] = n
-                if n < min_samples:
-                    continue
-                out = normality_kernel(xs, shapiro=not separate_sw)
-                const = out["constant"]
-                constant[flat] = const
-                for key in ("skew", "kurtosis", "ks_stat", "ad_stat", "shapiro_w"):
-                    if key in out:
-                        res[key][flat] = np.where(const, np.nan, out[key])
-                if not separate_sw:
-                    n_sw[flat] = n
+        for neurons, xs in sorted_blocks(stats, row, rows):
+            flat = row * d + neurons
+            n = xs.shape[1]
+            n_used[flat] = n
+            if n < min_samples:
+                continue
+            out = normality_kernel(xs, shapiro=not separate_sw)
+            const = out["constant"]
+            constant[flat] = const
+            for key in ("skew", "kurtosis", "ks_stat", "ad_stat", "shapiro_w"):
+                if key in out:
+                    res[key][flat] = np.where(const, np.nan, out[key])
+            if not separate_sw:
+                n_sw[flat] = n
 
     run_layers(first_pass, n_layers)
     if separate_sw:
         sw_rows = filled_rows(stats, shapiro_max_n)
-        m = int(sw_rows.numel())
 
         def shapiro_pass(row: int) -> None:
-            xt = layer_samples(stats, row, sw_rows)
-            step = max(1, BLOCK_ELEMENTS // m)
-            for start in range(0, d, step):
-                for sub, xs in sorted_groups(xt[start : start + step]):
-                    flat = row * d + start + sub
-                    n_sw[flat] = xs.shape[1]
-                    if xs.shape[1] >= min_samples:
-                        w = shapiro_kernel(xs)
-                        res["shapiro_w"][flat] = np.where(constant[flat], np.nan, w)
+            for neurons, xs in sorted_blocks(stats, row, sw_rows):
+                flat = row * d + neurons
+                n_sw[flat] = xs.shape[1]
+                if xs.shape[1] >= min_samples:
+                    w = shapiro_kernel(xs)
+                    res["shapiro_w"][flat] = np.where(constant[flat], np.nan, w)
 
         run_layers(shapiro_pass, n_layers)
 

@@ -63,6 +63,22 @@ def sorted_groups(block: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield rows, x[rows, : int(u)]
 
 
+def sorted_blocks(
+    stats: NeuronStats, row: int, rows: Tensor
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Layer row ``row``'s neurons in blocks of about :data:`BLOCK_ELEMENTS` reservoir values
+    (rows ``rows``, see :func:`layer_samples`), each block through :func:`sorted_groups`.
+
+    Yields ``(neurons, sorted)``: the neurons' indices within the layer, and their sorted finite
+    values ``[len(neurons), n]``.
+    """
+    xt = layer_samples(stats, row, rows)
+    step = max(1, BLOCK_ELEMENTS // int(rows.numel()))
+    for start in range(0, xt.shape[0], step):
+        for sub, xs in sorted_groups(xt[start : start + step]):
+            yield start + sub, xs
+
+
 def run_layers(job, n_layers: int, workers: int | None = None) -> None:
     """Call ``job(row)`` for every layer row, on up to ``workers`` threads (default: torch's
     intra-op thread count). NumPy's sort and array loops release the GIL, so layers run in
