@@ -19,9 +19,7 @@ default model (and, for KSD's headline, what ``analysis/unlearning_study.py`` me
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import pandas as pd
 import mechunlearn as mu
 from mechunlearn import cli
 from mechunlearn.io import write_text
-from mechunlearn.study import results_folder
+from mechunlearn.study import StudyParser, data_dir_or_exit
 
 STUDIES = {
     "gsm8k-vs-mbpp": ["--forget", "gsm8k", "--retain", "mbpp", "--general", "mmlu"],
@@ -49,33 +47,24 @@ STUDIES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StudyParser(__doc__.splitlines()[0], out="results/assumptions", quiet=False)
     parser.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
     parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--model", default=None, help="model name (default: the default model)")
-    parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
-    parser.add_argument(
-        "--out", default=None,
-        help="results folder (default: results/assumptions, -<model> added for another model)",
-    )  # fmt: skip
     parser.add_argument(
         "--from-run", metavar="FOLDER",
         help="only write the claims table from an existing run folder (e.g. `make run`'s report/)",
     )  # fmt: skip
     args = parser.parse_args()
-    args.out = str(args.out or results_folder("results/assumptions", args.model))
     if args.from_run:
         text = claims(Path(args.from_run), f"mechunlearn run --out {args.from_run}")
         write_text(Path(args.out) / "claims_from_run.md", text)
         print(text)
         return
-    if not args.data_dir:
-        sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    data_dir = data_dir_or_exit(args)
     for name in args.studies:
         argv = ["analyze", *STUDIES[name], "--n", str(args.n), "--seed", str(args.seed),
-                "--data-dir", args.data_dir, "--out", f"{args.out}/{name}"]  # fmt: skip
+                "--data-dir", data_dir, "--out", f"{args.out}/{name}"]  # fmt: skip
         if args.device:
             argv += ["--device", args.device]
         if args.model:

@@ -22,8 +22,6 @@ cached under ``keys/``, so an interrupted run resumes.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ from mechunlearn.data import format_variants
 from mechunlearn.io import write_text
 from mechunlearn.kernels.bootstrap import wilson_interval
 from mechunlearn.pipeline import RunConfig, load_model_for
-from mechunlearn.study import results_folder
+from mechunlearn.study import StudyParser, data_dir_or_exit
 
 from study_cache import load_or_make
 
@@ -62,27 +60,16 @@ def _wiki(n: int, seed: int, data_dir: str) -> mu.Skill:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StudyParser(__doc__.splitlines()[0], out="results/formats")
     parser.add_argument("--n", type=int, default=60, help="held-out examples per skill")
     parser.add_argument("--n-fit", type=int, default=100, help="GSM8K probe questions")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=None, help="model name (default: the default model)")
-    parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
-    parser.add_argument(
-        "--out", default=None,
-        help="results folder (default: results/formats, -<model> added for another model)",
-    )  # fmt: skip
-    parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    args.out = str(args.out or results_folder("results/formats", args.model))
-    if not args.data_dir:
-        sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    dd = data_dir_or_exit(args)
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
     model = load_model_for(RunConfig(model=args.model, quiet=args.quiet))
-    dd = args.data_dir
     gsm = mu.load_skill("gsm8k", n=args.n_fit + args.n, seed=args.seed, data_dir=dd)
     probe, held = gsm.split(args.n, seed=args.seed)
     paragraphs = _wiki(200, args.seed + 1, dd).prompts  # other paragraphs than the controls

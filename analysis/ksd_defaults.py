@@ -54,7 +54,6 @@ prints where they went and the run time.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -67,7 +66,7 @@ import torch
 import mechunlearn as mu
 from mechunlearn.data import make_variant
 from mechunlearn.kernels.bootstrap import wilson_interval
-from mechunlearn.study import results_folder
+from mechunlearn.study import StudyParser, data_dir_or_exit
 
 FORMATS = ("plain", "question_prefix", "chat")
 FIT_FORMATS = ("plain", "question_prefix")  # the selection must hold for both
@@ -83,13 +82,14 @@ RANKING = (
 
 
 # ---------------------------------------------------------------------------------- texts
-def other_skills(n: int, seed: int) -> dict[str, mu.Skill]:
-    """The ordinary questions of other domains, ``n`` each, as bare texts."""
-    mmlu = mu.load_skill("mmlu:-math", answer_format="text")
+def other_skills(n: int, seed: int, data_dir: str | None = None) -> dict[str, mu.Skill]:
+    """The ordinary questions of other domains, ``n`` each, as bare texts (from the benchmark
+    folder ``data_dir``, default ``$MECHUNLEARN_DATA``)."""
+    mmlu = mu.load_skill("mmlu:-math", answer_format="text", data_dir=data_dir)
     short = [i for i, ex in enumerate(mmlu) if len(ex.prompt) <= 300]  # questions, not passages
-    mbpp = mu.load_skill("mbpp")
+    mbpp = mu.load_skill("mbpp", data_dir=data_dir)
     desc = [ex.prompt.split("\nYour code should pass these tests:")[0].strip() for ex in mbpp]
-    xq = mu.load_skill("xquad:en")
+    xq = mu.load_skill("xquad:en", data_dir=data_dir)
     contexts = list(dict.fromkeys(ex.prompt.split("\nQuestion:")[0] for ex in xq))
     first = [c.removeprefix("Context: ").partition(". ")[0].strip() + "." for c in contexts]
     questions = [ex.prompt.split("\nQuestion: ")[-1].removesuffix("\nAnswer:") for ex in xq]
@@ -102,17 +102,18 @@ def other_skills(n: int, seed: int) -> dict[str, mu.Skill]:
         "mbpp": texts("mbpp-descriptions", desc),
         "wikipedia": texts("wikipedia-en-sentences", first),
         "xquad_questions": texts("xquad-en-questions", questions),
-        "humaneval": mu.load_skill("humaneval").subsample(n, seed),
+        "humaneval": mu.load_skill("humaneval", data_dir=data_dir).subsample(n, seed),
     }
 
 
 def text_sets(args, tokenizer) -> dict[tuple[str, str], mu.Skill]:
     """``{(set, format): Skill}`` for every set the study runs."""
-    gsm8k = mu.load_skill("gsm8k", n=args.n_probe + args.n_heldout, seed=args.seed)
+    n = args.n_probe + args.n_heldout
+    gsm8k = mu.load_skill("gsm8k", n=n, seed=args.seed, data_dir=args.data_dir)
     probe, heldout = gsm8k.split(args.n_heldout, seed=args.seed)
     bases = {"gsm8k_probe": probe, "gsm8k_heldout": heldout}
     bases["calibration"] = mu.calibration_skill(formats=["plain"])
-    bases.update(other_skills(args.n_other, args.seed))
+    bases.update(other_skills(args.n_other, args.seed, args.data_dir))
     return {
         (name, fmt): make_variant(skill, fmt, tokenizer=tokenizer)
         for name, skill in bases.items()
@@ -528,21 +529,16 @@ def write_figure(out: Path, table: pd.DataFrame, detectors) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model name (default: the default model)")
-    parser.add_argument(
-        "--out", default=None,
-        help="results folder (default: results/ksd_defaults, -<model> added for another model)",
-    )  # fmt: skip
+    parser = StudyParser(__doc__.splitlines()[0], out="results/ksd_defaults", quiet=False)
     parser.add_argument("--n-probe", type=int, default=100)
     parser.add_argument("--n-heldout", type=int, default=100)
     parser.add_argument("--n-other", type=int, default=60)
     parser.add_argument("--probe-holdout", type=int, default=30)
     parser.add_argument("--held-domains", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    out = Path(args.out or results_folder("results/ksd_defaults", args.model))
+    data_dir_or_exit(args)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model = mu.load_model(args.model, quiet=True)

@@ -35,8 +35,6 @@ resumes from. The settings (``--n``, ``--seed``, ``--langs``, ``--na-ratios``) a
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +46,7 @@ from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.evaluation import format_interval
 from mechunlearn.io import read_json, write_json, write_text
 from mechunlearn.pipeline import RunConfig, load_model_for
-from mechunlearn.study import results_folder
+from mechunlearn.study import StudyParser, data_dir_or_exit
 
 from study_cache import cached_evaluate, load_or_make
 
@@ -57,9 +55,8 @@ METHODS = ("KSD auto fpr=0.05", "Ellipsoid auto fpr=0.05", "NA tuned")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StudyParser(__doc__.splitlines()[0], out="results/languages")
     parser.add_argument("--n", type=int, default=16, help="probe and held-out examples per skill")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--langs", nargs="+", default=list(LANGS), choices=LANGS)
     parser.add_argument(
         "--forget", nargs="+", default=None, choices=LANGS,
@@ -73,19 +70,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--na-ratios", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
-    parser.add_argument("--model", default=None, help="model name (default: the default model)")
-    parser.add_argument(
-        "--out", default=None,
-        help="results folder (default: results/languages, -<model> added for another model)",
-    )  # fmt: skip
-    parser.add_argument("--quiet", action="store_true")
     parser.add_argument(
         "--summarize-only", action="store_true",
         help="write the matrix, heatmaps and summary from the chunks scored so far; score nothing",
     )  # fmt: skip
     args = parser.parse_args()
-    args.out = str(args.out or results_folder("results/languages", args.model))
     if args.summarize_only:
         recorded = Path(args.out) / "settings.json"
         langs = read_json(recorded)["langs"] if recorded.exists() else args.langs
@@ -94,8 +83,7 @@ def main() -> None:
     args.forget = args.forget or args.langs
     if not set(args.forget) <= set(args.langs):
         sys.exit(f"--forget {args.forget} must be among the scored languages --langs {args.langs}.")
-    if not args.data_dir:
-        sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    data_dir_or_exit(args)
     out = Path(args.out)
     (out / "probes").mkdir(parents=True, exist_ok=True)
     (out / "methods").mkdir(parents=True, exist_ok=True)

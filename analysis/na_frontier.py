@@ -31,8 +31,6 @@ their compute time (a rerun reads them instead of scoring again), ``stats/`` the
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ import mechunlearn as mu
 from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.io import write_text
 from mechunlearn.pipeline import RunConfig, load_model_for
-from mechunlearn.study import results_folder
+from mechunlearn.study import StudyParser, data_dir_or_exit
 
 from study_cache import cached_evaluate, load_or_make
 
@@ -188,10 +186,9 @@ def summarize(table: pd.DataFrame) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StudyParser(__doc__.splitlines()[0], out="results/na_frontier")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--n", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument(
         "--auto-ratios", type=float, nargs="+", default=list(RATIOS),
@@ -199,17 +196,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--no-auto", action="store_true", help="leave NA auto out")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
-    parser.add_argument("--model", default=None, help="model name (default: the default model)")
-    parser.add_argument(
-        "--out", default=None,
-        help="results folder (default: results/na_frontier, -<model> added for another model)",
-    )  # fmt: skip
-    parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    args.out = str(args.out or results_folder("results/na_frontier", args.model))
-    if not args.data_dir:
-        sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    data_dir_or_exit(args)
     reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
     model = load_model_for(RunConfig(model=args.model, quiet=args.quiet))
     for task in args.tasks:

@@ -47,8 +47,6 @@ task: mean +- sd across seeds, and the 95 % interval of the first seed that scor
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -60,7 +58,7 @@ from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.io import write_json, write_text
 from mechunlearn.models import n_layers
 from mechunlearn.pipeline import RunConfig, RunFolder, Skills, load_model_for
-from mechunlearn.study import Study, Task, results_folder
+from mechunlearn.study import Study, StudyParser, Task, data_dir_or_exit
 
 NA_RATIOS = (0.01, 0.03, 0.1)
 KSD_FPR = (0.01, 0.05)
@@ -311,30 +309,21 @@ def summarize(out: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StudyParser(__doc__.splitlines()[0], out="results/unlearning", seed=False)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
-    parser.add_argument("--model", default=None, help="model name (default: the default model)")
-    parser.add_argument(
-        "--out", default=None,
-        help="results folder (default: results/unlearning, -<model> added for another model)",
-    )  # fmt: skip
-    parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--na-ratios", type=float, nargs="+", default=list(NA_RATIOS))
     parser.add_argument("--xquad-keep", nargs="+", default=None, help="languages kept (XQuAD task)")
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
-    args.out = str(args.out or results_folder("results/unlearning", args.model))
     if args.summarize_only:
         print(f"unlearning study: {summarize(Path(args.out))} and summary.md")
         return
-    if not args.data_dir:
-        sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    data_dir_or_exit(args)
     reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
     model = load_model_for(RunConfig(model=args.model, device=args.device, quiet=args.quiet))
     for name, seed in study(args, n_layers(model)).cells(args.tasks):

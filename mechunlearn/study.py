@@ -29,6 +29,9 @@ Example:
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +53,7 @@ from .pipeline import (
     probe,
 )
 
-__all__ = ["SWEEP", "Study", "Task", "results_folder"]
+__all__ = ["SWEEP", "Study", "StudyParser", "Task", "data_dir_or_exit", "results_folder"]
 
 SWEEP = "sweep.csv"
 """The table every cell writes: each method x held-out skill, with ``task`` and ``seed``."""
@@ -70,6 +73,71 @@ def results_folder(base: str | Path, model: str | None) -> Path:
         return Path(base)
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model.replace("/", "--"))
     return Path(f"{base}-{slug}")
+
+
+class StudyParser(argparse.ArgumentParser):
+    """The command line of a study script under ``analysis/``: the arguments every study
+    takes, and ``--out`` resolved by :func:`results_folder` once ``--model`` is known.
+
+    The arguments it adds: ``--data-dir`` (the benchmark folder, default ``$MECHUNLEARN_DATA``;
+    see :func:`data_dir_or_exit`), ``--model`` (default: the default model), ``--out`` (default
+    :func:`results_folder` of ``out`` and the model), and, unless turned off, ``--quiet`` and
+    ``--seed`` (an int, default 0). The script adds its own arguments as to any
+    ``argparse.ArgumentParser``.
+
+    Args:
+        description: the script's one-line description (``--help``).
+        out: the results folder for the default model (``"results/<study>"``).
+        quiet: add ``--quiet`` (hide progress bars).
+        seed: add ``--seed`` (a script with ``--seeds`` of its own says False).
+
+    Example:
+        >>> parser = StudyParser("My study.", out="results/my_study")
+        >>> _ = parser.add_argument("--n", type=int, default=32)
+        >>> args = parser.parse_args(["--model", "gemma-3-270m", "--data-dir", "data"])
+        >>> args.out, args.data_dir, args.seed, args.quiet, args.n
+        ('results/my_study-gemma-3-270m', 'data', 0, False, 32)
+    """
+
+    def __init__(self, description: str, out: str, *, quiet: bool = True, seed: bool = True):
+        super().__init__(description=description)
+        self.out = out
+        self.add_argument(
+            "--data-dir", default=os.environ.get("MECHUNLEARN_DATA"),
+            help="the benchmark folder (default: $MECHUNLEARN_DATA)",
+        )  # fmt: skip
+        self.add_argument("--model", default=None, help="model name (default: the default model)")
+        self.add_argument(
+            "--out", default=None,
+            help=f"results folder (default: {out}, -<model> added for another model)",
+        )  # fmt: skip
+        if quiet:
+            self.add_argument("--quiet", action="store_true", help="hide progress bars")
+        if seed:
+            self.add_argument("--seed", type=int, default=0)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """``argparse``'s, with ``out`` set to :func:`results_folder` (as a string) where
+        ``--out`` is not given."""
+        parsed, rest = super().parse_known_args(args, namespace)
+        parsed.out = str(parsed.out or results_folder(self.out, parsed.model))
+        return parsed, rest
+
+
+def data_dir_or_exit(args: argparse.Namespace) -> str:
+    """The benchmark folder of a study's command line (:class:`StudyParser`'s
+    ``--data-dir``), or exit with a message that says how to give it.
+
+    Example:
+        >>> data_dir_or_exit(argparse.Namespace(data_dir="../shared/data"))
+        '../shared/data'
+
+    Raises:
+        SystemExit: neither ``--data-dir`` nor ``$MECHUNLEARN_DATA`` is set.
+    """
+    if not args.data_dir:
+        sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    return args.data_dir
 
 
 @dataclass(frozen=True)
