@@ -347,6 +347,24 @@ def test_repr_and_params(fitted, name):
     assert type(est)(**est.get_params()).get_params() == est.get_params()
 
 
+SHARED = {"lr": 1e-4, "weight_decay": 0.01, "max_steps": 30, "forget_loss_factor": 3.0,
+          "batch_size": 8, "max_length": None, "seed": 0}  # fmt: skip
+
+
+def test_ga_graddiff_npo_settings_in_their_order():
+    """GA, GradDiff and NPO share ForgetLossBaseline's constructor; each keeps its own
+    positional order and defaults."""
+    assert list(get_method("GA").settings().items()) == [("layers", None), *SHARED.items()]
+    own = {"GradDiff": [("gamma", 1.0)], "NPO": [("beta", 0.1), ("gamma", 1.0)]}
+    for name, first in own.items():
+        expected = [("layers", None), *first, *SHARED.items()]
+        assert list(get_method(name).settings().items()) == expected
+    assert GradDiff(None, 2.0, 1e-3).get_params()["gamma"] == 2.0
+    assert NPO(None, 0.2, 2.0, 1e-3).get_params() == {
+        "layers": None, "beta": 0.2, "gamma": 2.0, **SHARED, "lr": 1e-3
+    }  # fmt: skip
+
+
 COMMON_BAD = [
     ({"lr": 0}, ValueError, r"lr must lie in \(0, inf\)"),
     ({"lr": float("inf")}, ValueError, "lr must be finite"),

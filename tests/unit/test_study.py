@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import mechunlearn as mu
-from mechunlearn.study import SWEEP, Study, Task, results_folder
+from mechunlearn.study import SWEEP, Study, StudyParser, Task, data_dir_or_exit, results_folder
 
 GRID = {"NA 5%": {"method": "NA", "ratio": 0.05}, "SP": {"method": "SP", "ratio": 0.05}}
 
@@ -80,3 +80,28 @@ def test_results_folders_of_two_models_never_mix():
     assert results_folder("results/a", mu.DEFAULT_MODEL) == Path("results/a")
     assert results_folder("results/a", "gemma-3-270m") == Path("results/a-gemma-3-270m")
     assert results_folder("results/a", "org/m") != results_folder("results/a", "other/m")
+
+
+def test_study_parser_adds_the_shared_arguments_and_resolves_out(monkeypatch):
+    monkeypatch.setenv("MECHUNLEARN_DATA", "/data/benchmarks")
+    parser = StudyParser("A study.", out="results/my_study")
+    parser.add_argument("--n", type=int, default=32)
+    args = parser.parse_args([])
+    assert vars(args) == {
+        "data_dir": "/data/benchmarks", "model": None, "out": "results/my_study",
+        "quiet": False, "seed": 0, "n": 32,
+    }  # fmt: skip
+    args = parser.parse_args(["--model", "org/other", "--seed", "3", "--quiet"])
+    assert (args.out, args.seed, args.quiet) == ("results/my_study-org--other", 3, True)
+    assert parser.parse_args(["--model", "org/other", "--out", "here"]).out == "here"
+    # a script with --seeds of its own, or without progress bars, leaves those out
+    bare = StudyParser("A study.", out="results/x", quiet=False, seed=False)
+    assert sorted(vars(bare.parse_args([]))) == ["data_dir", "model", "out"]
+
+
+def test_data_dir_or_exit_says_how_to_give_the_folder(monkeypatch):
+    monkeypatch.delenv("MECHUNLEARN_DATA", raising=False)
+    args = StudyParser("A study.", out="results/x").parse_args([])
+    with pytest.raises(SystemExit, match="Set MECHUNLEARN_DATA"):
+        data_dir_or_exit(args)
+    assert data_dir_or_exit(StudyParser("s", out="r").parse_args(["--data-dir", "d"])) == "d"
