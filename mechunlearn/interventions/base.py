@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -59,6 +59,7 @@ __all__ = [
     "check_fraction",
     "check_positive",
     "compute_dtype",
+    "neuron_index",
 ]
 
 Hook = tuple[str, Callable[[Tensor, Any], Tensor]]
@@ -383,6 +384,24 @@ def _move(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     if isinstance(obj, dict):
         return {k: _move(v, device, dtype) for k, v in obj.items()}
     return obj
+
+
+def neuron_index(
+    mask: Bool[Tensor, "layer d_mlp"], layers: Sequence[int]
+) -> tuple[list[int], dict[int, Tensor]]:
+    """The neurons a per-layer mask selects: how many in each row of ``mask``, and
+    ``{layer: their indices}`` for every layer (``layers[row]``) with at least one.
+
+    Example:
+        >>> mask = torch.tensor([[True, False, True], [False, False, False]])
+        >>> neuron_index(mask, [4, 5])
+        ([2, 0], {4: tensor([0, 2])})
+    """
+    counts = [int(v) for v in mask.sum(1).tolist()]
+    index = {
+        layer: torch.nonzero(mask[row]).flatten() for row, layer in enumerate(layers) if counts[row]
+    }
+    return counts, index
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

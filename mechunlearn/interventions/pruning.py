@@ -26,7 +26,7 @@ from ..kernels.separation import top_neurons
 from ..sites import hook_name
 from ..stats import Importance, NeuronStats
 from ..validation import check_compatible, check_forget_retain, check_type, model_keys
-from .base import Hook, HookIntervention, check_fraction, check_positive
+from .base import Hook, HookIntervention, check_fraction, check_positive, neuron_index
 from .registry import register_method
 from .weights import WeightEdit, edit_w_out
 
@@ -154,12 +154,7 @@ class SelectivePruning(HookIntervention):
         }
 
     def _after_fit(self) -> None:
-        self.n_selected_ = [int(v) for v in self.selected_.sum(1).tolist()]
-        self._index = {
-            layer: torch.nonzero(self.selected_[row]).flatten()
-            for row, layer in enumerate(self.layers_)
-            if self.n_selected_[row]
-        }
+        self.n_selected_, self._index = neuron_index(self.selected_, self.layers_)
         self._clear_cache()
 
     # ------------------------------------------------------------------------------ hooks

@@ -15,7 +15,7 @@ from ...data import Skill
 from ...models import d_mlp, model_meta
 from ...sites import hook_name
 from ...validation import check_int, check_layers, model_keys, resolve_layers
-from ..base import Hook, WeightIntervention, check_positive
+from ..base import Hook, WeightIntervention, check_positive, neuron_index
 from ..registry import register_method
 from ..training import (
     EarlyStop,
@@ -272,12 +272,7 @@ class Simu(WeightIntervention):
         return result.deltas, result.history, result.stop_reason
 
     def _after_fit(self) -> None:
-        self.n_critical_ = [int(v) for v in self.critical_.sum(1).tolist()]
-        self._index = {
-            layer: torch.nonzero(self.critical_[row]).flatten()
-            for row, layer in enumerate(self.layers_)
-            if self.n_critical_[row]
-        }
+        self.n_critical_, self._index = neuron_index(self.critical_, self.layers_)
         self._clear_cache()
 
     # ----------------------------------------------------------------------------- apply
