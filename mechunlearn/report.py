@@ -138,6 +138,41 @@ def _relative_html(table: pd.DataFrame) -> str:
     )
 
 
+def _robustness_html(prompts: pd.DataFrame | None) -> str:
+    """The prompt attacks' section: one row per wrapper, one column per method; each cell the
+    forget skill's relative score under that wrapper (method / base under the same wrapper) with
+    its interval, and the worst kept skill's."""
+    if prompts is None or not len(prompts):
+        return ""
+    methods = list(dict.fromkeys(prompts["method"]))
+    rows = []
+    for attack, part in prompts.groupby("attack", sort=False):
+        cells = []
+        for m in methods:
+            own = part[part["method"] == m]
+            forget = own[own["role"] == "forget"]
+            kept = own[own["role"] != "forget"]["relative"]
+            text = (
+                _cell_interval(forget.iloc[0], "relative", "relative_low", "relative_high")
+                if len(forget)
+                else "&ndash;"
+            )
+            if kept.notna().any():
+                text += f"<br><small>kept &ge; {kept.min():.2f}</small>"
+            cells.append(f"<td>{text}</td>")
+        rows.append(f"<tr><td><code>{html.escape(str(attack))}</code></td>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in methods)
+    return f"""<h2>Robustness: prompt attacks</h2>
+<p>The held-out skills rewritten by each wrapper (<code>mechunlearn attack</code>; <code>none</code>
+is the unwrapped prompt): each cell is the forget skill's relative score under that wrapper
+(method / base model under the same wrapper) with its 95 % interval, and the lowest relative score
+of a kept skill under it. A forget score well above its <code>none</code> row came back; a wrapper
+that lowers the kept skills too is not an attack. Full table:
+<code>tables/attacks_prompts.csv</code>; the attacks: docs/attacks.md.</p>
+<table><thead><tr><th>wrapper</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
+"""
+
+
 def write_report(
     out: str | Path,
     settings: dict[str, Any],
@@ -146,6 +181,7 @@ def write_report(
     environment: dict[str, str] | None = None,
     timings: dict[str, float] | None = None,
     methods: dict[str, str] | None = None,
+    robustness: pd.DataFrame | None = None,
 ) -> Path:
     """Write ``out/index.html`` and return its path.
 
@@ -159,6 +195,8 @@ def write_report(
         methods: one line per fitted method (its ``repr``: for the detectors, the
             false-positive rate alpha was calibrated for and the rate measured on held-out
             negatives).
+        robustness: the prompt attacks' table (:func:`mechunlearn.attacks.prompt_attacks`),
+            shown as a section after the relative performance; None for none.
     """
     out = Path(out)
     timings = dict(timings or {})
@@ -202,7 +240,7 @@ base score is not above its chance level says nothing about forgetting and is fl
 Selective Pruning is the baseline; the methods' full names are kept in every table (a CSV
 reader would take "NA" for a missing value).</p>
 {_relative_html(table)}
-
+{_robustness_html(robustness)}
 <h2>Diagnostics</h2>
 <p class="sub">Statistics exclude the BOS token (its activations are outliers of their own) and
 padding. The normality tests treat the reservoir's tokens as independent, although tokens of

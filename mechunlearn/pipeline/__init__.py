@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from .. import distributed
 from .._version import __version__
 from ..io import DamagedFileError, read_json, write_text
@@ -197,14 +199,25 @@ def _write_index(config: RunConfig, folder: RunFolder, result: RunResult) -> Pat
             warnings.warn(f"{err}; the report shows no figures.", stacklevel=3)
     if not folder.main:
         return None
+    prompts = folder.path(f"tables/{ATTACK_PROMPTS}")
+    robustness = _read_table(prompts) if prompts.exists() else None
     folder.write(
         "index.html",
         lambda p: write_report(
             folder.out, config.settings(), result.table, figures or [], environment(),
-            folder.timings, {name: repr(iv) for name, iv in result.fitted.items()},
+            folder.timings, {name: repr(iv) for name, iv in result.fitted.items()}, robustness,
         ),
     )  # fmt: skip
     return folder.path("index.html")
+
+
+#: The prompt attacks' table, shown in the report once ``mechunlearn attack`` has written it.
+ATTACK_PROMPTS = "attacks_prompts.csv"
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A table this package wrote ("NA" is a method's name, not a missing value)."""
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
 
 
 def _finished_config(
@@ -281,6 +294,11 @@ def attack(
             rel = f"tables/attacks_{name}.csv"
             folder.write(rel, lambda p, t=table: write_text(p, t.to_csv(index=False)))
             written[name] = folder.path(rel)
+        evaluation = folder.path("tables/evaluation.csv")
+        if "prompts" in attacks and evaluation.exists() and folder.path("index.html").exists():
+            result = RunResult(folder, skills)  # the report again, with its robustness section
+            result.fitted, result.table = fitted, _read_table(evaluation)
+            result.index = _write_index(config, folder, result)
     finally:
         folder.unlock()
     return written

@@ -337,3 +337,22 @@ def test_the_attack_command_reuses_a_finished_run(tmp_path, setup, capsys):
         assert f"tables/attacks_{family}.csv" in (out / MARKER).read_text()
     assert main(["attack", "--out", str(tmp_path / "nothing")]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_prompt_attacks_once_they_have_run(tmp_path, setup):
+    from mechunlearn.cli import main
+
+    out = tmp_path / "report"
+    assert main(test_cli.argv(setup, out)) == 0
+    assert "Robustness" not in (out / "index.html").read_text()
+    with pytest.warns(UserWarning, match="left out"):
+        assert main(["attack", "--out", str(out), "--quiet"]) == 0
+    page = (out / "index.html").read_text()
+    table = pd.read_csv(out / "tables" / "attacks_prompts.csv", keep_default_na=False)
+    assert "Robustness: prompt attacks" in page
+    for attack in table["attack"].unique():
+        assert f"<code>{attack}</code>" in page
+    section = page.split("Robustness: prompt attacks")[1].split("<h2>")[0]
+    assert all(f"<th>{m}</th>" in section for m in table["method"].unique())
+    assert "Relative performance" in page  # the run's own table is still there
