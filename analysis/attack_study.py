@@ -8,32 +8,41 @@ registered defaults, except where the CPU budget needs settings:
   two integrated-gradient steps, ten updates, texts cut at 512 tokens), trained on the probe
   prompts shorter than 512 tokens (:func:`unlearning_study.simu_skills`);
 * the trained baselines (GA, GradDiff, NPO, RMU): their defaults plus ``max_length=512`` and the
-  same short prompts (a ~1,500-token MBPP example in a batch takes > 12 GB of memory);
+  same short prompts, for SIMU's reason (memory: the longest MBPP texts have ~1,500 tokens);
 * LUNAR: one fixed layer (:func:`lunar_layer`, 16 of the default model's 30) instead of the
   default sweep over every third layer (~10 minutes of fitting on 2 cores).
 
-Each method is its own resumable pipeline run folder ``<out>/<task>/seed<k>-<method>/`` (a
-:class:`mechunlearn.study.Study` of one method: probe, fit, ``sweep.csv``), so a slow method
-never holds back the others' results, and the attack families (:mod:`mechunlearn.attacks`,
-:func:`mechunlearn.pipeline.attack`) then run on it one by one: a family whose
-``tables/attacks_<family>.csv`` exists is skipped. Each step's wall time goes to
-``<out>/timings.json`` (``{"<task>/seed<k>-<method>": {"fit + evaluate": s, "attack
-<family>": s}}``; a resumed step keeps its first measurement).
+Each ``--methods`` set is one resumable pipeline run folder ``<out>/<task>/seed<k>-<methods>/``
+(a :class:`mechunlearn.study.Study` of those methods: probe, fit, ``sweep.csv``), so the costly
+methods run as later commands beside the cheap ones' finished results, and the bare model is
+scored once per folder. The attack families (:mod:`mechunlearn.attacks`,
+:func:`mechunlearn.pipeline.attack`) then run on the folder one by one, in ``--attacks`` order;
+a family whose ``tables/attacks_<family>.csv`` exists is skipped. Each step's wall time goes to
+``<out>/timings.json`` (``{"<task>/<folder>": {"fit + evaluate": s, "attack <family>": s}}``;
+a resumed step keeps its first measurement).
 
 Per task (every method and seed found under it): ``<out>/<task>/recovery.csv``
-(:func:`mechunlearn.attacks.recovery_table`'s rows with ``task`` and ``seed``),
+(:func:`mechunlearn.attacks.recovery_table`'s rows with ``task``, ``seed`` and ``folder``;
+methods by their registered names),
 ``recovery.md`` (per seed, method x attack, 95 % intervals) and ``recovery.png``
 (:func:`mechunlearn.plots.plot_attack_recovery`).
 
-Usage:
+Usage (docs/attacks.md's tables come from these commands, one after the other, at one thread;
+the cheap methods first, the prompt attacks last):
 
-    OMP_NUM_THREADS=1 MECHUNLEARN_DATA=../shared/data python analysis/attack_study.py \\
-        --tasks gsm8k-vs-mbpp --seeds 0 --n 16 --out /work/studies/attacks
-    python analysis/attack_study.py --out /work/studies/attacks --summarize-only
+    export OMP_NUM_THREADS=1 MECHUNLEARN_DATA=../shared/data
+    A="--tasks gsm8k-vs-mbpp --seeds 0 --n 16 --steps 1 5 20 --out results/attacks"
+    python analysis/attack_study.py $A --methods NA KSD Ellipsoid SP LUNAR \\
+        --attacks relearning quantization residual
+    python analysis/attack_study.py $A --methods SIMU --attacks relearning quantization residual
+    python analysis/attack_study.py $A --methods NA KSD Ellipsoid SP LUNAR --attacks prompts
+    python analysis/attack_study.py $A --methods GA GradDiff NPO RMU \\
+        --attacks relearning quantization residual
+    python analysis/attack_study.py --out results/attacks --summarize-only
 
-``--methods`` and ``--attacks`` choose subsets (run in the order given), ``--steps`` the
-relearning step counts (default 1 5 20), ``--model`` another model (results in
-``results/attacks-<model>/`` unless ``--out``).
+``--methods`` (default: every registered method, one folder) and ``--attacks`` (default: all
+four) choose subsets, ``--steps`` the relearning step counts (default 1 5 20), ``--model``
+another model (results in ``results/attacks-<model>/`` unless ``--out``).
 """
 
 from __future__ import annotations
@@ -157,9 +166,9 @@ def run_cell(task: str, seed: int, args, model) -> Path:
 
 def task_table(task_dir: Path) -> pd.DataFrame:
     """:func:`~mechunlearn.attacks.recovery_table` of every run folder under a task, with
-    ``task``, ``seed`` and the method's registered name (``registered``), methods in the
-    registry's order; a method found in two folders of one seed is kept once (the first)."""
-    registered = {spec.cls.__name__: spec.name for spec in mu.methods()}
+    ``task``, ``seed`` and ``folder``; methods by their registered names, in the registry's
+    order; a method found in two folders of one seed is kept once (the first folder's)."""
+    short = {spec.full_name: spec.name for spec in mu.methods()}
     parts = []
     for folder in sorted(task_dir.glob("seed*")):
         tables = {
@@ -170,19 +179,19 @@ def task_table(task_dir: Path) -> pd.DataFrame:
         if not tables or not (folder / "config.json").exists():
             continue
         rows = recovery_table(tables)
+        rows["method"] = rows["method"].map(short).fillna(rows["method"])
         rows.insert(0, "task", task_dir.name)
         rows.insert(1, "seed", int(read_json(folder / "config.json", "run config")["seed"]))
-        rows.insert(2, "registered", rows["kind"].map(registered).fillna(rows["method"]))
-        rows.insert(3, "folder", folder.name)
+        rows.insert(2, "folder", folder.name)
         parts.append(rows)
     if not parts:
         return pd.DataFrame()
     table = pd.concat(parts, ignore_index=True)
-    first = table.drop_duplicates(["seed", "registered"])[["seed", "registered", "folder"]]
-    table = table.merge(first, on=["seed", "registered", "folder"])
+    first = table.drop_duplicates(["seed", "method"])[["seed", "method", "folder"]]
+    table = table.merge(first, on=["seed", "method", "folder"])
     order = {m: i for i, m in enumerate(METHODS)}
     return table.sort_values(
-        ["seed", "registered"], key=lambda c: c.map(order) if c.name == "registered" else c,
+        ["seed", "method"], key=lambda c: c.map(order) if c.name == "method" else c,
         kind="stable",
     ).reset_index(drop=True)  # fmt: skip
 
@@ -204,8 +213,9 @@ def summarize(out: Path) -> list[Path]:
                 "same attack; relearning: recovery after k steps; residual: best layer, bare "
                 "model in brackets), 95 % paired-bootstrap intervals\n"
             )
-            parts.append(recovery_markdown(rows) + "\n")
-            parts.append(recovery_markdown(rows, prompts="all") + "\n")
+            methods = list(dict.fromkeys(rows["method"]))
+            parts.append(recovery_markdown(rows, methods) + "\n")
+            parts.append(recovery_markdown(rows, methods, prompts="all") + "\n")
         write_text(task_dir / "recovery.md", "\n".join(parts))
         first = table[table["seed"] == table["seed"].min()]
         fig = mu.plots.plot_attack_recovery(

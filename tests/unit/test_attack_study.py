@@ -3,8 +3,10 @@ declaration: the forget skill's number per method and attack, from the four fami
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,8 +15,10 @@ import pytest
 import mechunlearn as mu
 from mechunlearn.attacks import recovery_markdown, recovery_table
 from mechunlearn.plots import close, plot_attack_recovery
+from mechunlearn.study import Task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "analysis"))
+import attack_study  # noqa: E402
 from attack_study import METHODS, cell_name, method_settings  # noqa: E402
 
 KINDS = {"SP": "SelectivePruning", "KSD": "KeySpaceDetector"}
@@ -109,3 +113,43 @@ def test_the_declaration_covers_every_registered_method():
     assert method_settings("RMU", 30) == {"max_length": 512}
     assert method_settings("KSD", 30) == {}
     assert cell_name(1, ["LUNAR", "NA"]) == "seed1-NA-LUNAR"
+
+
+@pytest.mark.slow
+def test_the_study_fits_attacks_resumes_and_summarizes_on_the_tiny_model(
+    tiny_llama, tmp_path, monkeypatch
+):
+    rows = {
+        "arith": [(f"Q: {i}+{i + 3}=", f" {2 * i + 3}") for i in range(16)],
+        "code": [(f"def f{i}(x):", f"\n  return x*{i}") for i in range(16)],
+    }
+    paths = {}
+    for name, pairs in rows.items():
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text(
+            "".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs)
+        )
+    monkeypatch.setattr(
+        attack_study, "TASKS", {"gsm8k-vs-mbpp": Task(str(paths["arith"]), (str(paths["code"]),),
+                                                       general=None)}
+    )  # fmt: skip
+    out = tmp_path / "attacks"
+    args = SimpleNamespace(
+        seeds=[0], n=4, out=str(out), model=None, data_dir=None, batch_size=4, quiet=True,
+        device=None, methods=["SP", "NA"], attacks=["quantization", "relearning"], steps=[1],
+    )  # fmt: skip
+    folder = attack_study.run_cell("gsm8k-vs-mbpp", 0, args, tiny_llama)
+    assert folder.name == "seed0-NA-SP"
+    timings = json.loads((out / "timings.json").read_text())["gsm8k-vs-mbpp/seed0-NA-SP"]
+    assert list(timings) == ["fit + evaluate", "attack quantization", "attack relearning"]
+    saved = (folder / "tables" / "attacks_relearning.csv").stat().st_mtime_ns
+    args.attacks = ["relearning", "residual"]  # resumes: only the missing family runs
+    attack_study.run_cell("gsm8k-vs-mbpp", 0, args, tiny_llama)
+    assert (folder / "tables" / "attacks_relearning.csv").stat().st_mtime_ns == saved
+    assert (folder / "tables" / "attacks_residual.csv").exists()
+    attack_study.summarize(out)
+    table = pd.read_csv(out / "gsm8k-vs-mbpp" / "recovery.csv", keep_default_na=False)
+    assert list(dict.fromkeys(table["method"])) == ["NA", "SP"] and set(table["seed"]) == {0}
+    assert set(table["family"]) == {"quantization", "relearning", "residual"}
+    assert (out / "gsm8k-vs-mbpp" / "recovery.png").exists()
+    assert "| NA |" in (out / "gsm8k-vs-mbpp" / "recovery.md").read_text()
