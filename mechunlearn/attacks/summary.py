@@ -62,11 +62,17 @@ def _prompts(table: pd.DataFrame) -> list[dict]:
 
 
 def _relearning(table: pd.DataFrame) -> list[dict]:
+    rows = _forget(table).sort_values(["train_on", "steps"], key=_forget_first, kind="stable")
     return [
         dict(method=r.method, kind=r.kind, family="relearning", attack=f"{r.train_on} {r.steps}",
              metric="recovery", value=r.recovery, low=r.recovery_low, high=r.recovery_high)
-        for r in _forget(table).sort_values(["train_on", "steps"], kind="stable").itertuples()
+        for r in rows.itertuples()
     ]  # fmt: skip
+
+
+def _forget_first(column: pd.Series) -> pd.Series:
+    """Sort key: the forget fine-tuning before the control, step counts ascending."""
+    return column != "forget" if column.name == "train_on" else column
 
 
 def _quantization(table: pd.DataFrame) -> list[dict]:
@@ -157,7 +163,8 @@ def recovery_markdown(
         table: :func:`recovery_table`'s rows (other columns, e.g. ``task``, are ignored).
         methods: the rows' order (None: the table's).
         prompts: ``"max"``: the prompt attacks as two columns, ``none`` and the wrapper with
-            the highest relative score (named in the cell); ``"all"``: one column per wrapper.
+            the highest relative score (named in the cell), and the relearning control at its
+            largest step count only; ``"all"``: one column per wrapper and step count.
 
     Returns:
         The table (a header, a rule and one line per method); ``—`` where a method has no row
@@ -176,8 +183,11 @@ def recovery_markdown(
             label=[f"{_cell(r)} ({r['attack']})" for _, r in best.iterrows()],
             attack="best wrapper",
         )
+        control = rows[(rows["family"] == "relearning") & rows["attack"].str.startswith("control")]
+        last = control["attack"].str.split().str[-1].astype(int)
+        hidden = control.index[last < last.max()] if len(control) else control.index
         rows = pd.concat(
-            [rows[(rows["family"] != "prompts") | (rows["attack"] == "none")], best],
+            [rows[(rows["family"] != "prompts") | (rows["attack"] == "none")].drop(hidden), best],
             ignore_index=True,
         )
     rows["label"] = [
