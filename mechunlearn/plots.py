@@ -825,7 +825,8 @@ def plot_attack_recovery(table: pd.DataFrame, title: str | None = None) -> Figur
                             color=palette[method], lw=0.9, capsize=1.5,
                             label=method)  # fmt: skip
             ax.set_xticks(range(len(attacks)))
-            ax.set_xticklabels(attacks, rotation=60, ha="right", fontsize=7)
+            ax.set_xticklabels(attacks, rotation=45, ha="right", fontsize=7)
+            ax.grid(axis="x", visible=False)
             ax.axhline(1.0, color="0.6", ls=":", lw=0.8)
             ax.axhline(0.0, color="0.6", ls="-", lw=0.5)
             metric = " / ".join(dict.fromkeys(rows["metric"]))
