@@ -8,14 +8,14 @@ registered defaults, except where the CPU budget needs settings:
   two integrated-gradient steps, ten updates, texts cut at 512 tokens), trained on the probe
   prompts shorter than 512 tokens (:func:`unlearning_study.simu_skills`);
 * the trained baselines (GA, GradDiff, NPO, RMU): their defaults plus ``max_length=512`` and the
-  same short prompts, for SIMU's reason (memory: the longest MBPP texts have ~1,500 tokens);
-* LUNAR: one fixed layer (:func:`lunar_layer`, 16 of the default model's 30) instead of the
-  default sweep over every third layer (~10 minutes of fitting on 2 cores).
+  same short prompts, for SIMU's reason (the memory of a step on the longest MBPP texts);
+* LUNAR: one fixed layer (:func:`lunar_layer`, 16 of the default model's 30, the benchmarks'
+  layer) instead of the default sweep over every third layer (its cost: docs/benchmarks.md).
 
 Each ``--methods`` set is one resumable pipeline run folder ``<out>/<task>/seed<k>-<methods>/``
-(a :class:`mechunlearn.study.Study` of those methods: probe, fit, ``sweep.csv``), so the costly
-methods run as later commands beside the cheap ones' finished results, and the bare model is
-scored once per folder. The attack families (:mod:`mechunlearn.attacks`,
+(a :class:`mechunlearn.study.Study` of those methods: probe, fit, ``sweep.csv``, and the
+command's flags in ``study_settings.json``), so the costly methods run as later commands beside
+the cheap ones' finished results, and the bare model is scored once per folder. The attack families (:mod:`mechunlearn.attacks`,
 :func:`mechunlearn.pipeline.attack`) then run on the folder one by one, in ``--attacks`` order;
 a family whose ``tables/attacks_<family>.csv`` exists is skipped. Each step's wall time goes to
 ``<out>/timings.json`` (``{"<task>/<folder>": {"fit + evaluate": s, "attack <family>": s}}``;
@@ -23,9 +23,8 @@ a resumed step keeps its first measurement).
 
 Per task (every method and seed found under it): ``<out>/<task>/recovery.csv``
 (:func:`mechunlearn.attacks.recovery_table`'s rows with ``task``, ``seed`` and ``folder``;
-methods by their registered names),
-``recovery.md`` (per seed, method x attack, 95 % intervals) and ``recovery.png``
-(:func:`mechunlearn.plots.plot_attack_recovery`).
+methods by their registered names), ``recovery.md`` (per seed, method x attack, 95 %
+intervals) and ``recovery.png`` (:func:`mechunlearn.plots.plot_attack_recovery`, first seed).
 
 Usage (docs/attacks.md's tables come from these commands, one after the other, at one thread;
 the cheap methods first, the prompt attacks last):
@@ -151,8 +150,13 @@ def run_cell(task: str, seed: int, args, model) -> Path:
             short = simu_skills(model, skills) if methods else None
             return dict.fromkeys(methods, short)
 
+        def settings(folder: RunFolder, table: pd.DataFrame) -> None:
+            folder.write(
+                "study_settings.json", lambda p: write_json(p, {**vars(args), "task": task})
+            )
+
         t0 = time.perf_counter()
-        declared.run_cell(task, seed, model, skills_for=trained)
+        declared.run_cell(task, seed, model, skills_for=trained, finish=settings)
         record_time(out, cell, "fit + evaluate", time.perf_counter() - t0)
     for family in args.attacks:
         if (folder / "tables" / f"attacks_{family}.csv").exists():

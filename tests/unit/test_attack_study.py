@@ -147,6 +147,7 @@ def test_the_study_fits_attacks_resumes_and_summarizes_on_the_tiny_model(
     attack_study.run_cell("gsm8k-vs-mbpp", 0, args, tiny_llama)
     assert (folder / "tables" / "attacks_relearning.csv").stat().st_mtime_ns == saved
     assert (folder / "tables" / "attacks_residual.csv").exists()
+    assert json.loads((folder / "study_settings.json").read_text())["methods"] == ["SP", "NA"]
     attack_study.summarize(out)
     table = pd.read_csv(out / "gsm8k-vs-mbpp" / "recovery.csv", keep_default_na=False)
     assert list(dict.fromkeys(table["method"])) == ["NA", "SP"] and set(table["seed"]) == {0}
