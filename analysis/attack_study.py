@@ -12,14 +12,15 @@ registered defaults, except where the CPU budget needs settings:
 * LUNAR: one fixed layer (:func:`lunar_layer`, 16 of the default model's 30, the benchmarks'
   layer) instead of the default sweep over every third layer (its cost: docs/benchmarks.md).
 
-Each ``--methods`` set is one resumable pipeline run folder ``<out>/<task>/seed<k>-<methods>/``
-(a :class:`mechunlearn.study.Study` of those methods: probe, fit, ``sweep.csv``, and the
-command's flags in ``study_settings.json``), so the costly methods run as later commands beside
-the cheap ones' finished results, and the bare model is scored once per folder. The attack families (:mod:`mechunlearn.attacks`,
-:func:`mechunlearn.pipeline.attack`) then run on the folder one by one, in ``--attacks`` order;
-a family whose ``tables/attacks_<family>.csv`` exists is skipped. Each step's wall time goes to
-``<out>/timings.json`` (``{"<task>/<folder>": {"fit + evaluate": s, "attack <family>": s}}``;
-a resumed step keeps its first measurement).
+Each ``--methods`` set is one resumable pipeline run folder ``<out>/<task>/seed<k>-<methods>/`` (a
+:class:`mechunlearn.study.Study` of those methods: probe, fit, ``sweep.csv``, and the command's
+flags in ``study_settings.json``), so the costly methods run as later commands beside the cheap
+ones' finished results, and the bare model is scored once per folder. The attack families
+(:mod:`mechunlearn.attacks`, :func:`mechunlearn.pipeline.attack`) then run on the folder one by one,
+in ``--attacks`` order; a family whose ``tables/attacks_<family>.csv`` exists is skipped. Each
+step's wall time goes to ``<out>/timings.json`` (``{"<task>/<folder>": {"fit + evaluate": s, "attack
+<family>": s}}``; a resumed step keeps its first measurement), and as a table to
+``<out>/timings.md``.
 
 Per task (every method and seed found under it): ``<out>/<task>/recovery.csv``
 (:func:`mechunlearn.attacks.recovery_table`'s rows with ``task``, ``seed`` and ``folder``;
@@ -228,7 +229,21 @@ def summarize(out: Path) -> list[Path]:
         mu.plots.save_figure(fig, task_dir / "recovery")
         mu.plots.close(fig)
         written.append(task_dir / "recovery.csv")
+    if (out / TIMINGS).exists():
+        write_text(out / "timings.md", timings_markdown(out))
     return written
+
+
+def timings_markdown(out: Path) -> str:
+    """``<out>/timings.json`` as a Markdown table: one row per run folder, one column per step
+    (wall seconds; ``—`` where the step has not run)."""
+    timings = read_json(out / TIMINGS, "timings")
+    steps = list(dict.fromkeys(step for cell in timings.values() for step in cell))
+    lines = ["| run folder | " + " | ".join(steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for cell, got in timings.items():
+        row = [f"{got[s]:.0f} s" if s in got else "—" for s in steps]
+        lines.append(f"| {cell} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def cell_n(task_dir: Path, seed: int) -> str:

@@ -153,4 +153,5 @@ def test_the_study_fits_attacks_resumes_and_summarizes_on_the_tiny_model(
     assert list(dict.fromkeys(table["method"])) == ["NA", "SP"] and set(table["seed"]) == {0}
     assert set(table["family"]) == {"quantization", "relearning", "residual"}
     assert (out / "gsm8k-vs-mbpp" / "recovery.png").exists()
+    assert (out / "timings.md").read_text().startswith("| run folder | fit + evaluate |")
     assert "| NA |" in (out / "gsm8k-vs-mbpp" / "recovery.md").read_text()
