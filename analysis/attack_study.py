@@ -23,7 +23,8 @@ step's wall time goes to ``<out>/timings.json`` (``{"<task>/<folder>": {"fit + e
 ``<out>/timings.md``.
 
 Per task (every method and seed found under it): ``<out>/<task>/recovery.csv``
-(:func:`mechunlearn.attacks.recovery_table`'s rows with ``task``, ``seed`` and ``folder``;
+(:func:`mechunlearn.attacks.recovery_table`'s rows with ``task``, ``seed`` and ``folder``, after
+the forget skill's relative score with no attack from ``sweep.csv``, family ``unlearned``;
 methods by their registered names), ``recovery.md`` (per seed, method x attack, 95 %
 intervals) and ``recovery.png`` (:func:`mechunlearn.plots.plot_attack_recovery`, first seed).
 
@@ -71,6 +72,8 @@ METHODS = tuple(spec.name for spec in mu.methods())
 #: ``SIMU_PARAMS["max_length"]`` tokens, cut there.
 TRAINED = ("SIMU", "GA", "GradDiff", "NPO", "RMU")
 TIMINGS = "timings.json"
+#: The recovery table's families in order: the score with no attack, then the attacks'.
+FAMILIES = ("unlearned", *ATTACKS)
 
 
 def lunar_layer(layers: int) -> int:
@@ -171,8 +174,9 @@ def run_cell(task: str, seed: int, args, model) -> Path:
 
 def task_table(task_dir: Path) -> pd.DataFrame:
     """:func:`~mechunlearn.attacks.recovery_table` of every run folder under a task, with
-    ``task``, ``seed`` and ``folder``; methods by their registered names, in the registry's
-    order; a method found in two folders of one seed is kept once (the first folder's)."""
+    ``task``, ``seed`` and ``folder``; families in :data:`FAMILIES` order, methods by their
+    registered names, in the registry's order; a method found in two folders of one seed is
+    kept once (the first folder's)."""
     short = {spec.full_name: spec.name for spec in mu.methods()}
     parts = []
     for folder in sorted(task_dir.glob("seed*")):
@@ -181,9 +185,9 @@ def task_table(task_dir: Path) -> pd.DataFrame:
             for f in ATTACKS
             if (p := folder / "tables" / f"attacks_{f}.csv").exists()
         }
-        if not tables or not (folder / "config.json").exists():
+        if not (folder / "config.json").exists() or not (tables or (folder / SWEEP).exists()):
             continue
-        rows = recovery_table(tables)
+        rows = pd.concat([unlearned_rows(folder), recovery_table(tables)], ignore_index=True)
         rows["method"] = rows["method"].map(short).fillna(rows["method"])
         rows.insert(0, "task", task_dir.name)
         rows.insert(1, "seed", int(read_json(folder / "config.json", "run config")["seed"]))
@@ -194,11 +198,32 @@ def task_table(task_dir: Path) -> pd.DataFrame:
     table = pd.concat(parts, ignore_index=True)
     first = table.drop_duplicates(["seed", "method"])[["seed", "method", "folder"]]
     table = table.merge(first, on=["seed", "method", "folder"])
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {
+        "method": {m: i for i, m in enumerate(METHODS)},
+        "family": {f: i for i, f in enumerate(FAMILIES)},
+    }
     return table.sort_values(
-        ["seed", "method"], key=lambda c: c.map(order) if c.name == "method" else c,
+        ["seed", "family", "method"], key=lambda c: c.map(order[c.name]) if c.name in order else c,
         kind="stable",
     ).reset_index(drop=True)  # fmt: skip
+
+
+def unlearned_rows(folder: Path) -> pd.DataFrame:
+    """The forget skill's relative score with no attack (the folder's ``sweep.csv``, with its
+    interval) as :func:`~mechunlearn.attacks.recovery_table` rows: family ``unlearned``."""
+    columns = list(recovery_table({}).columns)
+    if not (folder / SWEEP).exists():
+        return pd.DataFrame(columns=columns)
+    sweep = pd.read_csv(folder / SWEEP, keep_default_na=False, na_values=[""])
+    rows = sweep[(sweep["role"] == "forget") & (sweep["method"] != "base")]
+    return pd.DataFrame(
+        {
+            "method": rows["method"], "kind": rows["kind"], "family": "unlearned",
+            "attack": "no attack", "metric": "relative", "value": rows["relative"],
+            "low": rows["relative_low"], "high": rows["relative_high"],
+        },
+        columns=columns,
+    )  # fmt: skip
 
 
 def summarize(out: Path) -> list[Path]:

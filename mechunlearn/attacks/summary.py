@@ -160,7 +160,8 @@ def recovery_markdown(
     """A method x attack Markdown table of :func:`recovery_table`'s rows.
 
     Args:
-        table: :func:`recovery_table`'s rows (other columns, e.g. ``task``, are ignored).
+        table: :func:`recovery_table`'s rows (other columns, e.g. ``task``, are ignored; rows
+            of another family, e.g. a study's score with no attack, come first).
         methods: the rows' order (None: the table's).
         prompts: ``"max"``: the prompt attacks as two columns, ``none`` and the wrapper with
             the highest relative score (named in the cell), and the relearning control at its
@@ -196,7 +197,7 @@ def recovery_markdown(
     order = {f: i for i, f in enumerate(_FAMILIES)}
     columns = sorted(
         dict.fromkeys(zip(rows["family"], rows["attack"], strict=True)),
-        key=lambda fa: order[fa[0]],
+        key=lambda fa: order.get(fa[0], -1),
     )
     names = list(methods) if methods is not None else list(dict.fromkeys(rows["method"]))
     cells = rows.set_index(["method", "family", "attack"])["label"]

@@ -151,7 +151,16 @@ def test_the_study_fits_attacks_resumes_and_summarizes_on_the_tiny_model(
     attack_study.summarize(out)
     table = pd.read_csv(out / "gsm8k-vs-mbpp" / "recovery.csv", keep_default_na=False)
     assert list(dict.fromkeys(table["method"])) == ["NA", "SP"] and set(table["seed"]) == {0}
-    assert set(table["family"]) == {"quantization", "relearning", "residual"}
+    assert list(dict.fromkeys(table["family"])) == [
+        "unlearned",
+        "relearning",
+        "quantization",
+        "residual",
+    ]
     assert (out / "gsm8k-vs-mbpp" / "recovery.png").exists()
     assert (out / "timings.md").read_text().startswith("| run folder | fit + evaluate |")
+    assert (
+        "| method | unlearned: no attack | relearning: forget 1 |"
+        in (out / "gsm8k-vs-mbpp" / "recovery.md").read_text()
+    )
     assert "| NA |" in (out / "gsm8k-vs-mbpp" / "recovery.md").read_text()
