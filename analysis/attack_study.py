@@ -228,6 +228,8 @@ def unlearned_rows(folder: Path) -> pd.DataFrame:
 
 def summarize(out: Path) -> list[Path]:
     """Per task folder under ``out``: ``recovery.csv``, ``recovery.md`` and ``recovery.png``."""
+    if not out.is_dir():
+        raise SystemExit(f"No attack study results in {out}: it is not a folder.")
     written = []
     for task_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name in TASKS):
         table = task_table(task_dir)
