@@ -242,8 +242,8 @@ def summarize(out: Path) -> list[Path]:
             parts.append(
                 f"**{task_dir.name}**, seed {seed}{n}: the forget skill under each attack "
                 "(prompts and re-quantization: relative score, method / bare model under the "
-                "same attack; relearning: recovery after k steps; residual: best layer, bare "
-                "model in brackets), 95 % paired-bootstrap intervals\n"
+                "same attack; relearning: recovery after k steps; residual: best of the layers "
+                "the method changes, bare model in brackets), 95 % paired-bootstrap intervals\n"
             )
             methods = list(dict.fromkeys(rows["method"]))
             parts.append(recovery_markdown(rows, methods) + "\n")

@@ -13,10 +13,11 @@ relearning      ``forget k``, ``control k`` ``recovery`` after ``k`` steps: (att
 quantization    ``Q8``, ``Q4``              ``relative_quantized``: quantized method / bare
                                             model quantized the same way (``reference``: the
                                             method's relative score unquantized)
-residual        ``probe``, ``lens``         the best layer's linear-probe accuracy (forget vs
-                                            kept) and logit-lens top-1 rate with the method in
-                                            place (``reference``: the bare model's best layer);
-                                            no interval
+residual        ``probe``, ``lens``         the linear-probe accuracy (forget vs kept) and the
+                                            logit-lens top-1 rate with the method in place, at
+                                            the best of the layers whose states the method
+                                            changes (every layer for a detector; ``reference``:
+                                            the bare model on the same layers); no interval
 ==============  ==========================  ====================================================
 
 :func:`recovery_markdown` pivots it to a method x attack Markdown table.
@@ -88,13 +89,15 @@ def _residual(table: pd.DataFrame) -> list[dict]:
     rows = []
     for method, group in table.groupby("method", sort=False):
         kind = group["kind"].iloc[0]
+        changed = group[group["states_changed"].astype(bool)]
+        layers = changed if len(changed) else group  # a detector changes no layer
         for attack, after, before, metric in (
-            ("probe", "probe_after", "probe_before", "probe accuracy (best layer)"),
-            ("lens", "lens_top1_after", "lens_top1_before", "lens top-1 (best layer)"),
+            ("probe", "probe_after", "probe_before", "probe accuracy (best changed layer)"),
+            ("lens", "lens_top1_after", "lens_top1_before", "lens top-1 (best changed layer)"),
         ):
             rows.append(
                 dict(method=method, kind=kind, family="residual", attack=attack, metric=metric,
-                     value=group[after].max(), reference=group[before].max())
+                     value=layers[after].max(), reference=layers[before].max())
             )  # fmt: skip
     return rows
 

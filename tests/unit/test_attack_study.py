@@ -44,9 +44,19 @@ def tables() -> dict[str, pd.DataFrame]:
                                              relative_quantized_low=np.nan,
                                              relative_quantized_high=np.nan))  # fmt: skip
         for layer in range(3):
-            residual.append(dict(method=m, kind=kind, layer=layer, probe_before=0.8,
-                                 probe_after=0.6 + layer / 10, lens_top1_before=0.1,
-                                 lens_top1_after=0.05))  # fmt: skip
+            residual.append(
+                dict(
+                    method=m,
+                    kind=kind,
+                    layer=layer,
+                    probe_before=0.8,
+                    probe_after=0.6 + layer / 10,
+                    lens_top1_before=0.1 + layer / 10,
+                    lens_top1_after=0.05,
+                    states_changed=m == "SP" and layer > 0,
+                )
+            )
+            # fmt: skip
     return {
         "prompts": pd.DataFrame(prompts),
         "relearning": pd.DataFrame(relearning),
@@ -69,6 +79,12 @@ def test_the_table_keeps_the_forget_skill_with_one_row_per_method_and_attack():
     assert sp.loc[("relearning", "forget 5"), ["value", "low", "high"]].tolist() == [0.5, 0, 1]
     assert sp.loc[("quantization", "Q4"), ["value", "reference"]].tolist() == [0.4, 0.2]
     assert sp.loc[("residual", "probe"), ["value", "reference"]].tolist() == [0.8, 0.8]
+    # the best of the layers SP changes (1 and 2); every layer for the detector
+    assert sp.loc[("residual", "lens"), ["value", "reference"]].tolist() == pytest.approx(
+        [0.05, 0.3]
+    )
+    ksd = table[table["method"] == "KSD"].set_index(["family", "attack"])
+    assert ksd.loc[("residual", "probe"), "value"] == pytest.approx(0.8)
     assert not (table[table["method"] == "KSD"]["family"] == "quantization").any()
 
 
@@ -77,7 +93,11 @@ def test_the_markdown_names_the_best_wrapper_and_marks_what_did_not_run():
     lines = text.splitlines()
     assert lines[0].startswith("| method | prompts: none | prompts: best wrapper | relearning:")
     sp = next(line for line in lines if line.startswith("| SP |"))
-    assert "0.50 [0.40, 0.60] (comment)" in sp and "0.80 (bare 0.80)" in sp
+    assert (
+        "0.50 [0.40, 0.60] (comment)" in sp
+        and "0.80 (bare 0.80)" in sp
+        and "0.05 (bare 0.30)" in sp
+    )
     ksd = next(line for line in lines if line.startswith("| KSD |"))
     assert ksd.count("—") == 2  # no Q8, no Q4
     assert lines[-1] == "| NA |" + " — |" * (len(lines[0].split("|")) - 3)
