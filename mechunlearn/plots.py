@@ -829,7 +829,7 @@ def plot_attack_recovery(table: pd.DataFrame, title: str | None = None) -> Figur
             ax.grid(axis="x", visible=False)
             ax.axhline(1.0, color="0.6", ls=":", lw=0.8)
             ax.axhline(0.0, color="0.6", ls="-", lw=0.5)
-            metric = " / ".join(dict.fromkeys(rows["metric"]))
+            metric = "\n".join(dict.fromkeys(rows["metric"]))
             ax.set_title(family, fontsize=9)
             ax.set_ylabel(metric, fontsize=8)
         handles, labels = axes[0][-1].get_legend_handles_labels()
