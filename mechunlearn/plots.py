@@ -772,3 +772,74 @@ def plot_detection_by_format(table: pd.DataFrame) -> Figure:
         axes[0, 0].legend(ncol=len(skills), loc="upper right", fontsize="x-small")
         fig.tight_layout()
     return fig
+
+
+def plot_attack_recovery(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """The forget skill under attack: one panel per attack family, one marker per method.
+
+    ``x`` is the attack of the family (prompt wrapper, relearning run and step count, bits,
+    probe or lens), ``y`` its number (:func:`mechunlearn.attacks.recovery_table`'s ``value``:
+    relative score, recovery, or best-layer accuracy) with its interval as an error bar where
+    the table has one; the methods are side by side within each attack. The residual panel
+    draws the bare model's value (``reference``) as a grey bar.
+
+    Args:
+        table: :func:`mechunlearn.attacks.recovery_table`'s rows (one seed).
+        title: the figure's title.
+
+    Raises:
+        ValueError: an empty table.
+
+    Example:
+        >>> rows = mu.attacks.recovery_table({"prompts": pd.read_csv("attacks_prompts.csv")})
+        >>> fig = plot_attack_recovery(rows)  # doctest: +SKIP
+    """
+    if table.empty:
+        raise ValueError("No attack rows to plot.")
+    families = list(dict.fromkeys(table["family"]))
+    methods_ = list(dict.fromkeys(table["method"]))
+    palette = dict(zip(methods_, sns.color_palette("tab10", len(methods_)), strict=True))
+    width = 0.8 / len(methods_)
+    with style():
+        sizes = [max(2, table[table["family"] == f]["attack"].nunique()) for f in families]
+        fig, axes = plt.subplots(
+            1, len(families), figsize=(1.0 + 0.55 * sum(sizes) + 0.8 * len(families), 4.2),
+            gridspec_kw={"width_ratios": sizes}, squeeze=False,
+        )  # fmt: skip
+        for ax, family in zip(axes[0], families, strict=True):
+            rows = table[table["family"] == family]
+            attacks = list(dict.fromkeys(rows["attack"]))
+            if family == "residual":
+                ref = rows.groupby("attack", sort=False)["reference"].max()
+                ax.bar(range(len(attacks)), [ref.get(a, np.nan) for a in attacks],
+                       color="0.85", width=0.9, label="bare model")  # fmt: skip
+            for i, method in enumerate(methods_):
+                got = rows[rows["method"] == method].set_index("attack")
+                if got.empty:
+                    continue
+                x = np.array([attacks.index(a) for a in got.index]) - 0.4 + (i + 0.5) * width
+                y = got["value"].to_numpy(float)
+                low = np.nan_to_num(y - got["low"].to_numpy(float))
+                high = np.nan_to_num(got["high"].to_numpy(float) - y)
+                ax.errorbar(x, y, yerr=np.abs(np.vstack([low, high])), fmt="o", ms=4,
+                            color=palette[method], lw=0.9, capsize=1.5,
+                            label=method)  # fmt: skip
+            ax.set_xticks(range(len(attacks)))
+            ax.set_xticklabels(attacks, rotation=45, ha="right", fontsize=7)
+            ax.grid(axis="x", visible=False)
+            ax.axhline(1.0, color="0.6", ls=":", lw=0.8)
+            ax.axhline(0.0, color="0.6", ls="-", lw=0.5)
+            metric = "\n".join(dict.fromkeys(rows["metric"]))
+            ax.set_title(family, fontsize=9)
+            ax.set_ylabel(metric, fontsize=8)
+        handles, labels = axes[0][-1].get_legend_handles_labels()
+        for ax in axes[0][:-1]:
+            h, lab = ax.get_legend_handles_labels()
+            for hh, ll in zip(h, lab, strict=True):
+                if ll not in labels:
+                    handles.append(hh)
+                    labels.append(ll)
+        fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+        fig.suptitle(title or "the forget skill under attack", fontsize=10)
+        fig.tight_layout(rect=(0, 0, 0.86, 1))
+    return fig

@@ -13,6 +13,9 @@ Each attack family is one module; each dispatches on the method's kind with ``is
 * :mod:`.residual`: what the hidden states still hold: logit lens and linear probes per layer
   (:func:`residual_knowledge`).
 
+:mod:`.summary` turns the families' tables into one recovery table per run (the forget skill's
+number per method and attack, :func:`recovery_table`, :func:`recovery_markdown`).
+
 ``mechunlearn attack --out DIR`` runs them on a finished run folder (docs/attacks.md).
 
 Example:
@@ -52,6 +55,7 @@ from .residual import (
     logit_lens,
     residual_knowledge,
 )
+from .summary import recovery_markdown, recovery_table
 
 __all__ = [
     "ATTACKS",
@@ -71,6 +75,8 @@ __all__ = [
     "quantization_step",
     "quantize_tensor",
     "recovery_interval",
+    "recovery_markdown",
+    "recovery_table",
     "relearning",
     "requantization",
     "residual_knowledge",

@@ -469,7 +469,8 @@ def load_fitted(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
     """The fitted methods a finished run of ``config`` saved in ``folder`` (nothing is fitted).
 
     Returns:
-        ``{full name: fitted intervention}``.
+        ``{table name: fitted intervention}``, named as :func:`fit_methods` names them (the
+        registration's ``full_name``, or the label of a labelled variant).
 
     Raises:
         PipelineError: a method of ``config.methods`` the run did not save.
@@ -477,9 +478,10 @@ def load_fitted(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
     fitted, missing = {}, []
     for method in config.methods:
         spec = config.spec(method)
-        path = folder.path(method_file(spec.full_name))
+        name = config.table_name(method)
+        path = folder.path(method_file(name))
         if path.is_file():
-            fitted[spec.full_name] = spec.cls.load(path)
+            fitted[name] = spec.cls.load(path)
         else:
             missing.append(spec.name)
     if missing:

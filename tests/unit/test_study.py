@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import mechunlearn as mu
+from mechunlearn.pipeline import attack
 from mechunlearn.study import SWEEP, Study, StudyParser, Task, data_dir_or_exit, results_folder
 
 GRID = {"NA 5%": {"method": "NA", "ratio": 0.05}, "SP": {"method": "SP", "ratio": 0.05}}
@@ -57,6 +58,17 @@ def test_cells_run_resume_and_score_the_extra_skills(tiny_llama, skills, tmp_pat
     now = {p.name: p.stat().st_mtime_ns for p in (sweep.parent / "interventions").iterdir()}
     assert now == fitted
     pd.testing.assert_frame_equal(again, first)
+
+
+def test_attacks_reuse_a_cell_of_labelled_variants(tiny_llama, skills, tmp_path):
+    study = Study(
+        tasks={"arith": Task(skills["arith"], (skills["code"],), general=None)},
+        methods=GRID, seeds=(0,), n=4, out=tmp_path / "study", quiet=True,
+    )  # fmt: skip
+    study.run_cell("arith", 0, tiny_llama)
+    written = attack(study.folder("arith", 0), ["quantization"], quiet=True, model=tiny_llama)
+    table = pd.read_csv(written["quantization"])
+    assert set(table["method"]) == {"SP"}  # the grid's label; NA has no weight form
 
 
 def test_a_cell_is_a_run_of_its_config(skills):
