@@ -349,23 +349,35 @@ def analyze(config: RunConfig, probes: Probes, skills: Skills, folder: RunFolder
 
 
 def fit_method(config: RunConfig, method: str, model, skills: Skills, probes: Probes) -> Any:
-    """Fit one registered method on the probe halves, as its registration says (``fits_on``).
+    """Fit one registered method on the probe halves, as its registration says (``fits_on``):
+    :func:`fit_estimator` on the estimator :meth:`RunConfig.make` makes.
+
+    Returns:
+        The fitted estimator.
+    """
+    return fit_estimator(
+        config.make(method), config.spec(method), model, skills, probes, config.batch_size
+    )
+
+
+def fit_estimator(
+    estimator, spec, model, skills: Skills, probes: Probes, batch_size: int = 16
+) -> Any:
+    """Fit a made estimator of a registered method on the probe halves (``spec.fits_on``).
 
     ``"pre"`` and ``"importance"`` methods fit on the forget skill's and the first retain
     skill's statistics; ``"keys"`` methods on the forget skill's key vectors with every other
     probed skill's (and the calibration questions') as negatives, or alone for a detector whose
     settings fix its region (``takes_negatives`` False); ``"model"`` methods on the
     model and the probe halves (every retain skill and the general skill where the method takes
-    several kept skills, else the first retain skill), with the run's ``batch_size`` where
-    ``fit`` takes one.
+    several kept skills, else the first retain skill), with ``batch_size`` where ``fit`` takes
+    one. The fit of a study that tunes a setting (:func:`mechunlearn.tune`'s ``fit``).
 
     Returns:
         The fitted estimator.
     """
     from ..interventions import Detector
 
-    spec = config.spec(method)
-    estimator = config.make(method)
     retain = f"retain:{skills.first_retain}"
     fixed_region = isinstance(estimator, Detector) and not estimator.takes_negatives
     if spec.fits_on == "keys" and fixed_region:
@@ -381,7 +393,7 @@ def fit_method(config: RunConfig, method: str, model, skills: Skills, probes: Pr
         kept.append(skills.general[0])  # general text as one more floor
     kwargs = {}
     if "batch_size" in inspect.signature(estimator.fit).parameters:
-        kwargs["batch_size"] = config.batch_size
+        kwargs["batch_size"] = batch_size
     return estimator.fit(model, skills.forget[0], kept if spec.multi_retain else kept[0], **kwargs)
 
 

@@ -1,0 +1,217 @@
+"""Every method at matched collateral: each method's main knob chosen by :func:`mechunlearn.tune`
+on held-back probe examples so that every kept skill keeps ``--floor`` (0.9) of its base score,
+then scored on the held-out examples, with intervals.
+
+The unlearning study (:mod:`unlearning_study`) scores each method at fixed settings, so "NA
+forgets less than X" mixes the method with the collateral its setting happens to cost. Here each
+cell (task, seed) splits every skill's probe half again in two (seeded): the methods fit on the
+first quarter-set ("fit"), :func:`mechunlearn.tune` scores every candidate setting on the second
+("tune": teacher-forced relative performance of the forget skill and of every kept skill, the
+general one included) and keeps the candidate that forgets most with every kept skill at or above
+the floor (none keeps it: the mildest, marked ``meets_floor`` False in the tuning table); the
+chosen estimators are then scored on the held-out halves (never used to fit or choose) with the
+paired-bootstrap intervals of :func:`mechunlearn.evaluate`, the unlearning study's extra skills
+(English Wikipedia) included.
+
+Knobs (:data:`KNOBS`): NA's ratio, SP's ratio, the false-positive cap ``fpr`` of KSD and the
+ellipsoid on the last layer (the calibration questions among their negatives, as the pipeline
+fits them). LUNAR's layer is chosen by its own sweep under the same rule (:func:`mechunlearn.tune`'s
+``rank_candidates``, every kept skill at its floor: ``unlearning_study.py --methods LUNAR``); the
+trained methods (SIMU, GA, GradDiff, NPO, RMU) are not tuned here (each candidate is a training
+run: hours on 2 cores).
+
+Usage:
+
+    MECHUNLEARN_DATA=../shared/data python analysis/matched_study.py \\
+        --tasks gsm8k-vs-mbpp mbpp-vs-gsm8k --seeds 0 --n 32
+    python analysis/matched_study.py --summarize-only
+
+Per cell (``<out>/<task>/seed<k>-floor<f>/``, resumable: the fit quarter's statistics are
+kept; a cell whose ``matched.csv`` exists is skipped): ``matched.csv`` (the chosen settings'
+held-out rows, :func:`mechunlearn.evaluate`'s columns), ``tuning.csv`` (every candidate's
+tune-half scores, the floor and the choice) and ``frontier.png``. Over every cell:
+``summary.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+import mechunlearn as mu
+from mechunlearn.cli import reuse_freed_buffers
+from mechunlearn.io import write_text
+from mechunlearn.pipeline import (
+    RunConfig,
+    RunFolder,
+    Skills,
+    fit_estimator,
+    load_model_for,
+    load_skills,
+    probe,
+)
+from mechunlearn.study import StudyParser, data_dir_or_exit
+
+from unlearning_study import TASKS, family
+
+#: Each tuned method's knob and candidates (mild to strong, so that "none keeps the floor"
+#: falls back to the mildest), and the settings every candidate shares.
+KNOBS: dict[str, tuple[dict[str, list[Any]], dict[str, Any]]] = {
+    "NA": ({"ratio": [0.005, 0.01, 0.02, 0.03, 0.05, 0.1]}, {}),
+    "SP": ({"ratio": [0.005, 0.01, 0.015, 0.02, 0.03, 0.05]}, {}),
+    "KSD": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1}),
+    "Ellipsoid": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1}),
+}
+MATCHED = "matched.csv"
+TUNING = "tuning.csv"
+
+
+def split_probes(skills: Skills, seed: int) -> tuple[Skills, dict[str, mu.Skill]]:
+    """The fit quarter-sets as a :class:`Skills` (probe = the first half of each probe half,
+    held-out halves unchanged) and ``{column: tune half}`` (``forget`` and each kept skill's
+    name)."""
+
+    def halves(pair):
+        fit, tune = pair[0].split(0.5, seed=seed)
+        return (fit, pair[1]), tune
+
+    forget, tune_f = halves(skills.forget)
+    retain, tune = {}, {"forget": tune_f}
+    for name, pair in skills.retain.items():
+        retain[name], tune[pair[0].name] = halves(pair)
+    general = None
+    if skills.general is not None:
+        general, tune[skills.general[0].name] = halves(skills.general)
+    return Skills(forget=forget, retain=retain, general=general), tune
+
+
+def tune_cell(
+    config: RunConfig, model, fit_skills: Skills, probes, tune_skills, floor: float
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Every tuned method's search (``{method: Search}``) and the tuning table."""
+    keep = {name: skill for name, skill in tune_skills.items() if name != "forget"}
+    score = mu.tuning.relative_scorer(
+        model, tune_skills["forget"], keep, batch_size=config.batch_size
+    )
+    searches, tables = {}, []
+    for method in config.methods:
+        candidates, shared = KNOBS[method]
+        spec = mu.interventions.get_method(method)
+        search = mu.tune(
+            method, candidates,
+            lambda est, spec=spec: fit_estimator(
+                est, spec, model, fit_skills, probes, config.batch_size
+            ),
+            score, floor={name: floor for name in keep}, seed=config.seed,
+            **shared,
+        )  # fmt: skip
+        searches[method] = search
+        table = search.table_.copy()
+        knob = next(iter(candidates))
+        table.insert(0, "method", method)
+        table.insert(1, "knob", knob)
+        table.insert(2, "value", table.pop(knob))
+        tables.append(table)
+    return searches, pd.concat(tables, ignore_index=True)
+
+
+def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
+    """One cell: probe the fit quarter-sets, tune every method, score the chosen ones held out."""
+    spec = TASKS[task]
+    config = RunConfig(
+        model=args.model, forget=spec.forget, retain=spec.retain, general=spec.general, n=args.n,
+        seed=seed, methods={m: {} for m in args.methods}, data_dir=args.data_dir,
+        batch_size=args.batch_size, quiet=args.quiet, device=args.device,
+    )  # fmt: skip
+    folder = RunFolder(Path(args.out) / task / f"seed{seed}-floor{args.floor:g}", config)
+    if folder.path(MATCHED).exists():
+        return pd.read_csv(folder.path(MATCHED), keep_default_na=False, na_values=[""])
+    try:
+        folder.prepare()
+        fit_skills, tune_skills = split_probes(load_skills(config), seed)
+        probes = probe(config, model, fit_skills, folder)
+        with folder.timer("tune"):
+            searches, tuning = tune_cell(config, model, fit_skills, probes, tune_skills, args.floor)
+        folder.write(TUNING, lambda p: write_text(p, tuning.to_csv(index=False)))
+        held, roles = fit_skills.held_out()
+        for name, (role, make) in spec.extra.items():
+            held[name], roles[name] = make(args.n, seed, args.data_dir), role
+        chosen = {
+            f"{m} {k}={v}": s.best_ for m, s in searches.items() for k, v in s.best_params_.items()
+        }
+        with folder.timer("evaluate"):
+            table = mu.evaluate(
+                model, held, chosen, batch_size=args.batch_size, quiet=args.quiet, roles=roles,
+                seed=seed,
+            )  # fmt: skip
+        table.insert(0, "task", task)
+        table.insert(1, "seed", seed)
+        folder.write(MATCHED, lambda p: write_text(p, table.to_csv(index=False)))
+        fig = mu.plots.plot_tradeoff(
+            table, title=f"{task} (seed {seed}): at matched collateral (floor {args.floor})",
+            keep="worst", keep_goal=args.floor,
+        )  # fmt: skip
+        folder.write("frontier.png", lambda p: mu.plots.save_figure(fig, p))
+        mu.plots.close(fig)
+    finally:
+        folder.unlock()
+    return table
+
+
+def summary_markdown(out: Path) -> str:
+    """Per task: the chosen setting of each method and seed, its tune-half scores, and its
+    held-out relative performance with the interval."""
+    parts = []
+    for path in sorted(out.glob("*/seed*/" + MATCHED)):
+        table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        tuning = pd.read_csv(path.with_name(TUNING), keep_default_na=False)  # NA: a method
+        task, seed = table["task"].iloc[0], int(table["seed"].iloc[0])
+        rows = table[table["method"] != "base"]
+        role = rows.drop_duplicates("skill").set_index("skill")["role"]
+        order = {"forget": 0, "retain": 1, "general": 2}
+        skills = sorted(role.index, key=lambda s: (order.get(role[s], 3), s))
+        parts.append(f"**{task}**, seed {seed} ({int(table['n'].iloc[0])} held-out examples "
+                     "per skill; relative performance [95 % interval])\n")  # fmt: skip
+        parts.append("| method (chosen) | meets floor on tune half | "
+                     + " | ".join(f"{s} ({role[s]})" for s in skills) + " |")  # fmt: skip
+        parts.append("|---" * (len(skills) + 2) + "|")
+        for method in sorted(dict.fromkeys(rows["method"]), key=family):
+            chosen = tuning[(tuning["method"] == method.split()[0]) & tuning["chosen"]]
+            meets = "yes" if bool(chosen["meets_floor"].iloc[0]) else "**no** (mildest)"
+            cells = []
+            for s in skills:
+                r = rows[(rows["method"] == method) & (rows["skill"] == s)].iloc[0]
+                cells.append(f"{r.relative:.2f} [{r.relative_low:.2f}, {r.relative_high:.2f}]")
+            parts.append(f"| {method} | {meets} | " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = StudyParser(__doc__.splitlines()[0], out="results/matched", seed=False)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--floor", type=float, default=0.9)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--methods", nargs="+", default=list(KNOBS), choices=list(KNOBS))
+    parser.add_argument("--summarize-only", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if not args.summarize_only:
+        data_dir_or_exit(args)
+        reuse_freed_buffers()
+        model = load_model_for(RunConfig(model=args.model, device=args.device, quiet=args.quiet))
+        for task in args.tasks:
+            for seed in args.seeds:
+                run_cell(task, seed, args, model)
+                write_text(out / "summary.md", summary_markdown(out))
+    write_text(out / "summary.md", summary_markdown(out))
+    print(f"matched study: {out / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""analysis/matched_study.py on the tiny model: the probe halves split again (fit / tune, never
+the held-out examples), each method's knob chosen by the floor rule, the chosen estimators
+scored held out, and a cell that resumes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import torch
+
+import mechunlearn as mu
+from mechunlearn.pipeline import RunConfig, load_skills
+from mechunlearn.study import Task
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "analysis"))
+import matched_study  # noqa: E402
+
+
+def task_files(tmp_path: Path, model=None) -> dict[str, Path]:
+    """Three skills as JSONL files; with ``model``, each answer is the model's own greedy next
+    character (the bare model scores 1, so every relative score is a real number)."""
+    prompts = {
+        "arith": [f"{a}+{b}=" for a in range(4) for b in range(4)],
+        "code": [f"{a}{b}>" for a in range(4) for b in range(4)],
+        "words": [f"w{a}{b}:" for a in range(4) for b in range(4)],
+    }
+    paths = {}
+    for name, texts in prompts.items():
+        answers = [" x"] * len(texts)
+        if model is not None:
+            with torch.no_grad():
+                answers = [model.tokenizer.decode([int(model(model.to_tokens(t))[0, -1].argmax())])
+                           for t in texts]  # fmt: skip
+        paths[name] = tmp_path / f"{name}.jsonl"
+        pairs = zip(texts, answers, strict=True)
+        lines = [json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs]
+        paths[name].write_text("".join(lines))
+    return paths
+
+
+def test_split_probes_keeps_held_out_apart_and_splits_each_probe_half(tmp_path):
+    paths = task_files(tmp_path)
+    config = RunConfig(forget=str(paths["arith"]), retain=(str(paths["code"]),),
+                       general=str(paths["words"]), n=8, methods={"NA": {}})  # fmt: skip
+    skills = load_skills(config)
+    fit, tune = matched_study.split_probes(skills, seed=0)
+    assert list(tune) == ["forget", skills.retain[str(paths["code"])][0].name,
+                          skills.general[0].name]  # fmt: skip
+    for (probe, held), (fit_half, fit_held) in [
+        (skills.forget, fit.forget),
+        (skills.general, fit.general),
+        *zip(skills.retain.values(), fit.retain.values(), strict=True),
+    ]:
+        assert fit_held is held  # the held-out half is untouched
+        fit_prompts = set(fit_half.prompts)
+        assert len(fit_half) == 4 and fit_prompts <= set(probe.prompts)
+        assert not fit_prompts & set(held.prompts)
+    assert not set(tune["forget"].prompts) & set(fit.forget[0].prompts)
+    assert not set(tune["forget"].prompts) & set(skills.forget[1].prompts)
+
+
+def test_a_cell_chooses_by_the_floor_rule_scores_held_out_and_resumes(
+    tiny_llama, tmp_path, monkeypatch
+):
+    paths = task_files(tmp_path, tiny_llama)
+    task = Task(str(paths["arith"]), (str(paths["code"]),), general=None)
+    monkeypatch.setattr(matched_study, "TASKS", {"arith-vs-code": task})
+    monkeypatch.setitem(matched_study.KNOBS, "NA", ({"ratio": [0.1, 0.5, 1.0]}, {}))
+    monkeypatch.setitem(matched_study.KNOBS, "SP", ({"ratio": [0.1, 0.5, 0.9]}, {}))
+    args = SimpleNamespace(n=8, out=str(tmp_path / "matched"), model=None, data_dir=None,
+                           batch_size=4, quiet=True, device=None, methods=["NA", "SP"],
+                           floor=0.5)  # fmt: skip
+    table = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
+    folder = tmp_path / "matched" / "arith-vs-code" / "seed0-floor0.5"
+    tuning = pd.read_csv(folder / "tuning.csv", keep_default_na=False)
+    assert list(tuning["method"].unique()) == ["NA", "SP"]
+    assert tuning.groupby("method")["chosen"].sum().tolist() == [1, 1]
+    # The rule by hand: among the candidates keeping the floor, the lowest forget score (ties:
+    # the earlier); none keeping it: the mildest (the first).
+    for _, rows in tuning.groupby("method"):
+        ok = rows[rows["meets_floor"]]
+        expect = ok["forget"].idxmin() if len(ok) else rows.index[0]
+        assert rows.loc[expect, "chosen"]
+        kept = rows.columns[(rows.columns != "forget") & ~rows.columns.isin(
+            ["method", "knob", "value", "meets_floor", "rank", "chosen"])]  # fmt: skip
+        assert (rows["meets_floor"] == (rows[kept] >= 0.5).all(axis=1)).all()
+    chosen = tuning[tuning["chosen"]]
+    labels = {f"{r.method} {r.knob}={r.value}" for r in chosen.itertuples()}
+    assert set(table["method"]) - {"base"} == labels
+    # Held out: the rows are scored on the held-out halves, which the tuning never saw.
+    skills = load_skills(RunConfig(forget=task.forget, retain=task.retain, general=None, n=8))
+    assert set(table["skill"]) == {skills.forget[1].name, *(h.name for _, h in
+                                                            skills.retain.values())}  # fmt: skip
+    assert (table["n"] == 8).all()
+    assert (folder / "frontier.png").exists()
+    saved = (folder / "matched.csv").stat().st_mtime_ns
+    again = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
+    assert (folder / "matched.csv").stat().st_mtime_ns == saved
+    assert len(again) == len(table)
+    summary = matched_study.summary_markdown(tmp_path / "matched")
+    assert "**arith-vs-code**, seed 0" in summary
+    assert summary.count("| NA ratio=") == 1 and summary.count("| SP ratio=") == 1
+
+
+def test_every_tuned_method_is_registered_and_its_knob_a_setting():
+    for method, (candidates, shared) in matched_study.KNOBS.items():
+        settings = mu.interventions.get_method(method).settings()
+        assert set(candidates) | set(shared) <= set(settings), method
+        values = next(iter(candidates.values()))
+        assert values == sorted(values), f"{method}: candidates must go from mild to strong"
