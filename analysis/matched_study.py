@@ -29,7 +29,10 @@ Usage:
 Per cell (``<out>/<task>/seed<k>-floor<f>/``, resumable: the fit quarter's statistics are
 kept; a cell whose ``matched.csv`` exists is skipped): ``matched.csv`` (the chosen settings'
 held-out rows, :func:`mechunlearn.evaluate`'s columns), ``tuning.csv`` (every candidate's
-tune-half scores, the floor and the choice) and ``frontier.png``. Over every cell:
+tune-half scores, the floor and the choice), ``fluency.csv`` (:func:`mechunlearn.fluency_table`
+of the chosen methods: greedy 32-token continuations of 16 first sentences of English Wikipedia
+paragraphs, their perplexity under the bare model and their repeated 3-grams) and
+``frontier.png``. Over every cell:
 ``summary.md``.
 """
 
@@ -54,7 +57,7 @@ from mechunlearn.pipeline import (
 )
 from mechunlearn.study import StudyParser, data_dir_or_exit
 
-from unlearning_study import TASKS, family
+from unlearning_study import TASKS, family, wiki_skill
 
 #: Each tuned method's knob and candidates (mild to strong, so that "none keeps the floor"
 #: falls back to the mildest), and the settings every candidate shares.
@@ -65,6 +68,9 @@ KNOBS: dict[str, tuple[dict[str, list[Any]], dict[str, Any]]] = {
     "Ellipsoid": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1}),
 }
 MATCHED = "matched.csv"
+FLUENCY = "fluency.csv"
+#: General prompts of the fluency columns: first sentences of English Wikipedia paragraphs.
+FLUENCY_PROMPTS = 16
 TUNING = "tuning.csv"
 
 
@@ -148,6 +154,10 @@ def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
             )  # fmt: skip
         table.insert(0, "task", task)
         table.insert(1, "seed", seed)
+        prompts = list(wiki_skill(FLUENCY_PROMPTS, seed, args.data_dir).prompts)
+        with folder.timer("fluency"):
+            fluent = mu.fluency_table(model, prompts, chosen, batch_size=args.batch_size)
+        folder.write(FLUENCY, lambda p: write_text(p, fluent.to_csv(index_label="method")))
         folder.write(MATCHED, lambda p: write_text(p, table.to_csv(index=False)))
         fig = mu.plots.plot_tradeoff(
             table, title=f"{task} (seed {seed}): at matched collateral (floor {args.floor})",
@@ -167,6 +177,7 @@ def summary_markdown(out: Path) -> str:
     for path in sorted(out.glob("*/seed*/" + MATCHED)):
         table = pd.read_csv(path, keep_default_na=False, na_values=[""])
         tuning = pd.read_csv(path.with_name(TUNING), keep_default_na=False)  # NA: a method
+        fluent = pd.read_csv(path.with_name(FLUENCY), keep_default_na=False, index_col="method")
         task, seed = table["task"].iloc[0], int(table["seed"].iloc[0])
         rows = table[table["method"] != "base"]
         role = rows.drop_duplicates("skill").set_index("skill")["role"]
@@ -175,8 +186,12 @@ def summary_markdown(out: Path) -> str:
         parts.append(f"**{task}**, seed {seed} ({int(table['n'].iloc[0])} held-out examples "
                      "per skill; relative performance [95 % interval])\n")  # fmt: skip
         parts.append("| method (chosen) | meets floor on tune half | "
-                     + " | ".join(f"{s} ({role[s]})" for s in skills) + " |")  # fmt: skip
-        parts.append("|---" * (len(skills) + 2) + "|")
+                     + " | ".join(f"{s} ({role[s]})" for s in skills)
+                     + " | fluency: perplexity ratio | repeated 3-grams |")  # fmt: skip
+        parts.append("|---" * (len(skills) + 4) + "|")
+        base = fluent.loc["base"]
+        bare = f"1.00 (perplexity {base.perplexity:.1f}) | {base.repeated_ngrams:.2f}"
+        parts.append("| base | | " + " | ".join("1.00" for _ in skills) + f" | {bare} |")
         for method in sorted(dict.fromkeys(rows["method"]), key=family):
             chosen = tuning[(tuning["method"] == method.split()[0]) & tuning["chosen"]]
             meets = "yes" if bool(chosen["meets_floor"].iloc[0]) else "**no** (mildest)"
@@ -184,6 +199,8 @@ def summary_markdown(out: Path) -> str:
             for s in skills:
                 r = rows[(rows["method"] == method) & (rows["skill"] == s)].iloc[0]
                 cells.append(f"{r.relative:.2f} [{r.relative_low:.2f}, {r.relative_high:.2f}]")
+            f = fluent.loc[method]
+            cells += [f"{f.perplexity_ratio:.2f}", f"{f.repeated_ngrams:.2f}"]
             parts.append(f"| {method} | {meets} | " + " | ".join(cells) + " |")
         parts.append("")
     return "\n".join(parts)

@@ -97,6 +97,9 @@ def test_a_cell_chooses_by_the_floor_rule_scores_held_out_and_resumes(
                                                             skills.retain.values())}  # fmt: skip
     assert (table["n"] == 8).all()
     assert (folder / "frontier.png").exists()
+    fluent = pd.read_csv(folder / "fluency.csv", keep_default_na=False, index_col="method")
+    assert list(fluent.index) == ["base", *sorted(labels, key=lambda m: m.split()[0] != "NA")]
+    assert fluent.loc["base", "perplexity_ratio"] == 1.0
     saved = (folder / "matched.csv").stat().st_mtime_ns
     again = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
     assert (folder / "matched.csv").stat().st_mtime_ns == saved
@@ -104,6 +107,7 @@ def test_a_cell_chooses_by_the_floor_rule_scores_held_out_and_resumes(
     summary = matched_study.summary_markdown(tmp_path / "matched")
     assert "**arith-vs-code**, seed 0" in summary
     assert summary.count("| NA ratio=") == 1 and summary.count("| SP ratio=") == 1
+    assert "| fluency: perplexity ratio | repeated 3-grams |" in summary
 
 
 def test_every_tuned_method_is_registered_and_its_knob_a_setting():
