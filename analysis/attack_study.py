@@ -61,16 +61,13 @@ import mechunlearn as mu
 from mechunlearn.attacks import STEPS, recovery_markdown, recovery_table
 from mechunlearn.io import read_json, write_json, write_text
 from mechunlearn.models import n_layers
-from mechunlearn.pipeline import ATTACKS, RunConfig, RunFolder, Skills, attack, load_model_for
+from mechunlearn.pipeline import ATTACKS, RunConfig, RunFolder, attack, load_model_for
 from mechunlearn.study import SWEEP, Study, results_folder
 
-from unlearning_study import SIMU_PARAMS, TASKS, simu_params, simu_skills
+from unlearning_study import SIMU_PARAMS, TASKS, TRAINED, simu_params, trained_skills
 
 #: Every registered method, in the registry's order.
 METHODS = tuple(spec.name for spec in mu.methods())
-#: The methods trained by gradient steps on the probe texts: on the prompts shorter than
-#: ``SIMU_PARAMS["max_length"]`` tokens, cut there.
-TRAINED = ("SIMU", "GA", "GradDiff", "NPO", "RMU")
 TIMINGS = "timings.json"
 #: The recovery table's families in order: the score with no attack, then the attacks'.
 FAMILIES = ("unlearned", *ATTACKS)
@@ -149,18 +146,15 @@ def run_cell(task: str, seed: int, args, model) -> Path:
             checked.unlock()
     else:
 
-        def trained(model, skills: Skills) -> dict[str, Skills]:
-            methods = [m for m in args.methods if m in TRAINED]
-            short = simu_skills(model, skills) if methods else None
-            return dict.fromkeys(methods, short)
-
         def settings(folder: RunFolder, table: pd.DataFrame) -> None:
             folder.write(
                 "study_settings.json", lambda p: write_json(p, {**vars(args), "task": task})
             )
 
         t0 = time.perf_counter()
-        declared.run_cell(task, seed, model, skills_for=trained, finish=settings)
+        declared.run_cell(
+            task, seed, model, skills_for=trained_skills(args.methods), finish=settings
+        )
         record_time(out, cell, "fit + evaluate", time.perf_counter() - t0)
     for family in args.attacks:
         if (folder / "tables" / f"attacks_{family}.csv").exists():

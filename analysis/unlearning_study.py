@@ -1,5 +1,6 @@
-"""Unlearning results on the default model: NA, KSD, the ellipsoid, SP, LUNAR and SIMU on held-out
-examples, over several seeds of the probe/held-out split, with 95 % intervals.
+"""Unlearning results on the default model: NA, KSD, the ellipsoid, SP, LUNAR, SIMU and the
+field's baselines (GA, GradDiff, NPO, RMU) on held-out examples, over several seeds of the
+probe/held-out split, with 95 % intervals.
 
 Tasks (each probes one half of every skill and scores the other half; the split is seeded):
 
@@ -14,14 +15,17 @@ ellipsoid on the authors' last layer with alpha calibrated at a false-positive c
 detectors with the library's defaults ("default": every layer, rule "all", fpr 0.001); the
 detectors' negatives are the retain and general skills' probe keys plus
 :func:`mechunlearn.calibration_skill`'s; SP at two ratios; LUNAR (layer chosen among every third
-layer, every retain skill and the general skill kept at their floor) and SIMU (settings below,
-for the CPU budget; its layers are the model's last six). The study is a declaration
-(:func:`study`): the tasks (:data:`TASKS`, :class:`mechunlearn.study.Task`), the grid
-(:func:`grid`, a :class:`~mechunlearn.pipeline.RunConfig` ``methods`` mapping) and the seeds, run
-by :class:`mechunlearn.study.Study` (each task and seed a pipeline run folder); this script adds
-its own figure per cell and the summary tables.
+layer, every retain skill and the general skill kept at their floor), SIMU (settings below,
+for the CPU budget; its layers are the model's last six) and the baselines GA, GradDiff, NPO and
+RMU at their registered defaults, trained as SIMU on the probe prompts shorter than 512 tokens.
+The study is a declaration (:func:`study`): the tasks (:data:`TASKS`,
+:class:`mechunlearn.study.Task`), the grid (:func:`grid`, a
+:class:`~mechunlearn.pipeline.RunConfig` ``methods`` mapping) and the seeds, run by
+:class:`mechunlearn.study.Study` (each task and seed a pipeline run folder); this script adds its
+own figure per cell and the summary tables.
 
-Usage (the README's tables come from these commands; LUNAR and SIMU, the costly ones, on seed 0):
+Usage (the README's tables come from these commands; LUNAR, SIMU and the baselines, the costly
+ones, on seed 0):
 
     MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \\
         --tasks gsm8k-vs-mbpp mbpp-vs-gsm8k --seeds 0 --n 32
@@ -69,11 +73,15 @@ SP_RATIOS = (0.015, 0.05)
 #: per update on 2 cores; the longest prompt has 317 tokens).
 SIMU_PARAMS = dict(steps=2, max_steps=10, batch_size=8, max_length=512)
 SIMU_LAST_LAYERS = 6
+#: The methods trained by gradient steps on the probe texts (SIMU and the field's baselines):
+#: on the prompts shorter than ``SIMU_PARAMS["max_length"]`` tokens, cut there
+#: (:func:`simu_skills`).
+TRAINED = ("SIMU", "GA", "GradDiff", "NPO", "RMU")
 #: The method families the study's grid declares, in the registry's (the tables') order.
 METHODS = tuple(
     spec.name
     for spec in mu.methods()
-    if spec.name in ("NA", "KSD", "Ellipsoid", "SP", "LUNAR", "SIMU")
+    if spec.name in ("NA", "KSD", "Ellipsoid", "SP", "LUNAR", *TRAINED)
 )
 
 
@@ -153,6 +161,8 @@ def grid(args, n_layers: int) -> dict[str, dict[str, Any]]:
         "SP": {f"SP ratio={r}": {"ratio": r} for r in SP_RATIOS},
         "LUNAR": {"LUNAR auto": {"layer": "auto"}},  # every third layer, every kept skill
         "SIMU": {"SIMU": simu_params(n_layers)},
+        # The baselines at their registered defaults (docs/methods.md), texts cut as SIMU's.
+        **{b: {b: {"max_length": SIMU_PARAMS["max_length"]}} for b in TRAINED[1:]},
     }
     return {
         label: {"method": family, **settings}
@@ -173,6 +183,17 @@ def simu_skills(model, skills: Skills) -> Skills:
         },
         general=skills.general,
     )
+
+
+def trained_skills(methods: list[str]):
+    """The pipeline's ``skills_for`` of a study running ``methods``: the trained ones
+    (:data:`TRAINED`) on :func:`simu_skills`' halves."""
+
+    def skills_for(model, skills: Skills) -> dict[str, Skills]:
+        trained = [m for m in methods if m in TRAINED]
+        return dict.fromkeys(trained, simu_skills(model, skills)) if trained else {}
+
+    return skills_for
 
 
 def short_prompts(model, skill: mu.Skill, limit: int) -> mu.Skill:
@@ -214,11 +235,10 @@ def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
         mu.plots.close(fig)
         folder.write("study_settings.json", lambda p: write_json(p, {**vars(args), "task": name}))
 
-    def trained(model, skills: Skills) -> dict[str, Skills]:
-        return {"SIMU": simu_skills(model, skills)} if "SIMU" in args.methods else {}
-
     declared = study(args, n_layers(model))
-    return declared.run_cell(name, seed, model, skills_for=trained, finish=finish)
+    return declared.run_cell(
+        name, seed, model, skills_for=trained_skills(args.methods), finish=finish
+    )
 
 
 def _cell(values: pd.Series, low: float, high: float) -> str:
