@@ -18,13 +18,14 @@ tokens (``mu.collect_keys(pool="mean")``); every layer or (``middle``) a band of
 (the middle third, rule "all") or the one middle layer; fitted on GSM8K's layout, on the four
 formats, or (``multi-format-negatives``) on the four formats with negatives in the same four
 formats: the calibration questions and other MBPP/MMLU/Wikipedia examples than the tested ones
-(``--n-neg`` each). ``robust.csv``/``robust.md`` then hold, per variant and wrapper, the GSM8K
-detection rate and the worst control's, and whether the variant reaches the goal (>= 0.8 of GSM8K
-in every wrapper, <= 0.05 of every control in the same wrapper).
+(``--n-neg`` each), calibrated at each false-positive cap of ``--fprs``. ``robust.csv`` and
+``robust.md`` then hold, per variant and wrapper, the GSM8K detection rate and the worst
+control's, and whether the variant reaches the goal (>= 0.8 of GSM8K in every wrapper, <= 0.05
+of every control in the same wrapper).
 
 Usage:
     MECHUNLEARN_DATA=../shared/data python analysis/format_study.py [--n 60] [--model gemma-3-270m]
-        [--variants pooled middle multi-format-negatives] [--n-neg 20]
+        [--variants pooled middle multi-format-negatives] [--n-neg 20] [--fprs 0.001 0.01]
 
 Writes ``results/formats/`` (``results/formats-<model>/`` for another ``--model``):
 ``detection.csv``, ``summary.md`` and ``detection.png``; the key vectors of every wrapped set are
@@ -85,7 +86,9 @@ def _others(pool: mu.Skill, avoid: mu.Skill, n: int) -> mu.Skill:
     return pool[index]
 
 
-def _spec_name(det: str, pool: str, layers: str, fit: str, n_formats: int) -> str:
+def _spec_name(
+    det: str, pool: str, layers: str, fit: str, fpr: float | None, n_formats: int
+) -> str:
     """A variant's name: the base detectors keep their old names."""
     parts = [det + (" on mean-pooled keys" if pool == "mean" else "")]
     if layers != "all":
@@ -94,6 +97,8 @@ def _spec_name(det: str, pool: str, layers: str, fit: str, n_formats: int) -> st
         parts.append(f"fitted on {n_formats} formats")
     elif fit == "many+neg":
         parts.append(f"fitted on {n_formats} formats with negatives in them")
+    if fpr is not None:
+        parts.append(f"fpr={fpr:g}")
     return ", ".join(parts)
 
 
@@ -112,6 +117,11 @@ def main() -> None:
     parser.add_argument(
         "--n-cal", type=int, default=None, help="calibration questions (default: all 252)"
     )
+    parser.add_argument(
+        "--fprs", type=float, nargs="+", default=[None],
+        help="multi-format-negatives: the false-positive caps to calibrate at, one variant each "
+        "(default: the detectors' default)",
+    )  # fmt: skip
     args = parser.parse_args()
     pooled = "pooled" in args.variants
     dd = data_dir_or_exit(args)
@@ -201,19 +211,21 @@ def main() -> None:
         layer_sets[f"layers {band[0]}-{band[-1]}"] = band
         layer_sets[f"layer {n_layers // 2}"] = [n_layers // 2]
     fits = ["one", "many"] + (["many+neg"] if neg_sets else [])
-    specs = [("KSD", "last", "all", "one"), ("Ellipsoid", "last", "all", "one"),
-             ("KSD", "last", "all", "many")]  # fmt: skip
+    specs = [("KSD", "last", "all", "one", None), ("Ellipsoid", "last", "all", "one", None),
+             ("KSD", "last", "all", "many", None)]  # fmt: skip
     for pool, layers, fit in itertools.product(pools, layer_sets, fits):
-        if ("KSD", pool, layers, fit) not in specs:
-            specs.append(("KSD", pool, layers, fit))
+        for fpr in args.fprs if fit == "many+neg" else [None]:
+            if ("KSD", pool, layers, fit, fpr) not in specs:
+                specs.append(("KSD", pool, layers, fit, fpr))
     if neg_sets:  # the ellipsoid on the most promising fit data
-        specs += [("Ellipsoid", pool, "all", "many+neg") for pool in pools]
+        specs += [("Ellipsoid", p, "all", "many+neg", f) for p in pools for f in args.fprs]
     detectors, spec_of = {}, {}
-    for det, pool, layers, fit in specs:
-        name = _spec_name(det, pool, layers, fit, len(fit_formats))
+    for det, pool, layers, fit, fpr in specs:
+        name = _spec_name(det, pool, layers, fit, fpr, len(fit_formats))
         cls = mu.KeySpaceDetector if det == "KSD" else mu.EllipsoidDetector
-        detectors[name] = cls(layers=layer_sets[layers]).fit(*fit_data[pool, fit])
-        spec_of[name] = {"pool": pool, "layers": layers, "fit": fit}
+        settings = {} if fpr is None else {"fpr": fpr}
+        detectors[name] = cls(layers=layer_sets[layers], **settings).fit(*fit_data[pool, fit])
+        spec_of[name] = {"pool": pool, "layers": layers, "fit": fit, "fpr_setting": fpr}
     rows = []
     for skill_name, skill in {"gsm8k": held, **controls}.items():
         names = [v for v in VARIANTS if v not in SKIPPED.get(skill_name, ()) + no_chat]
@@ -259,7 +271,8 @@ def robustness(table: pd.DataFrame) -> pd.DataFrame:
         worst = ctl.loc[ctl["rate"].idxmax()] if len(ctl) else None
         rows.append({
             "detector": det, "variant": variant, "pool": gsm["pool"], "layers": gsm["layers"],
-            "fit": gsm["fit"], "fitted_on_this_format": bool(gsm["fitted_on_this_format"]),
+            "fit": gsm["fit"], "fpr_setting": gsm["fpr_setting"],
+            "fitted_on_this_format": bool(gsm["fitted_on_this_format"]),
             "gsm8k": gsm["rate"], "gsm8k_low": gsm["low"], "gsm8k_high": gsm["high"],
             "gsm8k_n": gsm["n"],
             "worst_control": None if worst is None else worst["skill"],
@@ -273,7 +286,11 @@ def robustness(table: pd.DataFrame) -> pd.DataFrame:
 
 def robust_summary(robust: pd.DataFrame, table: pd.DataFrame) -> str:
     """Per variant: the worst wrapper's GSM8K detection, the worst control false-positive rate
-    over the wrappers, and the goal's verdict; then variant x wrapper."""
+    over the wrappers, and the goal's verdict; then variant x wrapper, with 95 % intervals."""
+
+    def rate(r, col: str, low: str, high: str) -> str:
+        return f"{r[col]:.2f} [{r[low]:.2f}, {r[high]:.2f}]"
+
     lines = [
         f"Goal: GSM8K detected >= {GOAL_DETECT} in every wrapper, every control <= {GOAL_FPR} in "
         "the same wrapper. n per cell: "
@@ -287,16 +304,20 @@ def robust_summary(robust: pd.DataFrame, table: pd.DataFrame) -> str:
         c = part.loc[part["control_rate"].astype(float).idxmax()]
         ok = part["gsm8k"].min() >= GOAL_DETECT and part["control_rate"].max() <= GOAL_FPR
         good = int((part["gsm8k"] >= GOAL_DETECT).sum())
+        where = f"{c['worst_control']}, {c['variant']}" if c["control_rate"] > 0 else "none"
         lines.append(
-            f"| {det} | {g['gsm8k']:.2f} [{g['gsm8k_low']:.2f}, {g['gsm8k_high']:.2f}] "
-            f"({g['variant']}) | {c['control_rate']:.2f} [{c['control_low']:.2f}, "
-            f"{c['control_high']:.2f}] ({c['worst_control']}, {c['variant']}) | "
+            f"| {det} | {rate(g, 'gsm8k', 'gsm8k_low', 'gsm8k_high')} ({g['variant']}) | "
+            f"{rate(c, 'control_rate', 'control_low', 'control_high')} ({where}) | "
             f"{good}/{len(part)} | {'**yes**' if ok else 'no'} |"
         )
     variants = list(dict.fromkeys(robust["variant"]))
-    lines += ["", "GSM8K detected / worst control detected, per wrapper (* = a fit format):\n"]
-    lines.append("| detector | " + " | ".join(variants) + " |")
-    lines.append("|---" * (len(variants) + 1) + "|")
+    lines += [
+        "",
+        "GSM8K detected [95 % CI] / worst control detected [95 % CI], per wrapper "
+        "(* = a fit format):\n",
+        "| detector | " + " | ".join(variants) + " |",
+        "|---" * (len(variants) + 1) + "|",
+    ]
     for det, part in robust.groupby("detector", sort=False):
         cells = []
         for v in variants:
@@ -304,9 +325,10 @@ def robust_summary(robust: pd.DataFrame, table: pd.DataFrame) -> str:
             ctl = (
                 "—"
                 if r["worst_control"] is None or pd.isna(r["control_rate"])
-                else (f"{r['control_rate']:.2f}")
+                else rate(r, "control_rate", "control_low", "control_high")
             )
-            cells.append(f"{r['gsm8k']:.2f}{'*' if r['fitted_on_this_format'] else ''} / {ctl}")
+            mark = "*" if r["fitted_on_this_format"] else ""
+            cells.append(f"{rate(r, 'gsm8k', 'gsm8k_low', 'gsm8k_high')}{mark} / {ctl}")
         lines.append(f"| {det} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
