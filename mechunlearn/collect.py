@@ -8,10 +8,12 @@ even the unembedding is computed.
 * :func:`collect` -> :class:`~mechunlearn.stats.NeuronStats` of one site (``hook_pre`` by
   default): per-neuron moments in float64 and a uniform reservoir of token values.
 * :func:`collect_keys` -> :class:`~mechunlearn.stats.KeyVectors`: the key vector
-  (``hook_post``) at the last prompt token of every example (Key Space Detection's input).
+  (``hook_post``) at the last prompt token of every example (Key Space Detection's input), or
+  (``pool="mean"``) its mean over the example's prompt tokens.
 * :func:`collect_importance` -> :class:`~mechunlearn.stats.Importance`: ``mean |x|`` at
   ``hook_post`` over every token (Selective Pruning's input).
-* ``collect(model, skill, what=("pre", "keys", "importance"))`` -> :class:`Probe`: several of
+* ``collect(model, skill, what=("pre", "keys", "mean_keys", "importance"))`` ->
+  :class:`Probe`: several of
   them from **one** forward pass per batch (what a run needs; a 70B model pays for every pass).
 
 All of them, teacher-forced scoring (:func:`mechunlearn.scoring.score_pass`) and the methods'
@@ -48,9 +50,13 @@ from .sites import check_positions, check_site, hook_name
 from .stats import Importance, KeyVectors, NeuronStats
 from .validation import check_int, check_texts, resolve_layers
 
-WHAT: tuple[str, ...] = ("pre", "key", "keys", "importance")
+WHAT: tuple[str, ...] = ("pre", "key", "keys", "mean_keys", "importance")
 """What :func:`collect` can gather in one pass: ``"pre"``/``"key"`` (NeuronStats of
-``hook_pre``/``hook_post``), ``"keys"`` (KeyVectors), ``"importance"`` (Importance)."""
+``hook_pre``/``hook_post``), ``"keys"`` (KeyVectors at the last prompt token), ``"mean_keys"``
+(KeyVectors averaged over the prompt tokens), ``"importance"`` (Importance)."""
+
+POOLS: tuple[str, ...] = ("last", "mean")
+"""How :func:`collect_keys` reduces an example's prompt tokens to one key vector."""
 
 _SITE_ORDER = {"pre": 0, "key": 1}  # hook_pre runs before hook_post in a layer
 
@@ -63,6 +69,7 @@ class Probe:
         pre: NeuronStats of ``hook_pre``.
         key: NeuronStats of ``hook_post``.
         keys: KeyVectors (last prompt token, ``hook_post``).
+        mean_keys: KeyVectors (mean over the prompt tokens, ``hook_post``).
         importance: Importance (``mean |x|`` at ``hook_post``).
 
     Example:
@@ -76,6 +83,7 @@ class Probe:
     pre: NeuronStats | None = None
     key: NeuronStats | None = None
     keys: KeyVectors | None = None
+    mean_keys: KeyVectors | None = None
     importance: Importance | None = None
 
     def __getitem__(self, name: str) -> Any:
@@ -143,25 +151,43 @@ class _StatsCollector(_Collector):
 class _KeysCollector(_Collector):
     site = "key"
 
-    def __init__(self, n_examples, layers, width, device, meta):
-        self.layers, self.meta = layers, meta
-        self.values = torch.zeros((n_examples, len(layers), width), device=device)
+    def __init__(self, n_examples, layers, width, device, meta, pool="last"):
+        self.layers, self.pool, self.meta = layers, pool, {**meta, "pool": pool}
+        dtype = torch.float64 if pool == "mean" else torch.float32  # "mean": sums, then / count
+        self.values = torch.zeros((n_examples, len(layers), width), dtype=dtype, device=device)
+        self.counts = torch.zeros(n_examples, dtype=torch.float64, device=device)
 
     def hooks(self, batch):
         values, index = self.values, batch.example_index
-        rows = torch.arange(batch.tokens.shape[0], device=index.device)
+        if self.pool == "mean":  # prompt tokens only: BOS, padding and answers left out
+            outside = ~batch.prompt_mask[..., None]  # (padding may hold NaN: zeroed, not x 0)
+            self.counts[index] = batch.prompt_mask.sum(1).to(values.dtype)
 
-        def make_hook(col: int):
-            def hook(activation: Float[Tensor, "batch pos d_mlp"], hook=None):
-                values[index, col] = activation[rows, batch.last_prompt].float()
-                return activation
+            def make_hook(col: int):
+                def hook(activation: Float[Tensor, "batch pos d_mlp"], hook=None):
+                    x = activation.to(values.dtype).masked_fill(outside, 0.0)
+                    values[index, col] = x.sum(1)
+                    return activation
 
-            return hook
+                return hook
+
+        else:
+            rows = torch.arange(batch.tokens.shape[0], device=index.device)
+
+            def make_hook(col: int):
+                def hook(activation: Float[Tensor, "batch pos d_mlp"], hook=None):
+                    values[index, col] = activation[rows, batch.last_prompt].float()
+                    return activation
+
+                return hook
 
         return [(hook_name("key", layer), make_hook(c)) for c, layer in enumerate(self.layers)]
 
     def finish(self, name: str) -> KeyVectors:
         values = distributed.all_reduce_sum(self.values)  # each rank filled its own rows
+        if self.pool == "mean":
+            counts = distributed.all_reduce_sum(self.counts)  # >= 1: prompts are not empty
+            values = (values / counts[:, None, None]).float()
         bad = (~torch.isfinite(values)).sum(dim=(0, 2))
         _warn_nonfinite(bad, self.layers, name)
         meta = {**self.meta, "skill": name, "collected": _now(), "version": __version__}
@@ -422,7 +448,7 @@ def collect(
     skill = as_skill(skill)
     layers = resolve_layers(model, layers)
     device, width, meta = model_device(model), d_mlp(model), model_meta(model)
-    prompts_only = set(wanted) == {"keys"}
+    prompts_only = set(wanted) <= {"keys", "mean_keys"}
     texts = (skill.prompts, [""] * len(skill) if prompts_only else skill.answers)
     made: dict[str, _Collector] = {}
     for item in wanted:
@@ -430,8 +456,9 @@ def collect(
             made[item] = _StatsCollector(
                 item, positions, layers, width, reservoir_size, seed, device, meta, texts
             )
-        elif item == "keys":
-            made[item] = _KeysCollector(len(skill), layers, width, device, meta)
+        elif item in ("keys", "mean_keys"):
+            pool = "last" if item == "keys" else "mean"
+            made[item] = _KeysCollector(len(skill), layers, width, device, meta, pool)
         else:
             made[item] = _ImportanceCollector(layers, width, device, meta)
     _gather(
@@ -451,25 +478,49 @@ def collect_keys(
     padding_side: str = "right",
     quiet: bool = False,
     max_batch_tokens: int | None = 8192,
+    pool: str = "last",
 ) -> KeyVectors:
-    """Key vectors (``hook_post``) at the last prompt token of every example.
+    """Key vectors (``hook_post``) at the last prompt token of every example, or their mean
+    over its prompt tokens.
 
-    Only the prompts run (the last prompt token cannot see the answers).
+    Only the prompts run (no prompt token can see the answers).
+
+    Args:
+        model: a TransformerBridge or HookedTransformer.
+        skill: a :class:`~mechunlearn.data.Skill`, or a list of plain texts.
+        layers: layer indices (negative counts from the end); None for all.
+        batch_size: examples per forward pass.
+        max_length: truncate texts to this many tokens (default: the model's context).
+        padding_side: ``"right"`` or ``"left"``.
+        quiet: hide the progress bar.
+        max_batch_tokens: bound on padded tokens per batch.
+        pool: ``"last"`` (the default: the last prompt token, what Key Space Detection reads)
+            or ``"mean"`` (the mean over every prompt token, BOS and padding excluded, summed in
+            float64). ``meta["pool"]`` records it.
 
     Returns:
         KeyVectors with ``values`` of shape ``[n_examples, len(layers), d_mlp]`` (float32, on the
         model's device), rows in the skill's order.
 
+    Raises:
+        ValueError: an unknown ``pool``; an empty prompt.
+
     Example:
         >>> keys = mu.collect_keys(model, forget, layers=[-1], quiet=True)
         >>> keys.values.shape, keys.layers     # 30 examples, the last of 3 layers
         (torch.Size([30, 1, 48]), [2])
+        >>> mu.collect_keys(model, forget, pool="mean", quiet=True).meta["pool"]
+        'mean'
     """
     check_model(model)
     check_batching(batch_size, max_batch_tokens, padding_side)
+    if not isinstance(pool, str) or pool not in POOLS:
+        raise ValueError(f"Unknown pool {pool!r}. Choose among {list(POOLS)}.")
     skill = as_skill(skill)
     layers = resolve_layers(model, layers)
-    keys = _KeysCollector(len(skill), layers, d_mlp(model), model_device(model), model_meta(model))
+    keys = _KeysCollector(
+        len(skill), layers, d_mlp(model), model_device(model), model_meta(model), pool
+    )
     _gather(
         model, skill, [keys], layers, prompts_only=True, batch_size=batch_size,
         max_length=max_length, padding_side=padding_side, max_batch_tokens=max_batch_tokens,

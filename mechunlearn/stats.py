@@ -440,7 +440,9 @@ class NeuronStats:
 
 @dataclass
 class KeyVectors:
-    """Key vectors (``hook_post``) at the last prompt token of each example, per layer.
+    """Key vectors (``hook_post``) at the last prompt token of each example, per layer (or their
+    mean over the example's prompt tokens: ``meta["pool"] == "mean"``, see
+    :func:`mechunlearn.collect_keys`).
 
     Attributes:
         values: ``[n_examples, layers, d_mlp]`` float32, row ``i`` is example ``i`` of the skill.

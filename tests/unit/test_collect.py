@@ -349,3 +349,54 @@ def test_bfloat16_statistics_are_float64_from_the_first_subtraction(char_tokeniz
         torch.testing.assert_close(stats.m2[row].cpu(), w_m2, rtol=1e-10, atol=0)
         old = (x16 - x16.double().mean(0).to(torch.bfloat16)).square().sum(0, dtype=torch.float64)
         assert ((old - m2).abs() / m2).max() > 1e-4  # what float64-after-the-fact would give
+
+
+def test_collect_keys_mean_pool_equals_brute_force(model64, skill):
+    """pool="mean": every prompt token's key vector averaged by hand, one unpadded text at a
+    time with run_with_cache (BOS excluded), whatever the batching and token budget."""
+    layers = list(range(model64.cfg.n_layers))
+    has_bos = model64.tokenizer.bos_token_id is not None
+    device = next(model64.parameters()).device
+    ref = np.zeros((len(PROMPTS), len(layers), model64.cfg.d_mlp))
+    for i, (ids, n_head) in enumerate(tokenize_examples(model64, PROMPTS, [""] * len(PROMPTS))):
+        _, cache = model64.run_with_cache(torch.tensor([ids], device=device))
+        for col, layer in enumerate(layers):
+            act = cache[hook_name("key", layer)][0].double().cpu().numpy()
+            ref[i, col] = act[int(has_bos) : n_head].mean(0)
+    for batch_size, budget in ((1, 8192), (3, 8192), (16, 40)):
+        keys = collect_keys(
+            model64, skill, batch_size=batch_size, max_batch_tokens=budget, pool="mean", quiet=True
+        )
+        assert keys.values.dtype == torch.float32 and keys.meta["pool"] == "mean"
+        np.testing.assert_allclose(keys.values.cpu().numpy(), ref, rtol=1e-5, atol=1e-6)
+    last = collect_keys(model64, skill, quiet=True)
+    assert last.meta["pool"] == "last"
+    assert not torch.allclose(last.values, keys.values)  # the two pools differ
+
+
+def test_mean_pool_left_and_right_padding_agree(tiny_model, skill):
+    """Float32 models (float64 + left padding gives NaN in the bridge's attention mask)."""
+    a = collect_keys(tiny_model, skill, batch_size=1, pool="mean", quiet=True)
+    for side in ("left", "right"):
+        b = collect_keys(
+            tiny_model, skill, batch_size=4, padding_side=side, pool="mean", quiet=True
+        )
+        torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-6)
+
+
+def test_collect_gathers_both_pools_in_one_pass(model64, skill):
+    probe = collect(model64, skill, what=("keys", "mean_keys", "importance"), quiet=True)
+    alone = collect_keys(model64, skill, pool="mean", quiet=True)
+    # The pass also held the answers (importance), which prompt tokens cannot see.
+    torch.testing.assert_close(probe.mean_keys.values, alone.values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        probe.keys.values, collect_keys(model64, skill, quiet=True).values, rtol=1e-5, atol=1e-6
+    )
+    assert probe["mean_keys"].meta["pool"] == "mean" and probe.keys.meta["pool"] == "last"
+
+
+def test_collect_keys_pool_errors(tiny_llama, skill):
+    with pytest.raises(ValueError, match="Unknown pool 'max'"):
+        collect_keys(tiny_llama, skill, pool="max", quiet=True)
+    with pytest.raises(ValueError, match="Example 1 has an empty prompt"):
+        collect_keys(tiny_llama, Skill.from_texts("e", ["ab", ""]), pool="mean", quiet=True)

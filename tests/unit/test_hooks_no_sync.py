@@ -123,7 +123,7 @@ def test_collection_and_scoring_hooks_read_nothing_on_the_host(llama_like, monke
         return original(model, batch, watched(hooks, mode), stop_after)
 
     monkeypatch.setattr(collect_module, "forward_until", spy)
-    collect(llama_like, F, what=("pre", "key", "keys", "importance"), quiet=True)
+    collect(llama_like, F, what=("pre", "key", "keys", "mean_keys", "importance"), quiet=True)
     evaluation_module.teacher_forced(llama_like, F)
     assert mode.calls == []
 
