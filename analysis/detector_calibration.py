@@ -64,6 +64,15 @@ CANDIDATES = {
     "conformal half 0.005": ("conformal", 0.5, 0.005),
     "conformal half 0.01": ("conformal", 0.5, 0.01),
 }
+#: Where the detector is fitted: setting -> (its GSM8K sets, its negatives). ``pipeline``: as
+#: the unlearning study (``--n`` probe questions; the MBPP and MMLU probe halves and the calibration
+#: questions). ``calibration only``: ``--n-large`` probe questions, the calibration questions
+#: alone (as ``mu.KeySpaceDetector().fit(keys_f, keys_cal)`` in the docstrings); MBPP's and
+#: MMLU's held-out halves are then never seen either.
+SETTINGS = {
+    "pipeline": ("gsm8k", ("mbpp_probe", "mmlu_probe", "calibration")),
+    "calibration only": ("gsm8k_large", ("calibration",)),
+}
 #: The measured sets: name -> (what it is, goal as (">=" or "<=", rate), or None: reported only).
 MEASURED = {
     "gsm8k_heldout": ("held-out GSM8K (forget)", (">=", 0.90)),
@@ -123,41 +132,47 @@ def cached_keys(model, skill: mu.Skill, out: Path, name: str) -> mu.KeyVectors:
 
 
 def evaluate(keys: dict[str, mu.KeyVectors], seeds) -> pd.DataFrame:
-    """Every shape x candidate x seed: fit on the seed's GSM8K probe half with the MBPP and MMLU
-    probe halves and the calibration questions as negatives (the pipeline's negatives), then
-    the detected share of each measured set, with its 95 % Wilson interval."""
+    """Every setting x shape x candidate x seed: fit on the setting's GSM8K probe half with its
+    negatives (:data:`SETTINGS`), then the detected share of each measured set (the setting's
+    held-out GSM8K), with its 95 % Wilson interval."""
     rows = []
-    for shape, cls in SHAPES.items():
-        for name, (calibration, share, fpr) in CANDIDATES.items():
-            rule = "all" if share == 1.0 else share  # a float: that share of the layers
-            for seed in seeds:
-                negatives = [keys[f"{r}_probe.s{seed}"] for r in ("mbpp", "mmlu")]
-                negatives.append(keys["calibration"])
-                det = cls(calibration=calibration, rule=rule, fpr=fpr, seed=seed)
-                t = time.perf_counter()
-                det.fit(keys[f"gsm8k_probe.s{seed}"], negatives)
-                fit_s = time.perf_counter() - t
-                for key in MEASURED:
-                    got = keys[key if "unseen" in key else f"{key}.s{seed}"]
-                    detected = int(det.detect_keys(got).detected.sum())
-                    lo, hi = wilson_interval(detected, len(got))
-                    rows.append({
-                        "shape": shape, "candidate": name, "calibration": calibration,
-                        "rule": rule, "fpr": fpr, "seed": seed, "set": key,
-                        "detected": detected, "n": len(got), "rate": detected / len(got),
-                        "lo": lo, "hi": hi, "fit_s": fit_s,
-                        "n_negatives": sum(len(x) for x in negatives),
-                        "bound": (det.calibration_ or {}).get("bound"),
-                    })  # fmt: skip
+    for setting, (forget, negative_sets) in SETTINGS.items():
+        for shape, cls in SHAPES.items():
+            for name, (calibration, share, fpr) in CANDIDATES.items():
+                rule = "all" if share == 1.0 else share  # a float: that share of the layers
+                for seed in seeds:
+                    negatives = [keys[_key(r, seed)] for r in negative_sets]
+                    det = cls(calibration=calibration, rule=rule, fpr=fpr, seed=seed)
+                    t = time.perf_counter()
+                    det.fit(keys[f"{forget}_probe.s{seed}"], negatives)
+                    fit_s = time.perf_counter() - t
+                    for key in MEASURED:
+                        got = keys[_key(key.replace("gsm8k", forget), seed)]
+                        detected = int(det.detect_keys(got).detected.sum())
+                        lo, hi = wilson_interval(detected, len(got))
+                        rows.append({
+                            "setting": setting, "shape": shape, "candidate": name,
+                            "calibration": calibration, "rule": rule, "fpr": fpr, "seed": seed,
+                            "set": key, "detected": detected, "n": len(got),
+                            "rate": detected / len(got), "lo": lo, "hi": hi, "fit_s": fit_s,
+                            "n_negatives": sum(len(x) for x in negatives),
+                            "bound": (det.calibration_ or {}).get("bound"),
+                        })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _key(name: str, seed: int) -> str:
+    """The cached keys' name: per seed, except the sets every seed shares."""
+    return name if name == "calibration" or "unseen" in name else f"{name}.s{seed}"
 
 
 def meets_goal(table: pd.DataFrame) -> pd.DataFrame:
     """Per shape and candidate: whether every seed meets every set's goal (point estimates),
     and the worst rate per set over the seeds."""
     out = []
-    for (shape, name), part in table.groupby(["shape", "candidate"], sort=False):
-        row = {"shape": shape, "candidate": name}
+    keys = ["setting", "shape", "candidate"]
+    for (setting, shape, name), part in table.groupby(keys, sort=False):
+        row = {"setting": setting, "shape": shape, "candidate": name}
         ok = True
         for key, (_, goal) in MEASURED.items():
             rates = part.loc[part["set"] == key, "rate"]
@@ -176,17 +191,18 @@ def summary(table: pd.DataFrame, goal: pd.DataFrame, seconds: float) -> str:
     """The markdown summary: per shape, candidate x seed with each set's rate and interval."""
     lines = ["# Detector calibration (issue 25, item 5)", ""]
     lines.append("Rate detected [95 % Wilson interval] (k/n); goal: GSM8K >= 0.90, others <= 0.05.")
-    for shape in SHAPES:
-        lines += ["", f"## {shape}", ""]
-        head = ["candidate", "seed"] + [MEASURED[k][0] for k in MEASURED]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        part = table[table["shape"] == shape]
-        for (name, seed), cell in part.groupby(["candidate", "seed"], sort=False):
-            vals = []
-            for key in MEASURED:
-                r = cell[cell["set"] == key].iloc[0]
-                vals.append(f"{r.rate:.2f} [{r.lo:.2f}, {r.hi:.2f}] ({r.detected}/{r.n})")
-            lines.append(f"| {name} | {seed} | " + " | ".join(vals) + " |")
+    for setting in SETTINGS:
+        for shape in SHAPES:
+            lines += ["", f"## {shape}, {setting}", ""]
+            head = ["candidate", "seed"] + [MEASURED[k][0] for k in MEASURED]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            part = table[(table["shape"] == shape) & (table["setting"] == setting)]
+            for (name, seed), cell in part.groupby(["candidate", "seed"], sort=False):
+                vals = []
+                for key in MEASURED:
+                    r = cell[cell["set"] == key].iloc[0]
+                    vals.append(f"{r.rate:.2f} [{r.lo:.2f}, {r.hi:.2f}] ({r.detected}/{r.n})")
+                lines.append(f"| {name} | {seed} | " + " | ".join(vals) + " |")
     lines += ["", "## Goal met on every seed (worst seed per set)", ""]
     lines += ["| " + " | ".join(goal.columns) + " |", "|" + "---|" * len(goal.columns)]
     for row in goal.itertuples(index=False):
@@ -206,6 +222,9 @@ def summary(table: pd.DataFrame, goal: pd.DataFrame, seconds: float) -> str:
 def main() -> None:
     parser = StudyParser(__doc__.splitlines()[0], out="results/detector-calibration", seed=False)
     parser.add_argument("--n", type=int, default=32, help="examples per probe half (as the study)")
+    parser.add_argument(
+        "--n-large", type=int, default=100, help="probe questions, calibration only"
+    )
     parser.add_argument("--n-unseen", type=int, default=150, help="unseen general questions each")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     args = parser.parse_args()
@@ -217,6 +236,10 @@ def main() -> None:
     sets.update(unseen_sets(args.n, args.n_unseen, args.seeds, data_dir))
     for seed in args.seeds:
         sets.update({f"{k}.s{seed}": v for k, v in seed_sets(args.n, seed, data_dir).items()})
+        large = mu.load_skill("gsm8k", n=2 * args.n_large, seed=seed, data_dir=data_dir)
+        sets[f"gsm8k_large_probe.s{seed}"], sets[f"gsm8k_large_heldout.s{seed}"] = large.split(
+            0.5, seed=seed
+        )
     keys = {}
     for name, skill in sets.items():
         t = time.perf_counter()
@@ -227,8 +250,8 @@ def main() -> None:
     keys["mmlu_unseen_nonmaths"] = keys["mmlu_unseen"].subset(keep)
     t = time.perf_counter()
     table = evaluate(keys, args.seeds)
-    print(f"evaluated {len(CANDIDATES)} candidates x {len(SHAPES)} shapes x {len(args.seeds)} "
-          f"seeds in {time.perf_counter() - t:.0f} s")  # fmt: skip
+    print(f"evaluated {len(CANDIDATES)} candidates x {len(SHAPES)} shapes x {len(SETTINGS)} "
+          f"settings x {len(args.seeds)} seeds in {time.perf_counter() - t:.0f} s")  # fmt: skip
     goal = meets_goal(table)
     seconds = time.perf_counter() - began
     write_text(out / "table.csv", table.to_csv(index=False))
