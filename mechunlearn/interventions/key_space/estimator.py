@@ -403,7 +403,7 @@ class KeyRegionDetector(Detector):
 
         Example:
             >>> ksd.detect_keys(keys_r)     # false positives on the retain skill
-            Detection(n=30, detected=0, rule='all', calibrated fpr=unmeasured)
+            Detection(n=30, detected=0, rule=0.667, calibrated fpr=unmeasured)
             >>> ksd.detect_keys(keys_f).rate
             1.0
         """
