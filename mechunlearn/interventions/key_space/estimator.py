@@ -242,14 +242,9 @@ class KeyRegionDetector(Detector):
         """Fit the region on a part of ``keys_f`` and choose ``alpha`` under the false-positive
         cap on a part of ``keys_r`` (the module docstring); the other parts measure it."""
         self._check_negatives(keys_f, keys_r)
-        fit_f, held_f = keys_f.split(test_size, seed)
+        fit_f, held_f = self._fit_part(keys_f, layers, test_size, seed)
         cal_idx, test_idx = keys_r.split_indices(test_size, seed)
         cal_r, test_r = keys_r.subset(cal_idx), keys_r.subset(test_idx)
-        if len(fit_f) < 2:
-            raise ValueError("The fit part of keys_f needs at least 2 vectors: lower test_size.")
-        x_fit = self._select(fit_f, layers)
-        self.region_ = self._fit_region(x_fit)
-        self.k_min_ = self._distance(x_fit, self.region_).amax(0)
         dev = self.k_min_.device
         d_held = self._distance(self._select(held_f, layers).to(dev), self.region_)
         d_cal = self._distance(self._select(cal_r, layers).to(dev), self.region_)
@@ -285,12 +280,7 @@ class KeyRegionDetector(Detector):
         self._check_negatives(keys_f, keys_r)
         n = len(keys_r)
         j = conformal_rank(n, fpr)
-        fit_f, held_f = keys_f.split(test_size, seed)
-        if len(fit_f) < 2:
-            raise ValueError("The fit part of keys_f needs at least 2 vectors: lower test_size.")
-        x_fit = self._select(fit_f, layers)
-        self.region_ = self._fit_region(x_fit)
-        self.k_min_ = self._distance(x_fit, self.region_).amax(0)
+        fit_f, held_f = self._fit_part(keys_f, layers, test_size, seed)
         dev = self.k_min_.device
         scale = self.k_min_.clamp(min=torch.finfo(self.k_min_.dtype).tiny)
         d_held = self._distance(self._select(held_f, layers).to(dev), self.region_) / scale
@@ -324,6 +314,17 @@ class KeyRegionDetector(Detector):
             "per_layer": _per_layer_rates(d_held, d_neg, None, torch.full_like(scale, h), layers),
         }
         self._warn_low_detection(fpr, len(held_f), capping)
+
+    def _fit_part(self, keys_f, layers, test_size, seed) -> tuple[KeyVectors, KeyVectors]:
+        """Split ``keys_f`` into ``(fit, held-out)`` parts and fit ``region_`` and ``k_min_`` on
+        the fit part."""
+        fit_f, held_f = keys_f.split(test_size, seed)
+        if len(fit_f) < 2:
+            raise ValueError("The fit part of keys_f needs at least 2 vectors: lower test_size.")
+        x_fit = self._select(fit_f, layers)
+        self.region_ = self._fit_region(x_fit)
+        self.k_min_ = self._distance(x_fit, self.region_).amax(0)
+        return fit_f, held_f
 
     def _warn_low_detection(self, fpr: float, n_held: int, capping: list[int]) -> None:
         """Warn when the calibrated region detects less than :data:`LOW_DETECTION` of the
