@@ -175,6 +175,19 @@ def test_conformal_keeps_hyperparameters_and_refits_the_same(keys, cls):
     assert (det.alpha_ <= torch.tensor(det.calibration_["alpha_max"]) + 1e-12).all()
 
 
+def test_a_layer_whose_fit_vectors_coincide_keeps_a_finite_alpha():
+    """k_min 0 at a layer (every fit vector the same there, as at a tiny model's first layer):
+    the layer's distances keep their own units, alpha stays finite and the file saves."""
+    keys_f = _random_keys(20, 0)
+    keys_f.values[:, 0] = 0.5  # layer 0: one point
+    negatives = _random_keys(60, 1, shift=3.0)
+    for cls in (KeySpaceDetector, EllipsoidDetector):
+        det = cls(fpr=0.05).fit(keys_f, negatives)
+        assert float(det.k_min_[0]) == 0.0 and torch.isfinite(det.alpha_).all()
+        assert det.detect_keys(keys_f).detected.all() or det.rule != "all"
+        assert float(det.alpha_[0]) == pytest.approx(det.calibration_["h"])
+
+
 # ------------------------------------------------------------------ files from before
 @pytest.mark.parametrize("name", ["KeySpaceDetector", "EllipsoidDetector"])
 def test_a_detector_saved_before_the_conformal_default_loads_as_rank(name):

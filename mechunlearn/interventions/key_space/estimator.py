@@ -274,15 +274,19 @@ class KeyRegionDetector(Detector):
 
     def _conformal(self, keys_f, keys_r, layers, rule_k, fpr, test_size, seed) -> None:
         """``calibration="conformal"``: fit the region on a part of ``keys_f``; one ``h`` for
-        every layer (``alpha_ = h * k_min_``), just below the ``j``-th smallest rule score of
-        the negatives, ``j = floor(fpr * (n + 1))`` (:func:`conformal_rank`); then the middle
-        of the plateau of the held-out forget queries (the module docstring)."""
+        every layer (``alpha_ = h * k_min_``; ``h`` alone where ``k_min_`` is 0), just below
+        the ``j``-th smallest rule score of the negatives, ``j = floor(fpr * (n + 1))``
+        (:func:`conformal_rank`); then the middle of the plateau of the held-out forget
+        queries (the module docstring)."""
         self._check_negatives(keys_f, keys_r)
         n = len(keys_r)
         j = conformal_rank(n, fpr)
         fit_f, held_f = self._fit_part(keys_f, layers, test_size, seed)
         dev = self.k_min_.device
-        scale = self.k_min_.clamp(min=torch.finfo(self.k_min_.dtype).tiny)
+        # A layer whose fit vectors all coincide has k_min 0: its distances stay in their own
+        # units there (scale 1), so that only the fit vectors' point is inside at any sane h.
+        usable = (self.k_min_ > 0) & torch.isfinite(self.k_min_)
+        scale = torch.where(usable, self.k_min_, torch.ones_like(self.k_min_))
         d_held = self._distance(self._select(held_f, layers).to(dev), self.region_) / scale
         d_neg = self._distance(self._select(keys_r, layers).to(dev), self.region_) / scale
         s_neg = rule_scores(d_neg, rule_k)
@@ -294,14 +298,14 @@ class KeyRegionDetector(Detector):
         inside = s_held[s_held <= h_max]
         t_min = float(inside.max()) if inside.numel() else h_max
         h = 0.5 * (t_min + h_max)
-        self.alpha_ = h * scale
+        self.alpha_ = (h * scale).clamp(max=torch.finfo(scale.dtype).max)  # finite, to save
         self.calibration_ = {
             "method": "conformal",
             "fpr": float(fpr),
             "rank": int(j),
             "bound": j / (n + 1),
             "h_max": h_max,
-            "alpha_max": (h_max * scale).tolist(),
+            "alpha_max": (h_max * scale).clamp(max=torch.finfo(scale.dtype).max).tolist(),
             "t_min": t_min,
             "h": h,
             "n_fit_f": len(fit_f),
