@@ -181,8 +181,10 @@ def candidates(n_layers: int) -> list[dict]:
 
 
 def make(cand: dict, fpr: float):
+    """The candidate, with the calibration this study chose among (``"rank"``, the default
+    before issue 25; ``analysis/detector_calibration.py`` chose the conformal one since)."""
     cls = mu.KeySpaceDetector if cand["kind"] == "cube" else mu.EllipsoidDetector
-    return cls(layers=cand["layers"], rule=cand["rule"], fpr=fpr)
+    return cls(layers=cand["layers"], rule=cand["rule"], fpr=fpr, calibration="rank")
 
 
 def label(cand: dict, fpr: float | None = None) -> str:
@@ -572,7 +574,7 @@ def main() -> None:
         ),
         f"best cube, any layers: {chosen['cube']}": chosen_detector("cube"),
         f"authors' last layer: cube L{last}, fpr=0.01": lambda: mu.KeySpaceDetector(
-            layers=-1, fpr=0.01
+            layers=-1, fpr=0.01, calibration="rank"
         ),
         f"issue 16: cube L{last} h=2, no negatives": lambda: mu.KeySpaceDetector(h=2.0, layers=-1),
         "KeySpaceDetector() defaults": mu.KeySpaceDetector,

@@ -146,7 +146,7 @@ def main() -> None:
                     fitted[f"{lang} | {method}"] = load_or_make(
                         out / "methods" / f"{lang}.{slug}.safetensors", cls,
                         lambda cls=cls, f=forget, neg=negatives: cls(
-                            layers=-1, fpr=0.05, seed=args.seed
+                            layers=-1, fpr=0.05, seed=args.seed, calibration="rank"
                         ).fit(keys[f], neg),
                     )  # fmt: skip
         # The detectors only read the bare pass's keys: one pass per skill for all of them.

@@ -64,8 +64,10 @@ from unlearning_study import TASKS, family, wiki_skill
 KNOBS: dict[str, tuple[dict[str, list[Any]], dict[str, Any]]] = {
     "NA": ({"ratio": [0.005, 0.01, 0.02, 0.03, 0.05, 0.1]}, {}),
     "SP": ({"ratio": [0.005, 0.01, 0.015, 0.02, 0.03, 0.05]}, {}),
-    "KSD": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1}),
-    "Ellipsoid": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1}),
+    # the rank calibration (the default before issue 25), whose cap may be 0.001 with a few
+    # hundred negatives (a conformal cap needs 1 / fpr - 1 of them)
+    "KSD": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1, "calibration": "rank"}),
+    "Ellipsoid": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1, "calibration": "rank"}),
 }
 MATCHED = "matched.csv"
 FLUENCY = "fluency.csv"

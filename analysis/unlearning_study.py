@@ -11,8 +11,10 @@ Tasks (each probes one half of every skill and scores the other half; the split 
   (``--xquad-keep``), general MMLU.
 
 Methods: NA at several ratios; KSD with the authors' fixed ``h = 2`` and no negatives, KSD and the
-ellipsoid on the authors' last layer with alpha calibrated at a false-positive cap, and both
-detectors with the library's defaults ("default": every layer, rule "all", fpr 0.001); the
+ellipsoid on the authors' last layer with alpha calibrated at a false-positive cap (the rank
+calibration of the documented runs), and both detectors with the library's defaults ("default":
+since issue 25 the conformal ones of ``analysis/detector_calibration.py``; the documented runs had
+every layer, rule "all", fpr 0.001); the
 detectors' negatives are the retain and general skills' probe keys plus
 :func:`mechunlearn.calibration_skill`'s; SP at two ratios; LUNAR (layer chosen among every third
 layer, every retain skill and the general skill kept at their floor), SIMU (settings below,
@@ -151,11 +153,17 @@ def grid(args, n_layers: int) -> dict[str, dict[str, Any]]:
         "NA": {f"NA ratio={r}": {"ratio": r} for r in args.na_ratios},
         "KSD": {
             "KSD h=2": {"h": 2.0, "layers": -1},  # the authors' fixed cube, no negatives
-            **{f"KSD auto fpr={f}": {"layers": -1, "fpr": f} for f in KSD_FPR},
-            "KSD default": {},  # every layer, rule "all", fpr 0.001 (analysis/ksd_defaults.py)
+            # "auto": the calibration of the documented runs (rank, the default before issue 25)
+            **{
+                f"KSD auto fpr={f}": {"layers": -1, "fpr": f, "calibration": "rank"}
+                for f in KSD_FPR
+            },
+            # the library's defaults: since issue 25 every layer, rule 2/3, conformal fpr 0.01
+            # (analysis/detector_calibration.py); the documented runs had rule "all", rank 0.001
+            "KSD default": {},
         },
         "Ellipsoid": {
-            "Ellipsoid auto fpr=0.05": {"layers": -1, "fpr": 0.05},
+            "Ellipsoid auto fpr=0.05": {"layers": -1, "fpr": 0.05, "calibration": "rank"},
             "Ellipsoid default": {},
         },
         "SP": {f"SP ratio={r}": {"ratio": r} for r in SP_RATIOS},

@@ -15,9 +15,9 @@ Example:
     >>> from mechunlearn.interventions import NeuronAdjust, KeySpaceDetector
     >>> na = NeuronAdjust(ratio=0.03).fit(stats_f, stats_r)
     >>> logits = model.run_with_hooks(tokens, fwd_hooks=na.hooks(model))
-    >>> ksd = KeySpaceDetector().fit(keys_f, keys_r)   # alpha calibrated on the negatives
+    >>> ksd = KeySpaceDetector(fpr=0.1).fit(keys_f, keys_r)   # alpha calibrated on 30 negatives
     >>> ksd.fpr_
-    0.001
+    0.1
     >>> out = ksd.generate(model, ["3+4=", "copy b:"], max_new_tokens=8)
     >>> out[0]                                         # a forget-skill prompt: refused
     'Sorry, your query is not valid'

@@ -101,13 +101,19 @@ def _keys(n: int, shift: float, seed: int) -> KeyVectors:
 
 @pytest.mark.parametrize("cls", [KeySpaceDetector, EllipsoidDetector])
 def test_detection_shows_the_calibrated_rate(cls):
-    keys_f, keys_r = _keys(40, 0.0, 0), _keys(40, 4.0, 1)
+    keys_f, keys_r = _keys(40, 0.0, 0), _keys(240, 4.0, 1)  # 199 negatives needed at 0.005
     det = cls().fit(keys_f, keys_r)
-    assert det.fpr_ == 0.001 and det.layers_ == [0, 1] and det.rule == "all"  # the defaults
+    fpr = cls().fpr  # the defaults: 0.01 for the cube, 0.005 for the ellipsoid
+    assert det.fpr_ == fpr and det.layers_ == [0, 1] and det.calibration == "conformal"
     d = det.detect_keys(keys_r)
-    assert d.fpr == 0.001 and "calibrated fpr=0.001)" in repr(d)
-    assert d.to("cpu").fpr == 0.001
-    assert "false positives calibrated at 0.001 (0 on held-out negatives)" in repr(det)
+    assert d.fpr == fpr and f"calibrated fpr={fpr:g})" in repr(d)
+    assert d.to("cpu").fpr == fpr
+    bound = det.calibration_["bound"]
+    assert bound <= fpr and f"calibrated at {fpr:g} (conformal bound {bound:.3g} over 240" in repr(
+        det
+    )
+    rank = cls(fpr=0.001, calibration="rank").fit(keys_f, keys_r)
+    assert "false positives calibrated at 0.001 (0 on held-out negatives)" in repr(rank)
     assert list(d.to_frame().columns) == [
         "detected", "score", "fired_layers", "margin_L0", "margin_L1"
     ]  # fmt: skip

@@ -39,8 +39,8 @@ KINDS = [spec.name for spec in methods()]
 FAST = {
     "NA": {"ratio": 0.05, "seed": 7},
     "SP": {"ratio": 0.05},
-    "KSD": {"layers": None, "rule": 2},
-    "Ellipsoid": {"layers": [0, 2]},
+    "KSD": {"layers": None, "rule": 2, "fpr": 0.2},  # 8 negatives: a conformal rank at 0.2
+    "Ellipsoid": {"layers": [0, 2], "fpr": 0.2},
     "LUNAR": {"layer": 1},
     "SIMU": {"max_steps": 2, "steps": 1},
     "GA": {"max_steps": 3, "lr": 1e-3},

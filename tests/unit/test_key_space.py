@@ -102,13 +102,13 @@ def test_rules_any_all_k():
     last = KeySpaceDetector(h=1.0, layers=-1).fit(keys)  # the authors' last layer
     assert last.layers_ == [2]
     assert torch.equal(last.detect_keys(probe).detected, fired[:, 2])
-    # The defaults (issue 16, analysis/ksd_defaults.py): every collected layer, rule "all",
-    # fpr 0.001; the ellipsoid's too.
+    # The defaults (issue 25, analysis/detector_calibration.py): every collected layer, inside
+    # at two thirds of them (here 2 of 3), fpr 0.01; the ellipsoid: every layer, 0.005.
     default = KeySpaceDetector(h=1.0).fit(keys)
-    assert default.layers_ == [0, 1, 2] and default.rule == "all" and default.fpr == 0.001
-    assert torch.equal(default.detect_keys(probe).detected, counts == 3)
+    assert default.layers_ == [0, 1, 2] and default.rule == 2 / 3 and default.fpr == 0.01
+    assert torch.equal(default.detect_keys(probe).detected, counts >= 2)
     params = EllipsoidDetector().get_params()
-    assert (params["layers"], params["rule"], params["fpr"]) == (None, "all", 0.001)
+    assert (params["layers"], params["rule"], params["fpr"]) == (None, "all", 0.005)
 
 
 def _count_forwards(model):
@@ -190,8 +190,10 @@ def test_automatic_alpha_meets_the_cap(keys):
 
 @pytest.mark.parametrize("cls", [KeySpaceDetector, EllipsoidDetector])
 def test_a_negative_inside_the_skill_caps_alpha_and_fit_names_it(cls):
-    """One negative among the forget queries at every layer: with no false positive allowed,
-    every box stops short of it, held-out detection collapses, and fit warns with its row."""
+    """One negative among the forget queries at every layer: with no false positive allowed
+    (the rank calibration at fpr 0.001, the default before issue 25), every box stops short of
+    it, held-out detection collapses, and fit warns with its row. The conformal calibration at
+    an fpr that allows a few negatives inside lets it in and keeps detecting."""
     gen = torch.Generator().manual_seed(3)
     meta = {"n_layers": 2, "d_mlp": 8}
     keys_f = KeyVectors(torch.randn(40, 2, 8, generator=gen), [0, 1], meta)
@@ -199,7 +201,7 @@ def test_a_negative_inside_the_skill_caps_alpha_and_fit_names_it(cls):
     clean = KeyVectors(far, [0, 1], meta)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean calibration does not warn
-        ok = cls().fit(keys_f, clean)
+        ok = cls(fpr=0.001, calibration="rank").fit(keys_f, clean)
     assert ok.calibration_["detect_f"] >= 0.5
     cal_rows = clean.split_indices(0.5, 0)[0]
     intruder = int(cal_rows[-1])  # a row of the calibration part, not at its position there
@@ -207,10 +209,14 @@ def test_a_negative_inside_the_skill_caps_alpha_and_fit_names_it(cls):
     values = far.clone()
     values[intruder] = 0.0  # the forget queries' centre, at every layer
     with pytest.warns(UserWarning, match=rf"detects only \d+% .* keys_r rows \[{intruder}\]"):
-        capped = cls().fit(keys_f, KeyVectors(values, [0, 1], meta))
+        capped = cls(fpr=0.001, calibration="rank").fit(keys_f, KeyVectors(values, [0, 1], meta))
     assert capped.calibration_["capping_negatives"] == [intruder]
     assert capped.calibration_["detect_f"] < 0.5
     assert capped.calibration_["fpr_r_cal"] == 0.0  # the cap itself still holds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: held-out detection stays high
+        conformal = cls(fpr=0.05).fit(keys_f, KeyVectors(values, [0, 1], meta))  # j = 3 of 60
+    assert conformal.calibration_["rank"] == 3 and conformal.calibration_["detect_f"] >= 0.5
 
 
 def test_split_indices_are_the_split():

@@ -23,6 +23,7 @@ from ...sites import hook_name
 from ...stats import KeyVectors
 from ...validation import (
     MAX_SEED,
+    check_choice,
     check_compatible,
     check_forget_retain,
     check_has_values,
@@ -41,6 +42,21 @@ from .results import REFUSAL, Detection, DetectionRecord
 #: held-out forget queries (the false-positive cap, not the skill, decided alpha).
 LOW_DETECTION = 0.5
 
+#: The default false-positive cap (:class:`KeySpaceDetector`'s): with ``n`` negatives the
+#: conformal rank is ``floor(fpr * (n + 1))``, so 0.01 needs 99 negatives (``calibration_skill()``
+#: ships 504). Chosen in ``analysis/detector_calibration.py`` (``docs/results/calibration.md``).
+DEFAULT_FPR = 0.01
+
+#: How ``fit(keys_f, keys_r)`` chooses alpha: ``"conformal"`` (one ``h`` shared by every layer,
+#: at a split-conformal order statistic of the negatives' scores) or ``"rank"`` (per-layer alphas
+#: at a shared rank of each layer's negative distances, capped on half of the negatives: the
+#: default before issue 25).
+CALIBRATIONS = ("conformal", "rank")
+
+#: The default rule (:class:`KeySpaceDetector`'s): detected when inside the region at two thirds
+#: of the checked layers or more (20 of the default model's 30).
+DEFAULT_RULE = 2 / 3
+
 
 class KeyRegionDetector(Detector):
     """Shared machinery of key-space detectors: fit, alpha, rules, hooks, detect, generate.
@@ -58,14 +74,31 @@ class KeyRegionDetector(Detector):
         layers: model layers to check (negative counts from the last collected layer);
             ``None`` (the default) for every layer of the key vectors; ``-1`` for the
             authors' last layer only.
-        rule: ``"any"``, ``"all"`` (the default) or an int ``k`` (detected when inside at
-            ``>= k`` layers).
-        fpr: with ``fit(keys_f, keys_r)``, the cap on the rule-level false-positive rate on
-            the negatives' calibration part, in (0, 1); default 0.001, i.e. no calibration
-            negative inside (with fewer than 1000 of them).
-        test_size: the held-out share of F and of the negatives in that calibration (a
-            fraction, rounded up, or a count).
-        seed: seed of the calibration's two splits.
+        rule: ``"any"``, ``"all"``, an int ``k`` (detected when inside at ``>= k`` layers) or
+            a float share in (0, 1) of the checked layers (``k = ceil(share * n_layers)``);
+            default ``2 / 3`` (20 of the default model's 30 layers; the ellipsoid's:
+            ``"all"``), chosen in ``analysis/detector_calibration.py``.
+        fpr: with ``fit(keys_f, keys_r)``, the false-positive cap, in (0, 1); default 0.01
+            (the ellipsoid's: 0.005). With ``calibration="conformal"`` it is a guarantee:
+            ``j = floor(fpr * (n + 1))`` for ``n`` negatives (:func:`conformal_rank`), alpha
+            just below the ``j``-th smallest negative score, so that a new query drawn like
+            the negatives (exchangeable with them) is detected with probability at most
+            ``j / (n + 1) <= fpr``. It needs ``n >= 1 / fpr - 1`` negatives (99 at 0.01, 199
+            at 0.005): fewer raise a ValueError that says how many. The guarantee says nothing
+            about queries unlike the negatives (``docs/results/calibration.md`` measures
+            unseen MMLU and XQuAD questions). With ``calibration="rank"`` it caps the share
+            detected on the negatives' calibration part, with no guarantee.
+        calibration: how ``fit(keys_f, keys_r)`` chooses alpha. ``"conformal"`` (the
+            default): one ``h`` for every layer (``alpha = h * k_min`` per layer), the largest
+            whose rule detects at most ``j - 1`` of all the negatives (above), then lowered to
+            the middle of the held-out forget queries' plateau (which only lowers the
+            false-positive rate). ``"rank"``: the default before issue 25, per-layer alphas
+            at a shared rank of each layer's distances to half of the negatives (the other
+            half measures it), capped at ``fpr`` on that half; no guarantee, and at a small
+            ``fpr`` one negative near the skill caps every layer.
+        test_size: the held-out share of F (and, with ``calibration="rank"``, of the
+            negatives) in that calibration (a fraction, rounded up, or a count).
+        seed: seed of the calibration's splits.
 
     Attributes:
         layers_, d_mlp_, meta_: as for every intervention.
@@ -73,7 +106,9 @@ class KeyRegionDetector(Detector):
         k_min_: ``[layers]`` largest fit distance per layer.
         alpha_: ``[layers]`` the alpha used per layer.
         h_: ``[layers]`` ``alpha_ / k_min_`` (the effective h).
-        calibration_: held-out rates when alpha was chosen automatically, else None.
+        calibration_: when alpha was chosen automatically, how (``"method"``: the
+            ``calibration``; with ``"conformal"``: ``"rank"`` ``j``, ``"bound"``
+            ``j / (n + 1)``, ``"n_negatives"``, ``"h"``) and the held-out rates, else None.
         fpr_: the false-positive rate alpha was calibrated for (``fpr``), or None when alpha
             came from ``h``/``alpha`` and no false-positive rate was measured.
     """
@@ -85,8 +120,9 @@ class KeyRegionDetector(Detector):
         h: float | None = None,
         alpha: float | None = None,
         layers: int | Sequence[int] | None = None,
-        rule: str | int = "all",
-        fpr: float = 0.001,
+        rule: str | int | float = DEFAULT_RULE,
+        fpr: float = DEFAULT_FPR,
+        calibration: str = "conformal",
         test_size: float | int = 0.5,
         seed: int = 0,
     ):
@@ -103,6 +139,7 @@ class KeyRegionDetector(Detector):
         self.layers = layers
         self.rule = rule
         self.fpr = check_probability("fpr", fpr)
+        self.calibration = check_choice(calibration, CALIBRATIONS, "calibration")
         self.test_size = check_test_size("test_size", test_size)
         self.seed = check_int("seed", seed, min_val=None, max_val=MAX_SEED)
 
@@ -138,12 +175,18 @@ class KeyRegionDetector(Detector):
             self.
 
         Raises:
-            ValueError: neither negatives nor ``h``/``alpha`` (the message shows the call).
+            ValueError: neither negatives nor ``h``/``alpha`` (the message shows the call);
+                with ``calibration="conformal"``, fewer negatives than ``fpr`` needs
+                (``1 / fpr - 1``; the message says how many).
 
         Example:
             >>> ksd = mu.KeySpaceDetector(fpr=0.1).fit(keys_f, keys_r)  # tiny model: add vs copy
-            >>> ksd.fpr_, ksd.layers_, ksd.calibration_["fpr_r_test"]
-            (0.1, [0, 1, 2], 0.0)
+            >>> ksd.fpr_, ksd.layers_, ksd.calibration_["rank"], len(keys_r)  # j = floor(0.1 * 31)
+            (0.1, [0, 1, 2], 3, 30)
+            >>> mu.KeySpaceDetector().fit(keys_f, keys_r)  # fpr=0.01 needs 99 negatives
+            Traceback (most recent call last):
+            ...
+            ValueError: fpr=0.01 needs at least 99 negatives for a conformal bound; got 30: ...
             >>> mu.KeySpaceDetector().fit(keys_f)
             Traceback (most recent call last):
             ...
@@ -171,7 +214,7 @@ class KeyRegionDetector(Detector):
                 "authors' alpha = h * k_min) to accept an uncalibrated region."
             )
         layers = self._resolve_layers(keys_f)
-        rule_k = _rule_k(self.rule, len(layers))
+        rule_k = layers_needed(self.rule, len(layers))
         x_f = self._select(keys_f, layers)
         check_finite(x_f, "The forget key vectors")
         self.layers_ = layers
@@ -188,7 +231,8 @@ class KeyRegionDetector(Detector):
             else:
                 self.alpha_ = float(self.h) * self.k_min_
         else:
-            self._calibrate(keys_f, keys_r, layers, rule_k, self.fpr, self.test_size, self.seed)
+            calibrate = self._conformal if self.calibration == "conformal" else self._calibrate
+            calibrate(keys_f, keys_r, layers, rule_k, self.fpr, self.test_size, self.seed)
             self.fpr_ = self.fpr
         self.h_ = self.alpha_ / self.k_min_
         self._after_fit()
@@ -198,14 +242,9 @@ class KeyRegionDetector(Detector):
         """Fit the region on a part of ``keys_f`` and choose ``alpha`` under the false-positive
         cap on a part of ``keys_r`` (the module docstring); the other parts measure it."""
         self._check_negatives(keys_f, keys_r)
-        fit_f, held_f = keys_f.split(test_size, seed)
+        fit_f, held_f = self._fit_part(keys_f, layers, test_size, seed)
         cal_idx, test_idx = keys_r.split_indices(test_size, seed)
         cal_r, test_r = keys_r.subset(cal_idx), keys_r.subset(test_idx)
-        if len(fit_f) < 2:
-            raise ValueError("The fit part of keys_f needs at least 2 vectors: lower test_size.")
-        x_fit = self._select(fit_f, layers)
-        self.region_ = self._fit_region(x_fit)
-        self.k_min_ = self._distance(x_fit, self.region_).amax(0)
         dev = self.k_min_.device
         d_held = self._distance(self._select(held_f, layers).to(dev), self.region_)
         d_cal = self._distance(self._select(cal_r, layers).to(dev), self.region_)
@@ -215,6 +254,7 @@ class KeyRegionDetector(Detector):
         t_min = _plateau_start(d_held, alpha_max, rule_k)
         self.alpha_ = alpha_max * (0.5 * (t_min + 1.0))
         self.calibration_ = {
+            "method": "rank",
             "fpr": float(fpr),
             "rank": int(best),
             "alpha_max": alpha_max.tolist(),
@@ -230,6 +270,69 @@ class KeyRegionDetector(Detector):
             "capping_negatives": capping,
             "per_layer": _per_layer_rates(d_held, d_cal, d_test, self.alpha_, layers),
         }
+        self._warn_low_detection(fpr, len(held_f), capping)
+
+    def _conformal(self, keys_f, keys_r, layers, rule_k, fpr, test_size, seed) -> None:
+        """``calibration="conformal"``: fit the region on a part of ``keys_f``; one ``h`` for
+        every layer (``alpha_ = h * k_min_``; ``h`` alone where ``k_min_`` is 0), just below
+        the ``j``-th smallest rule score of the negatives, ``j = floor(fpr * (n + 1))``
+        (:func:`conformal_rank`); then the middle of the plateau of the held-out forget
+        queries (the module docstring)."""
+        self._check_negatives(keys_f, keys_r)
+        n = len(keys_r)
+        j = conformal_rank(n, fpr)
+        fit_f, held_f = self._fit_part(keys_f, layers, test_size, seed)
+        dev = self.k_min_.device
+        # A layer whose fit vectors all coincide has k_min 0: its distances stay in their own
+        # units there (scale 1), so that only the fit vectors' point is inside at any sane h.
+        usable = (self.k_min_ > 0) & torch.isfinite(self.k_min_)
+        scale = torch.where(usable, self.k_min_, torch.ones_like(self.k_min_))
+        d_held = self._distance(self._select(held_f, layers).to(dev), self.region_) / scale
+        d_neg = self._distance(self._select(keys_r, layers).to(dev), self.region_) / scale
+        s_neg = rule_scores(d_neg, rule_k)
+        s_held = rule_scores(d_held, rule_k)
+        h_max, capping = conformal_threshold(s_neg, j)
+        if not math.isfinite(h_max):  # fewer than j negatives have a finite score
+            finite = s_held[torch.isfinite(s_held)]
+            h_max = max(1.0, float(finite.max()) if finite.numel() else 1.0)
+        inside = s_held[s_held <= h_max]
+        t_min = float(inside.max()) if inside.numel() else h_max
+        h = 0.5 * (t_min + h_max)
+        self.alpha_ = (h * scale).clamp(max=torch.finfo(scale.dtype).max)  # finite, to save
+        self.calibration_ = {
+            "method": "conformal",
+            "fpr": float(fpr),
+            "rank": int(j),
+            "bound": j / (n + 1),
+            "h_max": h_max,
+            "alpha_max": (h_max * scale).clamp(max=torch.finfo(scale.dtype).max).tolist(),
+            "t_min": t_min,
+            "h": h,
+            "n_fit_f": len(fit_f),
+            "n_heldout_f": len(held_f),
+            "n_negatives": n,
+            "retain": keys_r.meta.get("skill"),
+            "detect_f": float((s_held <= h).double().mean()) if len(held_f) else math.nan,
+            "fpr_r_cal": float((s_neg <= h).double().mean()),
+            "capping_negatives": capping,
+            "per_layer": _per_layer_rates(d_held, d_neg, None, torch.full_like(scale, h), layers),
+        }
+        self._warn_low_detection(fpr, len(held_f), capping)
+
+    def _fit_part(self, keys_f, layers, test_size, seed) -> tuple[KeyVectors, KeyVectors]:
+        """Split ``keys_f`` into ``(fit, held-out)`` parts and fit ``region_`` and ``k_min_`` on
+        the fit part."""
+        fit_f, held_f = keys_f.split(test_size, seed)
+        if len(fit_f) < 2:
+            raise ValueError("The fit part of keys_f needs at least 2 vectors: lower test_size.")
+        x_fit = self._select(fit_f, layers)
+        self.region_ = self._fit_region(x_fit)
+        self.k_min_ = self._distance(x_fit, self.region_).amax(0)
+        return fit_f, held_f
+
+    def _warn_low_detection(self, fpr: float, n_held: int, capping: list[int]) -> None:
+        """Warn when the calibrated region detects less than :data:`LOW_DETECTION` of the
+        held-out forget queries, naming the negatives that decided alpha."""
         detect_f = self.calibration_["detect_f"]
         if detect_f < LOW_DETECTION:
             why = (
@@ -242,8 +345,8 @@ class KeyRegionDetector(Detector):
             )
             warnings.warn(
                 f"{type(self).__name__}: at fpr={fpr} the calibrated region detects only "
-                f"{detect_f:.0%} of the {len(held_f)} held-out forget queries: {why}.",
-                stacklevel=3,
+                f"{detect_f:.0%} of the {n_held} held-out forget queries: {why}.",
+                stacklevel=4,
             )
 
     def _check_negatives(self, keys_f: KeyVectors, keys_r: KeyVectors) -> None:
@@ -280,7 +383,7 @@ class KeyRegionDetector(Detector):
 
     # ------------------------------------------------------------------------- decisions
     def _combine(self, margin: Tensor) -> tuple[Tensor, Tensor]:
-        k = _rule_k(self.rule, len(self.layers_))
+        k = layers_needed(self.rule, len(self.layers_))
         margin = torch.nan_to_num(margin, nan=torch.inf)
         score = margin.sort(-1).values[..., k - 1]
         return score <= 1, score
@@ -305,7 +408,7 @@ class KeyRegionDetector(Detector):
 
         Example:
             >>> ksd.detect_keys(keys_r)     # false positives on the retain skill
-            Detection(n=30, detected=0, rule='all', calibrated fpr=unmeasured)
+            Detection(n=30, detected=0, rule=0.667, calibrated fpr=unmeasured)
             >>> ksd.detect_keys(keys_f).rate
             1.0
         """
@@ -507,9 +610,11 @@ class KeyRegionDetector(Detector):
             fpr = "unmeasured"
         else:
             fpr = f"calibrated at {self.fpr_:g}"
-            held = (self.calibration_ or {}).get("fpr_r_test")
-            if held is not None:
-                fpr += f" ({held:.3g} on held-out negatives)"
+            cal = self.calibration_ or {}
+            if cal.get("method") == "conformal":
+                fpr += f" (conformal bound {cal['bound']:.3g} over {cal['n_negatives']} negatives)"
+            elif cal.get("fpr_r_test") is not None:
+                fpr += f" ({cal['fpr_r_test']:.3g} on held-out negatives)"
         return f"layers {self.layers_}, alpha [{alpha}], rule {self.rule!r}, false positives {fpr}"
 
     # ------------------------------------------------------------------------- save / load
@@ -527,11 +632,58 @@ class KeyRegionDetector(Detector):
         self.h_ = self.alpha_ / self.k_min_
         self.calibration_ = info.get("calibration")
         cal = self.calibration_ or {}
+        if "calibration" not in info.get("params", {}):  # saved before issue 25: rank only
+            self.calibration = "rank"
         self.fpr_ = info.get("fpr", cal.get("fpr"))
         self._after_fit()
 
 
 # ------------------------------------------------------------------------------ calibration
+def conformal_rank(n: int, fpr: float) -> int:
+    """The split-conformal rank ``j = floor(fpr * (n + 1))`` for ``n`` calibration negatives.
+
+    A detector that fires on a new query when its score is below the ``j``-th smallest of the
+    ``n`` negatives' scores (detection when the score is small) fires on a new negative with
+    probability at most ``j / (n + 1) <= fpr``, when the new negative and the ``n`` are
+    exchangeable (drawn from one distribution; the probability is over both). This is the
+    usual upper-tail form read from below: the ``ceil((n + 1)(1 - fpr))``-th order statistic of
+    the nonconformity score ``-score``.
+
+    Raises:
+        ValueError: ``j == 0``: ``n < 1 / fpr - 1`` negatives cannot bound the rate at ``fpr``
+            (the message says how many are needed).
+
+    Example:
+        >>> conformal_rank(568, 0.005), conformal_rank(504, 0.01)
+        (2, 5)
+    """
+    j = math.floor(float(fpr) * (n + 1) + 1e-9)
+    if j < 1:
+        need = math.ceil(1 / float(fpr) - 1 - 1e-9)
+        raise ValueError(
+            f"fpr={fpr:g} needs at least {need} negatives for a conformal bound; got {n}: pass "
+            f"more negatives (mu.calibration_skill() ships 504 prompts), raise fpr to "
+            f"{1 / (n + 1):.3g} or more, or use calibration='rank' (no guarantee)."
+        )
+    return j
+
+
+def conformal_threshold(scores: Float[Tensor, " n"], j: int) -> tuple[float, list[int]]:
+    """Just below the ``j``-th smallest of ``scores`` (1-based; NaN counts as infinite): the
+    largest threshold that leaves ``j - 1`` of them inside (``score <= threshold``), and the
+    rows at the ``j``-th smallest score (inside one step further)."""
+    scores = torch.nan_to_num(scores.double(), nan=torch.inf)
+    value = scores.sort().values[j - 1]
+    capping = torch.nonzero(scores == value).flatten().tolist() if torch.isfinite(value) else []
+    return max(float(value) * (1 - 1e-9), 0.0), capping
+
+
+def rule_scores(margin: Float[Tensor, "n layer"], k: int) -> Float[Tensor, " n"]:
+    """The rule-relevant margin of each row: its ``k``-th smallest over layers (NaN: infinite);
+    a row is detected when it is ``<= 1``."""
+    return torch.nan_to_num(margin, nan=torch.inf).sort(-1).values[..., k - 1]
+
+
 def _alpha_at(ranked: Float[Tensor, "m layer"], j: int) -> Float[Tensor, " layer"]:
     """Per layer, just below the ``j``-th smallest calibration distance (0-based): ``j``
     calibration points inside per layer; the relative gap keeps distance / alpha clear of 1
@@ -582,31 +734,51 @@ def _rate(d: Float[Tensor, "n layer"], alpha: Float[Tensor, " layer"], rule_k: i
 
 
 def _per_layer_rates(d_held, d_cal, d_test, alpha, layers) -> dict[int, dict[str, float]]:
-    """Per layer alone: the held-out forget detection and the two false-positive rates."""
+    """Per layer alone: the held-out forget detection and the false-positive rates (on the
+    negatives' calibration part, and on their test part when there is one)."""
     per_layer = {}
     for col, layer in enumerate(layers):
         a = alpha[col]
         per_layer[int(layer)] = {
             "detect_f": float((d_held[:, col] <= a).float().mean()),
             "fpr_r_cal": float((d_cal[:, col] <= a).float().mean()),
-            "fpr_r_test": float((d_test[:, col] <= a).float().mean()),
         }
+        if d_test is not None:
+            per_layer[int(layer)]["fpr_r_test"] = float((d_test[:, col] <= a).float().mean())
     return per_layer
 
 
 def _check_rule(rule: Any) -> None:
+    msg = (
+        "rule must be 'any', 'all', an int k >= 1 (layers) or a float share in (0, 1) of the "
+        f"layers, got {rule!r}."
+    )
     if isinstance(rule, str):
         if rule not in ("any", "all"):
-            raise ValueError(f"rule must be 'any', 'all' or an int k >= 1, got {rule!r}.")
+            raise ValueError(msg)
+    elif isinstance(rule, float):
+        if not 0.0 < rule < 1.0:
+            raise ValueError(msg + (" For every layer, say 'all'." if rule == 1.0 else ""))
     elif isinstance(rule, bool) or not isinstance(rule, int) or rule < 1:
-        raise ValueError(f"rule must be 'any', 'all' or an int k >= 1, got {rule!r}.")
+        raise ValueError(msg)
 
 
-def _rule_k(rule: str | int, n: int) -> int:
+def layers_needed(rule: str | int | float, n: int) -> int:
+    """The number of layers (of ``n``) whose region must hold a query for ``rule``: 1 for
+    ``"any"``, ``n`` for ``"all"``, ``k`` for an int, ``ceil(share * n)`` for a float share.
+
+    Example:
+        >>> [layers_needed(rule, 30) for rule in ("any", "all", 2 / 3, 0.5, 4)]
+        [1, 30, 20, 15, 4]
+        >>> layers_needed(2 / 3, 3), layers_needed(0.5, 3)
+        (2, 2)
+    """
     if rule == "any":
         return 1
     if rule == "all":
         return n
+    if isinstance(rule, float):
+        return max(1, math.ceil(rule * n - 1e-9))
     if rule > n:
         raise ValueError(f"rule={rule} asks for {rule} layers, but the detector checks {n}.")
     return int(rule)

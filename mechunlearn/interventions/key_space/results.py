@@ -32,7 +32,7 @@ class Detection:
             (``k = 1`` for ``"any"``, all layers for ``"all"``); ``detected == (score <= 1)``.
             NaN margins count as outside (``inf``).
         layers: the model layers, in column order.
-        rule: the rule.
+        rule: the rule (a float: the share of the layers).
         fpr: the false-positive rate the detector's alpha was calibrated for (its ``fpr_``),
             or None when alpha came from ``h``/``alpha`` and nobody measured it.
     """
@@ -86,8 +86,9 @@ class Detection:
 
     def __repr__(self) -> str:
         fpr = "unmeasured" if self.fpr is None else f"{self.fpr:g}"
+        rule = f"{self.rule:.3g}" if isinstance(self.rule, float) else repr(self.rule)
         return (
-            f"Detection(n={len(self)}, detected={int(self.detected.sum())}, rule={self.rule!r}, "
+            f"Detection(n={len(self)}, detected={int(self.detected.sum())}, rule={rule}, "
             f"calibrated fpr={fpr})"
         )
 
