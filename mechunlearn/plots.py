@@ -791,8 +791,13 @@ def plot_attack_recovery(table: pd.DataFrame, title: str | None = None) -> Figur
         ValueError: an empty table.
 
     Example:
-        >>> rows = mu.attacks.recovery_table({"prompts": pd.read_csv("attacks_prompts.csv")})
-        >>> fig = plot_attack_recovery(rows)  # doctest: +SKIP
+        >>> prompts = pd.DataFrame(dict(
+        ...     attack=["none", "comment"], skill="gsm8k", role="forget", method="NA",
+        ...     kind="NeuronAdjust", relative=[0.9, 0.95], relative_low=[0.8, 0.9],
+        ...     relative_high=[1.0, 1.0]))
+        >>> fig = plot_attack_recovery(mu.attacks.recovery_table({"prompts": prompts}))
+        >>> len(fig.axes)                        # one panel: the prompt attacks
+        1
     """
     if table.empty:
         raise ValueError("No attack rows to plot.")

@@ -22,9 +22,13 @@ residual        ``probe``, ``lens``         the linear-probe accuracy (forget vs
 
 :func:`recovery_markdown` pivots it to a method x attack Markdown table.
 
-Example:
-    >>> tables = {f: pd.read_csv(f"report/tables/attacks_{f}.csv") for f in ("prompts",)}
-    >>> recovery_table(tables)[["method", "attack", "metric"]].head(2)  # doctest: +SKIP
+Example (the tables ``mechunlearn attack`` writes, ``<run>/tables/attacks_<family>.csv``):
+    >>> prompts = pd.DataFrame(dict(
+    ...     attack=["none", "comment"], skill="gsm8k", role="forget", method="NA",
+    ...     kind="NeuronAdjust", relative=[0.9, 0.95], relative_low=[0.8, 0.9],
+    ...     relative_high=[1.0, 1.0]))
+    >>> recovery_table({"prompts": prompts})[["method", "attack", "metric"]].values.tolist()
+    [['NA', 'none', 'relative'], ['NA', 'comment', 'relative']]
 """
 
 from __future__ import annotations
