@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from .estimator import KeyRegionDetector
 
 REFUSAL = "Sorry, your query is not valid"
 """The authors' refusal text."""
@@ -93,6 +90,18 @@ class Detection:
         )
 
 
+class _RuleDetector(Protocol):
+    """What a :class:`DetectionRecord` needs of its detector (a fitted ``KeyRegionDetector``):
+    its layers and its rule over their margins. Typed here so that this module does not import
+    the estimator module, which imports it."""
+
+    layers_: list[int]
+
+    def _combine(self, margin: Tensor) -> tuple[Tensor, ...]: ...
+
+    def _detection(self, margin: Tensor) -> Detection: ...
+
+
 class DetectionRecord:
     """Margins written by a detector's hooks during the latest forward; tensors stay on device.
 
@@ -106,7 +115,7 @@ class DetectionRecord:
         tensor([False, False])
     """
 
-    def __init__(self, detector: KeyRegionDetector):
+    def __init__(self, detector: _RuleDetector):
         self.detector = detector
         self.margins: dict[int, Tensor] = {}
 
