@@ -64,7 +64,7 @@ from mechunlearn.models import n_layers
 from mechunlearn.pipeline import ATTACKS, RunConfig, RunFolder, attack, load_model_for
 from mechunlearn.study import SWEEP, Study, results_folder
 
-from unlearning_study import SIMU_PARAMS, TASKS, TRAINED, simu_params, trained_skills
+from unlearning_study import BASELINE_PARAMS, TASKS, TRAINED, simu_params, trained_skills
 
 #: Every registered method, in the registry's order.
 METHODS = tuple(spec.name for spec in mu.methods())
@@ -98,7 +98,7 @@ def method_settings(method: str, layers: int) -> dict[str, Any]:
     if method == "LUNAR":
         return {"layer": lunar_layer(layers)}
     if method in TRAINED:
-        return {"max_length": SIMU_PARAMS["max_length"]}
+        return dict(BASELINE_PARAMS)
     return {}
 
 

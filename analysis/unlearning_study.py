@@ -79,6 +79,9 @@ SIMU_LAST_LAYERS = 6
 #: on the prompts shorter than ``SIMU_PARAMS["max_length"]`` tokens, cut there
 #: (:func:`simu_skills`).
 TRAINED = ("SIMU", "GA", "GradDiff", "NPO", "RMU")
+#: The baselines' settings (GA, GradDiff, NPO, RMU): their registered defaults, texts cut as
+#: SIMU's.
+BASELINE_PARAMS = {"max_length": SIMU_PARAMS["max_length"]}
 #: The method families the study's grid declares, in the registry's (the tables') order.
 METHODS = tuple(
     spec.name
@@ -170,7 +173,7 @@ def grid(args, n_layers: int) -> dict[str, dict[str, Any]]:
         "LUNAR": {"LUNAR auto": {"layer": "auto"}},  # every third layer, every kept skill
         "SIMU": {"SIMU": simu_params(n_layers)},
         # The baselines at their registered defaults (docs/methods.md), texts cut as SIMU's.
-        **{b: {b: {"max_length": SIMU_PARAMS["max_length"]}} for b in TRAINED[1:]},
+        **{b: {b: dict(BASELINE_PARAMS)} for b in TRAINED[1:]},
     }
     return {
         label: {"method": family, **settings}
