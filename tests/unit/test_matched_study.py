@@ -64,14 +64,14 @@ def test_split_probes_keeps_held_out_apart_and_splits_each_probe_half(tmp_path):
 
 
 def test_a_cell_chooses_by_the_floor_rule_scores_held_out_and_resumes(
-    tiny_llama, tmp_path, monkeypatch
+    tiny_llama, tmp_path, monkeypatch, data_dir
 ):
     paths = task_files(tmp_path, tiny_llama)
     task = Task(str(paths["arith"]), (str(paths["code"]),), general=None)
     monkeypatch.setattr(matched_study, "TASKS", {"arith-vs-code": task})
     monkeypatch.setitem(matched_study.KNOBS, "NA", ({"ratio": [0.1, 0.5, 1.0]}, {}))
     monkeypatch.setitem(matched_study.KNOBS, "SP", ({"ratio": [0.1, 0.5, 0.9]}, {}))
-    args = SimpleNamespace(n=8, out=str(tmp_path / "matched"), model=None, data_dir=None,
+    args = SimpleNamespace(n=8, out=str(tmp_path / "matched"), model=None, data_dir=str(data_dir),
                            batch_size=4, quiet=True, device=None, methods=["NA", "SP"],
                            floor=0.5)  # fmt: skip
     table = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
