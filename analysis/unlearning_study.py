@@ -208,13 +208,14 @@ def trained_skills(methods: list[str]):
 
 
 def short_prompts(model, skill: mu.Skill, limit: int) -> mu.Skill:
-    """The examples whose prompt fits in ``limit`` tokens (SIMU trains on these; a longer one,
-    such as a 3,712-token MBPP prompt, cannot be cut without losing its question)."""
+    """The examples whose prompt fits in ``limit`` tokens (the trained methods, :data:`TRAINED`,
+    train on these; a longer one, such as a 3,712-token MBPP prompt, cannot be cut without
+    losing its question)."""
     lengths = [len(ids) for ids in model.tokenizer(list(skill.prompts))["input_ids"]]
     keep = [i for i, n in enumerate(lengths) if n < limit]
     if len(keep) < len(skill):
-        print(f"SIMU: {len(skill) - len(keep)} of {len(skill)} {skill.name} probe prompts are "
-              f"longer than {limit} tokens and left out of its training.")  # fmt: skip
+        print(f"trained methods: {len(skill) - len(keep)} of {len(skill)} {skill.name} probe "
+              f"prompts are longer than {limit} tokens and left out of their training.")  # fmt: skip
     return skill[keep]
 
 

@@ -313,6 +313,10 @@ def test_choose_layer():
         assert (
             choose_layer(rows[:1] + [dict(layer=5, forget=0.2, retain=0.6, retain_base=0.9)]) == 5
         )
+    # With several kept skills the warning names the one the best layer keeps least of.
+    worst = dict(layer=6, forget=0.2, retain=0.4, retain_base=0.8, worst_retain="mmlu")
+    with pytest.warns(UserWarning, match="worst kept skill, 'mmlu', \\(0.400 of 0.800\\)"):
+        assert choose_layer([worst]) == 6
     with pytest.raises(ValueError, match="empty"):
         choose_layer([])
 

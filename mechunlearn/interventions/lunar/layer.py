@@ -75,9 +75,11 @@ def choose_layer(sweep: Sequence[dict[str, Any]], retain_floor: float = RETAIN_F
         return int(sweep[int(ranked["rank"].idxmin())]["layer"])
     ranked = rank_candidates(table, {}, [("retain", False), "forget", "layer"])
     best = sweep[int(ranked["rank"].idxmin())]
+    worst = best.get("worst_retain")
+    kept = f"the worst kept skill, {worst!r}," if worst else "the kept skill"
     warnings.warn(
-        f"No layer keeps {retain_floor:.0%} of the retain skill's accuracy with the "
-        f"edit; layer {best['layer']} keeps the most ({best['retain']:.3f} of "
+        f"No layer keeps {retain_floor:.0%} of every kept skill's accuracy with the edit; "
+        f"layer {best['layer']} keeps the most of {kept} ({best['retain']:.3f} of "
         f"{best['retain_base']:.3f}). Consider a smaller coef.",
         stacklevel=3,
     )
