@@ -139,7 +139,7 @@ def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
     try:
         folder.prepare()
         fit_skills, tune_skills = split_probes(load_skills(config), seed)
-        probes = probe(config, model, fit_skills, folder)
+        probes = probe(config, model, fit_skills, folder, analyses=False)
         with folder.timer("tune"):
             searches, tuning = tune_cell(config, model, fit_skills, probes, tune_skills, args.floor)
         folder.write(TUNING, lambda p: write_text(p, tuning.to_csv(index=False)))

@@ -252,7 +252,7 @@ class Study:
         skills = load_skills(config)
         try:
             folder.prepare()
-            probes = probe(config, model, skills, folder)
+            probes = probe(config, model, skills, folder, analyses=False)
             trained = skills_for(model, skills) if skills_for is not None else None
             fitted = fit_methods(config, model, skills, probes, folder, skills_for=trained)
             held, roles = skills.held_out()

@@ -365,15 +365,25 @@ EVALUATION_FILES = (
 """What :func:`~mechunlearn.pipeline.stages.evaluate_methods` and the report write."""
 
 
-def probe_jobs(config: RunConfig) -> dict[str, tuple[str, ...]]:
+def probe_jobs(config: RunConfig, analyses: bool = True) -> dict[str, tuple[str, ...]]:
     """``{probed role: what the probe stage collects for it}`` (the keys of
     :meth:`~mechunlearn.pipeline.stages.Skills.probed`, and ``calibration`` when a detector
-    runs)."""
+    runs).
+
+    With ``analyses`` (the main job), every probed skill's ``pre``, ``keys`` and
+    ``importance``, which the analyses need; without (a study cell that only fits and scores),
+    only what the methods fit on: ``pre`` for NA-like methods, ``importance`` for SP-like ones,
+    ``keys`` for detectors, nothing for methods that fit on the model.
+    """
+    fits_on = {config.spec(m).fits_on for m in config.methods}
+    detectors = "keys" in fits_on
+    kinds = ("pre", "keys", "importance")
+    wanted = kinds if analyses else tuple(w for w in kinds if w in fits_on)
     roles = ["forget", *(f"retain:{name}" for name in config.retain)]
-    jobs = {role: ("pre", "keys", "importance") for role in roles}
-    if config.general:
+    jobs = {role: wanted for role in roles} if wanted else {}
+    if config.general and (analyses or detectors):
         jobs["general"] = ("keys",)
-    if any(config.spec(m).fits_on == "keys" for m in config.methods):  # detectors' negatives
+    if detectors:  # the detectors' negatives
         jobs[CALIBRATION] = ("keys",)
     return jobs
 

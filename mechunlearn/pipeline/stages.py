@@ -132,19 +132,25 @@ class Probes:
         return KeyVectors.concat_all([k for r, k in self.keys.items() if r != "forget"])
 
 
-def probe(config: RunConfig, model, skills: Skills, folder: RunFolder) -> Probes:
-    """One forward pass per probed skill: statistics, key vectors and importances (resumable)."""
+def probe(
+    config: RunConfig, model, skills: Skills, folder: RunFolder, analyses: bool = True
+) -> Probes:
+    """One forward pass per probed skill: statistics, key vectors and importances (resumable).
+
+    Without ``analyses``, only what ``config``'s methods fit on (:func:`probe_jobs`).
+    """
     from ..collect import collect
     from ..stats import Importance, KeyVectors, NeuronStats
 
     kinds = {"pre": NeuronStats, "keys": KeyVectors, "importance": Importance}
     out = Probes()
     skill_of = dict(skills.probed())
-    if CALIBRATION in probe_jobs(config):
+    jobs = probe_jobs(config, analyses)
+    if CALIBRATION in jobs:
         from ..data import calibration_skill
 
         skill_of[CALIBRATION] = calibration_skill()
-    for role, wanted in probe_jobs(config).items():
+    for role, wanted in jobs.items():
         skill = skill_of[role]
         paths = {w: stats_file(role, w) for w in wanted}
         loaded: dict[str, Any] = {}

@@ -53,6 +53,10 @@ def test_cells_run_resume_and_score_the_extra_skills(tiny_llama, skills, tmp_pat
     sweep = study.folder("arith", 0) / SWEEP
     saved = pd.read_csv(sweep)
     assert list(saved.columns[:2]) == ["task", "seed"] and len(saved) == len(first)
+    # A cell collects only what its methods fit on: NA's pre-activations, SP's importances.
+    stats = {p.name for p in (sweep.parent / "stats").iterdir()}
+    assert len(stats) == 4 and {"forget.pre.safetensors", "forget.importance.safetensors"} < stats
+    assert {name.split(".")[-2] for name in stats} == {"pre", "importance"}
     fitted = {p.name: p.stat().st_mtime_ns for p in (sweep.parent / "interventions").iterdir()}
     again = study.run_cell("arith", 0, tiny_llama)  # resumes: nothing is fitted again
     now = {p.name: p.stat().st_mtime_ns for p in (sweep.parent / "interventions").iterdir()}
