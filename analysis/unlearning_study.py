@@ -215,7 +215,7 @@ def short_prompts(model, skill: mu.Skill, limit: int) -> mu.Skill:
     keep = [i for i, n in enumerate(lengths) if n < limit]
     if len(keep) < len(skill):
         print(f"trained methods: {len(skill) - len(keep)} of {len(skill)} {skill.name} probe "
-              f"prompts are longer than {limit} tokens and left out of their training.")  # fmt: skip
+              f"prompts exceed {limit} tokens and are left out of their training.")  # fmt: skip
     return skill[keep]
 
 
