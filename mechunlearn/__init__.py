@@ -23,7 +23,7 @@ from .collect import Probe, collect, collect_importance, collect_keys, run_pass
 from .data import Example, Skill, SkillNotFoundError, calibration_skill, load_skill
 from .evaluation import evaluate, relative_table
 from .fluency import fluency, fluency_table
-from .generation import greedy_generate
+from .generation import greedy_generate, own_continuations
 from .interventions import (
     NPO,
     REFUSAL,
@@ -102,6 +102,7 @@ __all__ = [
     "fluency_table",
     "get_method",
     "greedy_generate",
+    "own_continuations",
     "hook_name",
     "load_model",
     "load_skill",

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .batching import cap_new_tokens, check_batching, pad_batch, tokenize_examples
+from .data import Example, Skill
 from .models import model_device
 
 _CACHE_AGREES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -213,3 +214,41 @@ def greedy_generate(
             chunk = [ids for ids, _ in items[start : start + batch_size]]
             out.extend(generate_from_tokens(model, chunk, max_new_tokens))
     return out
+
+
+def own_continuations(
+    model,
+    prompts: Sequence[str],
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+    name: str = "own-continuations",
+) -> Skill:
+    """The model's own greedy continuations of ``prompts`` as a :class:`~mechunlearn.data.Skill`
+    (prompt, continuation): teacher-forced accuracy on it is the share of answer tokens an
+    edited model still predicts as the unedited one did. Prompts whose continuation is empty
+    (an end-of-sequence token first) are left out.
+
+    Args:
+        model: the model, as it should be kept (no hooks attached).
+        prompts: the prompts to continue.
+        max_new_tokens: tokens generated per prompt.
+        batch_size: prompts per generation call.
+        name: the skill's name.
+
+    Raises:
+        ValueError: every continuation is empty.
+
+    Example:
+        >>> kept = own_continuations(model, ["The sun is", "copy a:"], max_new_tokens=4)
+        >>> len(kept) <= 2, all(kept.answers)    # one example per non-empty continuation
+        (True, True)
+    """
+    prompts = list(prompts)
+    texts = greedy_generate(model, prompts, max_new_tokens, batch_size=batch_size)
+    examples = [Example(p, t) for p, t in zip(prompts, texts, strict=True) if t.strip()]
+    if not examples:
+        raise ValueError(
+            f"The model's greedy continuation of every one of {len(prompts)} prompts is empty "
+            "(it ends them at once): give other prompts."
+        )
+    return Skill(name, examples, f"greedy continuations, {max_new_tokens} new tokens")

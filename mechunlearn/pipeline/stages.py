@@ -395,10 +395,13 @@ def fit_estimator(
     if spec.fits_on == "keys":
         return estimator.fit(probes.keys["forget"], probes.negatives())
     kept = [halves[0] for halves in skills.retain.values()]
+    takes = inspect.signature(estimator.fit).parameters
+    kwargs: dict[str, Any] = {}
     if spec.multi_retain and skills.general is not None:
         kept.append(skills.general[0])  # general text as one more floor
-    kwargs = {}
-    if "batch_size" in inspect.signature(estimator.fit).parameters:
+        if "general" in takes:  # instead of the method's own default general text
+            kwargs["general"] = None
+    if "batch_size" in takes:
         kwargs["batch_size"] = batch_size
     return estimator.fit(model, skills.forget[0], kept if spec.multi_retain else kept[0], **kwargs)
 

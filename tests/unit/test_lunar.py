@@ -21,8 +21,12 @@ from mechunlearn import (
     reference_prompts,
 )
 from mechunlearn.batching import forward, iter_batches, tokenize_examples
+from mechunlearn.data import calibration_skill
 from mechunlearn.evaluation import teacher_forced
+from mechunlearn.generation import own_continuations
+from mechunlearn.interventions import get_method
 from mechunlearn.interventions.lunar import choose_layer
+from mechunlearn.pipeline import Probes, Skills, fit_estimator
 from mechunlearn.sites import hook_name, mlp_output_hook
 from tests.tiny_models import make_tiny_llama
 
@@ -328,7 +332,9 @@ def test_layer_auto_sweeps_on_held_back_examples(llama_like):
     assert some.get_params()["candidates"] == [2, 0]
     assert [r["layer"] for r in Lunar(layer="auto").fit(model, F, R, REF).layer_sweep_] == [2]
     every = list(range(model.cfg.n_layers))  # the default sweeps every third layer only
-    lunar = Lunar(layer="auto", seed=1, candidates=every).fit(model, F, R, REF, held_out=0.25)
+    lunar = Lunar(layer="auto", seed=1, candidates=every).fit(
+        model, F, R, REF, held_out=0.25, general=None
+    )
     sweep = lunar.layer_sweep_
     assert [row["layer"] for row in sweep] == every
     assert lunar.layers_ == [choose_layer(sweep)]
@@ -345,6 +351,38 @@ def test_layer_auto_sweeps_on_held_back_examples(llama_like):
     import pandas as pd
 
     assert len(pd.DataFrame(sweep)) == model.cfg.n_layers
+
+
+def test_layer_auto_holds_general_text_at_its_floor(llama_like):
+    """By default the sweep also scores the shipped general questions on the unedited model's
+    own continuations; a given general skill replaces them; None drops the floor."""
+    model = llama_like
+    shipped = Lunar(layer="auto", candidates=(0, 2), coef=0.5).fit(model, F, R, REF)
+    own = own_continuations(model, calibration_skill(n=32, formats=["plain"]).prompts, 16)
+    for row in shipped.layer_sweep_:
+        assert row["retain_base[general-questions]"] == teacher_forced(model, own).score
+        worst = row["worst_retain"]  # the floor is on the kept skill it holds least of
+        assert worst in ("general-questions", R.name)
+        assert (row["retain"], row["retain_base"]) == (row[f"retain[{worst}]"],
+                                                       row[f"retain_base[{worst}]"])  # fmt: skip
+    given = Skill.from_texts("prose", ["The cat sat", "A dog ran"], [" on a mat.", " home."])
+    rows = Lunar(layer="auto", candidates=(0,)).fit(model, F, R, REF, general=given).layer_sweep_
+    assert rows[0]["retain_base[prose]"] == teacher_forced(model, given).score
+    assert "worst_retain" not in Lunar(layer="auto", candidates=(0,)).fit(
+        model, F, R, REF, general=None).layer_sweep_[0]  # fmt: skip
+    with pytest.raises(ValueError, match="general must be 'shipped'"):
+        Lunar(layer="auto").fit(model, F, R, REF, general="mmlu")
+    with pytest.raises(ValueError, match="has no answers"):
+        Lunar(layer="auto").fit(model, F, R, REF, general=Skill.from_texts("q", ["Why?"]))
+
+
+def test_the_pipeline_gives_its_general_skill_instead_of_the_shipped_one(tiny_llama):
+    prose = Skill.from_texts("prose", ["The cat sat", "A dog ran"], [" on a mat.", " home."])
+    skills = Skills(forget=(F, F), retain={R.name: (R, R)}, general=(prose, prose))
+    lunar = Lunar(layer="auto", candidates=(0,))
+    fit_estimator(lunar, get_method("LUNAR"), tiny_llama, skills, Probes(), batch_size=4)
+    row = lunar.layer_sweep_[0]
+    assert "retain[prose]" in row and "retain[general-questions]" not in row
 
 
 def test_default_reference_is_the_shipped_set(llama_like):

@@ -13,7 +13,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ...data import Skill
+from ...data import Skill, calibration_skill
+from ...generation import own_continuations
 from ...models import d_mlp, model_device, model_meta
 from ...sites import hook_name, mlp_output_hook
 from ...validation import MAX_SEED, check_forget_retain, check_int, model_keys, resolve_layers
@@ -169,6 +170,7 @@ class Lunar(HookIntervention):
         *,
         batch_size: int = 16,
         held_out: float | int = 0.25,
+        general: Skill | str | None = "shipped",
     ) -> Lunar:
         """Compute the direction(s) and solve for ``dW``; the model is never changed.
 
@@ -185,6 +187,15 @@ class Lunar(HookIntervention):
             held_out: for ``layer="auto"``: the fraction (or number) of the forget and the
                 retain examples held back to score the candidate layers (the others give the
                 sweep's directions). Ignored for a fixed layer.
+            general: for ``layer="auto"``, general text the chosen layer must also keep at
+                its floor, beside every retain skill (it is scored, not fitted on):
+                ``"shipped"`` (default) for :data:`GENERAL_QUESTIONS` of the shipped general
+                questions (:func:`~mechunlearn.data.calibration_skill`) answered by the
+                unedited model's own greedy continuation (:data:`GENERAL_TOKENS` tokens,
+                :func:`~mechunlearn.generation.own_continuations`), so that the floor is on
+                how much of what the model said it still says; a Skill with answers (e.g.
+                MMLU) for that skill; None for no general floor (the pipeline passes its
+                general skill among ``retain``). Ignored for a fixed layer.
 
         Returns:
             self.
@@ -210,6 +221,7 @@ class Lunar(HookIntervention):
         candidates = self._candidates(model)
         if self.layer == "auto":
             fit_f, probe_f, halves_r = self._hold_out(forget, retains, held_out)
+            floors = [probe for _, probe in halves_r] + _general_floor(model, general, batch_size)
         ref_mean = _pass(model, reference, batch_size, candidates) / len(reference)
 
         device = model_device(model)
@@ -217,7 +229,7 @@ class Lunar(HookIntervention):
         sweep: list[dict[str, Any]] = []
         if self.layer == "auto":
             sweep, sums = self._layer_sweep(
-                model, candidates, ref_mean, fit_f, probe_f, halves_r, batch_size
+                model, candidates, ref_mean, fit_f, probe_f, halves_r, floors, batch_size
             )
             layers = [choose_layer(sweep)]
             rows = [candidates.index(layers[0])]
@@ -284,10 +296,12 @@ class Lunar(HookIntervention):
         fit_f: Skill,
         probe_f: Skill,
         halves_r: list[tuple[Skill, Skill]],
+        floors: list[Skill],
         batch_size: int,
     ) -> tuple[list[dict[str, Any]], Float[Tensor, "candidate d_model"]]:
         """Each candidate's own closed-form edit, fitted on the fit parts and scored on the
-        held-back parts (a layer is chosen for what its edit does, to both skills): the sweep's
+        held-back forget part and on ``floors`` (the retain skills' held-back parts and the
+        general text; a layer is chosen for what its edit does, to every skill): the sweep's
         rows, and the forget prompts' last-token residual sums per candidate over all of
         ``forget`` (the fit part's plus the held-back part's)."""
         trial = {layer: _Normal.empty(d_mlp(model), model_device(model)) for layer in candidates}
@@ -302,7 +316,7 @@ class Lunar(HookIntervention):
             gram = ne.gram_f + ne.gram_k
             target = self.coef * sweep_dirs[i]
             edits[layer] = _closed_form(gram, ne.sum_f, target, _ridge_lambda(gram, self.ridge))
-        sweep = _sweep(model, edits, probe_f, [probe for _, probe in halves_r], batch_size)
+        sweep = _sweep(model, edits, probe_f, floors, batch_size)
         return sweep, sums_fit + sums_probe
 
     def _solve(
@@ -443,6 +457,34 @@ class Lunar(HookIntervention):
         self.output_hooks_ = {
             layer: hooks.get(str(layer), hook_name("mlp_out", layer)) for layer in self.layers_
         }
+
+
+#: Shipped general questions ``Lunar.fit(general="shipped")`` holds at the sweep's floor.
+GENERAL_QUESTIONS = 32
+#: Tokens of the unedited model's greedy continuation that each general question is scored on.
+GENERAL_TOKENS = 16
+
+
+def _general_floor(model, general: Any, batch_size: int) -> list[Skill]:
+    """``layer="auto"``'s general text (``fit``'s ``general``) as a list of zero or one skill."""
+    if general is None:
+        return []
+    if isinstance(general, str):
+        if general != "shipped":
+            raise ValueError(f"general must be 'shipped', a Skill or None, got {general!r}.")
+        questions = calibration_skill(n=GENERAL_QUESTIONS, formats=["plain"])
+        return [
+            own_continuations(
+                model, questions.prompts, GENERAL_TOKENS, batch_size, name="general-questions"
+            )
+        ]
+    skill = _check_skill("general", general, "pass general text with answers, or None.")
+    if not any(skill.answers):
+        raise ValueError(
+            f"The general skill {skill.name!r} has no answers: layer='auto' scores it "
+            "teacher-forced; pass general='shipped' or a skill with answers."
+        )
+    return [skill]
 
 
 def _retain_list(retain: Any) -> list[Skill]:
