@@ -55,9 +55,9 @@ from mechunlearn.pipeline import (
     load_skills,
     probe,
 )
-from mechunlearn.study import StudyParser, data_dir_or_exit
+from mechunlearn.study import FLUENCY, StudyParser, data_dir_or_exit
 
-from unlearning_study import TASKS, family, wiki_skill
+from unlearning_study import TASKS, family, fluency_prompts
 
 #: Each tuned method's knob and candidates (mild to strong, so that "none keeps the floor"
 #: falls back to the mildest), and the settings every candidate shares.
@@ -70,9 +70,6 @@ KNOBS: dict[str, tuple[dict[str, list[Any]], dict[str, Any]]] = {
     "Ellipsoid": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1, "calibration": "rank"}),
 }
 MATCHED = "matched.csv"
-FLUENCY = "fluency.csv"
-#: General prompts of the fluency columns: first sentences of English Wikipedia paragraphs.
-FLUENCY_PROMPTS = 16
 TUNING = "tuning.csv"
 
 
@@ -156,7 +153,7 @@ def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
             )  # fmt: skip
         table.insert(0, "task", task)
         table.insert(1, "seed", seed)
-        prompts = list(wiki_skill(FLUENCY_PROMPTS, seed, args.data_dir).prompts)
+        prompts = fluency_prompts(seed, args.data_dir)
         with folder.timer("fluency"):
             fluent = mu.fluency_table(model, prompts, chosen, batch_size=args.batch_size)
         folder.write(FLUENCY, lambda p: write_text(p, fluent.to_csv(index_label="method")))

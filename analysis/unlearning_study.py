@@ -46,9 +46,13 @@ Everything goes through the public pipeline (:mod:`mechunlearn.pipeline`): each 
 resumable run folder ``results/unlearning/<task>/seed<k>/`` (probes, fitted methods, tables;
 ``seed<k>-<families>/`` for a ``--methods`` subset), so an interrupted study resumes, tasks and
 seeds can run as parallel commands, and a subset adds methods beside a finished run. Per folder:
-``sweep.csv`` (every method x held-out skill with its paired-bootstrap interval) and
-``tradeoff.png``. Over every folder: ``results/unlearning/summary.csv`` and ``summary.md`` (per
-task: mean +- sd across seeds, and the 95 % interval of the first seed that scored the method).
+``sweep.csv`` (every method x held-out skill with its paired-bootstrap interval),
+``fluency.csv`` (:func:`mechunlearn.fluency_table` of 16 Wikipedia first sentences: the base
+model's perplexity of each method's greedy continuations, as a ratio to the bare model's, and
+the share of repeated 3-grams) and ``tradeoff.png``. Over every folder:
+``results/unlearning/summary.csv`` and ``summary.md`` (per task: mean +- sd across seeds, and
+the 95 % interval of the first seed that scored the method; the fluency columns last).
+``--fluency-only`` adds ``fluency.csv`` to finished folders from their saved methods.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ from mechunlearn.cli import reuse_freed_buffers
 from mechunlearn.io import write_json, write_text
 from mechunlearn.models import n_layers
 from mechunlearn.pipeline import RunConfig, RunFolder, Skills, load_model_for
-from mechunlearn.study import Study, StudyParser, Task, data_dir_or_exit
+from mechunlearn.study import FLUENCY, SWEEP, Study, StudyParser, Task, data_dir_or_exit
 
 NA_RATIOS = (0.01, 0.03, 0.1)
 KSD_FPR = (0.01, 0.05)
@@ -125,6 +129,16 @@ def wiki_skill(n: int, seed: int, data_dir: str | None) -> mu.Skill:
         if rest:
             examples.append(mu.Example(head + ".", " " + rest))
     return mu.Skill("wikipedia-en", examples, source="xquad en contexts").subsample(n, seed)
+
+
+#: General prompts of the fluency columns: first sentences of English Wikipedia paragraphs.
+FLUENCY_PROMPTS = 16
+
+
+def fluency_prompts(seed: int, data_dir: str | None) -> list[str]:
+    """The prompts whose greedy continuations a cell's fluency columns score
+    (:data:`FLUENCY_PROMPTS` first sentences of Wikipedia paragraphs, by the cell's seed)."""
+    return list(wiki_skill(FLUENCY_PROMPTS, seed, data_dir).prompts)
 
 
 #: English Wikipedia paragraphs, scored (as a general skill) but never probed.
@@ -232,6 +246,7 @@ def study(args, n_layers: int) -> Study:
         tasks=tasks, methods=grid(args, n_layers), seeds=args.seeds, n=args.n, out=args.out,
         model=args.model, folder_name=lambda seed: run_folder_name(seed, args.methods),
         data_dir=args.data_dir, batch_size=args.batch_size, quiet=args.quiet, device=args.device,
+        fluency_prompts=fluency_prompts,
     )  # fmt: skip
 
 
@@ -260,11 +275,13 @@ def _cell(values: pd.Series, low: float, high: float) -> str:
     return f"{mean:.2f}{spread}{interval}"
 
 
-def summary_markdown(summary: pd.DataFrame) -> str:
+def summary_markdown(summary: pd.DataFrame, fluency: pd.DataFrame | None = None) -> str:
     """One Markdown table per task: methods as rows, held-out skills as columns (forget first);
     cells ``mean ± sd [low, high]``: mean and sd of relative performance across seeds, and the
     95 % paired-bootstrap interval of the first seed that scored the method (``(k seeds)`` after
-    a cell that fewer seeds than the task's scored)."""
+    a cell that fewer seeds than the task's scored). With ``fluency`` (the cells'
+    ``fluency.csv``), two more columns: the perplexity ratio and the change in repeated 3-grams,
+    mean ± sd over the seeds that have them ("—" where none has)."""
     parts = []
     for task, table in summary.groupby("task", sort=False):
         seeds = sorted(table["seed"].unique())
@@ -279,8 +296,11 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             "cells: mean ± sd over seeds [95 % interval of the first seed that scored the "
             f"method, seed {seeds[0]} unless marked])\n"
         )
-        parts.append("| method | " + " | ".join(f"{s} ({role[s]})" for s in skills) + " |")
-        parts.append("|---" * (len(skills) + 1) + "|")
+        fluent = None if fluency is None else fluency[fluency["task"] == task]
+        extra = [] if fluent is None or fluent.empty else FLUENCY_COLUMNS
+        header = [f"{s} ({role[s]})" for s in skills] + [title for _, title in extra]
+        parts.append("| method | " + " | ".join(header) + " |")
+        parts.append("|---" * (len(header) + 1) + "|")
         for m in methods:
             cells = []
             for s in skills:
@@ -289,6 +309,9 @@ def summary_markdown(summary: pd.DataFrame) -> str:
                 lo, hi = rows[["relative_low", "relative_high"]].iloc[0]
                 short = f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
                 cells.append(_cell(values, lo, hi) + (short if len(values) < len(seeds) else ""))
+            for column, _ in extra:
+                values = fluent.loc[fluent["method"] == m, column]
+                cells.append(_cell(values, float("nan"), float("nan")) if len(values) else "—")
             parts.append(f"| {m} | " + " | ".join(cells) + " |")
         base = table[(table["method"] == "base") & (table["seed"] == seeds[0])]
         scores = ", ".join(
@@ -329,14 +352,27 @@ def merge_sweeps(tables: list[pd.DataFrame]) -> pd.DataFrame:
     return merged.reset_index(drop=True)
 
 
+#: The fluency columns of the summary: ``(fluency.csv column, title)``.
+FLUENCY_COLUMNS = [
+    ("perplexity_ratio", "fluency: perplexity ratio"),
+    ("repeated_ngrams_diff", "repeated 3-grams (change)"),
+]
+
+
 def summarize(out: Path) -> Path:
-    """``summary.csv`` and ``summary.md`` from every task and seed folder's ``sweep.csv``."""
+    """``summary.csv`` and ``summary.md`` from every task and seed folder's ``sweep.csv`` (and
+    ``fluency.csv`` where a folder has one)."""
     sweeps = sorted(out.glob("*/seed*/sweep.csv"))
     if not sweeps:
         raise SystemExit(f"no task results under {out} (no */seed*/sweep.csv)")
     summary = merge_sweeps([pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in sweeps])
+    fluent = [pd.read_csv(p) for p in sorted(out.glob(f"*/seed*/{FLUENCY}"))]
+    fluency = pd.concat(fluent, ignore_index=True) if fluent else None
+    if fluency is not None:  # each folder has its base row: keep one per task and seed
+        fluency = fluency.drop_duplicates(["task", "seed", "method"])
+        write_text(out / "fluency.csv", fluency.to_csv(index=False))
     write_text(out / "summary.csv", summary.to_csv(index=False))
-    write_text(out / "summary.md", summary_markdown(summary))
+    write_text(out / "summary.md", summary_markdown(summary, fluency))
     return out / "summary.csv"
 
 
@@ -351,6 +387,10 @@ def main() -> None:
     parser.add_argument("--na-ratios", type=float, nargs="+", default=list(NA_RATIOS))
     parser.add_argument("--xquad-keep", nargs="+", default=None, help="languages kept (XQuAD task)")
     parser.add_argument("--summarize-only", action="store_true")
+    parser.add_argument(
+        "--fluency-only", action="store_true",
+        help="add fluency.csv to finished folders of --tasks/--seeds/--methods that lack one",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.summarize_only:
         print(f"unlearning study: {summarize(Path(args.out))} and summary.md")
@@ -358,8 +398,14 @@ def main() -> None:
     data_dir_or_exit(args)
     reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
     model = load_model_for(RunConfig(model=args.model, device=args.device, quiet=args.quiet))
-    for name, seed in study(args, n_layers(model)).cells(args.tasks):
-        run_task(name, seed, args, model)
+    declared = study(args, n_layers(model))
+    for name, seed in declared.cells(args.tasks):
+        if args.fluency_only:
+            folder = declared.folder(name, seed)
+            if (folder / SWEEP).exists() and not (folder / FLUENCY).exists():
+                declared.fluency_cell(name, seed, model)
+        else:
+            run_task(name, seed, args, model)
         try:  # the summary so far; a folder that does not merge must not stop the next run
             summarize(Path(args.out))
         except SystemExit as err:

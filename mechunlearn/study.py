@@ -6,7 +6,8 @@ held-out skills that are scored but never probed), its **grid** (a
 registered name, **settings}}``) and its **seeds**. :meth:`Study.run` runs every task and seed
 as one pipeline run folder ``<out>/<task>/seed<k>/`` (:func:`~mechunlearn.pipeline.probe`,
 :func:`~mechunlearn.pipeline.fit_methods`, then :func:`mechunlearn.evaluate` on the held-out
-halves and the extra skills): probes, fitted methods and ``sweep.csv`` are kept, so a stopped
+halves and the extra skills; with ``fluency_prompts``, :func:`mechunlearn.fluency_table` of
+general prompts in ``fluency.csv``): probes, fitted methods and ``sweep.csv`` are kept, so a stopped
 study resumes, cells can run as parallel commands, and a cell of other settings is refused by
 its folder. A script under ``analysis/`` is then its declaration plus its own tables and
 figures (``analysis/unlearning_study.py``).
@@ -41,6 +42,7 @@ import pandas as pd
 
 from .data import Skill
 from .evaluation import evaluate
+from .fluency import fluency_table
 from .io import write_text
 from .models import DEFAULT_MODEL
 from .pipeline import (
@@ -48,15 +50,19 @@ from .pipeline import (
     RunFolder,
     Skills,
     fit_methods,
+    load_fitted,
     load_model_for,
     load_skills,
     probe,
 )
 
-__all__ = ["SWEEP", "Study", "StudyParser", "Task", "data_dir_or_exit", "results_folder"]
+__all__ = ["FLUENCY", "SWEEP", "Study", "StudyParser", "Task", "data_dir_or_exit", "results_folder"]
 
 SWEEP = "sweep.csv"
 """The table every cell writes: each method x held-out skill, with ``task`` and ``seed``."""
+FLUENCY = "fluency.csv"
+"""A cell's :func:`~mechunlearn.fluency_table` (with ``Study.fluency_prompts``), with ``task``
+and ``seed``."""
 
 
 def results_folder(base: str | Path, model: str | None) -> Path:
@@ -177,6 +183,9 @@ class Study:
         model: the model name (None: the default model).
         folder_name: a cell's folder under its task (default ``seed<k>``).
         data_dir, batch_size, quiet, device: as for :class:`~mechunlearn.pipeline.RunConfig`.
+        fluency_prompts: ``(seed, data_dir) -> general prompts`` whose greedy continuations
+            every cell scores with each method (:func:`~mechunlearn.fluency_table`, the
+            cell's ``fluency.csv``); None for none.
     """
 
     tasks: Mapping[str, Task]
@@ -190,6 +199,7 @@ class Study:
     batch_size: int = 16
     quiet: bool = False
     device: str | None = None
+    fluency_prompts: Callable[[int, str | None], Sequence[str]] | None = None
 
     def cells(self, tasks: Sequence[str] | None = None) -> Iterator[tuple[str, int]]:
         """``(task, seed)`` of every cell, task by task (``tasks``: a subset, in its order).
@@ -266,10 +276,42 @@ class Study:
             table.insert(0, "task", task)
             table.insert(1, "seed", seed)
             folder.write(SWEEP, lambda p: write_text(p, table.to_csv(index=False)))
+            self._write_fluency(task, seed, model, fitted, folder)
             if finish is not None:
                 finish(folder, table)
         finally:
             folder.unlock()
+        return table
+
+    def fluency_cell(self, task: str, seed: int, model) -> pd.DataFrame | None:
+        """``fluency.csv`` of a finished cell from the methods it saved (nothing is fitted or
+        scored again): for cells run before ``fluency_prompts`` was set. None without
+        ``fluency_prompts``.
+
+        Raises:
+            PipelineError: the cell has not saved every method of the grid.
+        """
+        config = self.config(task, seed)
+        folder = RunFolder(self.folder(task, seed), config)
+        fitted = load_fitted(config, folder)
+        try:
+            folder.prepare()
+            return self._write_fluency(task, seed, model, fitted, folder)
+        finally:
+            folder.unlock()
+
+    def _write_fluency(
+        self, task: str, seed: int, model, fitted: Mapping[str, Any], folder: RunFolder
+    ) -> pd.DataFrame | None:
+        if self.fluency_prompts is None:
+            return None
+        prompts = list(self.fluency_prompts(seed, self.data_dir))
+        with folder.timer("fluency"):
+            table = fluency_table(model, prompts, fitted, batch_size=self.batch_size)
+        table = table.rename_axis("method").reset_index()
+        table.insert(0, "task", task)
+        table.insert(1, "seed", seed)
+        folder.write(FLUENCY, lambda p: write_text(p, table.to_csv(index=False)))
         return table
 
     def run(

@@ -10,7 +10,15 @@ import pytest
 
 import mechunlearn as mu
 from mechunlearn.pipeline import attack
-from mechunlearn.study import SWEEP, Study, StudyParser, Task, data_dir_or_exit, results_folder
+from mechunlearn.study import (
+    FLUENCY,
+    SWEEP,
+    Study,
+    StudyParser,
+    Task,
+    data_dir_or_exit,
+    results_folder,
+)
 
 GRID = {"NA 5%": {"method": "NA", "ratio": 0.05}, "SP": {"method": "SP", "ratio": 0.05}}
 
@@ -62,6 +70,30 @@ def test_cells_run_resume_and_score_the_extra_skills(tiny_llama, skills, tmp_pat
     now = {p.name: p.stat().st_mtime_ns for p in (sweep.parent / "interventions").iterdir()}
     assert now == fitted
     pd.testing.assert_frame_equal(again, first)
+
+
+def test_cells_score_fluency_and_add_it_to_finished_cells(tiny_llama, skills, tmp_path):
+    def study(fluency_prompts=None):
+        return Study(
+            tasks={"arith": Task(skills["arith"], (skills["code"],), general=None)},
+            methods=GRID, seeds=(0,), n=4, out=tmp_path / "study", quiet=True,
+            fluency_prompts=fluency_prompts,
+        )  # fmt: skip
+
+    prompts = lambda seed, data_dir: ["The cat", "A dog"]  # noqa: E731
+    study().run_cell("arith", 0, tiny_llama)  # a cell run without fluency
+    written = study().folder("arith", 0) / FLUENCY
+    assert not written.exists() and study().fluency_cell("arith", 0, tiny_llama) is None
+    added = study(prompts).fluency_cell("arith", 0, tiny_llama)  # from the saved methods
+    saved = pd.read_csv(written)
+    assert list(saved["method"]) == ["base", "NA 5%", "SP"] == list(added["method"])
+    assert set(saved["task"]) == {"arith"} and set(saved["seed"]) == {0}
+    assert saved.loc[0, "perplexity_ratio"] == 1.0
+    expected = mu.fluency_table(tiny_llama, ["The cat", "A dog"], {}, batch_size=16)
+    assert saved.loc[0, "perplexity"] == pytest.approx(expected.loc["base", "perplexity"])
+    written.unlink()
+    study(prompts).run_cell("arith", 0, tiny_llama)  # a run with fluency writes it too
+    pd.testing.assert_frame_equal(pd.read_csv(written), saved)
 
 
 def test_attacks_reuse_a_cell_of_labelled_variants(tiny_llama, skills, tmp_path):

@@ -70,3 +70,20 @@ def test_merge_rejects_disagreeing_base_scores():
 def test_merge_rejects_a_method_scored_twice():
     with pytest.raises(SystemExit, match="scored in two run folders"):
         merge_sweeps([sweep(0, ["NA ratio=0.03"]), sweep(0, ["NA ratio=0.03"])])
+
+
+def test_summary_adds_the_fluency_columns_where_cells_have_them():
+    merged = merge_sweeps([sweep(0, ["NA ratio=0.03", "LUNAR auto"]), sweep(1, ["NA ratio=0.03"])])
+    fluency = pd.DataFrame(
+        [dict(task="gsm8k-vs-mbpp", seed=s, method=m, perplexity_ratio=r, repeated_ngrams_diff=d)
+         for s, m, r, d in [(0, "base", 1.0, 0.0), (0, "NA ratio=0.03", 1.2, 0.1),
+                            (1, "NA ratio=0.03", 1.4, 0.3)]]
+    )  # fmt: skip
+    lines = summary_markdown(merged, fluency).splitlines()
+    header = next(line for line in lines if line.startswith("| method"))
+    assert header.endswith("| fluency: perplexity ratio | repeated 3-grams (change) |")
+    na = next(line for line in lines if line.startswith("| NA ratio=0.03"))
+    assert na.endswith("| 1.30 ± 0.14 | 0.20 ± 0.14 |")  # mean ± sd over seeds 0 and 1
+    lunar = next(line for line in lines if line.startswith("| LUNAR auto"))
+    assert lunar.endswith("| — | — |")  # no cell scored its fluency
+    assert "fluency" not in summary_markdown(merged)
