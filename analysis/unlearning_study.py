@@ -39,6 +39,12 @@ ones, on seed 0):
         --tasks xquad-de --seeds 0 1 2 --n 16 --methods NA KSD Ellipsoid SP
     python analysis/unlearning_study.py --summarize-only
 
+SIMU's frontier over its learning rate (the study budget of ten updates; its own folder):
+
+    MECHUNLEARN_DATA=../shared/data python analysis/unlearning_study.py \
+        --tasks gsm8k-vs-mbpp --seeds 0 --n 32 --methods SIMU --simu-lrs 0.2 1 \
+        --out results/unlearning-simu-lr
+
 ``--model NAME`` runs another model; its results go to ``results/unlearning-<model>/`` unless
 ``--out`` is given.
 
@@ -79,6 +85,8 @@ SP_RATIOS = (0.015, 0.05)
 #: per update on 2 cores; the longest prompt has 317 tokens).
 SIMU_PARAMS = dict(steps=2, max_steps=10, batch_size=8, max_length=512)
 SIMU_LAST_LAYERS = 6
+#: SIMU's registered learning rate: each entry moves at most ``lr * p`` (p = 0.01) per step.
+SIMU_LR = 0.02
 #: The methods trained by gradient steps on the probe texts (SIMU and the field's baselines):
 #: on the prompts shorter than ``SIMU_PARAMS["max_length"]`` tokens, cut there
 #: (:func:`simu_skills`).
@@ -185,7 +193,14 @@ def grid(args, n_layers: int) -> dict[str, dict[str, Any]]:
         },
         "SP": {f"SP ratio={r}": {"ratio": r} for r in SP_RATIOS},
         "LUNAR": {"LUNAR auto": {"layer": "auto"}},  # every third layer, every kept skill
-        "SIMU": {"SIMU": simu_params(n_layers)},
+        "SIMU": {  # the registered lr as before (label "SIMU"), others labelled
+            **({"SIMU": simu_params(n_layers)} if SIMU_LR in args.simu_lrs else {}),
+            **{
+                f"SIMU lr={lr:g}": {**simu_params(n_layers), "lr": lr}
+                for lr in args.simu_lrs
+                if lr != SIMU_LR
+            },
+        },
         # The baselines at their registered defaults (docs/methods.md), texts cut as SIMU's.
         **{b: {b: dict(BASELINE_PARAMS)} for b in TRAINED[1:]},
     }
@@ -385,6 +400,10 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--na-ratios", type=float, nargs="+", default=list(NA_RATIOS))
+    parser.add_argument(
+        "--simu-lrs", type=float, nargs="+", default=[SIMU_LR],
+        help="SIMU's learning rates (its frontier; use another --out than the main study's)",
+    )  # fmt: skip
     parser.add_argument("--xquad-keep", nargs="+", default=None, help="languages kept (XQuAD task)")
     parser.add_argument("--summarize-only", action="store_true")
     parser.add_argument(
