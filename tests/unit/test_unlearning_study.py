@@ -87,3 +87,14 @@ def test_summary_adds_the_fluency_columns_where_cells_have_them():
     lunar = next(line for line in lines if line.startswith("| LUNAR auto"))
     assert lunar.endswith("| — | — |")  # no cell scored its fluency
     assert "fluency" not in summary_markdown(merged)
+
+
+def test_simu_frontier_labels_its_learning_rates_and_keeps_the_registered_one_as_before():
+    from argparse import Namespace
+
+    from unlearning_study import SIMU_LR, grid, simu_params
+
+    args = Namespace(methods=["SIMU"], na_ratios=[0.01], simu_lrs=[SIMU_LR, 0.2])
+    cells = grid(args, 30)
+    assert cells["SIMU"] == {"method": "SIMU", **simu_params(30)}  # the folders' config as before
+    assert cells["SIMU lr=0.2"] == {"method": "SIMU", **simu_params(30), "lr": 0.2}
