@@ -13,10 +13,12 @@ Forget GSM8K, retain MBPP (``--n`` examples each, real text), every fit starting
 
 Each fit runs in a fresh subprocess (Linux): its wall time, and its peak memory above the RSS after
 the model is loaded (VmHWM reset there). The ratios to NA's fit, all measured in one run, go to
-``benchmarks/results/fit.json``.
+``benchmarks/results/fit.json`` (``--output``: another file, for a subset of ``--methods``).
 
 Usage:
     MECHUNLEARN_DATA=../shared/data python benchmarks/bench_fit.py [--n 16] [--steps 10]
+    MECHUNLEARN_DATA=../shared/data python benchmarks/bench_fit.py \
+        --methods na ga graddiff npo rmu --output fit_baselines.json
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="baselines' training steps")
     parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--output", default="fit.json", help="file under benchmarks/results/ (a subset: another)"
+    )
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.data_dir:
@@ -99,7 +104,7 @@ def main() -> None:
             for m, v in measured.items()
             if m != "na"
         }
-    write_json(RESULTS / "fit.json", result)
+    write_json(RESULTS / args.output, result)
     print(json.dumps(result, indent=2))
 
 
