@@ -26,7 +26,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +288,66 @@ def check_shape(path: Any, name: str, tensor: Tensor, shape: tuple[int, ...]) ->
             f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}: "
             "the file is damaged."
         )
+
+
+class JsonStore(MutableMapping[str, Any]):
+    """A dict of JSON values kept in a JSON file: read when made, written (atomically) after
+    every change, so that a long computation that stores each finished part resumes after a
+    kill. A damaged file is named in a warning and the store starts empty.
+
+    Args:
+        path: the file.
+        write: ``write(path, writer)`` writes the file by calling ``writer(path)`` (e.g. a run
+            folder's ``write``, which records it); default: ``writer(path)``.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "parts.json"
+        >>> store = JsonStore(path)
+        >>> store["base"] = {"score": 0.5}
+        >>> JsonStore(path)["base"], len(JsonStore(path))       # read back by a new store
+        ({'score': 0.5}, 1)
+    """
+
+    def __init__(
+        self, path: str | Path, write: Callable[[Path, Callable[[Path], Any]], Any] | None = None
+    ):
+        self.path = Path(path)
+        self._write = write or (lambda target, writer: writer(target))
+        self._data: dict[str, Any] = {}
+        if self.path.exists():
+            try:
+                data = read_json(self.path, "store")
+            except DamagedFileError as err:
+                warnings.warn(f"{err} Starting it again.", stacklevel=2)
+            else:
+                if isinstance(data, dict):
+                    self._data = data
+                else:
+                    warnings.warn(f"{self.path} holds no JSON object: starting it again.",
+                                  stacklevel=2)  # fmt: skip
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._data[key] = value
+        self._flush()
+
+    def __delitem__(self, key: str) -> None:
+        del self._data[key]
+        self._flush()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """As ``dict.update``, with one write."""
+        self._data.update(other, **kwargs)
+        self._flush()
+
+    def _flush(self) -> None:
+        self._write(self.path, lambda target: write_json(target, self._data))

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -231,13 +231,16 @@ def relearning(
     level: float = 0.95,
     offload: bool = True,
     quiet: bool = False,
+    store: MutableMapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Fine-tune with each method in place and measure what comes back (module docstring).
 
     One fine-tuning run per training set for the bare model (which also scores every detector:
     a detector's model is fine-tuned bare) and one per output-changing method, each scored after
     every ``k`` of ``steps``. The model's weights are restored bit for bit after each run
-    (:func:`weights_restored`), also after an exception.
+    (:func:`weights_restored`), also after an exception. With a ``store``, the scores of every
+    finished run are kept there and a later call with the same settings skips that run (resume
+    after a kill; e.g. a :class:`~mechunlearn.io.JsonStore`).
 
     Args:
         model: the model.
@@ -252,6 +255,8 @@ def relearning(
         n_boot, level: the recovery interval's bootstrap.
         offload: keep the weight snapshot on the CPU.
         quiet: hide the progress bars.
+        store: a mapping that keeps finished runs' scores (JSON values; other settings or
+            skills than the stored ones clear it); None for none.
 
     Returns:
         One row per training set, method, step count and scored skill: ``train_on,
@@ -283,31 +288,43 @@ def relearning(
     changing = {m: iv for m, iv in interventions.items() if m not in detectors}
     bs = max(batch_size, 16)
 
+    store = _Scores(store, runs, scored, steps, lr, batch_size, seed)
+
     def score(iv) -> dict[str, ExampleScores]:
         return {n: teacher_forced(model, s, iv, bs) for n, s in scored.items()}
 
-    base = score(None)
-    unlearned = {m: score(iv) for m, iv in interventions.items()}
+    base = store.get_or_make(("base",), lambda: score(None))
+    unlearned = {
+        m: store.get_or_make(("unlearned", m), lambda iv=iv: score(iv))
+        for m, iv in interventions.items()
+    }
     attacked: dict[tuple[str, str, int], dict[str, ExampleScores]] = {}
     fit = {"lr": lr, "batch_size": batch_size, "seed": seed, "quiet": quiet}
     bar = tqdm(total=len(runs) * (1 + len(changing)), desc="relearning", disable=quiet)
     for what, skill in runs.items():
+        bare_run = [(what, m, k) for m in ("base", *detectors) for k in steps]
+        if not store.load(bare_run, attacked):
 
-        def record_base(step: int, what=what) -> None:
-            bare = score(None)
-            attacked[(what, "base", step)] = bare
-            for m, det in detectors.items():
-                attacked[(what, m, step)] = {
-                    n: dataclasses.replace(
-                        s, abstained=abstentions(model, det, scored[n].prompts, bs)
-                    )
-                    for n, s in bare.items()
-                }
+            def record_base(step: int, what=what) -> None:
+                bare = score(None)
+                attacked[(what, "base", step)] = bare
+                for m, det in detectors.items():
+                    attacked[(what, m, step)] = {
+                        n: dataclasses.replace(
+                            s, abstained=abstentions(model, det, scored[n].prompts, bs)
+                        )
+                        for n, s in bare.items()
+                    }
 
-        with weights_restored(model, offload):
-            finetune(model, skill, steps[-1], callback=_at(steps, record_base), **fit)
+            with weights_restored(model, offload):
+                finetune(model, skill, steps[-1], callback=_at(steps, record_base), **fit)
+            store.save(bare_run, attacked)
         bar.update()
         for m, iv in changing.items():
+            run = [(what, m, k) for k in steps]
+            if store.load(run, attacked):
+                bar.update()
+                continue
             scorer = None if isinstance(iv, WeightIntervention) else iv
 
             def record(step: int, what=what, m=m, scorer=scorer) -> None:
@@ -315,6 +332,7 @@ def relearning(
 
             with weights_restored(model, offload), applied(model, iv) as hooks:
                 finetune(model, skill, steps[-1], hooks, callback=_at(steps, record), **fit)
+            store.save(run, attacked)
             bar.update()
     bar.close()
     rows = []
@@ -339,6 +357,62 @@ def relearning(
                         }
                     )  # fmt: skip
     return pd.DataFrame(rows)
+
+
+class _Scores:
+    """:func:`relearning`'s finished runs in a user's store (or nowhere): scores as JSON under
+    ``"/"``-joined keys, beside the settings they were made with (others clear the store)."""
+
+    FIELDS = ("correct", "total", "nll", "abstained")
+
+    def __init__(self, store, runs, scored, steps, lr, batch_size, seed):
+        self.store = {} if store is None else store
+        settings = {
+            "runs": {what: [skill.name, len(skill)] for what, skill in runs.items()},
+            "scored": {name: len(skill) for name, skill in scored.items()},
+            "steps": list(steps), "lr": lr, "batch_size": batch_size, "seed": seed,
+        }  # fmt: skip
+        if self.store.get("settings") != settings:
+            self.store.clear()
+            self.store["settings"] = settings
+
+    @staticmethod
+    def _key(parts) -> str:
+        return "/".join(map(str, parts))
+
+    def get_or_make(self, parts, make: Callable[[], dict[str, ExampleScores]]):
+        key = self._key(parts)
+        if key in self.store:
+            return self._decode(self.store[key])
+        scores = make()
+        self.store[key] = self._encode(scores)
+        return scores
+
+    def load(self, keys, into: dict) -> bool:
+        """Whether every ``(train_on, method, step)`` of a run is stored; if so, its scores go
+        to ``into``."""
+        if not all(self._key(("attacked", *k)) in self.store for k in keys):
+            return False
+        into.update({k: self._decode(self.store[self._key(("attacked", *k))]) for k in keys})
+        return True
+
+    def save(self, keys, scores: dict) -> None:
+        """Store a finished run's scores (one write)."""
+        self.store.update({self._key(("attacked", *k)): self._encode(scores[k]) for k in keys})
+
+    @classmethod
+    def _encode(cls, scores: dict[str, ExampleScores]) -> dict[str, dict[str, list]]:
+        return {n: {f: getattr(s, f).tolist() for f in cls.FIELDS} for n, s in scores.items()}
+
+    @classmethod
+    def _decode(cls, data) -> dict[str, ExampleScores]:
+        return {
+            n: ExampleScores(
+                *(np.asarray(d[f], dtype=float) for f in cls.FIELDS[:3]),
+                np.asarray(d["abstained"], dtype=bool),
+            )
+            for n, d in data.items()
+        }
 
 
 def _at(steps: Sequence[int], fn: Callable[[int], Any]) -> Callable[[int], None]:

@@ -46,7 +46,7 @@ import pandas as pd
 
 from .. import distributed
 from .._version import __version__
-from ..io import DamagedFileError, read_json, write_text
+from ..io import DamagedFileError, JsonStore, read_json, write_text
 from ..report import write_report
 from ..validation import check_choice
 from .config import DEFAULT_METHODS, DTYPES, PipelineError, RunConfig
@@ -189,6 +189,12 @@ def run(
         folder.unlock()
 
 
+def _relearning_store(folder: RunFolder) -> JsonStore:
+    """The relearning attack's finished runs, kept in the run folder: a killed attack resumes."""
+    rel = "tables/attacks_relearning.parts.json"
+    return JsonStore(folder.path(rel), lambda _path, writer: folder.write(rel, writer))
+
+
 def _write_index(config: RunConfig, folder: RunFolder, result: RunResult) -> Path | None:
     """Write the report's ``index.html`` (main process only) with this run's figures, else
     those an earlier run saved (``tables/figures.json``); returns its path."""
@@ -254,7 +260,9 @@ def attack(
 
     Reads ``config.json`` and the fitted methods the run saved (``interventions/*.safetensors``;
     nothing is fitted again), loads the same skills (probe and held-out halves, by the run's
-    seed) and writes ``tables/attacks_<family>.csv`` per family: the held-out halves are scored;
+    seed) and writes ``tables/attacks_<family>.csv`` per family (the relearning attack keeps each
+    finished fine-tuning run in ``tables/attacks_relearning.parts.json``, so a killed attack
+    resumes with the same settings): the held-out halves are scored;
     the probe halves are the few-shot examples, the relearning attack's training set (the
     control fine-tunes on the general skill's probe half, else the first kept skill's) and the
     linear probes' training set.
@@ -291,8 +299,9 @@ def attack(
         if model is None:
             model = load_model_for(config, folder)
         for name in attacks:
+            store = _relearning_store(folder) if name == "relearning" else None
             with folder.timer(f"attack {name}"):
-                table = attack_table(name, config, model, fitted, skills, steps)
+                table = attack_table(name, config, model, fitted, skills, steps, store)
             rel = f"tables/attacks_{name}.csv"
             folder.write(rel, lambda p, t=table: write_text(p, t.to_csv(index=False)))
             written[name] = folder.path(rel)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -520,6 +520,7 @@ def attack_table(
     fitted: Mapping[str, Any],
     skills: Skills,
     steps: Sequence[int] | None = None,
+    store: MutableMapping[str, Any] | None = None,
 ):
     """One attack family of :data:`ATTACKS` on the fitted methods: its table.
 
@@ -531,6 +532,7 @@ def attack_table(
         family: one of :data:`ATTACKS`.
         config, model, fitted, skills: the run's.
         steps: the relearning attack's step counts (default :data:`mechunlearn.attacks.STEPS`).
+        store: where the relearning attack keeps its finished runs (resume after a kill).
 
     Returns:
         The family's DataFrame (:mod:`mechunlearn.attacks`).
@@ -552,7 +554,7 @@ def attack_table(
     if family == "relearning":
         return atk.relearning(
             model, fitted, forget_probe, held, roles, control=control,
-            steps=steps or atk.STEPS, **common, **boot,
+            steps=steps or atk.STEPS, store=store, **common, **boot,
         )  # fmt: skip
     if family == "quantization":
         return atk.requantization(

@@ -191,6 +191,52 @@ def test_hooks_are_active_during_fine_tuning(model, fitted):
     assert not torch.equal(after[rest], before[rest])
 
 
+def test_relearning_resumes_from_its_store_and_redoes_only_missing_runs(
+    model, fitted, tmp_path, monkeypatch
+):
+    import importlib
+
+    from mechunlearn.io import JsonStore
+
+    relearning_module = importlib.import_module("mechunlearn.attacks.relearning")  # the module
+
+    methods = {"SP": fitted["SP"], "KSD": fitted["KSD"]}
+    kwargs = dict(roles={"add": "forget"}, control=R_FIT, steps=[1, 2], lr=1e-2, quiet=True,
+                  n_boot=50)  # fmt: skip
+    path = tmp_path / "parts.json"
+    first = relearning(model, methods, F_FIT, [F_TEST], store=JsonStore(path), **kwargs)
+    store = JsonStore(path)  # read back from the file, as after a kill
+    runs = {key.rsplit("/", 1)[0] for key in store if key.startswith("attacked/")}
+    assert runs == {
+        f"attacked/{w}/{m}" for w in ("forget", "control") for m in ("base", "KSD", "SP")
+    }
+    del store["attacked/control/SP/2"]  # a run that did not finish
+    tuned = []
+    real = relearning_module.finetune
+    monkeypatch.setattr(relearning_module, "finetune",
+                        lambda *a, **k: tuned.append(a[1].name) or real(*a, **k))  # fmt: skip
+    again = relearning(model, methods, F_FIT, [F_TEST], store=store, **kwargs)
+    assert tuned == [R_FIT.name]  # only the control run of SP is fine-tuned again
+    pd.testing.assert_frame_equal(again, first)
+    # Other settings clear the store rather than mix runs.
+    relearning(model, {"KSD": fitted["KSD"]}, F_FIT, [F_TEST], store=store, steps=[1],
+               lr=1e-2, quiet=True, n_boot=50)  # fmt: skip
+    assert store["settings"]["steps"] == [1] and "attacked/control/SP/1" not in store
+
+
+def test_json_store_keeps_its_values_and_survives_a_damaged_file(tmp_path):
+    from mechunlearn.io import JsonStore
+
+    path = tmp_path / "store.json"
+    store = JsonStore(path)
+    store.update({"a": [1.5, float("nan")], "b": {"c": True}})
+    back = JsonStore(path)
+    assert back["b"] == {"c": True} and back["a"][0] == 1.5 and np.isnan(back["a"][1])
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="damaged"):
+        assert len(JsonStore(path)) == 0
+
+
 def test_training_on_scored_examples_is_refused(model, fitted):
     with pytest.raises(ValueError, match="share"):
         relearning(model, fitted, F_TEST, [F_TEST], steps=[1], quiet=True)
@@ -335,6 +381,8 @@ def test_the_attack_command_reuses_a_finished_run(tmp_path, setup, capsys):
         table = pd.read_csv(out / "tables" / f"attacks_{family}.csv")
         assert len(table) > 0
         assert f"tables/attacks_{family}.csv" in (out / MARKER).read_text()
+    # the relearning attack's finished runs, kept so that a killed attack resumes
+    assert "tables/attacks_relearning.parts.json" in (out / MARKER).read_text()
     assert main(["attack", "--out", str(tmp_path / "nothing")]) == 2
     assert "holds no config.json" in capsys.readouterr().err
 
