@@ -415,7 +415,10 @@ def main() -> None:
         print(f"unlearning study: {summarize(Path(args.out))} and summary.md")
         return
     data_dir_or_exit(args)
-    reuse_freed_buffers()  # large activation buffers reused, not page-faulted in
+    if not set(args.methods) & set(TRAINED):
+        # large activation buffers reused, not page-faulted in; not with a trained method, whose
+        # peak (up to ~20 GB for GradDiff) would then stay with the process while it scores
+        reuse_freed_buffers()
     model = load_model_for(RunConfig(model=args.model, device=args.device, quiet=args.quiet))
     declared = study(args, n_layers(model))
     for name, seed in declared.cells(args.tasks):
