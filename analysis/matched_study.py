@@ -55,7 +55,7 @@ from mechunlearn.pipeline import (
     load_skills,
     probe,
 )
-from mechunlearn.study import FLUENCY, StudyParser, data_dir_or_exit
+from mechunlearn.study import StudyParser, data_dir_or_exit
 
 from unlearning_study import TASKS, family, fluency_prompts
 
@@ -70,6 +70,8 @@ KNOBS: dict[str, tuple[dict[str, list[Any]], dict[str, Any]]] = {
     "Ellipsoid": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1, "calibration": "rank"}),
 }
 MATCHED = "matched.csv"
+#: The cell's fluency table (:func:`mechunlearn.fluency_table`, methods as the index).
+FLUENCY = "fluency.csv"
 TUNING = "tuning.csv"
 
 

@@ -326,7 +326,9 @@ def summary_markdown(summary: pd.DataFrame, fluency: pd.DataFrame | None = None)
                 cells.append(_cell(values, lo, hi) + (short if len(values) < len(seeds) else ""))
             for column, _ in extra:
                 values = fluent.loc[fluent["method"] == m, column]
-                cells.append(_cell(values, float("nan"), float("nan")) if len(values) else "—")
+                short = f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
+                cell = _cell(values, float("nan"), float("nan")) if len(values) else "—"
+                cells.append(cell + (short if 0 < len(values) < len(seeds) else ""))
             parts.append(f"| {m} | " + " | ".join(cells) + " |")
         base = table[(table["method"] == "base") & (table["seed"] == seeds[0])]
         scores = ", ".join(
@@ -367,6 +369,25 @@ def merge_sweeps(tables: list[pd.DataFrame]) -> pd.DataFrame:
     return merged.reset_index(drop=True)
 
 
+def merge_fluency(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """One table from several run folders' ``fluency.csv``: the base rows once per task and seed
+    (every folder scores the bare model on the same prompts).
+
+    Raises:
+        SystemExit: a method scored in two folders for one task and seed.
+    """
+    merged = pd.concat(tables, ignore_index=True)
+    key = ["task", "seed", "method"]
+    merged = merged[~((merged["method"] == "base") & merged.duplicated(key))]
+    twice = merged[merged.duplicated(key, keep=False)]
+    if len(twice):
+        raise SystemExit(
+            f"{sorted(set(map(tuple, twice[key].values.tolist())))} has fluency in two run "
+            "folders: remove one of them."
+        )
+    return merged.reset_index(drop=True)
+
+
 #: The fluency columns of the summary: ``(fluency.csv column, title)``.
 FLUENCY_COLUMNS = [
     ("perplexity_ratio", "fluency: perplexity ratio"),
@@ -381,10 +402,12 @@ def summarize(out: Path) -> Path:
     if not sweeps:
         raise SystemExit(f"no task results under {out} (no */seed*/sweep.csv)")
     summary = merge_sweeps([pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in sweeps])
-    fluent = [pd.read_csv(p) for p in sorted(out.glob(f"*/seed*/{FLUENCY}"))]
-    fluency = pd.concat(fluent, ignore_index=True) if fluent else None
-    if fluency is not None:  # each folder has its base row: keep one per task and seed
-        fluency = fluency.drop_duplicates(["task", "seed", "method"])
+    fluent = [
+        pd.read_csv(p, keep_default_na=False, na_values=[""])
+        for p in sorted(out.glob(f"*/seed*/{FLUENCY}"))
+    ]
+    fluency = merge_fluency(fluent) if fluent else None
+    if fluency is not None:
         write_text(out / "fluency.csv", fluency.to_csv(index=False))
     write_text(out / "summary.csv", summary.to_csv(index=False))
     write_text(out / "summary.md", summary_markdown(summary, fluency))

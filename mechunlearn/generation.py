@@ -225,8 +225,8 @@ def own_continuations(
 ) -> Skill:
     """The model's own greedy continuations of ``prompts`` as a :class:`~mechunlearn.data.Skill`
     (prompt, continuation): teacher-forced accuracy on it is the share of answer tokens an
-    edited model still predicts as the unedited one did. Prompts whose continuation is empty
-    (an end-of-sequence token first) are left out.
+    edited model still predicts as the unedited one did. Prompts whose continuation is empty or
+    only whitespace (e.g. an end-of-sequence token first) are left out.
 
     Args:
         model: the model, as it should be kept (no hooks attached).
@@ -236,7 +236,7 @@ def own_continuations(
         name: the skill's name.
 
     Raises:
-        ValueError: every continuation is empty.
+        ValueError: no prompts, or every continuation is empty.
 
     Example:
         >>> kept = own_continuations(model, ["The sun is", "copy a:"], max_new_tokens=4)
@@ -244,6 +244,8 @@ def own_continuations(
         (True, True)
     """
     prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: give the prompts to continue.")
     texts = greedy_generate(model, prompts, max_new_tokens, batch_size=batch_size)
     examples = [Example(p, t) for p, t in zip(prompts, texts, strict=True) if t.strip()]
     if not examples:

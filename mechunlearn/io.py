@@ -344,6 +344,11 @@ class JsonStore(MutableMapping[str, Any]):
     def __len__(self) -> int:
         return len(self._data)
 
+    def clear(self) -> None:
+        """Empty the store, with one write."""
+        self._data.clear()
+        self._flush()
+
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """As ``dict.update``, with one write."""
         self._data.update(other, **kwargs)

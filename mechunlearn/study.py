@@ -291,20 +291,32 @@ class Study:
         Raises:
             PipelineError: the cell has not saved every method of the grid.
         """
+        if self.fluency_prompts is None:
+            return None
         config = self.config(task, seed)
         folder = RunFolder(self.folder(task, seed), config)
         fitted = load_fitted(config, folder)
         try:
             folder.prepare()
-            return self._write_fluency(task, seed, model, fitted, folder)
+            return self._write_fluency(task, seed, model, fitted, folder, again=True)
         finally:
             folder.unlock()
 
     def _write_fluency(
-        self, task: str, seed: int, model, fitted: Mapping[str, Any], folder: RunFolder
+        self,
+        task: str,
+        seed: int,
+        model,
+        fitted: Mapping[str, Any],
+        folder: RunFolder,
+        again: bool = False,
     ) -> pd.DataFrame | None:
+        """Score and write the cell's fluency table (kept from an earlier run unless ``again``:
+        the folder's settings, hence its methods, are fixed)."""
         if self.fluency_prompts is None:
             return None
+        if folder.path(FLUENCY).exists() and not again:
+            return pd.read_csv(folder.path(FLUENCY))
         prompts = list(self.fluency_prompts(seed, self.data_dir))
         with folder.timer("fluency"):
             table = fluency_table(model, prompts, fitted, batch_size=self.batch_size)

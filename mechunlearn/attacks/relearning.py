@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
@@ -54,7 +55,7 @@ from ..interventions.base import Detector, WeightIntervention
 from ..interventions.registry import kind_of
 from ..interventions.training import epochs, frozen, mean_answer_loss, tokenize_answers
 from ..kernels.bootstrap import N_BOOT, _check_level, _percentiles, paired_arrays, resampled_sums
-from ..models import model_device
+from ..models import model_device, model_meta
 from ..scoring import ExampleScores
 from ..validation import check_int, check_positive, check_seed
 
@@ -288,14 +289,14 @@ def relearning(
     changing = {m: iv for m, iv in interventions.items() if m not in detectors}
     bs = max(batch_size, 16)
 
-    store = _Scores(store, runs, scored, steps, lr, batch_size, seed)
+    kept = _Scores(store, model, interventions, runs, scored, steps, lr, batch_size, seed)
 
     def score(iv) -> dict[str, ExampleScores]:
         return {n: teacher_forced(model, s, iv, bs) for n, s in scored.items()}
 
-    base = store.get_or_make(("base",), lambda: score(None))
+    base = kept.get_or_make(("base",), lambda: score(None))
     unlearned = {
-        m: store.get_or_make(("unlearned", m), lambda iv=iv: score(iv))
+        m: kept.get_or_make(("unlearned", m), lambda iv=iv: score(iv))
         for m, iv in interventions.items()
     }
     attacked: dict[tuple[str, str, int], dict[str, ExampleScores]] = {}
@@ -303,7 +304,7 @@ def relearning(
     bar = tqdm(total=len(runs) * (1 + len(changing)), desc="relearning", disable=quiet)
     for what, skill in runs.items():
         bare_run = [(what, m, k) for m in ("base", *detectors) for k in steps]
-        if not store.load(bare_run, attacked):
+        if not kept.load(bare_run, attacked):
 
             def record_base(step: int, what=what) -> None:
                 bare = score(None)
@@ -318,11 +319,11 @@ def relearning(
 
             with weights_restored(model, offload):
                 finetune(model, skill, steps[-1], callback=_at(steps, record_base), **fit)
-            store.save(bare_run, attacked)
+            kept.save(bare_run, attacked)
         bar.update()
         for m, iv in changing.items():
             run = [(what, m, k) for k in steps]
-            if store.load(run, attacked):
+            if kept.load(run, attacked):
                 bar.update()
                 continue
             scorer = None if isinstance(iv, WeightIntervention) else iv
@@ -332,7 +333,7 @@ def relearning(
 
             with weights_restored(model, offload), applied(model, iv) as hooks:
                 finetune(model, skill, steps[-1], hooks, callback=_at(steps, record), **fit)
-            store.save(run, attacked)
+            kept.save(run, attacked)
             bar.update()
     bar.close()
     rows = []
@@ -361,16 +362,22 @@ def relearning(
 
 class _Scores:
     """:func:`relearning`'s finished runs in a user's store (or nowhere): scores as JSON under
-    ``"/"``-joined keys, beside the settings they were made with (others clear the store)."""
+    ``"/"``-joined keys, beside the settings they were made with (others clear the store): the
+    model's name and shape, each method's class and parameters, the texts of every training and
+    scored skill (a digest), the step counts and the fine-tuning's settings. A method refitted
+    with the same parameters on other data is not told apart: give a new store."""
 
     FIELDS = ("correct", "total", "nll", "abstained")
 
-    def __init__(self, store, runs, scored, steps, lr, batch_size, seed):
+    def __init__(self, store, model, methods, runs, scored, steps, lr, batch_size, seed):
         self.store = {} if store is None else store
         settings = {
-            "runs": {what: [skill.name, len(skill)] for what, skill in runs.items()},
-            "scored": {name: len(skill) for name, skill in scored.items()},
-            "steps": list(steps), "lr": lr, "batch_size": batch_size, "seed": seed,
+            "model": {k: str(v) for k, v in model_meta(model).items()},
+            "methods": {m: f"{type(iv).__name__}{_params(iv)!r}" for m, iv in methods.items()},
+            "runs": {what: _digest(skill) for what, skill in runs.items()},
+            "scored": {name: _digest(skill) for name, skill in scored.items()},
+            "steps": [int(k) for k in steps], "lr": float(lr), "batch_size": int(batch_size),
+            "seed": int(seed),
         }  # fmt: skip
         if self.store.get("settings") != settings:
             self.store.clear()
@@ -413,6 +420,20 @@ class _Scores:
             )
             for n, d in data.items()
         }
+
+
+def _digest(skill: Skill) -> str:
+    """A skill's name and the SHA-256 of its prompts and answers."""
+    h = hashlib.sha256()
+    for ex in skill:
+        h.update(ex.prompt.encode() + b"\0" + ex.answer.encode() + b"\0")
+    return f"{skill.name}:{len(skill)}:{h.hexdigest()[:16]}"
+
+
+def _params(iv) -> dict[str, Any]:
+    """A method's constructor parameters (``get_params``), or none for other objects."""
+    get = getattr(iv, "get_params", None)
+    return get() if callable(get) else {}
 
 
 def _at(steps: Sequence[int], fn: Callable[[int], Any]) -> Callable[[int], None]:

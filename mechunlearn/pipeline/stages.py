@@ -377,7 +377,9 @@ def fit_estimator(
     settings fix its region (``takes_negatives`` False); ``"model"`` methods on the
     model and the probe halves (every retain skill and the general skill where the method takes
     several kept skills, else the first retain skill), with ``batch_size`` where ``fit`` takes
-    one. The fit of a study that tunes a setting (:func:`mechunlearn.tune`'s ``fit``).
+    one, and ``general=None`` where it takes a default general text of its own (LUNAR's: the run
+    gives its general skill among the kept ones, or has none). The fit of a study that tunes a
+    setting (:func:`mechunlearn.tune`'s ``fit``).
 
     Returns:
         The fitted estimator.
@@ -399,8 +401,8 @@ def fit_estimator(
     kwargs: dict[str, Any] = {}
     if spec.multi_retain and skills.general is not None:
         kept.append(skills.general[0])  # general text as one more floor
-        if "general" in takes:  # instead of the method's own default general text
-            kwargs["general"] = None
+    if "general" in takes:  # the run's general skill (above, or none), not the method's default
+        kwargs["general"] = None
     if "batch_size" in takes:
         kwargs["batch_size"] = batch_size
     return estimator.fit(model, skills.forget[0], kept if spec.multi_retain else kept[0], **kwargs)

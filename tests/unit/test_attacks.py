@@ -215,10 +215,13 @@ def test_relearning_resumes_from_its_store_and_redoes_only_missing_runs(
     real = relearning_module.finetune
     monkeypatch.setattr(relearning_module, "finetune",
                         lambda *a, **k: tuned.append(a[1].name) or real(*a, **k))  # fmt: skip
+    kwargs["steps"] = [np.int64(1), np.int64(2)]  # the same settings as numpy integers
     again = relearning(model, methods, F_FIT, [F_TEST], store=store, **kwargs)
     assert tuned == [R_FIT.name]  # only the control run of SP is fine-tuned again
     pd.testing.assert_frame_equal(again, first)
-    # Other settings clear the store rather than mix runs.
+    # Other scored texts (same name, same size) or settings clear the store rather than mix runs.
+    relearning(model, methods, F_FIT, [F[21:33]], store=store, **kwargs)
+    assert len(tuned) == 1 + 2 * 2  # every run again: bare and SP, on both training sets
     relearning(model, {"KSD": fitted["KSD"]}, F_FIT, [F_TEST], store=store, steps=[1],
                lr=1e-2, quiet=True, n_boot=50)  # fmt: skip
     assert store["settings"]["steps"] == [1] and "attacked/control/SP/1" not in store

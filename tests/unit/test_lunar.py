@@ -26,6 +26,7 @@ from mechunlearn.evaluation import teacher_forced
 from mechunlearn.generation import own_continuations
 from mechunlearn.interventions import get_method
 from mechunlearn.interventions.lunar import choose_layer
+from mechunlearn.interventions.lunar.layer import kept_share
 from mechunlearn.pipeline import Probes, Skills, fit_estimator
 from mechunlearn.sites import hook_name, mlp_output_hook
 from tests.tiny_models import make_tiny_llama
@@ -319,8 +320,14 @@ def test_choose_layer():
         )
     # With several kept skills the warning names the one the best layer keeps least of.
     worst = dict(layer=6, forget=0.2, retain=0.4, retain_base=0.8, worst_retain="mmlu")
-    with pytest.warns(UserWarning, match="worst kept skill, 'mmlu', \\(0.400 of 0.800\\)"):
+    with pytest.warns(UserWarning, match="0.400 of 0.800 on its worst kept skill, 'mmlu'"):
         assert choose_layer([worst]) == 6
+    # Layers are compared by the share of its base their worst kept skill keeps, not raw scores:
+    # layer 7 keeps 92 % of 0.65, layer 8 70 % of 1.0 (a higher raw score).
+    shares = [dict(layer=7, forget=0.5, retain=0.60, retain_base=0.65),
+              dict(layer=8, forget=0.5, retain=0.70, retain_base=1.0)]  # fmt: skip
+    with pytest.warns(UserWarning, match="layer 7 keeps the most"):
+        assert choose_layer(shares) == 7
     with pytest.raises(ValueError, match="empty"):
         choose_layer([])
 
@@ -361,17 +368,22 @@ def test_layer_auto_holds_general_text_at_its_floor(llama_like):
     own = own_continuations(model, calibration_skill(n=32, formats=["plain"]).prompts, 16)
     for row in shipped.layer_sweep_:
         assert row["retain_base[general-questions]"] == teacher_forced(model, own).score
+        shares = {name: kept_share(row[f"retain[{name}]"], row[f"retain_base[{name}]"])
+                  for name in ("general-questions", R.name)}  # fmt: skip
         worst = row["worst_retain"]  # the floor is on the kept skill it holds least of
-        assert worst in ("general-questions", R.name)
+        assert shares[worst] == min(shares.values())
         assert (row["retain"], row["retain_base"]) == (row[f"retain[{worst}]"],
                                                        row[f"retain_base[{worst}]"])  # fmt: skip
+    assert shipped.meta_["general"] == "general-questions"
     given = Skill.from_texts("prose", ["The cat sat", "A dog ran"], [" on a mat.", " home."])
     rows = Lunar(layer="auto", candidates=(0,)).fit(model, F, R, REF, general=given).layer_sweep_
     assert rows[0]["retain_base[prose]"] == teacher_forced(model, given).score
     assert "worst_retain" not in Lunar(layer="auto", candidates=(0,)).fit(
         model, F, R, REF, general=None).layer_sweep_[0]  # fmt: skip
     with pytest.raises(ValueError, match="general must be 'shipped'"):
-        Lunar(layer="auto").fit(model, F, R, REF, general="mmlu")
+        Lunar(layer=0).fit(model, F, R, REF, general="mmlu")  # checked for a fixed layer too
+    with pytest.raises(ValueError, match="both named"):
+        Lunar(layer="auto").fit(model, F, R, REF, general=R)
     with pytest.raises(ValueError, match="has no answers"):
         Lunar(layer="auto").fit(model, F, R, REF, general=Skill.from_texts("q", ["Why?"]))
 
@@ -383,6 +395,11 @@ def test_the_pipeline_gives_its_general_skill_instead_of_the_shipped_one(tiny_ll
     fit_estimator(lunar, get_method("LUNAR"), tiny_llama, skills, Probes(), batch_size=4)
     row = lunar.layer_sweep_[0]
     assert "retain[prose]" in row and "retain[general-questions]" not in row
+    # A run without a general skill has no general floor either (not the shipped questions).
+    alone = Lunar(layer="auto", candidates=(0,))
+    without = Skills(forget=(F, F), retain={R.name: (R, R)}, general=None)
+    fit_estimator(alone, get_method("LUNAR"), tiny_llama, without, Probes(), batch_size=4)
+    assert "worst_retain" not in alone.layer_sweep_[0] and alone.meta_["general"] is None
 
 
 def test_default_reference_is_the_shipped_set(llama_like):

@@ -217,6 +217,7 @@ class Lunar(HookIntervention):
             "pass prompts the model declines to answer, or reference=None for reference_prompts().",
         )
         check_int("batch_size", batch_size, min_val=1)
+        general = _check_general(general, retains)
         width = d_mlp(model)
         candidates = self._candidates(model)
         if self.layer == "auto":
@@ -262,6 +263,9 @@ class Lunar(HookIntervention):
             "n_forget": len(forget),
             "n_retain": sum(len(kept) for kept in retains),
             "n_reference": len(reference),
+            "general": None
+            if self.layer != "auto" or general is None
+            else (GENERAL_NAME if isinstance(general, str) else general.name),
         }
         self.direction_ = directions
         self.delta_w_out_ = deltas
@@ -465,26 +469,48 @@ GENERAL_QUESTIONS = 32
 GENERAL_TOKENS = 16
 
 
-def _general_floor(model, general: Any, batch_size: int) -> list[Skill]:
-    """``layer="auto"``'s general text (``fit``'s ``general``) as a list of zero or one skill."""
+#: The name of ``general="shipped"``'s skill in the sweep's columns and ``meta_``.
+GENERAL_NAME = "general-questions"
+
+
+def _check_general(general: Any, retains: list[Skill]) -> Any:
+    """``fit``'s ``general`` checked (for every ``layer``): None, ``"shipped"`` or a Skill with
+    answers whose name no retain skill has."""
     if general is None:
-        return []
+        return None
     if isinstance(general, str):
         if general != "shipped":
             raise ValueError(f"general must be 'shipped', a Skill or None, got {general!r}.")
-        questions = calibration_skill(n=GENERAL_QUESTIONS, formats=["plain"])
-        return [
-            own_continuations(
-                model, questions.prompts, GENERAL_TOKENS, batch_size, name="general-questions"
+        name = GENERAL_NAME
+    else:
+        general = _check_skill("general", general, "pass general text with answers, or None.")
+        if not any(general.answers):
+            raise ValueError(
+                f"The general skill {general.name!r} has no answers: layer='auto' scores it "
+                "teacher-forced; pass general='shipped' or a skill with answers."
             )
-        ]
-    skill = _check_skill("general", general, "pass general text with answers, or None.")
-    if not any(skill.answers):
+        name = general.name
+    if name in {kept.name for kept in retains}:
         raise ValueError(
-            f"The general skill {skill.name!r} has no answers: layer='auto' scores it "
-            "teacher-forced; pass general='shipped' or a skill with answers."
+            f"The general skill and a retain skill are both named {name!r}: the sweep's "
+            "columns would mix them; rename one (Skill(name, examples))."
         )
-    return [skill]
+    return general
+
+
+def _general_floor(model, general: Any, batch_size: int) -> list[Skill]:
+    """``layer="auto"``'s general text (a checked ``general``) as a list of zero or one skill."""
+    if general is None:
+        return []
+    if not isinstance(general, str):
+        return [general]
+    questions = calibration_skill(n=GENERAL_QUESTIONS, formats=["plain"])
+    try:
+        return [own_continuations(model, questions.prompts, GENERAL_TOKENS, batch_size,
+                                  name=GENERAL_NAME)]  # fmt: skip
+    except ValueError as err:
+        raise ValueError(f"{err} For LUNAR's general floor, pass general=None or a Skill with "
+                         "answers.") from None  # fmt: skip
 
 
 def _retain_list(retain: Any) -> list[Skill]:

@@ -47,9 +47,10 @@ def choose_layer(sweep: Sequence[dict[str, Any]], retain_floor: float = RETAIN_F
 
     Returns:
         Among the layers with ``retain >= retain_floor * retain_base``, the one with the lowest
-        forget accuracy (ties: higher retain accuracy, then the earlier layer). If no layer
-        qualifies, a warning, and the layer with the highest retain accuracy (ties: lower
-        forget accuracy, then the earlier layer).
+        forget accuracy (ties: the larger share ``retain / retain_base`` kept, then the earlier
+        layer). If no layer qualifies, a warning, and the layer that keeps the largest share
+        (ties: lower forget accuracy, then the earlier layer). Each row's ``retain`` is that
+        of its own worst kept skill, so layers are compared by shares, not raw scores.
 
     Example:
         >>> rows = [dict(layer=0, forget=0.1, retain=0.5, retain_base=0.9),
@@ -62,28 +63,35 @@ def choose_layer(sweep: Sequence[dict[str, Any]], retain_floor: float = RETAIN_F
     # The package's one choosing rule (rank_candidates, as mechunlearn.tuning.tune): the floor is
     # on retain - retain_floor * retain_base >= 0, which is retain >= retain_floor * retain_base
     # exactly (a float difference is zero only between equal floats, and keeps the sign).
+    # Ties and the fallback compare the share of its base a layer keeps (each row's retain is
+    # that of its own worst kept skill, so raw scores of different skills are not comparable).
     table = pd.DataFrame(
         {
             "layer": [row["layer"] for row in sweep],
             "forget": [row["forget"] for row in sweep],
-            "retain": [row["retain"] for row in sweep],
+            "kept": [kept_share(row["retain"], row["retain_base"]) for row in sweep],
             "margin": [row["retain"] - retain_floor * row["retain_base"] for row in sweep],
         }
     )
-    ranked = rank_candidates(table, {"margin": 0.0}, ["forget", ("retain", False), "layer"])
+    ranked = rank_candidates(table, {"margin": 0.0}, ["forget", ("kept", False), "layer"])
     if ranked["meets_floor"].any():
         return int(sweep[int(ranked["rank"].idxmin())]["layer"])
-    ranked = rank_candidates(table, {}, [("retain", False), "forget", "layer"])
+    ranked = rank_candidates(table, {}, [("kept", False), "forget", "layer"])
     best = sweep[int(ranked["rank"].idxmin())]
     worst = best.get("worst_retain")
-    kept = f"the worst kept skill, {worst!r}," if worst else "the kept skill"
+    skill = f"its worst kept skill, {worst!r}" if worst else "the kept skill"
     warnings.warn(
         f"No layer keeps {retain_floor:.0%} of every kept skill's accuracy with the edit; "
-        f"layer {best['layer']} keeps the most of {kept} ({best['retain']:.3f} of "
-        f"{best['retain_base']:.3f}). Consider a smaller coef.",
+        f"layer {best['layer']} keeps the most: {best['retain']:.3f} of "
+        f"{best['retain_base']:.3f} on {skill}. Consider a smaller coef.",
         stacklevel=3,
     )
     return int(best["layer"])
+
+
+def kept_share(after: float, before: float) -> float:
+    """The share of its base score a kept skill keeps (1 where the base is 0 and nothing fell)."""
+    return after / before if before > 0 else (1.0 if after >= before else 0.0)
 
 
 # ------------------------------------------------------------------------------ the sweep
@@ -122,9 +130,6 @@ def _sweep(
     def scored(skill: Skill, hooks: list[Hook]):
         return score_pass(model, skill, hooks, batch_size, quiet=True)[0]
 
-    def share(after: float, before: float) -> float:
-        return after / before if before > 0 else (1.0 if after >= before else 0.0)
-
     base_f = scored(probe_f, [])
     base_rs = [scored(probe_r, []) for probe_r in probe_rs]
     rows = []
@@ -132,7 +137,7 @@ def _sweep(
         hooks = _Edit(layer, delta.float()).hooks()
         sf = scored(probe_f, hooks)
         srs = [scored(probe_r, hooks) for probe_r in probe_rs]
-        worst = min(range(len(srs)), key=lambda i: (share(srs[i].score, base_rs[i].score), i))
+        worst = min(range(len(srs)), key=lambda i: (kept_share(srs[i].score, base_rs[i].score), i))
         row = {
             "layer": layer,
             "forget": sf.score,
