@@ -15,10 +15,11 @@ paired-bootstrap intervals of :func:`mechunlearn.evaluate`, the unlearning study
 
 Knobs (:data:`KNOBS`): NA's ratio, SP's ratio, the false-positive cap ``fpr`` of KSD and the
 ellipsoid on the last layer (the calibration questions among their negatives, as the pipeline
-fits them). LUNAR's layer is chosen by its own sweep under the same rule (:func:`mechunlearn.tune`'s
-``rank_candidates``, every kept skill at its floor: ``unlearning_study.py --methods LUNAR``); the
-trained methods (SIMU, GA, GradDiff, NPO, RMU) are not tuned here (each candidate is a training
-run: hours on 2 cores).
+fits them) — the default ``--methods``; and, on request (each candidate a fit of minutes), LUNAR's
+layer (every third layer, ``c = 2``, each candidate fitted at its fixed layer), SIMU's learning
+rate (the unlearning study's other settings), the number of steps of GA, GradDiff and NPO (their
+early stop kept) and RMU's learning rate. The trained methods fit on the fit quarter-sets cut to
+512 tokens, as in the unlearning study.
 
 Usage:
 
@@ -45,7 +46,9 @@ import pandas as pd
 
 import mechunlearn as mu
 from mechunlearn.cli import reuse_freed_buffers
+from mechunlearn.interventions.lunar import every_third_layer
 from mechunlearn.io import write_text
+from mechunlearn.models import n_layers
 from mechunlearn.pipeline import (
     RunConfig,
     RunFolder,
@@ -57,18 +60,51 @@ from mechunlearn.pipeline import (
 )
 from mechunlearn.study import StudyParser, data_dir_or_exit
 
-from unlearning_study import TASKS, family, fluency_prompts
+from unlearning_study import (
+    BASELINE_PARAMS,
+    SIMU_PARAMS,
+    TASKS,
+    family,
+    fluency_prompts,
+    simu_params,
+    trained_skills,
+)
 
 #: Each tuned method's knob and candidates (mild to strong, so that "none keeps the floor"
-#: falls back to the mildest), and the settings every candidate shares.
-KNOBS: dict[str, tuple[dict[str, list[Any]], dict[str, Any]]] = {
+#: falls back to the mildest), and the settings every candidate shares; a value may be a
+#: function of the model (:func:`knob_settings`).
+KNOBS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "NA": ({"ratio": [0.005, 0.01, 0.02, 0.03, 0.05, 0.1]}, {}),
     "SP": ({"ratio": [0.005, 0.01, 0.015, 0.02, 0.03, 0.05]}, {}),
     # the rank calibration (the default before issue 25), whose cap may be 0.001 with a few
     # hundred negatives (a conformal cap needs 1 / fpr - 1 of them)
     "KSD": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1, "calibration": "rank"}),
     "Ellipsoid": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1, "calibration": "rank"}),
+    # late layers first: LUNAR's edit there reaches the least text (the mildest candidate)
+    "LUNAR": ({"layer": lambda model: every_third_layer(model)[::-1]}, {}),
+    "SIMU": (
+        {"lr": [0.02, 0.05, 0.1, 0.2, 1.0]},
+        {k: v for k, v in SIMU_PARAMS.items()}
+        | {"layers": lambda model: simu_params(n_layers(model))["layers"]},
+    ),
+    **{b: ({"max_steps": [1, 2, 4, 8]}, dict(BASELINE_PARAMS)) for b in ("GA", "GradDiff", "NPO")},
+    "RMU": ({"lr": [5e-5, 5e-4, 5e-3]}, dict(BASELINE_PARAMS)),
 }
+#: The default ``--methods``: the ones whose candidates are cheap to fit.
+CHEAP = ("NA", "SP", "KSD", "Ellipsoid")
+
+
+def knob_settings(method: str, model) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """:data:`KNOBS`' entry of ``method`` for ``model``: its candidates and shared settings, the
+    functions of the model among them evaluated."""
+    candidates, shared = KNOBS[method]
+
+    def value(v):
+        return v(model) if callable(v) else v
+
+    return {k: value(v) for k, v in candidates.items()}, {k: value(v) for k, v in shared.items()}
+
+
 MATCHED = "matched.csv"
 #: The cell's fluency table (:func:`mechunlearn.fluency_table`, methods as the index).
 FLUENCY = "fluency.csv"
@@ -102,14 +138,16 @@ def tune_cell(
     score = mu.tuning.relative_scorer(
         model, tune_skills["forget"], keep, batch_size=config.batch_size
     )
+    trained = trained_skills(list(config.methods))(model, fit_skills)  # cut to 512 tokens
     searches, tables = {}, []
     for method in config.methods:
-        candidates, shared = KNOBS[method]
+        candidates, shared = knob_settings(method, model)
         spec = mu.interventions.get_method(method)
+        skills = trained.get(method, fit_skills)
         search = mu.tune(
             method, candidates,
-            lambda est, spec=spec: fit_estimator(
-                est, spec, model, fit_skills, probes, config.batch_size
+            lambda est, spec=spec, skills=skills: fit_estimator(
+                est, spec, model, skills, probes, config.batch_size
             ),
             score, floor={name: floor for name in keep}, seed=config.seed,
             **shared,
@@ -215,7 +253,7 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=0.9)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--methods", nargs="+", default=list(KNOBS), choices=list(KNOBS))
+    parser.add_argument("--methods", nargs="+", default=list(CHEAP), choices=list(KNOBS))
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)

@@ -110,9 +110,32 @@ def test_a_cell_chooses_by_the_floor_rule_scores_held_out_and_resumes(
     assert "| fluency: perplexity ratio | repeated 3-grams |" in summary
 
 
-def test_every_tuned_method_is_registered_and_its_knob_a_setting():
-    for method, (candidates, shared) in matched_study.KNOBS.items():
+def test_every_tuned_method_is_registered_and_its_knob_a_setting(tiny_llama):
+    for method in matched_study.KNOBS:
+        candidates, shared = matched_study.knob_settings(method, tiny_llama)
         settings = mu.interventions.get_method(method).settings()
         assert set(candidates) | set(shared) <= set(settings), method
         values = next(iter(candidates.values()))
-        assert values == sorted(values), f"{method}: candidates must go from mild to strong"
+        mild_first = sorted(values, reverse=method == "LUNAR")  # LUNAR: the last layers first
+        assert values == mild_first, f"{method}: candidates must go from mild to strong"
+    assert matched_study.knob_settings("SIMU", tiny_llama)[1]["layers"] == [0, 1, 2]
+
+
+def test_lunar_and_simu_are_tuned_on_the_fit_quarters(tiny_llama, tmp_path, monkeypatch, data_dir):
+    paths = task_files(tmp_path, tiny_llama)
+    task = Task(str(paths["arith"]), (str(paths["code"]),), general=None)
+    monkeypatch.setattr(matched_study, "TASKS", {"arith-vs-code": task})
+    monkeypatch.setitem(matched_study.KNOBS, "LUNAR", ({"layer": [2, 0]}, {}))
+    simu = {"layers": [1, 2], "steps": 1, "max_steps": 2, "batch_size": 4, "max_length": 64}
+    monkeypatch.setitem(matched_study.KNOBS, "SIMU", ({"lr": [0.02, 1.0]}, simu))
+    args = SimpleNamespace(n=8, out=str(tmp_path / "matched"), model=None, data_dir=str(data_dir),
+                           batch_size=4, quiet=True, device=None, methods=["LUNAR", "SIMU"],
+                           floor=0.5)  # fmt: skip
+    table = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
+    folder = tmp_path / "matched" / "arith-vs-code" / "seed0-floor0.5"
+    tuning = pd.read_csv(folder / "tuning.csv", keep_default_na=False)
+    assert tuning["knob"].tolist() == ["layer", "layer", "lr", "lr"]
+    assert tuning.groupby("method")["chosen"].sum().tolist() == [1, 1]
+    chosen = {r.method: float(r.value) for r in tuning[tuning["chosen"]].itertuples()}
+    labels = [m.split() for m in table["method"].unique() if m != "base"]  # "LUNAR layer=2"
+    assert {m: float(setting.split("=")[1]) for m, setting in labels} == chosen
