@@ -359,14 +359,7 @@ def merge_sweeps(tables: list[pd.DataFrame]) -> pd.DataFrame:
             f"run folders disagree on the base score of {list(spread[spread > 1e-6].index)}: "
             "they were made with other settings (n, data, model); rerun one of them."
         )
-    merged = merged[~((merged["method"] == "base") & merged.duplicated(key))]
-    twice = merged[merged.duplicated(key, keep=False)]
-    if len(twice):
-        raise SystemExit(
-            f"{sorted(set(map(tuple, twice[['task', 'seed', 'method']].values.tolist())))} "
-            "scored in two run folders: remove one of them."
-        )
-    return merged.reset_index(drop=True)
+    return _base_once(merged, key, "scored")
 
 
 def merge_fluency(tables: list[pd.DataFrame]) -> pd.DataFrame:
@@ -376,14 +369,17 @@ def merge_fluency(tables: list[pd.DataFrame]) -> pd.DataFrame:
     Raises:
         SystemExit: a method scored in two folders for one task and seed.
     """
-    merged = pd.concat(tables, ignore_index=True)
-    key = ["task", "seed", "method"]
+    return _base_once(pd.concat(tables, ignore_index=True), ["task", "seed", "method"], "fluency")
+
+
+def _base_once(merged: pd.DataFrame, key: list[str], what: str) -> pd.DataFrame:
+    """``merged`` with its repeated base rows dropped; a repeated method row is an error."""
     merged = merged[~((merged["method"] == "base") & merged.duplicated(key))]
     twice = merged[merged.duplicated(key, keep=False)]
     if len(twice):
         raise SystemExit(
-            f"{sorted(set(map(tuple, twice[key].values.tolist())))} has fluency in two run "
-            "folders: remove one of them."
+            f"{sorted(set(map(tuple, twice[['task', 'seed', 'method']].values.tolist())))} "
+            f"{what} in two run folders: remove one of them."
         )
     return merged.reset_index(drop=True)
 

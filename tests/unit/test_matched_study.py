@@ -42,6 +42,18 @@ def task_files(tmp_path: Path, model=None) -> dict[str, Path]:
     return paths
 
 
+def cell_args(model, tmp_path: Path, monkeypatch, data_dir, methods: list[str]):
+    """The study's arguments for one tiny cell ``arith-vs-code`` of ``methods`` (floor 0.5), and
+    its task (patched into the study's tasks)."""
+    paths = task_files(tmp_path, model)
+    task = Task(str(paths["arith"]), (str(paths["code"]),), general=None)
+    monkeypatch.setattr(matched_study, "TASKS", {"arith-vs-code": task})
+    args = SimpleNamespace(n=8, out=str(tmp_path / "matched"), model=None, data_dir=str(data_dir),
+                           batch_size=4, quiet=True, device=None, methods=methods,
+                           floor=0.5)  # fmt: skip
+    return args, task
+
+
 def test_split_probes_keeps_held_out_apart_and_splits_each_probe_half(tmp_path):
     paths = task_files(tmp_path)
     config = RunConfig(forget=str(paths["arith"]), retain=(str(paths["code"]),),
@@ -66,14 +78,9 @@ def test_split_probes_keeps_held_out_apart_and_splits_each_probe_half(tmp_path):
 def test_a_cell_chooses_by_the_floor_rule_scores_held_out_and_resumes(
     tiny_llama, tmp_path, monkeypatch, data_dir
 ):
-    paths = task_files(tmp_path, tiny_llama)
-    task = Task(str(paths["arith"]), (str(paths["code"]),), general=None)
-    monkeypatch.setattr(matched_study, "TASKS", {"arith-vs-code": task})
     monkeypatch.setitem(matched_study.KNOBS, "NA", ({"ratio": [0.1, 0.5, 1.0]}, {}))
     monkeypatch.setitem(matched_study.KNOBS, "SP", ({"ratio": [0.1, 0.5, 0.9]}, {}))
-    args = SimpleNamespace(n=8, out=str(tmp_path / "matched"), model=None, data_dir=str(data_dir),
-                           batch_size=4, quiet=True, device=None, methods=["NA", "SP"],
-                           floor=0.5)  # fmt: skip
+    args, task = cell_args(tiny_llama, tmp_path, monkeypatch, data_dir, ["NA", "SP"])
     table = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
     folder = tmp_path / "matched" / "arith-vs-code" / "seed0-floor0.5"
     tuning = pd.read_csv(folder / "tuning.csv", keep_default_na=False)
@@ -122,15 +129,10 @@ def test_every_tuned_method_is_registered_and_its_knob_a_setting(tiny_llama):
 
 
 def test_lunar_and_simu_are_tuned_on_the_fit_quarters(tiny_llama, tmp_path, monkeypatch, data_dir):
-    paths = task_files(tmp_path, tiny_llama)
-    task = Task(str(paths["arith"]), (str(paths["code"]),), general=None)
-    monkeypatch.setattr(matched_study, "TASKS", {"arith-vs-code": task})
     monkeypatch.setitem(matched_study.KNOBS, "LUNAR", ({"layer": [2, 0]}, {}))
     simu = {"layers": [1, 2], "steps": 1, "max_steps": 2, "batch_size": 4, "max_length": 64}
     monkeypatch.setitem(matched_study.KNOBS, "SIMU", ({"lr": [0.02, 1.0]}, simu))
-    args = SimpleNamespace(n=8, out=str(tmp_path / "matched"), model=None, data_dir=str(data_dir),
-                           batch_size=4, quiet=True, device=None, methods=["LUNAR", "SIMU"],
-                           floor=0.5)  # fmt: skip
+    args, _ = cell_args(tiny_llama, tmp_path, monkeypatch, data_dir, ["LUNAR", "SIMU"])
     table = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
     folder = tmp_path / "matched" / "arith-vs-code" / "seed0-floor0.5"
     tuning = pd.read_csv(folder / "tuning.csv", keep_default_na=False)
