@@ -16,7 +16,7 @@ paired-bootstrap intervals of :func:`mechunlearn.evaluate`, the unlearning study
 Knobs (:data:`KNOBS`): NA's ratio, SP's ratio, the false-positive cap ``fpr`` of KSD and the
 ellipsoid on the last layer (the calibration questions among their negatives, as the pipeline
 fits them) — the default ``--methods``; and, on request (each candidate a fit of minutes), LUNAR's
-layer (every third layer, ``c = 2``, each candidate fitted at its fixed layer), SIMU's learning
+coefficient ``c`` (0.25–2, each candidate's layer chosen by its own sweep), SIMU's learning
 rate (the unlearning study's other settings), the number of steps of GA, GradDiff and NPO (their
 early stop kept) and RMU's learning rate. The trained methods fit on the fit quarter-sets cut to
 512 tokens, as in the unlearning study.
@@ -46,7 +46,6 @@ import pandas as pd
 
 import mechunlearn as mu
 from mechunlearn.cli import reuse_freed_buffers
-from mechunlearn.interventions.lunar import every_third_layer
 from mechunlearn.io import write_text
 from mechunlearn.models import n_layers
 from mechunlearn.pipeline import (
@@ -80,8 +79,9 @@ KNOBS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # hundred negatives (a conformal cap needs 1 / fpr - 1 of them)
     "KSD": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1, "calibration": "rank"}),
     "Ellipsoid": ({"fpr": [0.001, 0.01, 0.05, 0.1]}, {"layers": -1, "calibration": "rank"}),
-    # late layers first: LUNAR's edit there reaches the least text (the mildest candidate)
-    "LUNAR": ({"layer": lambda model: every_third_layer(model)[::-1]}, {}),
+    # the redirection's size, mild to strong, each candidate's layer by its own sweep (a layer
+    # knob has no mild end: tried on GSM8K, its fallback "first candidate" was no mildest)
+    "LUNAR": ({"coef": [0.25, 0.5, 1.0, 2.0]}, {"layer": "auto"}),
     "SIMU": (
         {"lr": [0.02, 0.05, 0.1, 0.2, 1.0]},
         {k: v for k, v in SIMU_PARAMS.items()}
