@@ -194,8 +194,9 @@ class Lunar(HookIntervention):
                 unedited model's own greedy continuation (:data:`GENERAL_TOKENS` tokens,
                 :func:`~mechunlearn.generation.own_continuations`), so that the floor is on
                 how much of what the model said it still says; a Skill with answers (e.g.
-                MMLU) for that skill; None for no general floor (the pipeline passes its
-                general skill among ``retain``). Ignored for a fixed layer.
+                MMLU) for that skill; None for no general floor (the pipeline passes None,
+                and its general skill, if any, among ``retain``). Checked for every
+                ``layer``; used by ``layer="auto"`` only.
 
         Returns:
             self.
@@ -467,8 +468,6 @@ class Lunar(HookIntervention):
 GENERAL_QUESTIONS = 32
 #: Tokens of the unedited model's greedy continuation that each general question is scored on.
 GENERAL_TOKENS = 16
-
-
 #: The name of ``general="shipped"``'s skill in the sweep's columns and ``meta_``.
 GENERAL_NAME = "general-questions"
 
