@@ -283,11 +283,16 @@ def run_task(name: str, seed: int, args, model) -> pd.DataFrame:
     )
 
 
-def _cell(values: pd.Series, low: float, high: float) -> str:
+def _cell(values: pd.Series, low: float, high: float, of_seeds: int) -> str:
+    """``mean ± sd [low, high]`` of one method and column over the seeds that have it, marked
+    ``(k seeds)`` when fewer than the task's ``of_seeds`` have it; "—" when none has."""
+    if not len(values):
+        return "—"
     mean, sd = values.mean(), values.std(ddof=1) if len(values) > 1 else float("nan")
     spread = f" ± {sd:.2f}" if pd.notna(sd) else ""
     interval = f" [{low:.2f}, {high:.2f}]" if pd.notna(low) and pd.notna(high) else ""
-    return f"{mean:.2f}{spread}{interval}"
+    short = f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
+    return f"{mean:.2f}{spread}{interval}" + (short if len(values) < of_seeds else "")
 
 
 def summary_markdown(summary: pd.DataFrame, fluency: pd.DataFrame | None = None) -> str:
@@ -322,13 +327,10 @@ def summary_markdown(summary: pd.DataFrame, fluency: pd.DataFrame | None = None)
                 rows = table[(table["method"] == m) & (table["skill"] == s)].sort_values("seed")
                 values = rows["relative"]
                 lo, hi = rows[["relative_low", "relative_high"]].iloc[0]
-                short = f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
-                cells.append(_cell(values, lo, hi) + (short if len(values) < len(seeds) else ""))
+                cells.append(_cell(values, lo, hi, len(seeds)))
             for column, _ in extra:
                 values = fluent.loc[fluent["method"] == m, column]
-                short = f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
-                cell = _cell(values, float("nan"), float("nan")) if len(values) else "—"
-                cells.append(cell + (short if 0 < len(values) < len(seeds) else ""))
+                cells.append(_cell(values, float("nan"), float("nan"), len(seeds)))
             parts.append(f"| {m} | " + " | ".join(cells) + " |")
         base = table[(table["method"] == "base") & (table["seed"] == seeds[0])]
         scores = ", ".join(
