@@ -84,8 +84,7 @@ KNOBS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "LUNAR": ({"coef": [0.25, 0.5, 1.0, 2.0]}, {"layer": "auto"}),
     "SIMU": (
         {"lr": [0.02, 0.05, 0.1, 0.2, 1.0]},
-        {k: v for k, v in SIMU_PARAMS.items()}
-        | {"layers": lambda model: simu_params(n_layers(model))["layers"]},
+        {**SIMU_PARAMS, "layers": lambda model: simu_params(n_layers(model))["layers"]},
     ),
     **{b: ({"max_steps": [1, 2, 4, 8]}, dict(BASELINE_PARAMS)) for b in ("GA", "GradDiff", "NPO")},
     "RMU": ({"lr": [5e-5, 5e-4, 5e-3]}, dict(BASELINE_PARAMS)),
