@@ -27,8 +27,10 @@ Usage:
         --tasks gsm8k-vs-mbpp mbpp-vs-gsm8k --seeds 0 --n 32
     python analysis/matched_study.py --summarize-only
 
-Per cell (``<out>/<task>/seed<k>-floor<f>/``, resumable: the fit quarter's statistics are
-kept; a cell whose ``matched.csv`` exists is skipped): ``matched.csv`` (the chosen settings'
+Per cell (``<out>/<task>/seed<k>-floor<f>/``, resumable: the fit quarter's statistics, each
+finished method's search table ``tuning/<method>.csv`` and its chosen estimator are kept, so a
+killed run searches only the unfinished methods again; a cell whose ``matched.csv`` exists is
+skipped): ``matched.csv`` (the chosen settings'
 held-out rows, :func:`mechunlearn.evaluate`'s columns), ``tuning.csv`` (every candidate's
 tune-half scores, the floor and the choice), ``fluency.csv`` (:func:`mechunlearn.fluency_table`
 of the chosen methods: greedy 32-token continuations of 16 first sentences of English Wikipedia
@@ -57,12 +59,14 @@ from mechunlearn.pipeline import (
     load_skills,
     probe,
 )
+from mechunlearn.pipeline.folder import method_file
 from mechunlearn.study import StudyParser, data_dir_or_exit
 
 from unlearning_study import (
     BASELINE_PARAMS,
     SIMU_PARAMS,
     TASKS,
+    TRAINED,
     family,
     fluency_prompts,
     simu_params,
@@ -130,35 +134,51 @@ def split_probes(skills: Skills, seed: int) -> tuple[Skills, dict[str, mu.Skill]
 
 
 def tune_cell(
-    config: RunConfig, model, fit_skills: Skills, probes, tune_skills, floor: float
+    config: RunConfig, model, fit_skills: Skills, probes, tune_skills, floor: float, folder
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Every tuned method's search (``{method: Search}``) and the tuning table."""
+    """Every tuned method's chosen estimator (``{label: estimator}``, e.g. ``"NA ratio=0.01"``)
+    and the tuning table. Resumable per method: each method's search table
+    (``tuning/<method>.csv``) and chosen estimator (``interventions/``) are kept, and a rerun
+    searches only the methods that have not finished."""
     keep = {name: skill for name, skill in tune_skills.items() if name != "forget"}
     score = mu.tuning.relative_scorer(
         model, tune_skills["forget"], keep, batch_size=config.batch_size
     )
     trained = trained_skills(list(config.methods))(model, fit_skills)  # cut to 512 tokens
-    searches, tables = {}, []
+    chosen, tables = {}, []
     for method in config.methods:
         candidates, shared = knob_settings(method, model)
+        knob = next(iter(candidates))
         spec = mu.interventions.get_method(method)
         skills = trained.get(method, fit_skills)
-        search = mu.tune(
-            method, candidates,
-            lambda est, spec=spec, skills=skills: fit_estimator(
-                est, spec, model, skills, probes, config.batch_size
-            ),
-            score, floor={name: floor for name in keep}, seed=config.seed,
-            **shared,
+        table_file = f"tuning/{method}.csv"
+
+        def search(method=method, candidates=candidates, shared=shared, spec=spec, skills=skills,
+                   knob=knob, table_file=table_file):  # fmt: skip
+            found = mu.tune(
+                method, candidates,
+                lambda est: fit_estimator(est, spec, model, skills, probes, config.batch_size),
+                score, floor={name: floor for name in keep}, seed=config.seed,
+                **shared,
+            )  # fmt: skip
+            table = found.table_.copy()
+            table.insert(0, "method", method)
+            table.insert(1, "knob", knob)
+            table.insert(2, "value", table.pop(knob))
+            folder.write(table_file, lambda p: write_text(p, table.to_csv(index=False)))
+            return found.best_
+
+        if not folder.path(table_file).exists():  # a search killed before its table: redo it
+            folder.path(method_file(method)).unlink(missing_ok=True)
+        best = folder.load_or_make(
+            method_file(method), spec.cls.load, search, lambda obj, p: obj.save(p),
+            timer=f"tune {method}",
         )  # fmt: skip
-        searches[method] = search
-        table = search.table_.copy()
-        knob = next(iter(candidates))
-        table.insert(0, "method", method)
-        table.insert(1, "knob", knob)
-        table.insert(2, "value", table.pop(knob))
+        table = pd.read_csv(folder.path(table_file), keep_default_na=False)  # NA: a method
+        value = table.loc[table["chosen"].astype(bool), "value"].iloc[0]
+        chosen[f"{method} {knob}={value}"] = best
         tables.append(table)
-    return searches, pd.concat(tables, ignore_index=True)
+    return chosen, pd.concat(tables, ignore_index=True)
 
 
 def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
@@ -176,15 +196,13 @@ def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
         folder.prepare()
         fit_skills, tune_skills = split_probes(load_skills(config), seed)
         probes = probe(config, model, fit_skills, folder, analyses=False)
-        with folder.timer("tune"):
-            searches, tuning = tune_cell(config, model, fit_skills, probes, tune_skills, args.floor)
+        chosen, tuning = tune_cell(
+            config, model, fit_skills, probes, tune_skills, args.floor, folder
+        )
         folder.write(TUNING, lambda p: write_text(p, tuning.to_csv(index=False)))
         held, roles = fit_skills.held_out()
         for name, (role, make) in spec.extra.items():
             held[name], roles[name] = make(args.n, seed, args.data_dir), role
-        chosen = {
-            f"{m} {k}={v}": s.best_ for m, s in searches.items() for k, v in s.best_params_.items()
-        }
         with folder.timer("evaluate"):
             table = mu.evaluate(
                 model, held, chosen, batch_size=args.batch_size, quiet=args.quiet, roles=roles,
@@ -258,7 +276,9 @@ def main() -> None:
     out = Path(args.out)
     if not args.summarize_only:
         data_dir_or_exit(args)
-        reuse_freed_buffers()
+        if not set(args.methods) & set(TRAINED):
+            # not with a trained method, whose training peak would stay with the process
+            reuse_freed_buffers()
         model = load_model_for(RunConfig(model=args.model, device=args.device, quiet=args.quiet))
         for task in args.tasks:
             for seed in args.seeds:

@@ -115,6 +115,16 @@ def test_a_cell_chooses_by_the_floor_rule_scores_held_out_and_resumes(
     assert "**arith-vs-code**, seed 0" in summary
     assert summary.count("| NA ratio=") == 1 and summary.count("| SP ratio=") == 1
     assert "| fluency: perplexity ratio | repeated 3-grams |" in summary
+    # Killed after NA's search: the rerun searches SP alone and loads NA's chosen estimator.
+    (folder / "matched.csv").unlink()
+    (folder / "tuning" / "SP.csv").unlink()
+    searched, real_tune = [], mu.tune
+    monkeypatch.setattr(
+        mu, "tune", lambda method, *a, **k: searched.append(method) or real_tune(method, *a, **k)
+    )
+    resumed = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
+    assert searched == ["SP"]
+    pd.testing.assert_frame_equal(resumed, table)
 
 
 def test_every_tuned_method_is_registered_and_its_knob_a_setting(tiny_llama):
