@@ -35,8 +35,10 @@ held-out rows, :func:`mechunlearn.evaluate`'s columns), ``tuning.csv`` (every ca
 tune-half scores, the floor and the choice), ``fluency.csv`` (:func:`mechunlearn.fluency_table`
 of the chosen methods: greedy 32-token continuations of 16 first sentences of English Wikipedia
 paragraphs, their perplexity under the bare model and their repeated 3-grams) and
-``frontier.png``. Over every cell:
-``summary.md``.
+``frontier.png`` (:func:`mechunlearn.plots.plot_matched_frontier`: each method's candidates on
+the tune half and its chosen setting held out). Over every cell of ``--out`` and of the folders
+of ``--also`` (runs with other ``--methods``, merged per cell): ``summary.md`` and
+``<task>-seed<k>-floor<f>-frontier.png``.
 """
 
 from __future__ import annotations
@@ -215,10 +217,7 @@ def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
             fluent = mu.fluency_table(model, prompts, chosen, batch_size=args.batch_size)
         folder.write(FLUENCY, lambda p: write_text(p, fluent.to_csv(index_label="method")))
         folder.write(MATCHED, lambda p: write_text(p, table.to_csv(index=False)))
-        fig = mu.plots.plot_tradeoff(
-            table, title=f"{task} (seed {seed}): at matched collateral (floor {args.floor})",
-            keep="worst", keep_goal=args.floor,
-        )  # fmt: skip
+        fig = frontier_figure(task, seed, args.floor, tuning, table)
         folder.write("frontier.png", lambda p: mu.plots.save_figure(fig, p))
         mu.plots.close(fig)
     finally:
@@ -226,14 +225,42 @@ def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
     return table
 
 
-def summary_markdown(out: Path) -> str:
+def frontier_figure(task: str, seed: int, floor: float, tuning: pd.DataFrame, table):
+    """:func:`mechunlearn.plots.plot_matched_frontier` of one cell."""
+    title = f"{task} (seed {seed}): at matched collateral (floor {floor:g})"
+    return mu.plots.plot_matched_frontier(tuning, table, floor=floor, title=title)
+
+
+def read_cells(roots: list[Path]) -> dict[tuple[str, str], tuple[pd.DataFrame, ...]]:
+    """Every finished cell under ``roots`` (runs of this script with other ``--methods``),
+    ``{(task, cell folder name): (matched, tuning, fluency)}``, a cell's tables from every root
+    concatenated (the base rows once)."""
+    found: dict[tuple[str, str], list[Path]] = {}
+    for root in roots:
+        for path in sorted(Path(root).glob("*/seed*/" + MATCHED)):
+            found.setdefault((path.parent.parent.name, path.parent.name), []).append(path.parent)
+    cells = {}
+    for key, dirs in sorted(found.items()):
+        table = pd.concat(
+            [pd.read_csv(d / MATCHED, keep_default_na=False, na_values=[""]) for d in dirs],
+            ignore_index=True,
+        )
+        table = table[~table.duplicated(["method", "skill"])].reset_index(drop=True)
+        tuning = pd.concat(  # keep_default_na False: "NA" is a method
+            [pd.read_csv(d / TUNING, keep_default_na=False) for d in dirs], ignore_index=True
+        )
+        fluent = pd.concat(
+            [pd.read_csv(d / FLUENCY, keep_default_na=False, index_col="method") for d in dirs]
+        )
+        cells[key] = (table, tuning, fluent[~fluent.index.duplicated()])
+    return cells
+
+
+def summary_markdown(roots: list[Path]) -> str:
     """Per task: the chosen setting of each method and seed, its tune-half scores, and its
-    held-out relative performance with the interval."""
+    held-out relative performance with the interval (every cell under ``roots``)."""
     parts = []
-    for path in sorted(out.glob("*/seed*/" + MATCHED)):
-        table = pd.read_csv(path, keep_default_na=False, na_values=[""])
-        tuning = pd.read_csv(path.with_name(TUNING), keep_default_na=False)  # NA: a method
-        fluent = pd.read_csv(path.with_name(FLUENCY), keep_default_na=False, index_col="method")
+    for table, tuning, fluent in read_cells(roots).values():
         task, seed = table["task"].iloc[0], int(table["seed"].iloc[0])
         rows = table[table["method"] != "base"]
         role = rows.drop_duplicates("skill").set_index("skill")["role"]
@@ -262,6 +289,16 @@ def summary_markdown(out: Path) -> str:
     return "\n".join(parts)
 
 
+def write_summary(out: Path, roots: list[Path], floor: float) -> Path:
+    """``summary.md`` and one frontier figure per cell (``<task>-<cell>-frontier.png``) over the
+    cells of every root, in ``out``."""
+    for (task, cell), (table, tuning, _) in read_cells(roots).items():
+        fig = frontier_figure(task, int(table["seed"].iloc[0]), floor, tuning, table)
+        mu.plots.save_figure(fig, out / f"{task}-{cell}-frontier.png")
+        mu.plots.close(fig)
+    return write_text(out / "summary.md", summary_markdown(roots))
+
+
 def main() -> None:
     parser = StudyParser(__doc__.splitlines()[0], out="results/matched", seed=False)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -272,8 +309,14 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--methods", nargs="+", default=list(CHEAP), choices=list(KNOBS))
     parser.add_argument("--summarize-only", action="store_true")
+    parser.add_argument(
+        "--also", nargs="+", type=Path, default=[], metavar="DIR",
+        help="the --out folders of other runs of this script (other --methods) whose cells join "
+        "the summary and the frontier figures",
+    )  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out)
+    roots = [out, *args.also]
     if not args.summarize_only:
         data_dir_or_exit(args)
         if not set(args.methods) & set(TRAINED):
@@ -283,9 +326,8 @@ def main() -> None:
         for task in args.tasks:
             for seed in args.seeds:
                 run_cell(task, seed, args, model)
-                write_text(out / "summary.md", summary_markdown(out))
-    write_text(out / "summary.md", summary_markdown(out))
-    print(f"matched study: {out / 'summary.md'}")
+                write_summary(out, roots, args.floor)
+    print(f"matched study: {write_summary(out, roots, args.floor)}")
 
 
 if __name__ == "__main__":

@@ -664,6 +664,82 @@ def plot_tradeoff(
     return fig
 
 
+#: The tuning table's columns that are not a kept skill's score (:func:`mechunlearn.tune`'s
+#: table with the matched study's ``method, knob, value`` in front).
+_TUNING_COLUMNS = ("method", "knob", "value", "forget", "meets_floor", "rank", "chosen")
+
+
+def plot_matched_frontier(
+    tuning: pd.DataFrame, results: pd.DataFrame, floor: float = 0.9, title: str | None = None
+) -> Figure:
+    """Every method's frontier at matched collateral: its tuned candidates and its chosen one.
+
+    Each method's candidates (the tuning table: forget score against the worst kept skill, both
+    relative to the base model, on the tune half) are joined as a thin line and labelled by
+    their knob value; the chosen candidate scored held out (``results``) is the large marker,
+    with its 95 % intervals on both axes. The shaded band meets the floor.
+
+    Args:
+        tuning: one row per (method, candidate) with columns ``method``, ``value``, ``forget``,
+            one per kept skill, and ``chosen`` (the matched study's ``tuning.csv``).
+        results: :func:`mechunlearn.evaluate`'s table of the chosen methods, labelled
+            ``"<method> <knob>=<value>"`` (the matched study's ``matched.csv``).
+        floor: the kept skills' floor.
+        title: figure title.
+
+    Example:
+        >>> search = mu.tune("NA", {"ratio": [0.05, 0.2]}, lambda na: na.fit(stats_f, stats_r),
+        ...                  model=model, forget=forget[20:], keep={"copy": retain[20:]},
+        ...                  floor=0.5)
+        >>> tuning = search.table_.rename(columns={"ratio": "value"}).assign(method="NA")
+        >>> label = f"NA ratio={search.best_params_['ratio']}"
+        >>> table = mu.evaluate(model, [forget[:20], retain[:20]], {label: search.best_},
+        ...                     roles={"add": "forget", "copy": "retain"}, quiet=True)
+        >>> fig = plot_matched_frontier(tuning, table, floor=0.5)
+        >>> [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        ['NA']
+    """
+    kept = [c for c in tuning.columns if c not in _TUNING_COLUMNS]
+    if not kept:
+        raise ValueError(f"The tuning table has no kept skill's column: {list(tuning.columns)}.")
+    candidates = tuning.assign(keep=tuning[kept].min(axis=1))
+    chosen = tradeoff_points(results, keep="worst")
+    chosen["family"] = [m.split()[0] for m in chosen.index]
+    families = list(dict.fromkeys(candidates["method"]))
+    with style():
+        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+        ax.axvspan(floor, 1.1, color="#e3f4e6", zorder=0)
+        ax.axvline(floor, color="0.6", ls=":", lw=1)
+        palette = dict(zip(families, sns.color_palette("deep", len(families)), strict=True))
+        for family in families:
+            color = palette[family]
+            group = candidates[candidates["method"] == family]
+            ax.plot(group["keep"], group["forget"], ".-", color=color, lw=0.8, alpha=0.6)
+            for row in group.itertuples():
+                ax.annotate(f"{row.value:g}" if isinstance(row.value, float) else str(row.value),
+                            (row.keep, row.forget), fontsize=6, color=color,
+                            xytext=(3, 2), textcoords="offset points")  # fmt: skip
+            held = chosen[chosen["family"] == family]
+            yerr = np.abs(np.vstack([held["forget"] - held["forget_low"],
+                                     held["forget_high"] - held["forget"]]))  # fmt: skip
+            xerr = np.abs(np.vstack([held["keep"] - held["keep_low"],
+                                     held["keep_high"] - held["keep"]]))  # fmt: skip
+            ax.errorbar(held["keep"], held["forget"], yerr=np.nan_to_num(yerr),
+                        xerr=np.nan_to_num(xerr), fmt="o", color=color, ms=8, capsize=2,
+                        lw=1, label=family)  # fmt: skip
+        lowest = min(candidates["keep"].min(), chosen["keep_low"].min(skipna=True))
+        ax.set(
+            xlabel="worst kept skill (relative to base)",
+            ylabel="forget skill left (relative to base)",
+            xlim=(min(floor - 0.1, lowest - 0.05), 1.1),
+            ylim=(-0.05, max(1.1, candidates["forget"].max() + 0.05)),
+        )
+        ax.set_title(title or "at matched collateral")
+        ax.legend(loc="upper left", fontsize=7, title="large: chosen, held out", title_fontsize=7)
+        fig.tight_layout()
+    return fig
+
+
 def plot_language_matrix(
     table: pd.DataFrame, method: str, title: str | None = None, annotate: bool = True
 ) -> Figure:

@@ -111,7 +111,7 @@ def test_a_cell_chooses_by_the_floor_rule_scores_held_out_and_resumes(
     again = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
     assert (folder / "matched.csv").stat().st_mtime_ns == saved
     assert len(again) == len(table)
-    summary = matched_study.summary_markdown(tmp_path / "matched")
+    summary = matched_study.summary_markdown([tmp_path / "matched"])
     assert "**arith-vs-code**, seed 0" in summary
     assert summary.count("| NA ratio=") == 1 and summary.count("| SP ratio=") == 1
     assert "| fluency: perplexity ratio | repeated 3-grams |" in summary
@@ -150,3 +150,13 @@ def test_lunar_and_simu_are_tuned_on_the_fit_quarters(tiny_llama, tmp_path, monk
     chosen = {r.method: float(r.value) for r in tuning[tuning["chosen"]].itertuples()}
     labels = [m.split() for m in table["method"].unique() if m != "base"]  # "LUNAR layer=2"
     assert {m: float(setting.split("=")[1]) for m, setting in labels} == chosen
+    # A run with other --methods in another folder joins the same cell's summary and figure.
+    cheap = SimpleNamespace(**{**vars(args), "out": str(tmp_path / "cheap"), "methods": ["NA"]})
+    na = matched_study.run_cell("arith-vs-code", 0, cheap, tiny_llama)
+    roots = [tmp_path / "cheap", tmp_path / "matched"]
+    summary = matched_study.summary_markdown(roots)
+    assert summary.count("**arith-vs-code**, seed 0") == 1 and summary.count("| base |") == 1
+    for label in (set(table["method"]) | set(na["method"])) - {"base"}:
+        assert summary.count(f"| {label} |") == 1, label
+    matched_study.write_summary(tmp_path / "cheap", roots, floor=0.5)
+    assert (tmp_path / "cheap" / "arith-vs-code-seed0-floor0.5-frontier.png").exists()

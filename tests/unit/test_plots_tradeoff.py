@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechunlearn.plots import plot_tradeoff
+from mechunlearn.plots import plot_matched_frontier, plot_tradeoff
 
 
 def _table():
@@ -41,3 +41,27 @@ def test_needs_a_forget_skill_and_interventions():
         plot_tradeoff(table[table.method == "base"])
     with pytest.raises(ValueError, match="forget"):
         plot_tradeoff(table[~table.skill.str.contains("forget")])
+
+
+def test_matched_frontier_draws_candidates_at_their_worst_kept_skill_and_the_chosen_held_out():
+    tuning = pd.DataFrame({
+        "method": ["NA", "NA", "KSD"], "knob": ["ratio", "ratio", "fpr"],
+        "value": [0.01, 0.03, 0.1], "forget": [0.9, 0.5, 0.2], "mbpp": [1.0, 0.95, 0.99],
+        "mmlu": [0.97, 0.8, 0.92], "meets_floor": [True, False, True], "rank": [1, 2, 1],
+        "chosen": [True, False, True],
+    })  # fmt: skip
+    fig = plot_matched_frontier(tuning, _table(), floor=0.9, title="t")
+    ax = fig.axes[0]
+    thin = [line for line in ax.lines if line.get_linestyle() == "-"]
+    np.testing.assert_allclose(
+        np.asarray(thin[0].get_xdata(), float), [0.97, 0.8]
+    )  # NA: min(mbpp, mmlu)
+    np.testing.assert_allclose(np.asarray(thin[0].get_ydata(), float), [0.9, 0.5])
+    np.testing.assert_allclose(np.asarray(thin[1].get_xdata(), float), [0.92])
+    # the chosen ones held out: the worst kept skill of _table() (general, then retain)
+    chosen = {c.get_label(): c.lines[0] for c in ax.containers}
+    np.testing.assert_allclose(np.asarray(chosen["NA"].get_xdata(), float), [0.97, 0.8])
+    np.testing.assert_allclose(np.asarray(chosen["KSD"].get_xdata(), float), [0.93])
+    assert sorted(t.get_text() for t in ax.texts) == ["0.01", "0.03", "0.1"]
+    with pytest.raises(ValueError, match="no kept skill"):
+        plot_matched_frontier(tuning[["method", "value", "forget", "chosen"]], _table())
