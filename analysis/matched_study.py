@@ -93,7 +93,8 @@ KNOBS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {**SIMU_PARAMS, "layers": lambda model: simu_params(n_layers(model))["layers"]},
     ),
     **{b: ({"max_steps": [1, 2, 4, 8]}, dict(BASELINE_PARAMS)) for b in ("GA", "GradDiff", "NPO")},
-    "RMU": ({"lr": [5e-5, 5e-4, 5e-3]}, dict(BASELINE_PARAMS)),
+    # first run with [5e-5, 5e-4, 5e-3]: the floor fell between the first two (GSM8K task)
+    "RMU": ({"lr": [5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3]}, dict(BASELINE_PARAMS)),
 }
 #: The default ``--methods``: the ones whose candidates are cheap to fit.
 CHEAP = ("NA", "SP", "KSD", "Ellipsoid")
@@ -234,25 +235,28 @@ def frontier_figure(task: str, seed: int, floor: float, tuning: pd.DataFrame, ta
 def read_cells(roots: list[Path]) -> dict[tuple[str, str], tuple[pd.DataFrame, ...]]:
     """Every finished cell under ``roots`` (runs of this script with other ``--methods``),
     ``{(task, cell folder name): (matched, tuning, fluency)}``, a cell's tables from every root
-    concatenated (the base rows once)."""
+    concatenated: the base rows once, and a method found under several roots from the first
+    (list a rerun first)."""
     found: dict[tuple[str, str], list[Path]] = {}
     for root in roots:
         for path in sorted(Path(root).glob("*/seed*/" + MATCHED)):
             found.setdefault((path.parent.parent.name, path.parent.name), []).append(path.parent)
     cells = {}
     for key, dirs in sorted(found.items()):
-        table = pd.concat(
-            [pd.read_csv(d / MATCHED, keep_default_na=False, na_values=[""]) for d in dirs],
-            ignore_index=True,
+        tables, tunings, fluents = [], [], []
+        for d in dirs:  # keep_default_na False: "NA" is a method
+            tuning = pd.read_csv(d / TUNING, keep_default_na=False)
+            tuning = tuning[~tuning["method"].isin({m for t in tunings for m in t["method"]})]
+            table = pd.read_csv(d / MATCHED, keep_default_na=False, na_values=[""])
+            fluent = pd.read_csv(d / FLUENCY, keep_default_na=False, index_col="method")
+            first = not tables
+            methods = set(tuning["method"]) | ({"base"} if first else set())
+            tables.append(table[table["method"].str.split().str[0].isin(methods)])
+            fluents.append(fluent[fluent.index.str.split().str[0].isin(methods)])
+            tunings.append(tuning)
+        cells[key] = tuple(pd.concat(t, ignore_index=True) for t in (tables, tunings)) + (
+            pd.concat(fluents),
         )
-        table = table[~table.duplicated(["method", "skill"])].reset_index(drop=True)
-        tuning = pd.concat(  # keep_default_na False: "NA" is a method
-            [pd.read_csv(d / TUNING, keep_default_na=False) for d in dirs], ignore_index=True
-        )
-        fluent = pd.concat(
-            [pd.read_csv(d / FLUENCY, keep_default_na=False, index_col="method") for d in dirs]
-        )
-        cells[key] = (table, tuning, fluent[~fluent.index.duplicated()])
     return cells
 
 

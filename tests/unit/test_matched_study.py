@@ -158,5 +158,7 @@ def test_lunar_and_simu_are_tuned_on_the_fit_quarters(tiny_llama, tmp_path, monk
     assert summary.count("**arith-vs-code**, seed 0") == 1 and summary.count("| base |") == 1
     for label in (set(table["method"]) | set(na["method"])) - {"base"}:
         assert summary.count(f"| {label} |") == 1, label
+    # a method under several roots is taken from the first that has it
+    assert matched_study.summary_markdown([*roots, tmp_path / "cheap"]) == summary
     matched_study.write_summary(tmp_path / "cheap", roots, floor=0.5)
     assert (tmp_path / "cheap" / "arith-vs-code-seed0-floor0.5-frontier.png").exists()
