@@ -25,7 +25,9 @@ Usage:
 
     MECHUNLEARN_DATA=../shared/data python analysis/matched_study.py \\
         --tasks gsm8k-vs-mbpp mbpp-vs-gsm8k --seeds 0 --n 32
-    python analysis/matched_study.py --summarize-only
+    python analysis/matched_study.py --tasks gsm8k-vs-mbpp --seeds 0 --n 32 \
+        --methods LUNAR SIMU GA GradDiff NPO RMU --out results/matched-trained
+    python analysis/matched_study.py --summarize-only --also results/matched-trained
 
 Per cell (``<out>/<task>/seed<k>-floor<f>/``, resumable: the fit quarter's statistics, each
 finished method's search table ``tuning/<method>.csv`` and its chosen estimator are kept, so a

@@ -735,7 +735,7 @@ def plot_matched_frontier(
             ylim=(-0.05, max(1.1, candidates["forget"].max() + 0.05)),
         )
         ax.set_title(title or "at matched collateral")
-        ax.legend(loc="upper left", fontsize=7, title="large: chosen, held out", title_fontsize=7)
+        ax.legend(loc="best", fontsize=7, title="large: chosen, held out", title_fontsize=7)
         fig.tight_layout()
     return fig
 
