@@ -173,17 +173,35 @@ def tune_cell(
             folder.write(table_file, lambda p: write_text(p, table.to_csv(index=False)))
             return found.best_
 
-        if not folder.path(table_file).exists():  # a search killed before its table: redo it
+        saved = folder.path(table_file)
+        if not saved.exists() or not same_grid(read_tuning(saved), knob, candidates[knob]):
+            # a search killed before its table, or one of another grid: search again
+            saved.unlink(missing_ok=True)
             folder.path(method_file(method)).unlink(missing_ok=True)
         best = folder.load_or_make(
             method_file(method), spec.cls.load, search, lambda obj, p: obj.save(p),
             timer=f"tune {method}",
         )  # fmt: skip
-        table = pd.read_csv(folder.path(table_file), keep_default_na=False)  # NA: a method
+        table = read_tuning(saved)
         value = table.loc[table["chosen"].astype(bool), "value"].iloc[0]
         chosen[f"{method} {knob}={value}"] = best
-        tables.append(table)
+        tables.append(table.astype({"value": object}))  # 1, not 1.0, beside 0.02
     return chosen, pd.concat(tables, ignore_index=True)
+
+
+def read_tuning(path: Path) -> pd.DataFrame:
+    """A tuning table as written (``"NA"`` a method, not a missing value; an empty cell NaN)."""
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def same_grid(table: pd.DataFrame, knob: str, values: list[Any]) -> bool:
+    """Whether a saved search table tried exactly ``values`` of ``knob``, in order."""
+    if set(table["knob"]) != {knob} or len(table) != len(values):
+        return False
+    try:
+        return all(float(a) == float(b) for a, b in zip(table["value"], values, strict=True))
+    except (TypeError, ValueError):
+        return [str(a) for a in table["value"]] == [str(b) for b in values]
 
 
 def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
@@ -246,8 +264,8 @@ def read_cells(roots: list[Path]) -> dict[tuple[str, str], tuple[pd.DataFrame, .
     cells = {}
     for key, dirs in sorted(found.items()):
         tables, tunings, fluents = [], [], []
-        for d in dirs:  # keep_default_na False: "NA" is a method
-            tuning = pd.read_csv(d / TUNING, keep_default_na=False)
+        for d in dirs:
+            tuning = read_tuning(d / TUNING)
             tuning = tuning[~tuning["method"].isin({m for t in tunings for m in t["method"]})]
             table = pd.read_csv(d / MATCHED, keep_default_na=False, na_values=[""])
             fluent = pd.read_csv(d / FLUENCY, keep_default_na=False, index_col="method")
@@ -295,10 +313,12 @@ def summary_markdown(roots: list[Path]) -> str:
     return "\n".join(parts)
 
 
-def write_summary(out: Path, roots: list[Path], floor: float) -> Path:
-    """``summary.md`` and one frontier figure per cell (``<task>-<cell>-frontier.png``) over the
-    cells of every root, in ``out``."""
+def write_summary(out: Path, roots: list[Path]) -> Path:
+    """``summary.md`` and one frontier figure per cell (``<task>-<cell>-frontier.png``, the
+    floor read from the cell's name ``seed<k>-floor<f>``) over the cells of every root, in
+    ``out``."""
     for (task, cell), (table, tuning, _) in read_cells(roots).items():
+        floor = float(cell.rsplit("-floor", 1)[1])
         fig = frontier_figure(task, int(table["seed"].iloc[0]), floor, tuning, table)
         mu.plots.save_figure(fig, out / f"{task}-{cell}-frontier.png")
         mu.plots.close(fig)
@@ -332,8 +352,8 @@ def main() -> None:
         for task in args.tasks:
             for seed in args.seeds:
                 run_cell(task, seed, args, model)
-                write_summary(out, roots, args.floor)
-    print(f"matched study: {write_summary(out, roots, args.floor)}")
+                write_summary(out, roots)
+    print(f"matched study: {write_summary(out, roots)}")
 
 
 if __name__ == "__main__":

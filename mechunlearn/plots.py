@@ -674,9 +674,10 @@ def plot_matched_frontier(
 ) -> Figure:
     """Every method's frontier at matched collateral: its tuned candidates and its chosen one.
 
-    Each method's candidates (the tuning table: forget score against the worst kept skill, both
-    relative to the base model, on the tune half) are joined as a thin line and labelled by
-    their knob value; the chosen candidate scored held out (``results``) is the large marker,
+    Each method's candidates (the tuning table: forget score against the worst of the kept
+    skills the tuning scored, both relative to the base model, on the tune half) are joined as
+    a thin line and labelled by their knob value; the chosen candidate scored held out
+    (``results``: the worst of every kept skill it has, extra ones included) is the large marker,
     with its 95 % intervals on both axes. The shaded band meets the floor.
 
     Args:
@@ -727,12 +728,13 @@ def plot_matched_frontier(
             ax.errorbar(held["keep"], held["forget"], yerr=np.nan_to_num(yerr),
                         xerr=np.nan_to_num(xerr), fmt="o", color=color, ms=8, capsize=2,
                         lw=1, label=family)  # fmt: skip
-        lowest = min(candidates["keep"].min(), chosen["keep_low"].min(skipna=True))
+        xs = pd.concat([candidates["keep"], chosen["keep"], chosen["keep_low"]])
+        ys = pd.concat([candidates["forget"], chosen["forget"], chosen["forget_high"]])
         ax.set(
             xlabel="worst kept skill (relative to base)",
             ylabel="forget skill left (relative to base)",
-            xlim=(min(floor - 0.1, lowest - 0.05), 1.1),
-            ylim=(-0.05, max(1.1, candidates["forget"].max() + 0.05)),
+            xlim=(min(floor - 0.1, xs.min() - 0.05), max(1.1, xs.max() + 0.05)),
+            ylim=(-0.05, max(1.1, ys.max() + 0.05)),
         )
         ax.set_title(title or "at matched collateral")
         ax.legend(loc="best", fontsize=7, title="large: chosen, held out", title_fontsize=7)

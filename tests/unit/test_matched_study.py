@@ -125,6 +125,13 @@ def test_a_cell_chooses_by_the_floor_rule_scores_held_out_and_resumes(
     resumed = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
     assert searched == ["SP"]
     pd.testing.assert_frame_equal(resumed, table)
+    # SP's grid changed since its search: SP is searched again, NA's search reused.
+    (folder / "matched.csv").unlink()
+    monkeypatch.setitem(matched_study.KNOBS, "SP", ({"ratio": [0.1, 0.5]}, {}))
+    searched.clear()
+    matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
+    assert searched == ["SP"]
+    assert len(pd.read_csv(folder / "tuning" / "SP.csv")) == 2
 
 
 def test_every_tuned_method_is_registered_and_its_knob_a_setting(tiny_llama):
@@ -160,5 +167,5 @@ def test_lunar_and_simu_are_tuned_on_the_fit_quarters(tiny_llama, tmp_path, monk
         assert summary.count(f"| {label} |") == 1, label
     # a method under several roots is taken from the first that has it
     assert matched_study.summary_markdown([*roots, tmp_path / "cheap"]) == summary
-    matched_study.write_summary(tmp_path / "cheap", roots, floor=0.5)
+    matched_study.write_summary(tmp_path / "cheap", roots)
     assert (tmp_path / "cheap" / "arith-vs-code-seed0-floor0.5-frontier.png").exists()
