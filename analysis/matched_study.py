@@ -174,7 +174,7 @@ def tune_cell(
             return found.best_
 
         saved = folder.path(table_file)
-        if not saved.exists() or not same_grid(read_tuning(saved), knob, candidates[knob]):
+        if not saved.exists() or not same_grid(read_table(saved), knob, candidates[knob]):
             # a search killed before its table, or one of another grid: search again
             saved.unlink(missing_ok=True)
             folder.path(method_file(method)).unlink(missing_ok=True)
@@ -182,15 +182,15 @@ def tune_cell(
             method_file(method), spec.cls.load, search, lambda obj, p: obj.save(p),
             timer=f"tune {method}",
         )  # fmt: skip
-        table = read_tuning(saved)
+        table = read_table(saved)
         value = table.loc[table["chosen"].astype(bool), "value"].iloc[0]
         chosen[f"{method} {knob}={value}"] = best
         tables.append(table.astype({"value": object}))  # 1, not 1.0, beside 0.02
     return chosen, pd.concat(tables, ignore_index=True)
 
 
-def read_tuning(path: Path) -> pd.DataFrame:
-    """A tuning table as written (``"NA"`` a method, not a missing value; an empty cell NaN)."""
+def read_table(path: Path) -> pd.DataFrame:
+    """A table this script wrote (``"NA"`` a method, not a missing value; an empty cell NaN)."""
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
 
 
@@ -214,7 +214,7 @@ def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
     )  # fmt: skip
     folder = RunFolder(Path(args.out) / task / f"seed{seed}-floor{args.floor:g}", config)
     if folder.path(MATCHED).exists():
-        return pd.read_csv(folder.path(MATCHED), keep_default_na=False, na_values=[""])
+        return read_table(folder.path(MATCHED))
     try:
         folder.prepare()
         fit_skills, tune_skills = split_probes(load_skills(config), seed)
@@ -265,9 +265,9 @@ def read_cells(roots: list[Path]) -> dict[tuple[str, str], tuple[pd.DataFrame, .
     for key, dirs in sorted(found.items()):
         tables, tunings, fluents = [], [], []
         for d in dirs:
-            tuning = read_tuning(d / TUNING)
+            tuning = read_table(d / TUNING)
             tuning = tuning[~tuning["method"].isin({m for t in tunings for m in t["method"]})]
-            table = pd.read_csv(d / MATCHED, keep_default_na=False, na_values=[""])
+            table = read_table(d / MATCHED)
             fluent = pd.read_csv(d / FLUENCY, keep_default_na=False, index_col="method")
             first = not tables
             methods = set(tuning["method"]) | ({"base"} if first else set())

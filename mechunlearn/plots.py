@@ -587,6 +587,15 @@ def _short_kind(kind: Any, method: str) -> str:
     return _family(method)
 
 
+def _error_bars(points: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """``(xerr, yerr)`` for ``errorbar`` from :func:`tradeoff_points`' intervals (keep, forget):
+    each a ``[2, n]`` array of distances below and above the point."""
+    return tuple(
+        np.abs(np.vstack([points[c] - points[f"{c}_low"], points[f"{c}_high"] - points[c]]))
+        for c in ("keep", "forget")
+    )
+
+
 def plot_tradeoff(
     results: pd.DataFrame,
     title: str | None = None,
@@ -632,10 +641,7 @@ def plot_tradeoff(
             group = group.sort_values("keep")
             color = palette[family]
             ax.plot(group["keep"], group["forget"], "o-", color=color, label=family, ms=6, lw=1.2)
-            yerr = np.abs(np.vstack([group["forget"] - group["forget_low"],
-                                     group["forget_high"] - group["forget"]]))  # fmt: skip
-            xerr = np.abs(np.vstack([group["keep"] - group["keep_low"],
-                                     group["keep_high"] - group["keep"]]))  # fmt: skip
+            xerr, yerr = _error_bars(group)
             if np.isfinite(yerr).any() or np.isfinite(xerr).any():
                 ax.errorbar(
                     group["keep"], group["forget"],
@@ -705,7 +711,6 @@ def plot_matched_frontier(
         raise ValueError(f"The tuning table has no kept skill's column: {list(tuning.columns)}.")
     candidates = tuning.assign(keep=tuning[kept].min(axis=1))
     chosen = tradeoff_points(results, keep="worst")
-    chosen["family"] = [m.split()[0] for m in chosen.index]
     families = list(dict.fromkeys(candidates["method"]))
     with style():
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
@@ -721,10 +726,7 @@ def plot_matched_frontier(
                             (row.keep, row.forget), fontsize=6, color=color,
                             xytext=(3, 2), textcoords="offset points")  # fmt: skip
             held = chosen[chosen["family"] == family]
-            yerr = np.abs(np.vstack([held["forget"] - held["forget_low"],
-                                     held["forget_high"] - held["forget"]]))  # fmt: skip
-            xerr = np.abs(np.vstack([held["keep"] - held["keep_low"],
-                                     held["keep_high"] - held["keep"]]))  # fmt: skip
+            xerr, yerr = _error_bars(held)
             ax.errorbar(held["keep"], held["forget"], yerr=np.nan_to_num(yerr),
                         xerr=np.nan_to_num(xerr), fmt="o", color=color, ms=8, capsize=2,
                         lw=1, label=family)  # fmt: skip
