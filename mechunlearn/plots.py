@@ -875,7 +875,8 @@ def plot_attack_recovery(table: pd.DataFrame, title: str | None = None) -> Figur
         ...     attack=["none", "comment"], skill="gsm8k", role="forget", method="NA",
         ...     kind="NeuronAdjust", relative=[0.9, 0.95], relative_low=[0.8, 0.9],
         ...     relative_high=[1.0, 1.0]))
-        >>> fig = plot_attack_recovery(mu.attacks.recovery_table({"prompts": prompts}))
+        >>> from mechunlearn.attacks import recovery_table
+        >>> fig = plot_attack_recovery(recovery_table({"prompts": prompts}))
         >>> len(fig.axes)                        # one panel: the prompt attacks
         1
     """
