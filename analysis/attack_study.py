@@ -48,9 +48,6 @@ another model (results in ``results/attacks-<model>/`` unless ``--out``).
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +59,7 @@ from mechunlearn.attacks import STEPS, recovery_markdown, recovery_table
 from mechunlearn.io import read_json, write_json, write_text
 from mechunlearn.models import n_layers
 from mechunlearn.pipeline import ATTACKS, RunConfig, RunFolder, attack, load_model_for
-from mechunlearn.study import SWEEP, Study, results_folder
+from mechunlearn.study import SWEEP, Study, StudyParser, data_dir_or_exit
 
 from unlearning_study import BASELINE_PARAMS, TASKS, TRAINED, simu_params, trained_skills
 
@@ -119,7 +116,7 @@ def study(args, layers: int) -> Study:
         tasks=TASKS, methods={m: method_settings(m, layers) for m in args.methods},
         seeds=args.seeds, n=args.n, out=args.out, model=args.model,
         folder_name=lambda seed: cell_name(seed, args.methods), data_dir=args.data_dir,
-        batch_size=args.batch_size, quiet=args.quiet, device=args.device,
+        batch_size=args.batch_size, quiet=args.quiet, device=args.device, force=args.force,
     )  # fmt: skip
 
 
@@ -138,7 +135,7 @@ def run_cell(task: str, seed: int, args, model) -> Path:
     folder = declared.folder(task, seed)
     cell = f"{task}/{folder.name}"
     out = Path(args.out)
-    if (folder / SWEEP).exists():  # finished: only check that the folder is of these settings
+    if (folder / SWEEP).exists() and not args.force:  # finished: check it is of these settings
         checked = RunFolder(folder, declared.config(task, seed))
         try:
             checked.prepare()
@@ -275,7 +272,7 @@ def cell_n(task_dir: Path, seed: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StudyParser(__doc__.splitlines()[0], out="results/attacks", seed=False, force=True)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--n", type=int, default=16)
@@ -284,22 +281,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--data-dir", default=os.environ.get("MECHUNLEARN_DATA"))
-    parser.add_argument("--model", default=None, help="model name (default: the default model)")
-    parser.add_argument(
-        "--out", default=None,
-        help="results folder (default: results/attacks, -<model> added for another model)",
-    )  # fmt: skip
-    parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
-    out = Path(args.out or results_folder("results/attacks", args.model))
-    args.out = str(out)
+    out = Path(args.out)
     if args.summarize_only:
         print(f"attack study: {[str(p) for p in summarize(out)]}")
         return
-    if not args.data_dir:
-        sys.exit("Set MECHUNLEARN_DATA (or --data-dir) to the benchmark folder (../shared/data).")
+    data_dir_or_exit(args)
     model = load_model_for(RunConfig(model=args.model, device=args.device, quiet=args.quiet))
     for task in args.tasks:
         for seed in args.seeds:

@@ -212,11 +212,15 @@ def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
         seed=seed, methods={m: {} for m in args.methods}, data_dir=args.data_dir,
         batch_size=args.batch_size, quiet=args.quiet, device=args.device,
     )  # fmt: skip
-    folder = RunFolder(Path(args.out) / task / f"seed{seed}-floor{args.floor:g}", config)
-    if folder.path(MATCHED).exists():
+    folder = RunFolder(
+        Path(args.out) / task / f"seed{seed}-floor{args.floor:g}", config, force=args.force
+    )
+    if folder.path(MATCHED).exists() and not args.force:
         return read_table(folder.path(MATCHED))
     try:
-        folder.prepare()
+        folder.prepare()  # with --force, a cell of other settings is emptied here
+        if folder.path(MATCHED).exists():  # --force on a finished cell of these settings
+            return read_table(folder.path(MATCHED))
         fit_skills, tune_skills = split_probes(load_skills(config), seed)
         probes = probe(config, model, fit_skills, folder, analyses=False)
         chosen, tuning = tune_cell(
@@ -326,7 +330,7 @@ def write_summary(out: Path, roots: list[Path]) -> Path:
 
 
 def main() -> None:
-    parser = StudyParser(__doc__.splitlines()[0], out="results/matched", seed=False)
+    parser = StudyParser(__doc__.splitlines()[0], out="results/matched", seed=False, force=True)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=32)

@@ -66,6 +66,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -261,7 +262,7 @@ def study(args, n_layers: int) -> Study:
         tasks=tasks, methods=grid(args, n_layers), seeds=args.seeds, n=args.n, out=args.out,
         model=args.model, folder_name=lambda seed: run_folder_name(seed, args.methods),
         data_dir=args.data_dir, batch_size=args.batch_size, quiet=args.quiet, device=args.device,
-        fluency_prompts=fluency_prompts,
+        fluency_prompts=fluency_prompts, force=args.force,
     )  # fmt: skip
 
 
@@ -413,7 +414,7 @@ def summarize(out: Path) -> Path:
 
 
 def main() -> None:
-    parser = StudyParser(__doc__.splitlines()[0], out="results/unlearning", seed=False)
+    parser = StudyParser(__doc__.splitlines()[0], out="results/unlearning", seed=False, force=True)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=32)

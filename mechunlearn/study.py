@@ -87,8 +87,10 @@ class StudyParser(argparse.ArgumentParser):
 
     The arguments it adds: ``--data-dir`` (the benchmark folder, default ``$MECHUNLEARN_DATA``;
     see :func:`data_dir_or_exit`), ``--model`` (default: the default model), ``--out`` (default
-    :func:`results_folder` of ``out`` and the model), and, unless turned off, ``--quiet`` and
-    ``--seed`` (an int, default 0). The script adds its own arguments as to any
+    :func:`results_folder` of ``out`` and the model), unless turned off ``--quiet`` and
+    ``--seed`` (an int, default 0), and where asked for ``--force`` (start a cell whose run
+    folder holds a run of other settings over, as ``mechunlearn run --force`` does; a study of
+    run folders, :class:`Study`). The script adds its own arguments as to any
     ``argparse.ArgumentParser``.
 
     Args:
@@ -96,6 +98,7 @@ class StudyParser(argparse.ArgumentParser):
         out: the results folder for the default model (``"results/<study>"``).
         quiet: add ``--quiet`` (hide progress bars).
         seed: add ``--seed`` (a script with ``--seeds`` of its own says False).
+        force: add ``--force``.
 
     Example:
         >>> parser = StudyParser("My study.", out="results/my_study")
@@ -105,7 +108,10 @@ class StudyParser(argparse.ArgumentParser):
         ('results/my_study-gemma-3-270m', 'data', 0, False, 32)
     """
 
-    def __init__(self, description: str, out: str, *, quiet: bool = True, seed: bool = True):
+    def __init__(
+        self, description: str, out: str, *, quiet: bool = True, seed: bool = True,
+        force: bool = False,
+    ):  # fmt: skip
         super().__init__(description=description)
         self.out = out
         self.add_argument(
@@ -121,6 +127,12 @@ class StudyParser(argparse.ArgumentParser):
             self.add_argument("--quiet", action="store_true", help="hide progress bars")
         if seed:
             self.add_argument("--seed", type=int, default=0)
+        if force:
+            self.add_argument(
+                "--force", action="store_true",
+                help="start a cell whose folder holds a run of other settings over (its "
+                "files are deleted)",
+            )  # fmt: skip
 
     def parse_known_args(self, args=None, namespace=None):
         """``argparse``'s, with ``out`` set to :func:`results_folder` (as a string) where
@@ -186,6 +198,8 @@ class Study:
         fluency_prompts: ``(seed, data_dir) -> general prompts`` whose greedy continuations
             every cell scores with each method (:func:`~mechunlearn.fluency_table`, the
             cell's ``fluency.csv``); None for none.
+        force: a cell whose folder holds a run of other settings is started over (its files
+            deleted) rather than refused.
     """
 
     tasks: Mapping[str, Task]
@@ -200,6 +214,7 @@ class Study:
     quiet: bool = False
     device: str | None = None
     fluency_prompts: Callable[[int, str | None], Sequence[str]] | None = None
+    force: bool = False
 
     def cells(self, tasks: Sequence[str] | None = None) -> Iterator[tuple[str, int]]:
         """``(task, seed)`` of every cell, task by task (``tasks``: a subset, in its order).
@@ -258,7 +273,7 @@ class Study:
             ``seed``).
         """
         config = self.config(task, seed)
-        folder = RunFolder(self.folder(task, seed), config)
+        folder = RunFolder(self.folder(task, seed), config, force=self.force)
         skills = load_skills(config)
         try:
             folder.prepare()

@@ -5,8 +5,13 @@ methods comes in as arguments:
 
 * the **trained parameters** (``params``: named tensors of the model, trained in place; those
   the first step's loss does not reach are dropped);
-* the **loss** (``loss_fn(batch_forget, batch_retain) -> (loss, terms)``): the scalar to
-  minimise and the named scalars to log (``forget_loss``, ``retain_loss``, ...);
+* the **loss** (``loss_fn(batch_forget, batch_retain)``): the scalar to minimise and the named
+  scalars to log (``forget_loss``, ``retain_loss``, ...), either as one ``(loss, terms)`` pair or
+  as an iterable of such pairs, the **parts** of the loss (the forget part, then the retain
+  part). Each part is differentiated as soon as it is computed and its graph freed before the
+  next part's forward pass, so a step holds one batch's activations at a time, not both
+  (GradDiff's peak memory on the default model falls by about the size of one graph); the
+  gradients are summed (:func:`sum_parts` is the same loss as one scalar);
 * the **optimizer** (``make_optimizer(trained) -> torch.optim.Optimizer``, built after the first
   gradient, so that it sees the parameters that are really trained; masks, where a method has
   them, live in its optimizer, as in SIMU's :class:`~.simu.MaskedSophiaH`);
@@ -53,7 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +77,7 @@ __all__ = [
     "STOP_REASONS",
     "EarlyStop",
     "LossFn",
+    "LossPart",
     "TrainResult",
     "answer_nll",
     "check_answer_skill",
@@ -82,7 +88,9 @@ __all__ = [
     "epochs",
     "example_answer_nll",
     "frozen",
+    "grad_diff_parts",
     "mean_answer_loss",
+    "sum_parts",
     "tokenize_answers",
     "train",
 ]
@@ -93,8 +101,12 @@ STOP_REASONS = ("max_steps", "forget_loss_target")
 Items = Sequence[tuple[list[int], int]]
 """Tokenised examples: ``(token ids, number of head tokens = BOS + prompt)``."""
 
-LossFn = Callable[[EncodedBatch, EncodedBatch], tuple[Tensor, Mapping[str, Tensor]]]
-"""``loss_fn(batch_forget, batch_retain) -> (loss, {term: scalar})``."""
+LossPart = tuple[Tensor, Mapping[str, Tensor]]
+"""``(loss, {term: scalar})``: one part of a step's loss and the terms it logs."""
+
+LossFn = Callable[[EncodedBatch, EncodedBatch], LossPart | Iterable[LossPart]]
+"""``loss_fn(batch_forget, batch_retain)``: one :data:`LossPart`, or several, yielded one at a
+time (each is differentiated before the next is computed)."""
 
 
 # ------------------------------------------------------------------------------- losses
@@ -134,6 +146,57 @@ def mean_answer_loss(model, batch: EncodedBatch, fwd_hooks: Sequence = ()) -> Fl
     logits = forward(model, batch, fwd_hooks)
     count = batch.answer_mask[:, 1:].sum().clamp(min=1)
     return answer_nll(logits, batch).sum() / count
+
+
+def grad_diff_parts(
+    model, batch_f: EncodedBatch, batch_r: EncodedBatch, gamma: float = 1.0
+) -> Iterator[LossPart]:
+    """GradDiff's loss ``-L_F + gamma * L_R`` of one step in two parts (:data:`LossFn`): ``-L_F``
+    (logging ``forget_loss``), then ``gamma * L_R`` (logging ``retain_loss``). Here because SIMU
+    minimises it too (SIMU is GradDiff with a neuron mask and a second-order optimizer).
+
+    Example:
+        >>> from mechunlearn.batching import iter_batches
+        >>> batch_f = next(iter(iter_batches(model, forget.prompts, forget.answers)))
+        >>> batch_r = next(iter(iter_batches(model, retain.prompts, retain.answers)))
+        >>> [sorted(terms) for _, terms in grad_diff_parts(model, batch_f, batch_r)]
+        [['forget_loss'], ['retain_loss']]
+    """
+    loss_f = mean_answer_loss(model, batch_f)
+    yield -loss_f, {"forget_loss": loss_f}
+    loss_r = mean_answer_loss(model, batch_r)
+    yield gamma * loss_r, {"retain_loss": loss_r}
+
+
+def sum_parts(parts: Iterable[LossPart]) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    """A loss given as parts (:data:`LossFn`) as one scalar: the parts' sum, and their terms
+    with ``"loss"`` (the sum) first.
+
+    Example:
+        >>> loss, terms = sum_parts([(torch.tensor(-2.0), {"forget_loss": torch.tensor(2.0)}),
+        ...                          (torch.tensor(3.0), {"retain_loss": torch.tensor(1.5)})])
+        >>> float(loss), sorted(terms)
+        (1.0, ['forget_loss', 'loss', 'retain_loss'])
+    """
+    losses: list[Tensor] = []
+    terms: dict[str, Tensor] = {}
+    for loss, part_terms in parts:
+        losses.append(loss)
+        _merge_terms(terms, part_terms)
+    if not losses:
+        raise ValueError("A loss needs at least one part.")
+    total = losses[0]
+    for loss in losses[1:]:
+        total = total + loss
+    return total, {"loss": total, **terms}
+
+
+def _merge_terms(terms: dict[str, Tensor], part_terms: Mapping[str, Tensor]) -> None:
+    """Add one part's logged terms to ``terms``; a name logged by two parts is a bug."""
+    twice = sorted(set(terms) & set(part_terms))
+    if twice:
+        raise ValueError(f"Two parts of the loss log the same terms {twice}.")
+    terms.update(part_terms)
 
 
 @torch.no_grad()
@@ -395,8 +458,9 @@ def train(
         model: a TransformerBridge or HookedTransformer.
         params: ``(name, tensor)`` of the parameters that may be trained (leaf tensors of the
             model); those the first step's loss does not reach are left out.
-        loss_fn: ``loss_fn(batch_forget, batch_retain) -> (loss, terms)``: the scalar to
-            minimise and the named scalars to log (float32 or wider).
+        loss_fn: ``loss_fn(batch_forget, batch_retain)``: ``(loss, terms)``, the scalar to
+            minimise and the named scalars to log (float32 or wider), or an iterable of such
+            parts, each differentiated before the next is computed (:data:`LossFn`).
         make_optimizer: builds the optimizer from the trained ``(name, tensor)`` list.
         forget, retain: tokenised examples (:func:`tokenize_answers`).
         max_steps: steps at most.
@@ -444,23 +508,20 @@ def train(
                 batch_r = pad_batch(model, [retain[i] for i in idx_r], idx_r).to(device)
                 create_graph = second_order is not None and second_order(opt)
                 with torch.enable_grad(), _double_backward_ok(device, create_graph):
-                    loss, terms = loss_fn(batch_f, batch_r)
-                    values, record = _record(loss, terms, early_stop, idx_f)
-                    history.append(record)
-                    bar.set_postfix(
-                        {k.removesuffix("_loss"): f"{v:.3f}" for k, v in record.items()
-                         if not k.endswith("_initial")}
+                    loss, terms, grads = _step_gradients(
+                        loss_fn(batch_f, batch_r), [p for _, p in (trained or params)],
+                        create_graph,
                     )  # fmt: skip
-                    _check_finite(values, record, name, step, hint)
-                    if early_stop is not None and early_stop.reached(record):
-                        reason = "forget_loss_target"
-                        break
-                    grads = torch.autograd.grad(
-                        loss,
-                        [p for _, p in (trained or params)],
-                        create_graph=create_graph,
-                        allow_unused=True,
-                    )
+                values, record = _record(loss, terms, early_stop, idx_f)
+                history.append(record)
+                bar.set_postfix(
+                    {k.removesuffix("_loss"): f"{v:.3f}" for k, v in record.items()
+                     if not k.endswith("_initial")}
+                )  # fmt: skip
+                _check_finite(values, record, name, step, hint)
+                if early_stop is not None and early_stop.reached(record):
+                    reason = "forget_loss_target"
+                    break
                 if opt is None:  # train what the loss reaches (GPT-2 bridges alias q/k/v)
                     trained, grads = _reached(params, grads, name)
                     opt = make_optimizer(trained)
@@ -474,6 +535,30 @@ def train(
                 p.grad = None
                 p.copy_(originals[key])
     return TrainResult(deltas, history, reason)
+
+
+def _step_gradients(
+    out: LossPart | Iterable[LossPart], targets: list[Tensor], create_graph: bool
+) -> tuple[Tensor, dict[str, Tensor], list[Tensor | None]]:
+    """A step's loss (detached), its terms (``"loss"`` first) and the gradients of ``targets``,
+    part by part: each part is differentiated, and its graph freed (unless ``create_graph``),
+    before the next part is computed. None for a target no part reaches."""
+    parts = [out] if isinstance(out, tuple) and isinstance(out[0], Tensor) else out
+    total: Tensor | None = None
+    terms: dict[str, Tensor] = {}
+    grads: list[Tensor | None] = [None] * len(targets)
+    for loss, part_terms in parts:
+        _merge_terms(terms, {k: v for k, v in part_terms.items() if k != "loss"})
+        total = loss.detach() if total is None else total + loss.detach()
+        if loss.requires_grad:
+            part_grads = torch.autograd.grad(
+                loss, targets, create_graph=create_graph, allow_unused=True
+            )
+            grads = [g if a is None else a if g is None else a + g
+                     for a, g in zip(grads, part_grads, strict=True)]  # fmt: skip
+    if total is None:
+        raise ValueError("The loss function yielded no part.")
+    return total, {"loss": total, **terms}, grads
 
 
 def _record(

@@ -162,7 +162,10 @@ def fit_cube(
     return Cube(mu, sigma, floor, n_floored, int(x.shape[0]))
 
 
-def normalized_distance(x: Float[Tensor, "m *batch d"], cube: Cube) -> Float[Tensor, "m *batch"]:
+def normalized_distance(
+    x: Float[Tensor, "m *batch d"],
+    cube: Cube,
+) -> Float[Tensor, "m *batch"]:  # noqa: F821 (shape)
     """The margin ``max_i |x_i − μ_i| / σ_i`` of each vector: the smallest α whose cube holds it.
 
     ``x`` broadcasts against the cube after its first axis: ``[m, d]`` against one cube gives
@@ -196,7 +199,7 @@ def normalized_distance(x: Float[Tensor, "m *batch d"], cube: Cube) -> Float[Ten
 
 def contains(
     x: Float[Tensor, "m *batch d"], cube: Cube, alpha: float | Tensor
-) -> Bool[Tensor, "m *batch"]:
+) -> Bool[Tensor, "m *batch"]:  # noqa: F821 (shape)
     """Whether each vector lies in ``μ ± α·σ`` on every dimension (margin ``≤ α``).
 
     ``alpha`` is a number or a tensor broadcastable to the cube's leading shape (one α per
@@ -232,7 +235,7 @@ def k_min(values: Float[Tensor, "n *batch d"], cube: Cube | None = None) -> Floa
 
 def inclusion_rate(
     x: Float[Tensor, "m *batch d"], cube: Cube, alphas: Sequence[float] | Tensor
-) -> Float[Tensor, "alpha *batch"]:
+) -> Float[Tensor, "alpha *batch"]:  # noqa: F821 (shape)
     """Fraction of the vectors of ``x`` inside the cube, for each α of ``alphas``.
 
     Example:

@@ -157,6 +157,7 @@ def test_the_study_fits_attacks_resumes_and_summarizes_on_the_tiny_model(
     args = SimpleNamespace(
         seeds=[0], n=4, out=str(out), model=None, data_dir=None, batch_size=4, quiet=True,
         device=None, methods=["SP", "NA"], attacks=["quantization", "relearning"], steps=[1],
+        force=False,
     )  # fmt: skip
     folder = attack_study.run_cell("gsm8k-vs-mbpp", 0, args, tiny_llama)
     assert folder.name == "seed0-NA-SP"

@@ -13,6 +13,9 @@ from mechunlearn import NPO, RMU, GradAscent, GradDiff, Skill
 from mechunlearn.batching import iter_batches, tokenize_examples
 from mechunlearn.interventions import NotFittedError, get_method
 from mechunlearn.interventions.baselines import npo_loss, random_direction
+from mechunlearn.interventions.baselines.common import block_parameters
+from mechunlearn.interventions.baselines.grad_diff import grad_diff_loss
+from mechunlearn.interventions.training import grad_diff_parts, tokenize_answers, train
 from mechunlearn.interventions.weights import w_out
 from mechunlearn.sites import hook_name
 from tests.tiny_models import make_tiny_llama
@@ -256,6 +259,53 @@ def test_early_stop(tiny_llama):
     assert all(h["forget_loss"] < 1.05 * h["forget_loss_initial"] for h in est.history_[:-1])
     assert est.n_updates_ == len(est.history_) - 1 < 40
     assert "updates (forget_loss_target)" in repr(est)
+
+
+def test_loop_frees_each_part_before_the_next_and_sums_their_gradients(tiny_llama):
+    """The training loop differentiates the forget part (freeing its graph) before the retain
+    part's forward pass, so a step holds one batch's activations at a time; the summed
+    gradients are the joint loss's (same deltas as one ``-L_F + gamma * L_R`` scalar)."""
+    model = tiny_llama
+    items_f = tokenize_answers(model, F_SKILL, None, "forget", "GradDiff")
+    items_r = tokenize_answers(model, R_SKILL, None, "retain", "GradDiff")
+    params = block_parameters(model, [1])
+    live = [0]  # tensors that autograd holds for a backward pass
+
+    class Held:
+        def __init__(self, tensor):
+            self.tensor = tensor
+            live[0] += 1
+
+        def __del__(self):
+            live[0] -= 1
+
+    seen = []
+
+    def counted_parts(batch_f, batch_r):
+        parts = grad_diff_parts(model, batch_f, batch_r, 2.0)
+        first = next(parts)
+        seen.append(live[0])  # the forget part's graph, alive
+        yield first
+        seen.append(live[0])  # after the loop differentiated it
+        yield next(parts)
+
+    def run(loss_fn):
+        return train(
+            model, params, loss_fn, lambda t: torch.optim.SGD([p for _, p in t], lr=0.1),
+            items_f, items_r, max_steps=2, batch_size=4, seed=0, name="GradDiff", quiet=True,
+        )  # fmt: skip
+
+    with torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.tensor):
+        parts = run(counted_parts)
+    assert seen[0::2] == [seen[0]] * 2 and seen[0] > 10
+    assert seen[1::2] == [0, 0]
+    joint = run(lambda batch_f, batch_r: grad_diff_loss(model, batch_f, batch_r, 2.0))
+    assert parts.deltas.keys() == joint.deltas.keys() and len(parts.deltas) > 5
+    for key, delta in joint.deltas.items():
+        assert delta.abs().max() > 0
+        torch.testing.assert_close(parts.deltas[key], delta, rtol=1e-5, atol=1e-7)
+    for a, b in zip(parts.history, joint.history, strict=True):
+        assert a == pytest.approx(b, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)

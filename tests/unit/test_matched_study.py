@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
+import pytest
 import torch
 
 import mechunlearn as mu
@@ -50,7 +51,7 @@ def cell_args(model, tmp_path: Path, monkeypatch, data_dir, methods: list[str]):
     monkeypatch.setattr(matched_study, "TASKS", {"arith-vs-code": task})
     args = SimpleNamespace(n=8, out=str(tmp_path / "matched"), model=None, data_dir=str(data_dir),
                            batch_size=4, quiet=True, device=None, methods=methods,
-                           floor=0.5)  # fmt: skip
+                           floor=0.5, force=False)  # fmt: skip
     return args, task
 
 
@@ -169,3 +170,20 @@ def test_lunar_and_simu_are_tuned_on_the_fit_quarters(tiny_llama, tmp_path, monk
     assert matched_study.summary_markdown([*roots, tmp_path / "cheap"]) == summary
     matched_study.write_summary(tmp_path / "cheap", roots)
     assert (tmp_path / "cheap" / "arith-vs-code-seed0-floor0.5-frontier.png").exists()
+
+
+def test_a_finished_cell_of_other_settings_is_refused_unless_forced(
+    tiny_llama, tmp_path, monkeypatch, data_dir
+):
+    monkeypatch.setitem(matched_study.KNOBS, "NA", ({"ratio": [0.5]}, {}))
+    args, _ = cell_args(tiny_llama, tmp_path, monkeypatch, data_dir, ["NA"])
+    matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
+    args.n = 6  # other settings, the same folder: refused before any work
+    folder = tmp_path / "matched" / "arith-vs-code" / "seed0-floor0.5"
+    (folder / "matched.csv").unlink()
+    with pytest.raises(mu.pipeline.PipelineError, match="pass --force"):
+        matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
+    args.force = True
+    table = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
+    assert set(table["method"]) == {"base", "NA ratio=0.5"}
+    assert json.loads((folder / "config.json").read_text())["n"] == 6

@@ -72,6 +72,21 @@ def test_cells_run_resume_and_score_the_extra_skills(tiny_llama, skills, tmp_pat
     pd.testing.assert_frame_equal(again, first)
 
 
+def test_a_cell_of_other_settings_is_refused_unless_forced(tiny_llama, skills, tmp_path):
+    def declared(methods, force=False):
+        return Study(tasks={"arith": Task(skills["arith"], (skills["code"],), general=None)},
+                     methods=methods, n=4, out=tmp_path / "study", quiet=True,
+                     force=force)  # fmt: skip
+
+    declared({"SP": GRID["SP"]}).run_cell("arith", 0, tiny_llama)
+    with pytest.raises(mu.pipeline.PipelineError, match="other settings .*pass --force"):
+        declared(GRID).run_cell("arith", 0, tiny_llama)
+    table = declared(GRID, force=True).run_cell("arith", 0, tiny_llama)
+    assert set(table["method"]) == {"base", "NA 5%", "SP"}
+    saved = pd.read_csv(declared(GRID).folder("arith", 0) / SWEEP)
+    assert set(saved["method"]) == {"base", "NA 5%", "SP"}
+
+
 def test_cells_score_fluency_and_add_it_to_finished_cells(tiny_llama, skills, tmp_path):
     def study(fluency_prompts=None):
         return Study(
@@ -145,6 +160,9 @@ def test_study_parser_adds_the_shared_arguments_and_resolves_out(monkeypatch):
     # a script with --seeds of its own, or without progress bars, leaves those out
     bare = StudyParser("A study.", out="results/x", quiet=False, seed=False)
     assert sorted(vars(bare.parse_args([]))) == ["data_dir", "model", "out"]
+    # a study of run folders offers --force (the folder's refusal names it)
+    forced = StudyParser("A study.", out="results/x", force=True)
+    assert (forced.parse_args([]).force, forced.parse_args(["--force"]).force) == (False, True)
 
 
 def test_data_dir_or_exit_says_how_to_give_the_folder(monkeypatch):

@@ -16,13 +16,15 @@ with torch's AdamW. See :class:`GradAscent` for the defaults and where they come
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ...batching import EncodedBatch
 from ..registry import register_method
-from ..training import mean_answer_loss
+from ..training import LossPart, mean_answer_loss, sum_parts
 from .common import ForgetLossBaseline
 
 __all__ = ["GradAscent", "grad_ascent_loss"]
@@ -41,11 +43,16 @@ def grad_ascent_loss(
         >>> bool(loss == -terms["forget_loss"]), sorted(terms)
         (True, ['forget_loss', 'loss', 'retain_loss'])
     """
+    return sum_parts(_grad_ascent_parts(model, batch_f, batch_r))
+
+
+def _grad_ascent_parts(model, batch_f: EncodedBatch, batch_r: EncodedBatch) -> Iterator[LossPart]:
+    """``-L_F``, then a part that only logs ``L_R`` (computed without a graph)."""
     loss_f = mean_answer_loss(model, batch_f)
+    yield -loss_f, {"forget_loss": loss_f}
     with torch.no_grad():
         loss_r = mean_answer_loss(model, batch_r)
-    loss = -loss_f
-    return loss, {"loss": loss, "forget_loss": loss_f, "retain_loss": loss_r}
+    yield loss_r.new_zeros(()), {"retain_loss": loss_r}
 
 
 @register_method("GA", fits_on="model")
@@ -74,4 +81,4 @@ class GradAscent(ForgetLossBaseline):
 
     def _objective(self, model, items_f, items_r):
         _, early = self._forget_reference(model, items_f)
-        return (lambda batch_f, batch_r: grad_ascent_loss(model, batch_f, batch_r)), early
+        return (lambda batch_f, batch_r: _grad_ascent_parts(model, batch_f, batch_r)), early

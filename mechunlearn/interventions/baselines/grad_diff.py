@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...batching import EncodedBatch
 from ..registry import register_method
-from ..training import mean_answer_loss
+from ..training import grad_diff_parts, sum_parts
 from .common import ForgetLossBaseline, check_nonnegative
 
 __all__ = ["GradDiff", "grad_diff_loss"]
@@ -38,10 +38,7 @@ def grad_diff_loss(
         >>> torch.allclose(loss, 2 * terms["retain_loss"] - terms["forget_loss"])
         True
     """
-    loss_f = mean_answer_loss(model, batch_f)
-    loss_r = mean_answer_loss(model, batch_r)
-    loss = gamma * loss_r - loss_f
-    return loss, {"loss": loss, "forget_loss": loss_f, "retain_loss": loss_r}
+    return sum_parts(grad_diff_parts(model, batch_f, batch_r, gamma))
 
 
 @register_method("GradDiff", fits_on="model")
@@ -89,4 +86,4 @@ class GradDiff(ForgetLossBaseline):
     def _objective(self, model, items_f, items_r):
         _, early = self._forget_reference(model, items_f)
         gamma = float(self.gamma)
-        return (lambda batch_f, batch_r: grad_diff_loss(model, batch_f, batch_r, gamma)), early
+        return (lambda batch_f, batch_r: grad_diff_parts(model, batch_f, batch_r, gamma)), early

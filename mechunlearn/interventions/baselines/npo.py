@@ -19,7 +19,7 @@ frozen copy of the model at every step: the same numbers, without a second model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -28,7 +28,7 @@ from torch import Tensor
 from ...batching import EncodedBatch, forward
 from ...validation import check_positive
 from ..registry import register_method
-from ..training import answer_nll, mean_answer_loss
+from ..training import LossPart, answer_nll, mean_answer_loss, sum_parts
 from .common import ForgetLossBaseline, check_nonnegative
 
 __all__ = ["NPO", "npo_loss"]
@@ -68,6 +68,18 @@ def npo_loss(
         >>> round(float(terms["npo_loss"]), 4), round(2 / 0.1 * math.log(2), 4)  # log-ratio 0
         (13.8629, 13.8629)
     """
+    return sum_parts(_npo_parts(model, batch_f, batch_r, reference_nll, beta, gamma))
+
+
+def _npo_parts(
+    model,
+    batch_f: EncodedBatch,
+    batch_r: EncodedBatch,
+    reference_nll: Float[Tensor, " example"],
+    beta: float,
+    gamma: float,
+) -> Iterator[LossPart]:
+    """``L_NPO`` (logging ``forget_loss`` and ``npo_loss``), then ``gamma * L_R``."""
     nll = answer_nll(forward(model, batch_f), batch_f)
     count = batch_f.answer_mask[:, 1:].sum().clamp(min=1)
     loss_f = nll.sum() / count
@@ -76,14 +88,9 @@ def npo_loss(
     ]
     log_ratio = reference - nll  # log pi_theta(y|x) - log pi_ref(y|x)
     loss_npo = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+    yield loss_npo, {"forget_loss": loss_f, "npo_loss": loss_npo}
     loss_r = mean_answer_loss(model, batch_r)
-    loss = loss_npo + gamma * loss_r
-    return loss, {
-        "loss": loss,
-        "forget_loss": loss_f,
-        "retain_loss": loss_r,
-        "npo_loss": loss_npo,
-    }
+    yield gamma * loss_r, {"retain_loss": loss_r}
 
 
 @register_method("NPO", fits_on="model")
@@ -139,6 +146,6 @@ class NPO(ForgetLossBaseline):
         beta, gamma = float(self.beta), float(self.gamma)
 
         def loss_fn(batch_f, batch_r):
-            return npo_loss(model, batch_f, batch_r, reference, beta, gamma)
+            return _npo_parts(model, batch_f, batch_r, reference, beta, gamma)
 
         return loss_fn, early

@@ -29,7 +29,7 @@ the layers above ``l`` and the unembedding never run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ from ...models import model_device
 from ...sites import hook_name
 from ...validation import check_int, check_layers, check_positive, resolve_layers
 from ..registry import register_method
+from ..training import LossPart, sum_parts
 from ..weights import w_out_owner
 from .common import TrainedBaseline, check_nonnegative
 
@@ -117,12 +118,25 @@ def rmu_loss(
         >>> float(terms["retain_loss"])      # the model is its own reference
         0.0
     """
+    return sum_parts(_rmu_parts(model, batch_f, batch_r, layer, control, reference, alpha))
+
+
+def _rmu_parts(
+    model,
+    batch_f: EncodedBatch,
+    batch_r: EncodedBatch,
+    layer: int,
+    control: Float[Tensor, " d_model"],
+    reference: Callable[[EncodedBatch], Float[Tensor, "token d_model"]],
+    alpha: float,
+) -> Iterator[LossPart]:
+    """The forget MSE, then ``alpha`` times the retain MSE."""
     h_f = layer_activation(model, batch_f, layer)
-    h_r = layer_activation(model, batch_r, layer)
     loss_f = F.mse_loss(h_f, control.to(h_f.device).expand_as(h_f))
+    yield loss_f, {"forget_loss": loss_f}
+    h_r = layer_activation(model, batch_r, layer)
     loss_r = F.mse_loss(h_r, reference(batch_r).to(h_r.device))
-    loss = loss_f + alpha * loss_r
-    return loss, {"loss": loss, "forget_loss": loss_f, "retain_loss": loss_r}
+    yield alpha * loss_r, {"retain_loss": loss_r}
 
 
 @register_method("RMU", fits_on="model")
@@ -248,7 +262,7 @@ class RMU(TrainedBaseline):
         alpha = float(self.alpha)
 
         def loss_fn(batch_f, batch_r):
-            return rmu_loss(model, batch_f, batch_r, layer, control, reference, alpha)
+            return _rmu_parts(model, batch_f, batch_r, layer, control, reference, alpha)
 
         return loss_fn, None
 

@@ -22,7 +22,7 @@ from ..training import (
     check_forget_loss_factor,
     check_loop_settings,
     check_skills,
-    mean_answer_loss,
+    grad_diff_parts,
     tokenize_answers,
     train,
 )
@@ -234,10 +234,8 @@ class Simu(WeightIntervention):
         period = int(kwargs.get("update_period", 10))
         gamma = float(self.gamma)
 
-        def loss_fn(batch_f, batch_r):
-            loss_f = mean_answer_loss(model, batch_f)
-            loss_r = mean_answer_loss(model, batch_r)
-            return gamma * loss_r - loss_f, {"forget_loss": loss_f, "retain_loss": loss_r}
+        def loss_fn(batch_f, batch_r):  # GradDiff's loss; the mask is in the optimizer
+            return grad_diff_parts(model, batch_f, batch_r, gamma)
 
         def make_optimizer(trained):
             return MaskedSophiaH(
