@@ -486,8 +486,10 @@ def _scoring_row(ctx: _Ctx) -> MemoryRow:
 
 # ------------------------------------------------------------------------------ methods
 def _training_activations(ctx: _Ctx, batch: int, depth: int, graphs: int, vocab: bool) -> int:
-    """Activations autograd keeps for a step: ``graphs`` batches (1 for GA, whose retain term
-    has no gradient; 2 for the others) of ``batch`` examples of ``seq_len`` tokens, through the
+    """Activations autograd keeps for a step: ``graphs`` batches (1 for the first-order methods,
+    whose training loop differentiates the forget part of the loss and frees its graph before
+    the retain part's forward pass; 2 for SIMU's Hessian steps, whose first gradients keep
+    both parts' graphs) of ``batch`` examples of ``seq_len`` tokens, through the
     ``depth`` layers above the first trained one (about ``4 d_model + 2 n_heads d_head +
     4 d_mlp`` values per token and layer, and the attention probabilities); where the loss reads
     the logits, each graph's float32 rows of the answer tokens (half the tokens) and their
@@ -592,8 +594,7 @@ def _baseline(ctx: _Ctx, name: str, settings: dict) -> tuple:
     what = "every parameter" if chosen is None else f"{len(chosen)} blocks"
     depth = s.n_layers - (0 if chosen is None else min(chosen))
     fit = _trained(trained, s.itemsize, 2)
-    graphs = 1 if name == "GA" else 2
-    fit += _training_activations(ctx, settings["batch_size"], depth, graphs, True)
+    fit += _training_activations(ctx, settings["batch_size"], depth, 1, True)
     return (
         trained * s.itemsize,
         f"deltas of {what} ({trained:,} weights, {s.dtype})",
@@ -613,7 +614,7 @@ def _rmu(ctx: _Ctx, name: str, settings: dict) -> tuple:
     cache = ctx.n * ctx.seq * s.d_model * s.itemsize  # h_ref of every retain token
     fit = _trained(trained, s.itemsize, 2) + cache
     depth = steered + 1 - min(chosen)
-    fit += _training_activations(ctx, settings["batch_size"], depth, 2, False)
+    fit += _training_activations(ctx, settings["batch_size"], depth, 1, False)
     return (
         state,
         f"W_out deltas of {len(chosen)} layers + direction",
