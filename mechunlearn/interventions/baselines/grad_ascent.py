@@ -31,9 +31,12 @@ __all__ = ["GradAscent", "grad_ascent_loss"]
 
 
 def grad_ascent_loss(
-    model, batch_f: EncodedBatch, batch_r: EncodedBatch
-) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    model, batch_f: EncodedBatch, batch_r: EncodedBatch, *, parts: bool = False
+) -> tuple[Float[Tensor, ""], dict[str, Tensor]] | Iterator[LossPart]:
     """GA's loss ``-L_F`` of one step, and the logged terms (``L_R`` without gradient).
+
+    With ``parts``, the loss as the training loop takes it (:data:`~..training.LossFn`):
+    ``-L_F``, then a part that only logs ``L_R`` (computed without a graph).
 
     Example:
         >>> from mechunlearn.batching import iter_batches
@@ -43,16 +46,15 @@ def grad_ascent_loss(
         >>> bool(loss == -terms["forget_loss"]), sorted(terms)
         (True, ['forget_loss', 'loss', 'retain_loss'])
     """
-    return sum_parts(_grad_ascent_parts(model, batch_f, batch_r))
 
+    def generate() -> Iterator[LossPart]:
+        loss_f = mean_answer_loss(model, batch_f)
+        yield -loss_f, {"forget_loss": loss_f}
+        with torch.no_grad():
+            loss_r = mean_answer_loss(model, batch_r)
+        yield loss_r.new_zeros(()), {"retain_loss": loss_r}
 
-def _grad_ascent_parts(model, batch_f: EncodedBatch, batch_r: EncodedBatch) -> Iterator[LossPart]:
-    """``-L_F``, then a part that only logs ``L_R`` (computed without a graph)."""
-    loss_f = mean_answer_loss(model, batch_f)
-    yield -loss_f, {"forget_loss": loss_f}
-    with torch.no_grad():
-        loss_r = mean_answer_loss(model, batch_r)
-    yield loss_r.new_zeros(()), {"retain_loss": loss_r}
+    return generate() if parts else sum_parts(generate())
 
 
 @register_method("GA", fits_on="model")
@@ -81,4 +83,4 @@ class GradAscent(ForgetLossBaseline):
 
     def _objective(self, model, items_f, items_r):
         _, early = self._forget_reference(model, items_f)
-        return (lambda batch_f, batch_r: _grad_ascent_parts(model, batch_f, batch_r)), early
+        return (lambda f, r: grad_ascent_loss(model, f, r, parts=True)), early

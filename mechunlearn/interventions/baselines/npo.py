@@ -41,7 +41,9 @@ def npo_loss(
     reference_nll: Float[Tensor, " example"],
     beta: float = 0.1,
     gamma: float = 1.0,
-) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    *,
+    parts: bool = False,
+) -> tuple[Float[Tensor, ""], dict[str, Tensor]] | Iterator[LossPart]:
     """NPO's loss ``L_NPO + gamma * L_R`` of one step, and the logged terms.
 
     Args:
@@ -51,10 +53,13 @@ def npo_loss(
             answer-token cross-entropy of the reference model, i.e. ``-log pi_ref(y|x)``.
         beta: NPO's inverse temperature.
         gamma: weight of the retain loss.
+        parts: return the loss as the training loop takes it (:data:`~..training.LossFn`):
+            ``L_NPO`` (logging ``forget_loss`` and ``npo_loss``), then ``gamma * L_R``,
+            computed one after the other.
 
     Returns:
         The loss and ``{"loss", "forget_loss" (L_F, mean answer-token cross-entropy),
-        "retain_loss" (L_R), "npo_loss" (L_NPO)}``.
+        "retain_loss" (L_R), "npo_loss" (L_NPO)}``; with ``parts``, its two parts.
 
     Example:
         >>> import math
@@ -68,29 +73,21 @@ def npo_loss(
         >>> round(float(terms["npo_loss"]), 4), round(2 / 0.1 * math.log(2), 4)  # log-ratio 0
         (13.8629, 13.8629)
     """
-    return sum_parts(_npo_parts(model, batch_f, batch_r, reference_nll, beta, gamma))
 
+    def generate() -> Iterator[LossPart]:
+        nll = answer_nll(forward(model, batch_f), batch_f)
+        count = batch_f.answer_mask[:, 1:].sum().clamp(min=1)
+        loss_f = nll.sum() / count
+        reference = reference_nll.to(device=nll.device, dtype=nll.dtype)[
+            batch_f.example_index.to(nll.device)
+        ]
+        log_ratio = reference - nll  # log pi_theta(y|x) - log pi_ref(y|x)
+        loss_npo = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+        yield loss_npo, {"forget_loss": loss_f, "npo_loss": loss_npo}
+        loss_r = mean_answer_loss(model, batch_r)
+        yield gamma * loss_r, {"retain_loss": loss_r}
 
-def _npo_parts(
-    model,
-    batch_f: EncodedBatch,
-    batch_r: EncodedBatch,
-    reference_nll: Float[Tensor, " example"],
-    beta: float,
-    gamma: float,
-) -> Iterator[LossPart]:
-    """``L_NPO`` (logging ``forget_loss`` and ``npo_loss``), then ``gamma * L_R``."""
-    nll = answer_nll(forward(model, batch_f), batch_f)
-    count = batch_f.answer_mask[:, 1:].sum().clamp(min=1)
-    loss_f = nll.sum() / count
-    reference = reference_nll.to(device=nll.device, dtype=nll.dtype)[
-        batch_f.example_index.to(nll.device)
-    ]
-    log_ratio = reference - nll  # log pi_theta(y|x) - log pi_ref(y|x)
-    loss_npo = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
-    yield loss_npo, {"forget_loss": loss_f, "npo_loss": loss_npo}
-    loss_r = mean_answer_loss(model, batch_r)
-    yield gamma * loss_r, {"retain_loss": loss_r}
+    return generate() if parts else sum_parts(generate())
 
 
 @register_method("NPO", fits_on="model")
@@ -146,6 +143,6 @@ class NPO(ForgetLossBaseline):
         beta, gamma = float(self.beta), float(self.gamma)
 
         def loss_fn(batch_f, batch_r):
-            return _npo_parts(model, batch_f, batch_r, reference, beta, gamma)
+            return npo_loss(model, batch_f, batch_r, reference, beta, gamma, parts=True)
 
         return loss_fn, early

@@ -91,7 +91,9 @@ def rmu_loss(
     control: Float[Tensor, " d_model"],
     reference: Callable[[EncodedBatch], Float[Tensor, "token d_model"]],
     alpha: float,
-) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    *,
+    parts: bool = False,
+) -> tuple[Float[Tensor, ""], dict[str, Tensor]] | Iterator[LossPart]:
     """RMU's loss ``MSE(h(forget), control) + alpha * MSE(h(retain), h_ref(retain))``.
 
     Args:
@@ -102,10 +104,12 @@ def rmu_loss(
         reference: ``reference(batch_r)``, the frozen model's activations at the retain batch's
             counted tokens, in :func:`layer_activation`'s order.
         alpha: the retain weight.
+        parts: return the loss as the training loop takes it (:data:`~..training.LossFn`): the
+            forget MSE, then ``alpha`` times the retain MSE, computed one after the other.
 
     Returns:
         The loss and ``{"loss", "forget_loss" (forget MSE), "retain_loss" (retain MSE, before
-        alpha)}``.
+        alpha)}``; with ``parts``, its two parts.
 
     Example:
         >>> from mechunlearn.batching import iter_batches
@@ -118,25 +122,16 @@ def rmu_loss(
         >>> float(terms["retain_loss"])      # the model is its own reference
         0.0
     """
-    return sum_parts(_rmu_parts(model, batch_f, batch_r, layer, control, reference, alpha))
 
+    def generate() -> Iterator[LossPart]:
+        h_f = layer_activation(model, batch_f, layer)
+        loss_f = F.mse_loss(h_f, control.to(h_f.device).expand_as(h_f))
+        yield loss_f, {"forget_loss": loss_f}
+        h_r = layer_activation(model, batch_r, layer)
+        loss_r = F.mse_loss(h_r, reference(batch_r).to(h_r.device))
+        yield alpha * loss_r, {"retain_loss": loss_r}
 
-def _rmu_parts(
-    model,
-    batch_f: EncodedBatch,
-    batch_r: EncodedBatch,
-    layer: int,
-    control: Float[Tensor, " d_model"],
-    reference: Callable[[EncodedBatch], Float[Tensor, "token d_model"]],
-    alpha: float,
-) -> Iterator[LossPart]:
-    """The forget MSE, then ``alpha`` times the retain MSE."""
-    h_f = layer_activation(model, batch_f, layer)
-    loss_f = F.mse_loss(h_f, control.to(h_f.device).expand_as(h_f))
-    yield loss_f, {"forget_loss": loss_f}
-    h_r = layer_activation(model, batch_r, layer)
-    loss_r = F.mse_loss(h_r, reference(batch_r).to(h_r.device))
-    yield alpha * loss_r, {"retain_loss": loss_r}
+    return generate() if parts else sum_parts(generate())
 
 
 @register_method("RMU", fits_on="model")
@@ -262,7 +257,7 @@ class RMU(TrainedBaseline):
         alpha = float(self.alpha)
 
         def loss_fn(batch_f, batch_r):
-            return _rmu_parts(model, batch_f, batch_r, layer, control, reference, alpha)
+            return rmu_loss(model, batch_f, batch_r, layer, control, reference, alpha, parts=True)
 
         return loss_fn, None
 
