@@ -122,7 +122,8 @@ def relative_scorer(
     """The default score of :func:`tune`: teacher-forced relative performance (score with the
     intervention / bare score) on ``forget`` and on each kept skill.
 
-    The bare scores are computed once, here.
+    The bare scores are computed once, at the first call (a caller that ends up scoring
+    nothing, such as a resumed search, never pays for them).
 
     Args:
         model: the model.
@@ -143,9 +144,12 @@ def relative_scorer(
         raise ValueError("keep names a skill 'forget', the forget skill's column: rename it.")
     skills = {"forget": forget}
     skills.update({name: as_skill(s, f"kept skill {name!r}") for name, s in keep.items()})
-    base = {n: teacher_forced(model, s, batch_size=batch_size).score for n, s in skills.items()}
+    base: dict[str, float] = {}
 
     def score(intervention) -> dict[str, float]:
+        if not base:
+            base.update({n: teacher_forced(model, s, batch_size=batch_size).score
+                         for n, s in skills.items()})  # fmt: skip
         out = {}
         for name, skill in skills.items():
             value = teacher_forced(model, skill, intervention, batch_size=batch_size).score

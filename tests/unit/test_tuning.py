@@ -192,3 +192,22 @@ def test_sp_ratio_and_lunar_layer_go_through_the_same_rule(setup, name):
     spec = mu.get_method(name)
     fitted = [fit(spec.make(s, seed=0)) for s in search.table_[list(candidates)].to_dict("records")]
     assert search.best_index_ == brute_force(model, fitted, setup["held_f"], keep, 0.8)
+
+
+def test_relative_scorer_scores_the_bare_model_once_at_its_first_call(setup, monkeypatch):
+    model, held_f, held_r = setup["model"], setup["held_f"], setup["held_r"]
+    est = NeuronAdjust(ratio=0.3).fit(*setup["stats"])
+    calls = []
+    real = mu.tuning.teacher_forced
+    monkeypatch.setattr(
+        mu.tuning, "teacher_forced",
+        lambda m, skill, *a, **k: calls.append(skill.name) or real(m, skill, *a, **k),
+    )  # fmt: skip
+    score = mu.tuning.relative_scorer(model, held_f, {"copy": held_r})
+    assert calls == []  # nothing scored until asked (a resumed search never asks)
+    first = score(est)
+    assert len(calls) == 4  # the bare model on both skills, then the intervention
+    assert score(est) == first and len(calls) == 6
+    assert first["forget"] == pytest.approx(
+        teacher_forced(model, held_f, est).score / teacher_forced(model, held_f).score
+    )
