@@ -128,6 +128,15 @@ def record_time(out: Path, cell: str, step: str, seconds: float) -> None:
     write_json(path, timings)
 
 
+def drop_times(out: Path, cell: str) -> None:
+    """Remove one cell's wall times from ``<out>/timings.json`` (a cell started over)."""
+    path = out / TIMINGS
+    if path.exists():
+        timings = read_json(path, "timings")
+        timings.pop(cell, None)
+        write_json(path, timings)
+
+
 def run_cell(task: str, seed: int, args, model) -> Path:
     """Fit and score ``args.methods`` on one task and seed (resumable), then run every family
     of ``args.attacks`` whose table is missing, in that order; returns the run folder."""
@@ -135,13 +144,15 @@ def run_cell(task: str, seed: int, args, model) -> Path:
     folder = declared.folder(task, seed)
     cell = f"{task}/{folder.name}"
     out = Path(args.out)
-    if (folder / SWEEP).exists() and not args.force:  # finished: check it is of these settings
-        checked = RunFolder(folder, declared.config(task, seed))
-        try:
-            checked.prepare()
-        finally:
-            checked.unlock()
-    else:
+    finished = (folder / SWEEP).exists()
+    checked = RunFolder(folder, declared.config(task, seed), force=args.force)
+    try:  # a folder of other settings is refused here (with --force: emptied)
+        checked.prepare()
+    finally:
+        checked.unlock()
+    if finished and not (folder / SWEEP).exists():  # started over: its old times go too
+        drop_times(out, cell)
+    if not (folder / SWEEP).exists():
 
         def settings(folder: RunFolder, table: pd.DataFrame) -> None:
             folder.write(

@@ -215,11 +215,10 @@ def run_cell(task: str, seed: int, args, model) -> pd.DataFrame:
     folder = RunFolder(
         Path(args.out) / task / f"seed{seed}-floor{args.floor:g}", config, force=args.force
     )
-    if folder.path(MATCHED).exists() and not args.force:
-        return read_table(folder.path(MATCHED))
     try:
-        folder.prepare()  # with --force, a cell of other settings is emptied here
-        if folder.path(MATCHED).exists():  # --force on a finished cell of these settings
+        # a folder of other settings is refused here (with --force: emptied), finished or not
+        folder.prepare()
+        if folder.path(MATCHED).exists():  # a finished cell of these settings
             return read_table(folder.path(MATCHED))
         fit_skills, tune_skills = split_probes(load_skills(config), seed)
         probes = probe(config, model, fit_skills, folder, analyses=False)

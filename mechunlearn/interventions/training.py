@@ -9,9 +9,10 @@ methods comes in as arguments:
   scalars to log (``forget_loss``, ``retain_loss``, ...), either as one ``(loss, terms)`` pair or
   as an iterable of such pairs, the **parts** of the loss (the forget part, then the retain
   part). Each part is differentiated as soon as it is computed and its graph freed before the
-  next part's forward pass, so a step holds one batch's activations at a time, not both
-  (GradDiff's peak memory on the default model falls by about the size of one graph); the
-  gradients are summed (:func:`sum_parts` is the same loss as one scalar);
+  next part's forward pass (its gradients added into the parameters' ``.grad`` in place), so a
+  step holds one batch's activations and one set of gradients at a time, not both batches'
+  activations (:func:`sum_parts` is the same loss as one scalar; a second-order step, which
+  keeps the graphs anyway, differentiates that sum once);
 * the **optimizer** (``make_optimizer(trained) -> torch.optim.Optimizer``, built after the first
   gradient, so that it sees the parameters that are really trained; masks, where a method has
   them, live in its optimizer, as in SIMU's :class:`~.simu.MaskedSophiaH`);
@@ -184,7 +185,7 @@ def sum_parts(parts: Iterable[LossPart]) -> tuple[Float[Tensor, ""], dict[str, T
         losses.append(loss)
         _merge_terms(terms, part_terms)
     if not losses:
-        raise ValueError("A loss needs at least one part.")
+        raise ValueError("The loss function yielded no part.")
     total = losses[0]
     for loss in losses[1:]:
         total = total + loss
@@ -192,7 +193,9 @@ def sum_parts(parts: Iterable[LossPart]) -> tuple[Float[Tensor, ""], dict[str, T
 
 
 def _merge_terms(terms: dict[str, Tensor], part_terms: Mapping[str, Tensor]) -> None:
-    """Add one part's logged terms to ``terms``; a name logged by two parts is a bug."""
+    """Add one part's logged terms to ``terms`` (but ``"loss"``: the sum of the parts is
+    logged as ``"loss"``); a name logged by two parts is a bug."""
+    part_terms = {k: v for k, v in part_terms.items() if k != "loss"}
     twice = sorted(set(terms) & set(part_terms))
     if twice:
         raise ValueError(f"Two parts of the loss log the same terms {twice}.")
@@ -540,22 +543,43 @@ def train(
 def _step_gradients(
     out: LossPart | Iterable[LossPart], targets: list[Tensor], create_graph: bool
 ) -> tuple[Tensor, dict[str, Tensor], list[Tensor | None]]:
-    """A step's loss (detached), its terms (``"loss"`` first) and the gradients of ``targets``,
-    part by part: each part is differentiated, and its graph freed (unless ``create_graph``),
-    before the next part is computed. None for a target no part reaches."""
+    """One step's loss and gradients, part by part.
+
+    Without ``create_graph``, each part is back-propagated into the targets' ``.grad`` as
+    soon as it is computed (``torch.autograd.backward(..., inputs=targets)``, which adds in
+    place, parameter by parameter), so its graph is freed before the next part's forward pass
+    and one set of gradients is held. A Hessian step (``create_graph``) keeps every part's
+    graph for the Hessian-vector product anyway: its parts are summed and differentiated once.
+
+    Args:
+        out: what the loss function returned: one ``(loss, terms)`` part or an iterable of them.
+        targets: the tensors to differentiate (leaves; their ``.grad`` is cleared first and
+            after).
+        create_graph: keep the gradients' graph (a second-order step).
+
+    Returns:
+        The loss (detached), the logged terms (``"loss"`` first; a part's own ``"loss"`` term
+        is dropped) and each target's gradient (None where no part reaches it).
+    """
     parts = [out] if isinstance(out, tuple) and isinstance(out[0], Tensor) else out
+    if create_graph:
+        loss, terms = sum_parts(parts)
+        grads = torch.autograd.grad(loss, targets, create_graph=True, allow_unused=True)
+        return loss.detach(), {**terms, "loss": loss.detach()}, list(grads)
     total: Tensor | None = None
     terms: dict[str, Tensor] = {}
-    grads: list[Tensor | None] = [None] * len(targets)
-    for loss, part_terms in parts:
-        _merge_terms(terms, {k: v for k, v in part_terms.items() if k != "loss"})
-        total = loss.detach() if total is None else total + loss.detach()
-        if loss.requires_grad:
-            part_grads = torch.autograd.grad(
-                loss, targets, create_graph=create_graph, allow_unused=True
-            )
-            grads = [g if a is None else a if g is None else a + g
-                     for a, g in zip(grads, part_grads, strict=True)]  # fmt: skip
+    for p in targets:
+        p.grad = None  # a gradient left from before would be added to
+    try:
+        for loss, part_terms in parts:
+            _merge_terms(terms, part_terms)
+            total = loss.detach() if total is None else total + loss.detach()
+            if loss.requires_grad:
+                torch.autograd.backward(loss, inputs=targets)
+        grads = [p.grad for p in targets]
+    finally:
+        for p in targets:
+            p.grad = None  # the update hands them back (:func:`_update`)
     if total is None:
         raise ValueError("The loss function yielded no part.")
     return total, {"loss": total, **terms}, grads

@@ -185,3 +185,17 @@ def test_the_study_fits_attacks_resumes_and_summarizes_on_the_tiny_model(
         in (out / "gsm8k-vs-mbpp" / "recovery.md").read_text()
     )
     assert "| NA |" in (out / "gsm8k-vs-mbpp" / "recovery.md").read_text()
+    # --force on a finished cell of the same settings changes nothing; of other settings, the
+    # cell is refused without it and started over (old times dropped) with it.
+    sweep = (folder / "sweep.csv").stat().st_mtime_ns
+    args.force = True
+    attack_study.run_cell("gsm8k-vs-mbpp", 0, args, tiny_llama)
+    assert (folder / "sweep.csv").stat().st_mtime_ns == sweep
+    args.force, args.n, args.attacks = False, 6, ["quantization"]
+    with pytest.raises(mu.pipeline.PipelineError, match="pass --force"):
+        attack_study.run_cell("gsm8k-vs-mbpp", 0, args, tiny_llama)
+    args.force = True
+    attack_study.run_cell("gsm8k-vs-mbpp", 0, args, tiny_llama)
+    assert not (folder / "tables" / "attacks_relearning.csv").exists()
+    timings = json.loads((out / "timings.json").read_text())["gsm8k-vs-mbpp/seed0-NA-SP"]
+    assert list(timings) == ["fit + evaluate", "attack quantization"]

@@ -178,9 +178,8 @@ def test_a_finished_cell_of_other_settings_is_refused_unless_forced(
     monkeypatch.setitem(matched_study.KNOBS, "NA", ({"ratio": [0.5]}, {}))
     args, _ = cell_args(tiny_llama, tmp_path, monkeypatch, data_dir, ["NA"])
     matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
-    args.n = 6  # other settings, the same folder: refused before any work
+    args.n = 6  # other settings, the same (finished) folder: refused before any work
     folder = tmp_path / "matched" / "arith-vs-code" / "seed0-floor0.5"
-    (folder / "matched.csv").unlink()
     with pytest.raises(mu.pipeline.PipelineError, match="pass --force"):
         matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
     args.force = True

@@ -35,8 +35,9 @@ def grad_ascent_loss(
 ) -> tuple[Float[Tensor, ""], dict[str, Tensor]] | Iterator[LossPart]:
     """GA's loss ``-L_F`` of one step, and the logged terms (``L_R`` without gradient).
 
-    With ``parts``, the loss as the training loop takes it (:data:`~..training.LossFn`):
-    ``-L_F``, then a part that only logs ``L_R`` (computed without a graph).
+    With ``parts``, the loss as the training loop takes it
+    (:data:`~mechunlearn.interventions.training.LossFn`): ``-L_F``, then a part that only logs
+    ``L_R`` (computed without a graph).
 
     Example:
         >>> from mechunlearn.batching import iter_batches

@@ -12,23 +12,31 @@ second-order optimizer: every parameter is trained (by default) with AdamW.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from jaxtyping import Float
 from torch import Tensor
 
 from ...batching import EncodedBatch
 from ..registry import register_method
-from ..training import grad_diff_parts, sum_parts
+from ..training import LossPart, grad_diff_parts, sum_parts
 from .common import ForgetLossBaseline, check_nonnegative
 
 __all__ = ["GradDiff", "grad_diff_loss"]
 
 
 def grad_diff_loss(
-    model, batch_f: EncodedBatch, batch_r: EncodedBatch, gamma: float = 1.0
-) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    model,
+    batch_f: EncodedBatch,
+    batch_r: EncodedBatch,
+    gamma: float = 1.0,
+    *,
+    parts: bool = False,
+) -> tuple[Float[Tensor, ""], dict[str, Tensor]] | Iterator[LossPart]:
     """GradDiff's loss ``-L_F + gamma * L_R`` of one step, and the logged terms.
+
+    With ``parts``, the loss as the training loop takes it
+    (:func:`~mechunlearn.interventions.training.grad_diff_parts`, which SIMU shares).
 
     Example:
         >>> from mechunlearn.batching import iter_batches
@@ -38,7 +46,8 @@ def grad_diff_loss(
         >>> torch.allclose(loss, 2 * terms["retain_loss"] - terms["forget_loss"])
         True
     """
-    return sum_parts(grad_diff_parts(model, batch_f, batch_r, gamma))
+    generated = grad_diff_parts(model, batch_f, batch_r, gamma)
+    return generated if parts else sum_parts(generated)
 
 
 @register_method("GradDiff", fits_on="model")

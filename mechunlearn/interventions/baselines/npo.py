@@ -53,9 +53,10 @@ def npo_loss(
             answer-token cross-entropy of the reference model, i.e. ``-log pi_ref(y|x)``.
         beta: NPO's inverse temperature.
         gamma: weight of the retain loss.
-        parts: return the loss as the training loop takes it (:data:`~..training.LossFn`):
-            ``L_NPO`` (logging ``forget_loss`` and ``npo_loss``), then ``gamma * L_R``,
-            computed one after the other.
+        parts: return the loss as the training loop takes it
+            (:data:`~mechunlearn.interventions.training.LossFn`): ``L_NPO`` (logging
+            ``forget_loss`` and ``npo_loss``), then ``gamma * L_R``, computed one after the
+            other.
 
     Returns:
         The loss and ``{"loss", "forget_loss" (L_F, mean answer-token cross-entropy),

@@ -104,8 +104,9 @@ def rmu_loss(
         reference: ``reference(batch_r)``, the frozen model's activations at the retain batch's
             counted tokens, in :func:`layer_activation`'s order.
         alpha: the retain weight.
-        parts: return the loss as the training loop takes it (:data:`~..training.LossFn`): the
-            forget MSE, then ``alpha`` times the retain MSE, computed one after the other.
+        parts: return the loss as the training loop takes it
+            (:data:`~mechunlearn.interventions.training.LossFn`): the forget MSE, then
+            ``alpha`` times the retain MSE, computed one after the other.
 
     Returns:
         The loss and ``{"loss", "forget_loss" (forget MSE), "retain_loss" (retain MSE, before

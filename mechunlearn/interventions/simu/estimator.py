@@ -81,8 +81,9 @@ class Simu(WeightIntervention):
         deltas_: ``{name: delta}``; ``"blocks.{l}.attn.{param}"`` (the attention parameter's
             change, its own shape) and ``"blocks.{l}.mlp.W_out"`` (``[n_critical, d_model]``,
             the change of the critical rows, in the order of ``critical_[l]``).
-        history_: one dict per step: ``forget_loss``, ``retain_loss`` (measured before that
-            step's update) and ``forget_loss_initial`` (the same examples, before training).
+        history_: one dict per step: ``loss``, ``forget_loss``, ``retain_loss`` (measured
+            before that step's update) and ``forget_loss_initial`` (the same examples, before
+            training).
         n_updates_: optimizer updates applied.
         stop_reason_: ``"max_steps"`` or ``"forget_loss_target"``.
         forget_loss_initial_: the forget skill's mean answer-token loss before training.
