@@ -403,7 +403,7 @@ def evaluate(
                     keys = KeyVectors(values, key_layers, {"skill": skill.name})
             elif method != BASE and not _changes_outputs(iv):
                 watched = keys if method in detectors else None
-                s = _watched(model, skill, iv, base, watched, batch_size)
+                s = watched_scores(model, skill, iv, base, watched, batch_size)
             else:
                 s = score_skill(model, skill, iv, metric, batch_size, True, max_new_tokens)
             if method == BASE:
@@ -457,16 +457,43 @@ def _checked_methods(
     return {BASE: None, **interventions}, detectors
 
 
-def _watched(
-    model, skill: Skill, iv: Any, base: ExampleScores, keys: KeyVectors | None, batch_size: int
+def watched_scores(
+    model,
+    skill: Skill,
+    intervention: Detector,
+    base: ExampleScores,
+    keys: KeyVectors | None = None,
+    batch_size: int = 16,
 ) -> ExampleScores:
-    """The scores of an intervention that only watches (abstains, output unchanged): the bare
-    model's, with the examples it abstains on zeroed; abstentions from the bare pass's key
-    vectors ``keys`` when given, else from a pass of their own."""
+    """The scores of a detector, which only watches (abstains, output unchanged): the bare
+    model's per-example scores ``base`` with the examples it abstains on zeroed.
+
+    Args:
+        model: the model.
+        skill: the skill ``base`` scored.
+        intervention: the detector.
+        base: the bare model's scores of ``skill`` (:func:`teacher_forced` without
+            intervention).
+        keys: the skill's key vectors at the detector's layers (last prompt token, e.g. read
+            during the bare pass): abstentions from them without a model run; None: from a
+            detection pass of the detector's own.
+        batch_size: examples per forward pass of that detection pass.
+
+    Example:
+        >>> bare = teacher_forced(model, forget)
+        >>> watched = watched_scores(model, forget, ksd, bare)
+        >>> watched.score == teacher_forced(model, forget, ksd).score
+        True
+    """
     if keys is not None:
-        abstained = iv.detect_keys(keys).detected.cpu().numpy().astype(bool)
+        abstained = intervention.detect_keys(keys).detected.cpu().numpy().astype(bool)
     else:
-        abstained = abstentions(model, iv, skill.prompts, batch_size)
+        abstained = abstentions(model, intervention, skill.prompts, batch_size)
+    if len(abstained) != len(base.correct):
+        raise ValueError(
+            f"base scores {len(base.correct)} examples but the detector decided on "
+            f"{len(abstained)}: give the bare scores of the same skill."
+        )
     return replace(base, abstained=abstained)
 
 
@@ -606,4 +633,5 @@ __all__ = [
     "run_tests",
     "score_skill",
     "teacher_forced",
+    "watched_scores",
 ]

@@ -41,11 +41,13 @@ from typing import Any
 
 import pandas as pd
 
-from .collect import as_skill, collect_importance
-from .evaluation import teacher_forced
-from .interventions import NeuronAdjust, SelectivePruning, get_method
+from .collect import as_skill, collect_importance, collect_keys
+from .evaluation import teacher_forced, watched_scores
+from .interventions import Detector, NeuronAdjust, SelectivePruning, get_method
 from .kernels.ranking import rank_candidates
 from .models import d_mlp
+from .scoring import ExampleScores
+from .stats import KeyVectors
 from .validation import check_choice, check_fraction, check_probability, resolve_layers
 
 #: Ratios :func:`tune_neuron_adjust` tries by default (0.5 % to 20 %).
@@ -123,7 +125,12 @@ def relative_scorer(
     intervention / bare score) on ``forget`` and on each kept skill.
 
     The bare scores are computed once, at the first call (a caller that ends up scoring
-    nothing, such as a resumed search, never pays for them).
+    nothing, such as a resumed search, never pays for them). A detector that reads key vectors
+    (:meth:`~mechunlearn.interventions.Detector.key_layers`) only watches, so it is scored as
+    :func:`mechunlearn.evaluate` scores it: the bare per-example results with its abstentions
+    zeroed, its abstentions read from key vectors collected once per set of layers and shared
+    by every later candidate (a detector's candidates differ in their thresholds; no forward
+    pass of their own).
 
     Args:
         model: the model.
@@ -144,16 +151,28 @@ def relative_scorer(
         raise ValueError("keep names a skill 'forget', the forget skill's column: rename it.")
     skills = {"forget": forget}
     skills.update({name: as_skill(s, f"kept skill {name!r}") for name, s in keep.items()})
-    base: dict[str, float] = {}
+    base: dict[str, ExampleScores] = {}
+    keys: dict[tuple[int, ...], dict[str, KeyVectors]] = {}  # per set of layers, per skill
+
+    def scores(intervention, name: str) -> ExampleScores:
+        layers = intervention.key_layers() if isinstance(intervention, Detector) else None
+        if layers is None:
+            return teacher_forced(model, skills[name], intervention, batch_size=batch_size)
+        read = keys.setdefault(tuple(layers), {})
+        if name not in read:
+            read[name] = collect_keys(
+                model, skills[name], layers=layers, batch_size=batch_size, quiet=True
+            )
+        return watched_scores(model, skills[name], intervention, base[name], read[name])
 
     def score(intervention) -> dict[str, float]:
         if not base:
-            base.update({n: teacher_forced(model, s, batch_size=batch_size).score
+            base.update({n: teacher_forced(model, s, batch_size=batch_size)
                          for n, s in skills.items()})  # fmt: skip
         out = {}
-        for name, skill in skills.items():
-            value = teacher_forced(model, skill, intervention, batch_size=batch_size).score
-            out[name] = value / base[name] if base[name] else math.nan
+        for name in skills:
+            value = scores(intervention, name).score
+            out[name] = value / base[name].score if base[name].score else math.nan
         return out
 
     return score

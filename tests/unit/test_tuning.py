@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mechunlearn as mu
-from mechunlearn.evaluation import teacher_forced
+from mechunlearn.evaluation import teacher_forced, watched_scores
 from mechunlearn.interventions import EllipsoidDetector, NeuronAdjust
 from mechunlearn.tuning import candidate_settings, rank_candidates, tune
 
@@ -117,6 +117,39 @@ def test_a_detectors_fpr_matches_a_brute_force_loop(setup):
     fitted = [EllipsoidDetector(fpr=f, seed=0, calibration="rank").fit(kf, kr) for f in fprs]
     assert search.best_index_ == brute_force(model, fitted, setup["held_f"], keep, 0.8)
     assert search.best_.fpr == search.best_params_["fpr"]
+
+
+def test_a_detectors_candidates_share_one_key_pass_and_score_as_teacher_forced(setup, monkeypatch):
+    """Detectors only watch: the default score reads each skill's key vectors once for every
+    candidate of the same layers and reuses the bare results, with teacher_forced's values."""
+    model, (kf, kr) = setup["model"], setup["keys"]
+    fprs = (0.001, 0.3, 0.6)
+    fitted = [EllipsoidDetector(fpr=f, seed=0, calibration="rank").fit(kf, kr) for f in fprs]
+    expected = [search_scores(model, det, setup) for det in fitted]
+    calls = {"teacher_forced": 0, "collect_keys": 0}
+    for name in calls:
+        real = getattr(mu.tuning, name)
+
+        def counted(*a, real=real, name=name, **k):
+            calls[name] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(mu.tuning, name, counted)
+    score = mu.tuning.relative_scorer(model, setup["held_f"], {"copy": setup["held_r"]})
+    got = [score(det) for det in fitted]
+    # the bare pass of both skills, then one key pass per skill for all three candidates
+    assert calls == {"teacher_forced": 2, "collect_keys": 2}
+    for g, e in zip(got, expected, strict=True):
+        assert g == pytest.approx(e)
+    assert got[-1]["forget"] < 1.0  # the loosest candidate abstains on some forget examples
+
+
+def test_watched_scores_refuses_the_bare_scores_of_another_skill(setup):
+    model, (kf, kr) = setup["model"], setup["keys"]
+    det = EllipsoidDetector(fpr=0.3, seed=0, calibration="rank").fit(kf, kr)
+    bare = teacher_forced(model, setup["probe"][0])  # 10 examples, not held_f's
+    with pytest.raises(ValueError, match="same skill"):
+        watched_scores(model, setup["held_f"][:3], det, bare)
 
 
 def test_no_candidate_keeps_the_floor():
