@@ -39,7 +39,9 @@ of the chosen methods: greedy 32-token continuations of 16 first sentences of En
 paragraphs, their perplexity under the bare model and their repeated 3-grams) and
 ``frontier.png`` (:func:`mechunlearn.plots.plot_matched_frontier`: each method's candidates on
 the tune half and its chosen setting held out). Over every cell of ``--out`` and of the folders
-of ``--also`` (runs with other ``--methods``, merged per cell): ``summary.md`` and
+of ``--also`` (runs with other ``--methods``, merged per cell): ``summary.md`` (a table per
+cell, and for a task with several seeds one table over them: each seed's choice, forget score and
+worst kept skill, and the forget score's mean and sd) and
 ``<task>-seed<k>-floor<f>-frontier.png``.
 """
 
@@ -316,6 +318,49 @@ def summary_markdown(roots: list[Path]) -> str:
     return "\n".join(parts)
 
 
+def seeds_markdown(roots: list[Path]) -> str:
+    """Per task and floor with finished cells of two or more seeds: each method family's chosen
+    setting per seed, its held-out forget score [95 % interval] and worst kept skill (the lowest
+    relative score of the retain and general skills), then the forget score's mean and sd over
+    the seeds it ran on, and its worst kept skill over them."""
+    by_task: dict[tuple[str, str], list[pd.DataFrame]] = {}
+    for (task, cell), (table, _, _) in read_cells(roots).items():
+        by_task.setdefault((task, cell.rsplit("-floor", 1)[1]), []).append(table)
+    parts = []
+    for (task, floor), tables in by_task.items():
+        if len(tables) < 2:
+            continue
+        rows = pd.concat(tables, ignore_index=True)
+        rows = rows[rows["method"] != "base"].assign(family=rows["method"].str.split().str[0])
+        seeds = sorted({int(s) for s in rows["seed"]})
+        n = int(rows["n"].iloc[0])
+        parts.append(f"**{task}**, floor {floor}, seeds {', '.join(map(str, seeds))} ({n} held-out "
+                     "examples per skill and seed): the chosen setting, forget left [95 % "
+                     "interval], worst kept skill\n")  # fmt: skip
+        parts.append("| method | " + " | ".join(f"seed {s}" for s in seeds)
+                     + " | forget left: mean (sd) | worst kept, all seeds |")  # fmt: skip
+        parts.append("|---" * (len(seeds) + 3) + "|")
+        for fam in sorted(rows["family"].unique(), key=family):
+            cells, left, kept = [], [], []
+            for seed in seeds:
+                r = rows[(rows["family"] == fam) & (rows["seed"] == seed)]
+                if r.empty:
+                    cells.append("—")
+                    continue
+                f = r[r["role"] == "forget"].iloc[0]
+                worst = float(r.loc[r["role"] != "forget", "relative"].min())
+                setting = r["method"].iloc[0].split(" ", 1)[-1]
+                cells.append(f"{setting}: {f.relative:.2f} [{f.relative_low:.2f}, "
+                             f"{f.relative_high:.2f}], {worst:.2f}")  # fmt: skip
+                left.append(float(f.relative))
+                kept.append(worst)
+            sd = f"{pd.Series(left).std():.2f}" if len(left) > 1 else "—"
+            mean = f"{sum(left) / len(left):.2f} ({sd}; {len(left)} seeds)"
+            parts.append(f"| {fam} | " + " | ".join(cells) + f" | {mean} | {min(kept):.2f} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
 def write_summary(out: Path, roots: list[Path]) -> Path:
     """``summary.md`` and one frontier figure per cell (``<task>-<cell>-frontier.png``, the
     floor read from the cell's name ``seed<k>-floor<f>``) over the cells of every root, in
@@ -325,7 +370,9 @@ def write_summary(out: Path, roots: list[Path]) -> Path:
         fig = frontier_figure(task, int(table["seed"].iloc[0]), floor, tuning, table)
         mu.plots.save_figure(fig, out / f"{task}-{cell}-frontier.png")
         mu.plots.close(fig)
-    return write_text(out / "summary.md", summary_markdown(roots))
+    seeds = seeds_markdown(roots)
+    text = summary_markdown(roots) + (f"\n## Over seeds\n\n{seeds}" if seeds else "")
+    return write_text(out / "summary.md", text)
 
 
 def main() -> None:

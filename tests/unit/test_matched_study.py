@@ -186,3 +186,37 @@ def test_a_finished_cell_of_other_settings_is_refused_unless_forced(
     table = matched_study.run_cell("arith-vs-code", 0, args, tiny_llama)
     assert set(table["method"]) == {"base", "NA ratio=0.5"}
     assert json.loads((folder / "config.json").read_text())["n"] == 6
+
+
+def test_the_summary_over_seeds_reads_each_seeds_held_out_rows(
+    tiny_llama, tmp_path, monkeypatch, data_dir
+):
+    monkeypatch.setitem(matched_study.KNOBS, "NA", ({"ratio": [0.1, 1.0]}, {}))
+    monkeypatch.setitem(matched_study.KNOBS, "SP", ({"ratio": [0.1, 0.9]}, {}))
+    args, _ = cell_args(tiny_llama, tmp_path, monkeypatch, data_dir, ["NA", "SP"])
+    # short continuation prompts (another seed's Wikipedia sentences overrun the tiny context)
+    monkeypatch.setattr(matched_study, "fluency_prompts", lambda seed, data_dir: ["The cat"] * 2)
+    tables = {seed: matched_study.run_cell("arith-vs-code", seed, args, tiny_llama)
+              for seed in (0, 1)}  # fmt: skip
+    roots = [tmp_path / "matched"]
+    over_seeds = matched_study.seeds_markdown(roots)
+    assert over_seeds.count("| NA |") == 1
+    lines = {line.split(" | ")[0]: line for line in over_seeds.splitlines()}
+    for fam in ("NA", "SP"):
+        left = []
+        for table in tables.values():
+            rows = table[table["method"].str.startswith(fam + " ")]
+            forget = rows[rows["role"] == "forget"].iloc[0]
+            setting = forget["method"].split(" ", 1)[1]
+            assert f"{setting}: {forget.relative:.2f} [" in lines[f"| {fam}"]
+            left.append(forget["relative"])
+        sd = pd.Series(left).std()
+        assert f"| {sum(left) / 2:.2f} ({sd:.2f}; 2 seeds) |" in lines[f"| {fam}"]
+    summary = matched_study.write_summary(tmp_path / "matched", roots).read_text()
+    assert "## Over seeds" in summary and "seeds 0, 1" in summary
+    # one seed alone: no table over seeds
+    only = tmp_path / "one"
+    (only / "arith-vs-code").mkdir(parents=True)
+    src = tmp_path / "matched" / "arith-vs-code" / "seed0-floor0.5"
+    (only / "arith-vs-code" / "seed0-floor0.5").symlink_to(src)
+    assert matched_study.seeds_markdown([only]) == ""
