@@ -330,30 +330,30 @@ def seeds_markdown(roots: list[Path]) -> str:
     for (task, floor), tables in by_task.items():
         if len(tables) < 2:
             continue
-        rows = pd.concat(tables, ignore_index=True)
-        rows = rows[rows["method"] != "base"].assign(family=rows["method"].str.split().str[0])
-        seeds = sorted({int(s) for s in rows["seed"]})
-        n = int(rows["n"].iloc[0])
+        # per seed: each method's forget score and worst kept skill, as the frontier draws them
+        points = {int(t["seed"].iloc[0]): mu.plots.tradeoff_points(t, keep="worst")
+                  for t in tables}  # fmt: skip
+        seeds = sorted(points)
+        n = int(tables[0]["n"].iloc[0])
         parts.append(f"**{task}**, floor {floor}, seeds {', '.join(map(str, seeds))} ({n} held-out "
                      "examples per skill and seed): the chosen setting, forget left [95 % "
                      "interval], worst kept skill\n")  # fmt: skip
         parts.append("| method | " + " | ".join(f"seed {s}" for s in seeds)
                      + " | forget left: mean (sd) | worst kept, all seeds |")  # fmt: skip
         parts.append("|---" * (len(seeds) + 3) + "|")
-        for fam in sorted(rows["family"].unique(), key=family):
+        families = {m.split()[0] for p in points.values() for m in p.index}
+        for fam in sorted(families, key=family):
             cells, left, kept = [], [], []
             for seed in seeds:
-                r = rows[(rows["family"] == fam) & (rows["seed"] == seed)]
-                if r.empty:
+                chosen = [m for m in points[seed].index if m.split()[0] == fam]
+                if not chosen:
                     cells.append("—")
                     continue
-                f = r[r["role"] == "forget"].iloc[0]
-                worst = float(r.loc[r["role"] != "forget", "relative"].min())
-                setting = r["method"].iloc[0].split(" ", 1)[-1]
-                cells.append(f"{setting}: {f.relative:.2f} [{f.relative_low:.2f}, "
-                             f"{f.relative_high:.2f}], {worst:.2f}")  # fmt: skip
-                left.append(float(f.relative))
-                kept.append(worst)
+                p = points[seed].loc[chosen[0]]
+                cells.append(f"{chosen[0].split(' ', 1)[-1]}: {p.forget:.2f} [{p.forget_low:.2f}, "
+                             f"{p.forget_high:.2f}], {p.keep:.2f}")  # fmt: skip
+                left.append(float(p.forget))
+                kept.append(float(p.keep))
             sd = f"{pd.Series(left).std():.2f}" if len(left) > 1 else "—"
             mean = f"{sum(left) / len(left):.2f} ({sd}; {len(left)} seeds)"
             parts.append(f"| {fam} | " + " | ".join(cells) + f" | {mean} | {min(kept):.2f} |")
