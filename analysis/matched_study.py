@@ -34,11 +34,11 @@ finished method's search table ``tuning/<method>.csv`` and its chosen estimator 
 killed run searches only the unfinished methods again; a cell whose ``matched.csv`` exists is
 skipped): ``matched.csv`` (the chosen settings'
 held-out rows, :func:`mechunlearn.evaluate`'s columns), ``tuning.csv`` (every candidate's
-tune-half scores, the floor and the choice), ``fluency.csv`` (:func:`mechunlearn.fluency_table`
+tune-quarter scores, the floor and the choice), ``fluency.csv`` (:func:`mechunlearn.fluency_table`
 of the chosen methods: greedy 32-token continuations of 16 first sentences of English Wikipedia
 paragraphs, their perplexity under the bare model and their repeated 3-grams) and
 ``frontier.png`` (:func:`mechunlearn.plots.plot_matched_frontier`: each method's candidates on
-the tune half and its chosen setting held out). Over every cell of ``--out`` and of the folders
+the tune quarter and its chosen setting held out). Over every cell of ``--out`` and of the folders
 of ``--also`` (runs with other ``--methods``, merged per cell): ``summary.md`` (a table per
 cell, and for a task with several seeds one table over them: each seed's choice, forget score and
 worst kept skill, and the forget score's mean and sd) and
@@ -123,7 +123,7 @@ TUNING = "tuning.csv"
 
 def split_probes(skills: Skills, seed: int) -> tuple[Skills, dict[str, mu.Skill]]:
     """The fit quarter-sets as a :class:`Skills` (probe = the first half of each probe half,
-    held-out halves unchanged) and ``{column: tune half}`` (``forget`` and each kept skill's
+    held-out halves unchanged) and ``{column: tune quarter}`` (``forget`` and each kept skill's
     name)."""
 
     def halves(pair):
@@ -286,7 +286,7 @@ def read_cells(roots: list[Path]) -> dict[tuple[str, str], tuple[pd.DataFrame, .
 
 
 def summary_markdown(roots: list[Path]) -> str:
-    """Per task: the chosen setting of each method and seed, its tune-half scores, and its
+    """Per task: the chosen setting of each method and seed, its tune-quarter scores, and its
     held-out relative performance with the interval (every cell under ``roots``)."""
     parts = []
     for table, tuning, fluent in read_cells(roots).values():
@@ -297,7 +297,7 @@ def summary_markdown(roots: list[Path]) -> str:
         skills = sorted(role.index, key=lambda s: (order.get(role[s], 3), s))
         parts.append(f"**{task}**, seed {seed} ({int(table['n'].iloc[0])} held-out examples "
                      "per skill; relative performance [95 % interval])\n")  # fmt: skip
-        parts.append("| method (chosen) | meets floor on tune half | "
+        parts.append("| method (chosen) | meets floor on tune quarter | "
                      + " | ".join(f"{s} ({role[s]})" for s in skills)
                      + " | fluency: perplexity ratio | repeated 3-grams |")  # fmt: skip
         parts.append("|---" * (len(skills) + 4) + "|")

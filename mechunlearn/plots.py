@@ -681,7 +681,7 @@ def plot_matched_frontier(
     """Every method's frontier at matched collateral: its tuned candidates and its chosen one.
 
     Each method's candidates (the tuning table: forget score against the worst of the kept
-    skills the tuning scored, both relative to the base model, on the tune half) are joined as
+    skills the tuning scored, both relative to the base model, on the tuning examples) are joined as
     a thin line and labelled by their knob value; the chosen candidate scored held out
     (``results``: the worst of every kept skill it has, extra ones included) is the large marker,
     with its 95 % intervals on both axes. The shaded band meets the floor.
