@@ -118,11 +118,14 @@ def test_notebook_runs(path, kernel_dirs, kernel_env):
     )
     start = time.perf_counter()
     try:
-        client.execute(env=kernel_env)
+        # cleanup_kc: shut the kernel down after the last cell, or on an error (nbclient keeps
+        # a kernel alive whose manager it was given, and each holds a model: 2 GB apiece)
+        client.execute(env=kernel_env, cleanup_kc=True)
     except nbclient.exceptions.CellExecutionError as err:
         pytest.fail(f"{path.name} failed:\n{err}", pytrace=False)
     elapsed = time.perf_counter() - start
     print(f"{path.name}: executed in {elapsed:.0f} s")
+    assert not km.has_kernel, f"{path.name}: its kernel was left running"
     errors = [
         out
         for cell in nb.cells
